@@ -34,25 +34,41 @@ class ShardError(ValueError):
     """A shard that cannot be read: the message names the file and the fix."""
 
 
-def write_shard(path, tokens):
-    """Write tokens to path atomically: a crash leaves either the old file or the complete new one."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise ValueError(f"token ids must fit in uint16 to be written to {path}")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, len(tokens))
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside path, then rename it into place: readers see the old
+    file or the complete new one, never a partial one. Used for shards and checkpoints alike."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from other users
         with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype(TOKEN_DTYPE).tobytes())
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_shard(path, tokens):
+    """Write tokens to path as a shard, atomically."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"token ids must fit in uint16 to be written to {path}")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, len(tokens))
+
+    def write(f):
+        f.write(header.tobytes())
+        f.write(tokens.astype(TOKEN_DTYPE).tobytes())
+    atomic_write(path, write)
 
 
 def read_shard_header(path):

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fineweb import ShardError, get_tokenizer, open_shard
+from fineweb import ShardError, atomic_write, get_tokenizer, open_shard
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass, whose fields are the command-line flags
@@ -489,29 +489,6 @@ def resolve_dtype(dtype, device):
 CHECKPOINT_VERSION = 1
 CHECKPOINT_KEYS = ("version", "model", "model_args", "optimizer", "scaler", "iter_num", "best_val_loss",
                    "loader", "rng", "config")
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file beside path, then rename it into place: readers see the old
-    file or the complete new one, never a partial one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide checkpoints from other users
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_checkpoint(path, checkpoint):
