@@ -1,0 +1,155 @@
+"""Token shards and the data loader: the format, the rank/micro-step split, epochs, resume, validation."""
+
+import numpy as np
+import pytest
+import torch
+
+from fineweb import HEADER_BYTES, MAGIC, ShardError, open_shard, read_shard_header, write_shard
+from train_gpt2 import DataLoader, UserError, load_token_sources, val_batch_positions
+from conftest import INPUT_TXT
+
+
+def make_shards(directory, sizes, split="train", seed=0):
+    rng = np.random.default_rng(seed)
+    shards = []
+    for i, n in enumerate(sizes):
+        tokens = rng.integers(0, 50257, n, dtype=np.uint16)
+        write_shard(directory / f"test_{split}_{i:06d}.bin", tokens)
+        shards.append(tokens)
+    return shards
+
+
+def test_shard_round_trips_through_a_memmap(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16)
+    write_shard(tmp_path / "a.bin", tokens)
+    assert (tmp_path / "a.bin").stat().st_size == HEADER_BYTES + 2000
+    assert read_shard_header(tmp_path / "a.bin") == 1000
+    shard = open_shard(tmp_path / "a.bin")
+    assert isinstance(shard, np.memmap)
+    assert np.array_equal(shard, tokens)
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_header_names_magic_version_and_count(tmp_path):
+    write_shard(tmp_path / "a.bin", np.zeros(7, dtype=np.uint16))
+    header = np.fromfile(tmp_path / "a.bin", dtype="<i4", count=3)
+    assert header.tolist() == [MAGIC, 1, 7]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b"\0" * 4 + b[4:], "not a token shard"),
+    (lambda b: b[:-2], "truncated or empty"),
+    (lambda b: b[:HEADER_BYTES // 2], "shorter than the"),
+    (lambda b: b[:8] + np.array([0], "<i4").tobytes() + b[12:HEADER_BYTES], "truncated or empty"),
+])
+def test_malformed_shards_are_refused_with_the_file_named(tmp_path, damage, message):
+    write_shard(tmp_path / "a.bin", np.ones(10, dtype=np.uint16))
+    path = tmp_path / "a.bin"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ShardError, match=message) as error:
+        read_shard_header(path)
+    assert str(path) in str(error.value)
+
+
+def global_batches(sources, steps, batch_size, micro_steps, world_size, seed=0):
+    """The global batches as the ranks see them together: (steps, rows, T) inputs."""
+    loaders = [DataLoader(sources, batch_size, 8, micro_steps, rank, world_size, seed) for rank in range(world_size)]
+    batches = []
+    for _ in range(steps):
+        parts = [loader.next_batch()[0] for loader in loaders]  # each (micro_steps, B, T)
+        rows = [parts[rank][micro] for micro in range(micro_steps) for rank in range(world_size)]
+        batches.append(torch.cat(rows))
+    return torch.stack(batches)
+
+
+def test_global_batches_do_not_depend_on_the_rank_and_micro_step_split(tmp_path):
+    make_shards(tmp_path, [500, 700, 300])
+    sources = load_token_sources(tmp_path, "train")
+    one_process = global_batches(sources, 12, batch_size=2, micro_steps=2, world_size=1)
+    two_processes = global_batches(sources, 12, batch_size=2, micro_steps=1, world_size=2)
+    four_ranks = global_batches(sources, 12, batch_size=1, micro_steps=1, world_size=4)
+    assert torch.equal(one_process, two_processes)
+    assert torch.equal(one_process, four_ranks)
+
+
+def test_each_rank_gets_a_different_part_and_targets_are_shifted_inputs(tmp_path):
+    make_shards(tmp_path, [1000])
+    sources = load_token_sources(tmp_path, "train")
+    x0, y0 = DataLoader(sources, 2, 8, 1, rank=0, world_size=2).next_batch()
+    x1, _ = DataLoader(sources, 2, 8, 1, rank=1, world_size=2).next_batch()
+    assert not torch.equal(x0, x1)
+    tokens = torch.from_numpy(sources[0][1][:33].astype(np.int64))
+    assert torch.equal(x0[0].flatten(), tokens[:16]) and torch.equal(y0[0].flatten(), tokens[1:17])
+    assert torch.equal(x1[0].flatten(), tokens[16:32])
+
+
+def shard_visits(loader, steps):
+    visits = []
+    for _ in range(steps):
+        visits.append((loader.epoch, loader.order[loader.shard]))
+        loader.next_batch()
+    return visits
+
+
+def test_shards_are_visited_in_a_seeded_order_that_changes_every_epoch(tmp_path):
+    make_shards(tmp_path, [33] * 6)  # one 32-token global batch per shard
+    sources = load_token_sources(tmp_path, "train")
+    visits = shard_visits(DataLoader(sources, 4, 8, 1, seed=3), 18)
+    epochs = [[shard for epoch, shard in visits if epoch == e] for e in range(3)]
+    assert all(sorted(order) == list(range(6)) for order in epochs)
+    assert len({tuple(order) for order in epochs}) == 3
+    assert visits == shard_visits(DataLoader(sources, 4, 8, 1, seed=3), 18)
+    assert visits != shard_visits(DataLoader(sources, 4, 8, 1, seed=4), 18)
+
+
+def test_loader_state_resumes_the_same_batch_sequence(tmp_path):
+    make_shards(tmp_path, [200, 150, 90])
+    sources = load_token_sources(tmp_path, "train")
+    loader = DataLoader(sources, 2, 8, 2, seed=1)
+    for _ in range(7):
+        loader.next_batch()
+    state = loader.state_dict()
+    expected = [loader.next_batch()[0] for _ in range(10)]
+    resumed = DataLoader(sources, 2, 8, 2, seed=1)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, resumed.next_batch()[0]) for a in expected)
+
+
+def test_resuming_on_different_data_is_refused(tmp_path):
+    make_shards(tmp_path, [200, 150])
+    state = DataLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).state_dict()
+    make_shards(tmp_path, [200, 151])
+    with pytest.raises(UserError, match="differs from the checkpoint"):
+        DataLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).load_state_dict(state)
+
+
+def test_data_shorter_than_one_global_batch_is_refused(tmp_path):
+    make_shards(tmp_path, [64])
+    with pytest.raises(UserError, match="shorter than one global batch"):
+        DataLoader(load_token_sources(tmp_path, "train"), 4, 8, 2)
+
+
+def test_val_batches_are_fixed_and_capped_by_the_data(tmp_path):
+    make_shards(tmp_path, [100, 50], split="val")
+    sources = load_token_sources(tmp_path, "val")
+    # a batch is 2 x 8 tokens plus the one target after them: 100 tokens hold 6, 50 hold 3
+    assert val_batch_positions(sources, 2, 8, 100) == [(0, 0), (0, 16), (0, 32), (0, 48), (0, 64), (0, 80),
+                                                        (1, 0), (1, 16), (1, 32)]
+    assert val_batch_positions(sources, 2, 8, 3) == [(0, 0), (0, 16), (0, 32)]
+    with pytest.raises(UserError, match="val data"):
+        val_batch_positions(sources, 8, 32, 10)
+
+
+def test_a_text_file_is_tokenized_and_split_90_10():
+    (train_name, train), = load_token_sources(INPUT_TXT, "train")
+    (val_name, val), = load_token_sources(INPUT_TXT, "val")
+    assert len(train) + len(val) == 338_025
+    assert len(train) == int(0.9 * 338_025)
+    assert "train" in train_name and "val" in val_name
+
+
+def test_missing_data_directory_and_missing_shards_name_the_fix(tmp_path):
+    with pytest.raises(UserError, match="fineweb.py"):
+        load_token_sources(tmp_path / "nowhere", "train")
+    with pytest.raises(UserError, match="no train shards"):
+        load_token_sources(tmp_path, "train")

@@ -1,0 +1,135 @@
+"""The GPT-2 model: shapes, weight tying, initialization, sampling, and that it learns."""
+
+import math
+
+import pytest
+import torch
+
+from fineweb import get_tokenizer
+from train_gpt2 import GPT, GPTConfig, DataLoader, load_token_sources
+from conftest import INPUT_TXT
+
+
+def tiny_config(**overrides):
+    return GPTConfig(**{"block_size": 32, "vocab_size": 50304, "n_layer": 2, "n_head": 2, "n_embd": 64, **overrides})
+
+
+def test_forward_returns_logits_over_padded_vocab_and_a_loss_near_uniform():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx, targets = torch.randint(0, 50257, (2, 3, 16))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 16, 50304)
+    assert loss.shape == ()
+    assert abs(loss.item() - math.log(50304)) < 0.1  # a fresh model predicts nearly uniformly
+
+
+def test_forward_without_targets_returns_no_loss():
+    logits, loss = GPT(tiny_config())(torch.zeros(1, 5, dtype=torch.long))
+    assert logits.shape == (1, 5, 50304) and loss is None
+
+
+def test_lm_head_is_tied_to_the_token_embedding():
+    model = GPT(tiny_config())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    n_unique = sum(p.numel() for p in model.parameters())
+    assert n_unique == model.num_params(non_embedding=False)
+    _, loss = model(torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8)))
+    loss.backward()
+    assert model.transformer.wte.weight.grad is not None
+
+
+def test_gpt2_124m_has_the_papers_parameter_count():
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    assert model.num_params(non_embedding=False) == 124_475_904  # 124M with the vocabulary padded to 50,304
+
+
+def test_residual_projections_are_initialized_with_scaled_std():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, n_layer=8, n_head=4, n_embd=256))
+    expected = 0.02 / math.sqrt(2 * 8)
+    assert model.transformer.h[0].attn.c_proj.weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert model.transformer.h[0].mlp.c_proj.weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert model.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.wpe.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.h[0].attn.c_attn.bias.abs().max().item() == 0
+
+
+def test_attention_is_causal():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 50257, (1, 10))
+    changed = idx.clone()
+    changed[0, 7:] = (changed[0, 7:] + 1) % 50257
+    logits_a, _ = model(idx)
+    logits_b, _ = model(changed)
+    torch.testing.assert_close(logits_a[:, :7], logits_b[:, :7])
+    assert not torch.allclose(logits_a[:, 7:], logits_b[:, 7:])
+
+
+def test_sequence_longer_than_the_block_is_refused():
+    with pytest.raises(ValueError, match="longer than the block size"):
+        GPT(tiny_config(block_size=8))(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 50257, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        model(idx, idx)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed)
+
+
+def test_generate_never_samples_the_padded_ids():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)  # every position's final hidden state is all ones
+        model.lm_head.weight[50257:] = 1.0  # so the padded ids get by far the largest logits
+    out = model.generate(torch.zeros(4, 1, dtype=torch.long), 20, vocab_limit=50257,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.shape == (4, 21)
+    assert out.max().item() < 50257
+    unrestricted = model.generate(torch.zeros(4, 1, dtype=torch.long), 5, generator=torch.Generator().manual_seed(0))
+    assert unrestricted[:, 1:].min().item() >= 50257  # the test model really does prefer the padding
+
+
+def test_generate_is_reproducible_under_a_seed_and_decodes():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    runs = [model.generate(torch.zeros(2, 1, dtype=torch.long), 10, top_k=50, vocab_limit=50257,
+                           generator=torch.Generator().manual_seed(42)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    assert isinstance(get_tokenizer().decode(runs[0][0].tolist()), str)
+
+
+def test_a_few_steps_on_input_txt_lower_the_loss():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    optimizer = model.configure_optimizer(0.1, 3e-3, "cpu")
+    loader = DataLoader(load_token_sources(INPUT_TXT, "train"), batch_size=8, block_size=32, micro_steps=1)
+    losses = []
+    for _ in range(30):
+        x, y = loader.next_batch()
+        _, loss = model(x[0], y[0])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < losses[0] - 2.0
+
+
+def test_weight_decay_applies_to_two_dimensional_weights_only():
+    model = GPT(tiny_config())
+    decay, no_decay = model.configure_optimizer(0.1, 1e-3, "cpu").param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
