@@ -121,7 +121,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser(config_class, description):
     """An argparse parser with one --flag per dataclass field, its default and help shown by --help."""
-    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           allow_abbrev=False)
     for f in dataclasses.fields(config_class):
         kind = parse_bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata.get("help", ""),
@@ -676,7 +677,6 @@ def run(config, explicit, dist_info):
     device = dist_info.device
     device_type = device.split(":")[0]
     dtype = resolve_dtype(config.dtype, device)
-    prepare_out_dir(config.out_dir, config.init_from, config.eval_only)
 
     # everything the user gave is checked here, before a model is built or a step taken
     checkpoint_path = None
@@ -693,6 +693,7 @@ def run(config, explicit, dist_info):
     if not config.eval_only:
         loader = DataLoader(load_token_sources(config.data, "train"), config.batch_size, block_size,
                             config.gradient_accumulation_steps, dist_info.rank, dist_info.world_size, config.seed)
+    prepare_out_dir(config.out_dir, config.init_from, config.eval_only)
 
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -757,7 +758,7 @@ def run(config, explicit, dist_info):
                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": step,
                         "best_val_loss": min(best_val_loss, val_loss), "val_loss": val_loss,
                         "loader": loader.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(config),
-                        "torch_version": torch.__version__, "git_commit": git_commit(),
+                        "torch_version": str(torch.__version__), "git_commit": git_commit(),
                     }
                     path = Path(config.out_dir) / f"iter-{step}-loss-{val_loss:.4f}.pt"
                     save_checkpoint(path, checkpoint)

@@ -1,0 +1,263 @@
+"""The training script end to end: schedule, command line, checkpoints, exact resume, DDP, bad input."""
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fineweb import write_shard
+from train_gpt2 import (TrainConfig, UserError, estimate_mfu, flops_per_token, get_lr, load_checkpoint,
+                        parse_args)
+from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_train, snapshot, train_losses
+
+# -----------------------------------------------------------------------------
+# The learning-rate schedule
+
+
+def lr_at(step):
+    return get_lr(step, learning_rate=6e-4, min_lr=6e-5, warmup_iters=10, lr_decay_iters=110)
+
+
+def test_lr_warms_up_linearly_from_above_zero_to_the_peak():
+    assert lr_at(0) == pytest.approx(6e-4 / 11)
+    assert lr_at(5) == pytest.approx(6e-4 * 6 / 11)
+    assert lr_at(9) == pytest.approx(6e-4 * 10 / 11)
+    assert lr_at(10) == pytest.approx(6e-4)
+
+
+def test_lr_decays_by_a_cosine_to_min_lr_and_stays_there():
+    assert lr_at(60) == pytest.approx((6e-4 + 6e-5) / 2)  # halfway through the decay
+    assert lr_at(35) == pytest.approx(6e-5 + 0.5 * (1 + math.cos(math.pi / 4)) * (6e-4 - 6e-5))
+    assert lr_at(110) == pytest.approx(6e-5)
+    assert lr_at(10_000) == 6e-5
+    assert all(lr_at(s) >= lr_at(s + 1) for s in range(10, 120))
+
+
+def test_lr_without_warmup_starts_at_the_peak():
+    assert get_lr(0, 1e-3, 1e-4, 0, 100) == 1e-3
+    assert get_lr(5, 1e-3, 1e-4, 5, 5) == 1e-4  # warmup ending where the decay ends
+
+
+def test_mfu_is_achieved_flops_over_peak():
+    per_token = flops_per_token(n_params=124e6, n_layer=12, n_embd=768, block_size=1024)
+    assert per_token == 6 * 124e6 + 12 * 12 * 768 * 1024
+    assert estimate_mfu(per_token, 400_000, 989e12) == pytest.approx(per_token * 400_000 / 989e12)
+    assert estimate_mfu(per_token, 400_000, None) is None
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+def test_help_lists_every_flag_with_its_default():
+    result = run_train("--help")
+    assert result.returncode == 0
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name}" in result.stdout
+    for default in ("6e-05", "600000", "edu_fineweb10B", "./out", "scratch"):
+        assert default in result.stdout
+
+
+def test_defaults_match_the_readme_training_command():
+    config, _ = parse_args([])
+    assert (config.batch_size, config.block_size, config.n_layer, config.n_head, config.n_embd) == (8, 1024, 12, 12, 768)
+    assert (config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters) == (6e-4, 6e-5, 2000, 600000)
+    assert (config.max_iters, config.eval_interval, config.eval_iters) == (600000, 2000, 200)
+    assert (config.gradient_accumulation_steps, config.compile, config.eval_only) == (5, True, False)
+    assert (config.out_dir, config.weight_decay, config.grad_clip) == ("./out", 0.1, 1.0)
+
+
+def test_booleans_parse_true_and_false():
+    config, explicit = parse_args(["--compile", "False", "--eval_only", "True", "--gradient_checkpointing=True"])
+    assert config.compile is False and config.eval_only is True and config.gradient_checkpointing is True
+    assert explicit == {"compile", "eval_only", "gradient_checkpointing"}
+
+
+def test_validation_names_the_problem():
+    with pytest.raises(UserError, match="not divisible"):
+        TrainConfig(n_embd=100, n_head=3).validate()
+
+
+# -----------------------------------------------------------------------------
+# A whole run
+
+
+def test_a_run_logs_falling_loss_samples_and_writes_checkpoints(trained_run):
+    out_dir, result = trained_run
+    losses = train_losses(out_dir)
+    assert sorted(losses) == list(range(8))
+    assert losses[7] < losses[0] - 0.3
+    assert result.stdout.count("Hello, I'm a language model,") >= 4
+    names = sorted(p.name for p in out_dir.iterdir())
+    val = {m["step"]: m["val_loss"] for m in read_metrics(out_dir) if "val_loss" in m}
+    assert sorted(val) == [0, 4, 8]
+    assert f"iter-4-loss-{val[4]:.4f}.pt" in names and f"iter-8-loss-{val[8]:.4f}.pt" in names
+    assert "best_val_loss.pt" in names and "config.json" in names
+    assert not [n for n in names if n.startswith(".")]  # no temporary files left
+
+
+def test_metrics_record_every_figure(trained_run):
+    out_dir, _ = trained_run
+    train = [m for m in read_metrics(out_dir) if "train_loss" in m]
+    for key in ("step", "train_loss", "lr", "grad_norm", "ms_per_step", "tokens_per_sec", "mfu", "tokens"):
+        assert all(key in m for m in train), key
+    assert train[0]["tokens"] == 4 * 2 * 32
+
+
+def test_config_json_is_the_run_config(trained_run):
+    out_dir, _ = trained_run
+    config = json.loads((out_dir / "config.json").read_text())
+    assert set(config) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert config["n_layer"] == 2 and config["max_iters"] == 8 and config["compile"] is False
+
+
+def test_checkpoint_holds_everything_a_restart_needs(trained_run):
+    out_dir, _ = trained_run
+    checkpoint = load_checkpoint(next(out_dir.glob("iter-8-*.pt")))
+    assert checkpoint["iter_num"] == 8
+    assert checkpoint["model_args"] == {"block_size": 32, "vocab_size": 50304, "n_layer": 2, "n_head": 2, "n_embd": 64}
+    assert checkpoint["optimizer"]["state"]  # AdamW's moments
+    assert checkpoint["scaler"] == {}  # float32 needs no GradScaler; its (empty) state is kept all the same
+    assert set(checkpoint["loader"]) >= {"epoch", "shard", "position", "seed"}
+    assert "torch" in checkpoint["rng"] and checkpoint["config"]["max_iters"] == 8
+    best = load_checkpoint(out_dir / "best_val_loss.pt")
+    assert best["val_loss"] == min(m["val_loss"] for m in read_metrics(out_dir) if m.get("step", 0) > 0
+                                   and "val_loss" in m)
+
+
+def test_resume_continues_with_exactly_the_losses_of_an_uninterrupted_run(trained_run, tmp_path):
+    full_dir, _ = trained_run
+    out_dir = tmp_path / "out"
+    first = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "4", "--eval_interval", "4")
+    assert first.returncode == 0, first.stderr
+    resumed = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "8",
+                        "--eval_interval", "4", "--init_from", "resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_losses(out_dir) == train_losses(full_dir)  # bit for bit, steps 0-7
+    final = load_checkpoint(next(out_dir.glob("iter-8-*.pt")))["model"]
+    expected = load_checkpoint(next(full_dir.glob("iter-8-*.pt")))["model"]
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_eval_only_reports_the_checkpoints_val_loss_without_training(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    checkpoint = next(run_dir.glob("iter-8-*.pt"))
+    out_dir = tmp_path / "eval"
+    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--eval_only", "True",
+                       "--init_from", checkpoint)
+    assert result.returncode == 0, result.stderr
+    (record,) = read_metrics(out_dir)
+    expected = next(m["val_loss"] for m in read_metrics(run_dir) if m.get("step") == 8 and "val_loss" in m)
+    assert record["val_loss"] == expected and record["step"] == 8
+    assert f"val loss {expected:.4f}" in result.stdout
+    assert not list(out_dir.glob("*.pt"))
+
+
+def test_compiled_run_trains_evaluates_and_samples(tmp_path):
+    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", tmp_path / "out", "--max_iters", "2",
+                       "--eval_interval", "2", "--compile", "True", "--gradient_checkpointing", "True")
+    assert result.returncode == 0, result.stderr
+    assert "Hello, I'm a language model," in result.stdout
+    assert sorted(m["step"] for m in read_metrics(tmp_path / "out") if "val_loss" in m) == [0, 2]
+
+
+def test_two_torchrun_processes_match_one_process_with_twice_the_accumulation(tmp_path):
+    common = [*TINY, "--data", INPUT_TXT, "--max_iters", "4", "--eval_interval", "4"]
+    single = run_train(*common, "--out_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(REPO / "train_gpt2.py"), *map(str, common), "--out_dir", str(tmp_path / "two"),
+                          "--gradient_accumulation_steps", "1"], capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    for a, b in zip(one, two):
+        for key in ("train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    weights_one = load_checkpoint(next((tmp_path / "one").glob("iter-4-*.pt")))["model"]
+    weights_two = load_checkpoint(next((tmp_path / "two").glob("iter-4-*.pt")))["model"]
+    for name in weights_one:
+        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-5)
+    assert ddp.stdout.count("step      3") == 1  # only rank 0 logs
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line naming the problem, a non-zero exit, nothing in out_dir touched
+
+
+def write_bad_shards(directory, kind):
+    directory.mkdir()
+    write_shard(directory / "x_val_000000.bin", np.ones(5000, dtype=np.uint16))
+    write_shard(directory / "x_train_000001.bin", np.ones(5000, dtype=np.uint16))
+    train = directory / "x_train_000001.bin"
+    if kind == "magic":
+        train.write_bytes(b"\x01\x02\x03\x04" + train.read_bytes()[4:])
+    elif kind == "count":
+        train.write_bytes(train.read_bytes()[:-100])
+    elif kind == "empty":
+        write_shard(train, np.zeros(0, dtype=np.uint16))
+    elif kind == "none":
+        train.unlink()
+    return directory
+
+
+BAD_INPUTS = {
+    "n_embd not divisible": (["--n_embd", "65"], "is not divisible by --n_head"),
+    "zero block size": (["--block_size", "0"], "--block_size must be a positive integer"),
+    "decay before warmup": (["--warmup_iters", "30", "--lr_decay_iters", "20"], "the decay must end after the warmup"),
+    "bad boolean": (["--compile", "maybe"], "expected True or False"),
+    "unknown flag": (["--learning_rat", "1"], "unrecognized arguments"),
+    "missing data": (["--data", "{tmp}/nowhere"], "no such file or directory"),
+    "no train shards": (["--data", "{shards:none}"], "no train shards"),
+    "wrong magic": (["--data", "{shards:magic}"], "not a token shard"),
+    "wrong count": (["--data", "{shards:count}"], "truncated or empty"),
+    "empty shard": (["--data", "{shards:empty}"], "truncated or empty"),
+    "text too short": (["--data", "{short_text}"], "is shorter than one batch"),
+    "missing checkpoint": (["--init_from", "{tmp}/missing.pt"], "not found"),
+    "corrupt checkpoint": (["--init_from", "{corrupt}"], "is corrupt or not a checkpoint"),
+    "other architecture": (["--init_from", "{checkpoint}", "--n_layer", "3"], "another architecture"),
+    "nothing to resume": (["--init_from", "resume"], "no iter-*.pt checkpoint"),
+    "eval_only from scratch": (["--eval_only", "True"], "needs a checkpoint"),
+    "unwritable out_dir": (["--out_dir", "{file}"], "cannot be written"),
+    "rank without torchrun": (["--env", "RANK=0"], "RANK is set but"),
+    "new run over an old one": (["--out_dir", "{run_dir}"], "already holds checkpoints"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_one_line_and_a_nonzero_exit_and_touches_nothing(case, tmp_path, trained_run):
+    args, message = BAD_INPUTS[case]
+    run_dir, _ = trained_run
+    (tmp_path / "short.txt").write_text("Too short for a batch.")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint at all")
+    (tmp_path / "a_file").write_text("")
+    values = {"tmp": tmp_path, "short_text": tmp_path / "short.txt", "corrupt": tmp_path / "corrupt.pt",
+              "checkpoint": next(run_dir.glob("iter-4-*.pt")), "file": tmp_path / "a_file", "run_dir": run_dir}
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("a previous run's notes")
+    command = [*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2", "--eval_interval", "2"]
+    env = {}
+    for arg in args:
+        if arg.startswith("{shards:"):
+            arg = write_bad_shards(tmp_path / "shards", arg[8:-1])
+        elif isinstance(arg, str) and arg.startswith("{"):
+            arg = arg.format(**values)
+        command.append(arg)
+    if command[-2] == "--env":
+        key, value = command.pop().split("=")
+        command.pop()
+        env[key] = value
+    before = snapshot(out_dir), snapshot(run_dir)
+    result = run_train(*command, env=env)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert (snapshot(out_dir), snapshot(run_dir)) == before
