@@ -193,6 +193,52 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of softmax(x @ weight.T) against targets, computed over chunks of rows so that
+    only a (chunk, vocab) slice of the logits ever exists, in float32. The gradients are computed in the
+    same pass (softmax minus one-hot is the gradient of the logits), so the backward pass only scales them:
+    the same matmuls as the plain loss, a fraction of its memory and memory traffic."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_size):
+        n_rows = x.size(0)
+        # under autocast the matmuls run in the autocast dtype, as nn.Linear would
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x_c, w_c = x.to(dtype), weight.to(dtype)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if needs_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for start in range(0, n_rows, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (x_c[rows] @ w_c.T).float()  # (chunk, V)
+            target = targets[rows].unsqueeze(1)
+            log_norm = torch.logsumexp(logits, dim=1, keepdim=True)
+            loss += (log_norm - logits.gather(1, target)).sum()
+            if needs_grad:
+                grad_logits = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
+                grad_logits.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad_logits.dtype))
+                grad_logits = (grad_logits / n_rows).to(dtype)
+                grad_x[rows] = grad_logits @ w_c
+                if dtype == torch.float32:
+                    grad_w.addmm_(grad_logits.T, x_c[rows])
+                else:  # accumulate the chunks' bf16/fp16 products in float32
+                    grad_w += (grad_logits.T @ x_c[rows]).float()
+        if needs_grad:
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return loss / n_rows
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None
+
+
+def linear_cross_entropy(x, weight, targets, chunk_size=4096):
+    """F.cross_entropy(x @ weight.T, targets) without the full logits; x (N, C), weight (V, C), targets (N,)."""
+    return LinearCrossEntropy.apply(x, weight, targets, chunk_size)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -219,7 +265,9 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, return_logits=True):
+        """(logits, loss). With return_logits=False the loss is computed chunk by chunk without ever
+        holding the (B, T, vocab_size) logits, and None is returned in their place: the training step's way."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than the block size {self.config.block_size}")
@@ -230,7 +278,10 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        x = self.transformer.ln_f(x)
+        if targets is not None and not return_logits:
+            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))
+        logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
@@ -348,6 +399,39 @@ class DataLoader:
         self.seed, self.epoch, self.shard, self.position = state["seed"], state["epoch"], state["shard"], state["position"]
         self.order = self.shard_order(self.epoch)
         self.skip_short_shards()
+
+
+class Prefetcher:
+    """Reads the next batch in a background thread while the current step runs, and copies it to the
+    device from pinned memory without blocking. state_dict() is the loader's state after the batches
+    handed out so far, not after the one being prefetched, so a checkpoint resumes at the right batch."""
+
+    def __init__(self, loader, device):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.loader, self.device = loader, device
+        self.pin = device.startswith("cuda")
+        self.tokens_per_step = loader.tokens_per_step
+        self.state = loader.state_dict()
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = self.pool.submit(self.fetch)
+
+    def fetch(self):
+        x, y = self.loader.next_batch()
+        if self.pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y, self.loader.state_dict()
+
+    def next_batch(self):
+        x, y, self.state = self.pending.result()
+        self.pending = self.pool.submit(self.fetch)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def state_dict(self):
+        return self.state
+
+    def close(self):
+        self.pool.shutdown(wait=True)
 
 
 def val_batch_positions(sources, batch_size, block_size, eval_iters):
@@ -468,6 +552,13 @@ def all_reduce_mean(tensor, world_size):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= world_size
     return tensor
+
+
+def make_autocast(device_type, dtype):
+    """Mixed precision by --dtype: matmuls in bfloat16/float16, reductions and the loss in float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
 def resolve_dtype(dtype, device):
@@ -594,9 +685,11 @@ def sample_text(model, device, autocast, seed, num_samples=4, max_new_tokens=32)
     return [enc.decode(row.tolist()) for row in out]
 
 
-def train_step(model, optimizer, scaler, x, y, grad_clip, autocast, ddp):
+def train_step(model, optimizer, scaler, x, y, grad_clip, autocast, ddp, fused_loss=True, naive=False):
     """One optimizer step over x, y of shape (micro_steps, B, T). Returns the mean loss and the gradient
-    norm as device tensors, so nothing waits for the device unless the caller reads them."""
+    norm as device tensors, so nothing waits for the device unless the caller reads them.
+    naive=True is the straightforward step that bench.py compares against: full float32 logits into
+    F.cross_entropy and the loss read back to the host on every micro-step."""
     micro_steps = x.size(0)
     loss_sum = torch.zeros((), device=x.device)
     for micro_step in range(micro_steps):
@@ -604,9 +697,12 @@ def train_step(model, optimizer, scaler, x, y, grad_clip, autocast, ddp):
             # sync gradients on the last micro-step only; set before the forward pass, where DDP reads it
             model.require_backward_grad_sync = micro_step == micro_steps - 1
         with autocast:
-            _, loss = model(x[micro_step], y[micro_step])
+            _, loss = model(x[micro_step], y[micro_step], return_logits=naive or not fused_loss)
         loss = loss / micro_steps
-        loss_sum += loss.detach()
+        if naive:
+            loss_sum += loss.item()
+        else:
+            loss_sum += loss.detach()
         scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -698,9 +794,7 @@ def run(config, explicit, dist_info):
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    autocast = (torch.autocast(device_type=device_type, dtype=ptdtype) if dtype != "float32"
-                else contextlib.nullcontext())
+    autocast = make_autocast(device_type, dtype)
     raw_model = build_model(model_args, checkpoint, config.seed).to(device)
     raw_model.gradient_checkpointing = config.gradient_checkpointing
     model = torch.compile(raw_model) if config.compile else raw_model
@@ -723,6 +817,7 @@ def run(config, explicit, dist_info):
         set_rng_state(checkpoint["rng"])
         best_val_loss = checkpoint["best_val_loss"]
         del checkpoint  # the model and optimizer hold their own copies now
+    loader = Prefetcher(loader, device)
     ddp = dist_info.world_size > 1
     train_model = (nn.parallel.DistributedDataParallel(model, device_ids=[dist_info.local_rank] if device_type == "cuda"
                                                        else None) if ddp else model)
@@ -774,7 +869,6 @@ def run(config, explicit, dist_info):
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = loader.next_batch()
-        x, y = x.to(device), y.to(device)
         loss, grad_norm = train_step(train_model, optimizer, scaler, x, y, config.grad_clip, autocast, ddp)
         interval_steps += 1
         progress.update(1)
@@ -792,6 +886,7 @@ def run(config, explicit, dist_info):
                        tokens_per_sec=tokens_per_sec, mfu=mfu, tokens=(step + 1) * tokens_per_step)
             interval_start, interval_steps = time.perf_counter(), 0
     progress.close()
+    loader.close()
 
 
 # -----------------------------------------------------------------------------
