@@ -13,9 +13,11 @@ Importing this file only defines things: `from train_gpt2 import GPT, GPTConfig`
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fineweb import ShardError, atomic_write, get_tokenizer, open_shard
+from fineweb import ShardError, atomic_write, get_tokenizer, open_shard, read_shard_header
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass, whose fields are the command-line flags
@@ -71,6 +73,9 @@ class TrainConfig:
     eval_iters: int = flag(200, "validation batches (of batch_size sequences) per evaluation")
     eval_only: bool = flag(False, "evaluate the checkpoint given by --init_from and exit")
     log_interval: int = flag(10, "print and record training figures every this many steps")
+    keep_last: int = flag(0, "keep only the newest N iter-*.pt checkpoints, and best_val_loss.pt (0 keeps all)")
+    max_bad_steps: int = flag(3, "stop after this many consecutive steps with a non-finite loss or gradient")
+    ddp_timeout: int = flag(600, "seconds a rank waits in a collective for the others before giving up")
     # system
     device: str = flag("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'")
     dtype: str = flag("auto", "'auto' (bfloat16 on GPUs that have it, else float16 with a GradScaler; "
@@ -82,11 +87,11 @@ class TrainConfig:
     def validate(self):
         """Raise UserError naming the problem and the fix; called before any work is done."""
         positive = ["block_size", "n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps",
-                    "eval_interval", "eval_iters", "log_interval", "lr_decay_iters"]
+                    "eval_interval", "eval_iters", "log_interval", "lr_decay_iters", "max_bad_steps", "ddp_timeout"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ["max_iters", "warmup_iters"]:
+        for name in ["max_iters", "warmup_iters", "keep_last"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         if self.n_embd % self.n_head != 0:
@@ -342,6 +347,29 @@ def load_token_sources(data, split):
     return [(name, open_shard(path / name)) for name in names]
 
 
+def read_span(name, tokens, start, length, vocab_size=50257):
+    """tokens[start:start + length] as int64, checked on the way: a shard file that shrank since it was
+    opened would crash the memmap read, and an id past the vocabulary would index past the embedding."""
+    path = getattr(tokens, "filename", None)
+    if path is not None and os.stat(path).st_size != tokens.offset + tokens.nbytes:
+        raise ShardError(f"{path} changed size since the run began: restore it, or regenerate the data and "
+                         f"start a new run")
+    span = np.array(tokens[start:start + length], dtype=np.int64)
+    if span.size and span.max() >= vocab_size:
+        raise ShardError(f"{name}: token id {span.max()} near offset {start} is outside GPT-2's vocabulary of "
+                         f"{vocab_size}: the shard is corrupt or from another tokenizer; regenerate it with "
+                         f"`python fineweb.py`")
+    return span
+
+
+def check_unchanged(name, tokens):
+    """A shard's header still says what it said when the run opened it."""
+    path = getattr(tokens, "filename", None)
+    if path is not None and read_shard_header(path) != len(tokens):
+        raise ShardError(f"{path} changed since the run began (its header now disagrees): restore it, or "
+                         f"regenerate the data and start a new run")
+
+
 class DataLoader:
     """Global batches of consecutive tokens: each optimizer step takes the next
     rows_per_step * block_size + 1 tokens of the current shard, so the batches depend only on the data,
@@ -372,15 +400,17 @@ class DataLoader:
             if self.shard == len(self.shards):
                 self.epoch, self.shard = self.epoch + 1, 0
                 self.order = self.shard_order(self.epoch)
+            index = self.order[self.shard]
+            check_unchanged(self.names[index], self.shards[index])
 
     def next_batch(self):
         """This rank's inputs and targets for one optimizer step, each (micro_steps, B, T) int64."""
-        tokens = self.shards[self.order[self.shard]]
+        index = self.order[self.shard]
         rows = self.B * self.T
         xs, ys = [], []
         for micro_step in range(self.micro_steps):
             start = self.position + (micro_step * self.world_size + self.rank) * rows
-            chunk = torch.from_numpy(np.array(tokens[start:start + rows + 1], dtype=np.int64))
+            chunk = torch.from_numpy(read_span(self.names[index], self.shards[index], start, rows + 1))
             xs.append(chunk[:-1].view(self.B, self.T))
             ys.append(chunk[1:].view(self.B, self.T))
         self.position += self.tokens_per_step
@@ -505,10 +535,19 @@ class Distributed:
     local_rank: int = 0
     world_size: int = 1
     device: str = "cpu"
+    control: object = None  # a Gloo group for host-side agreement (stop requests, failures), no device sync
 
     @property
     def is_master(self):
         return self.rank == 0
+
+    def any(self, flag):
+        """True on every rank when flag is true on any rank: how ranks agree to stop at the same step."""
+        if self.world_size == 1:
+            return bool(flag)
+        tensor = torch.tensor([int(bool(flag))])
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(tensor.item())
 
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -528,8 +567,9 @@ def resolve_device(device):
     return device
 
 
-def setup_distributed(device):
-    """Join the process group when launched by torchrun (NCCL on CUDA, Gloo on the CPU)."""
+def setup_distributed(device, timeout_seconds=600):
+    """Join the process group when launched by torchrun (NCCL on CUDA, Gloo on the CPU). A collective
+    that waits longer than the timeout (a rank died or hangs) raises instead of waiting forever."""
     present = [v for v in TORCHRUN_VARIABLES if v in os.environ]
     if not present:
         return Distributed(device=resolve_device(device))
@@ -542,8 +582,10 @@ def setup_distributed(device):
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Distributed(rank, local_rank, world_size, device)
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout) if device.startswith("cuda") else None
+    return Distributed(rank, local_rank, world_size, device, control)
 
 
 def all_reduce_mean(tensor, world_size):
@@ -604,18 +646,39 @@ def load_checkpoint(path):
     return checkpoint
 
 
+def checkpoint_iter(path):
+    """The step count in an iter-{iter}-....pt name, or -1 for any other name."""
+    try:
+        return int(Path(path).name.split("-")[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def iter_checkpoints(out_dir):
+    """out_dir's iter-*.pt checkpoints, oldest first."""
+    return sorted((p for p in Path(out_dir).glob("iter-*.pt") if checkpoint_iter(p) >= 0), key=checkpoint_iter)
+
+
 def latest_checkpoint(out_dir):
-    """The iter-*.pt checkpoint in out_dir with the most steps behind it."""
-    def iter_of(p):
-        try:
-            return int(p.name.split("-")[1])
-        except (IndexError, ValueError):
-            return -1
-    candidates = [p for p in Path(out_dir).glob("iter-*.pt") if iter_of(p) >= 0]
-    if not candidates:
+    checkpoints = iter_checkpoints(out_dir)
+    if not checkpoints:
         raise UserError(f"--init_from resume: no iter-*.pt checkpoint in {out_dir}; "
                         f"start with --init_from scratch or pass a checkpoint path")
-    return max(candidates, key=iter_of)
+    return checkpoints[-1]
+
+
+def prune_checkpoints(out_dir, keep_last):
+    """Delete all but the newest keep_last iter-*.pt files. Called only after the newest is safely on disk;
+    best_val_loss.pt is a file of its own (a hard link or a copy), so it survives its iter file."""
+    if keep_last > 0:
+        for path in iter_checkpoints(out_dir)[:-keep_last]:
+            path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(out_dir):
+    """Temporary files of writes that a crash interrupted: never a checkpoint, safe to delete."""
+    for path in Path(out_dir).glob(".*.tmp"):
+        path.unlink(missing_ok=True)
 
 
 def link_or_copy(source, target):
@@ -661,8 +724,7 @@ def evaluate(model, val_sources, positions, batch_size, block_size, device, auto
     model.eval()
     loss_sum = torch.zeros(2, device=device)  # (sum of batch losses, batch count)
     for source, start in positions[rank::world_size]:
-        tokens = val_sources[source][1]
-        chunk = torch.from_numpy(np.array(tokens[start:start + batch_size * block_size + 1], dtype=np.int64))
+        chunk = torch.from_numpy(read_span(*val_sources[source], start, batch_size * block_size + 1))
         x = chunk[:-1].view(batch_size, block_size).to(device)
         y = chunk[1:].view(batch_size, block_size).to(device)
         with autocast:
@@ -687,7 +749,8 @@ def sample_text(model, device, autocast, seed, num_samples=4, max_new_tokens=32)
 
 def train_step(model, optimizer, scaler, x, y, grad_clip, autocast, ddp, fused_loss=True, naive=False):
     """One optimizer step over x, y of shape (micro_steps, B, T). Returns the mean loss and the gradient
-    norm as device tensors, so nothing waits for the device unless the caller reads them.
+    norm as device tensors, and whether the update was applied: a step whose loss or gradient norm is not
+    finite is skipped. Reading that one flag is the step's only wait for the device.
     naive=True is the straightforward step that bench.py compares against: full float32 logits into
     F.cross_entropy and the loss read back to the host on every micro-step."""
     micro_steps = x.size(0)
@@ -707,10 +770,18 @@ def train_step(model, optimizer, scaler, x, y, grad_clip, autocast, ddp, fused_l
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    scaler.step(optimizer)
+    finite = torch.isfinite(loss_sum)
+    if not scaler.is_enabled():  # a GradScaler (float16) skips overflowing gradients itself, routinely
+        finite &= torch.isfinite(grad_norm)
+    if ddp:  # the loss is this rank's own: agree, so that every rank skips or none does
+        finite = finite.float()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    applied = bool(finite.item())
+    if applied:
+        scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    return loss_sum, grad_norm, applied
 
 
 class RunLog:
@@ -727,8 +798,21 @@ class RunLog:
 
     def record(self, **metrics):
         if self.enabled:
+            metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
             with open(self.path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+
+    def drop_after(self, iter_num):
+        """On resume, forget what a stopped run logged past its checkpoint: the resumed run logs it again,
+        so the file reads as if the run had never stopped."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        def before(record):
+            return record["step"] < iter_num or (record["step"] == iter_num and "train_loss" not in record)
+        kept = [line for line in lines if before(json.loads(line))]
+        if len(kept) != len(lines):
+            atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
 
 
 def prepare_out_dir(out_dir, init_from, eval_only):
@@ -768,10 +852,197 @@ def model_args_for(config, checkpoint, explicit):
     return dict(saved)
 
 
+class RunStopped(Exception):
+    """The run stopped early on purpose (a signal, repeated non-finite steps, a failed checkpoint write):
+    the message says why and how to continue; code is the exit status."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class StopSignal:
+    """SIGINT or SIGTERM asks the run to save a checkpoint at the end of the current step and exit.
+    A second Ctrl-C (SIGINT) stops at once. A SIGTERM after the first request is absorbed: torchrun
+    forwards one to every worker after a Ctrl-C."""
+
+    def __init__(self, verbose):
+        self.verbose = verbose
+        self.requested = None
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.requested is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.requested = signum
+        if self.verbose:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+                  f"(Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+
+
+class Trainer:
+    """What a run carries from step to step (model, optimizer, scaler, loader, step, best val loss):
+    state_dict() is exactly what a checkpoint holds. The methods are the loop's phases."""
+
+    def __init__(self, config, dist_info, raw_model, model_args, loader, val_sources, positions, log, dtype):
+        self.config, self.dist, self.log, self.dtype = config, dist_info, log, dtype
+        self.device = dist_info.device
+        device_type = self.device.split(":")[0]
+        self.raw_model, self.model_args = raw_model, model_args
+        self.model = torch.compile(raw_model) if config.compile else raw_model
+        self.ddp = dist_info.world_size > 1
+        self.train_model = self.model
+        if self.ddp:
+            device_ids = [dist_info.local_rank] if device_type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.optimizer = raw_model.configure_optimizer(config.weight_decay, config.learning_rate, device_type)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+        self.autocast = make_autocast(device_type, dtype)
+        self.loader, self.val_sources, self.positions = loader, val_sources, positions
+        self.iter_num, self.best_val_loss, self.bad_steps, self.skipped_steps = 0, float("inf"), 0, 0
+        self.last_checkpoint = None
+
+    def state_dict(self):
+        return {
+            "version": CHECKPOINT_VERSION, "model": self.raw_model.state_dict(), "model_args": self.model_args,
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "iter_num": self.iter_num,
+            "best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps,
+            "loader": self.loader.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(self.config),
+            "torch_version": str(torch.__version__), "git_commit": git_commit(),
+        }
+
+    def load_state_dict(self, checkpoint):
+        self.raw_model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.loader.load_state_dict(checkpoint["loader"])
+        set_rng_state(checkpoint["rng"])
+        self.iter_num, self.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+
+    def evaluate(self):
+        return evaluate(self.model, self.val_sources, self.positions, self.config.batch_size,
+                        self.model_args["block_size"], self.device, self.autocast, self.dist.rank,
+                        self.dist.world_size)
+
+    def save(self, name, val_loss=None, best=False):
+        """Rank 0 writes the checkpoint, then every rank learns whether it worked: a failed write stops the
+        run on all of them rather than let it train on without a safe point."""
+        error = None
+        if self.dist.is_master:
+            path = Path(self.config.out_dir) / name
+            checkpoint = self.state_dict()
+            checkpoint["val_loss"] = val_loss
+            try:
+                save_checkpoint(path, checkpoint)
+                if best:
+                    link_or_copy(path, Path(self.config.out_dir) / "best_val_loss.pt")
+                self.last_checkpoint = path
+                prune_checkpoints(self.config.out_dir, self.config.keep_last)
+                self.log.print(f"saved {path}")
+            except OSError as e:
+                error = (f"could not write checkpoint {path} ({e.strerror or e}); the checkpoints already in "
+                         f"{self.config.out_dir} are intact (latest: {self.last_checkpoint}); free disk space or "
+                         f"fix permissions, then continue with --init_from resume")
+        if self.dist.any(error is not None):
+            raise RunStopped(f"error: {error or 'rank 0 could not write a checkpoint'}", code=1)
+
+    def evaluate_and_save(self, step):
+        val_loss = self.evaluate()
+        self.log.print(f"step {step}: val loss {val_loss:.4f}")
+        self.log.record(step=step, val_loss=val_loss, tokens=step * self.loader.tokens_per_step)
+        if self.dist.is_master:
+            for text in sample_text(self.raw_model, self.device, self.autocast, self.config.seed + step):
+                self.log.print(f"  sample: {text!r}")
+        improved = val_loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        if step > 0:
+            self.save(f"iter-{step}-loss-{val_loss:.4f}.pt", val_loss, best=improved)
+
+    def step(self, step):
+        config = self.config
+        lr = get_lr(step, config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.loader.next_batch()
+        loss, grad_norm, applied = train_step(self.train_model, self.optimizer, self.scaler, x, y, config.grad_clip,
+                                              self.autocast, self.ddp)
+        self.iter_num = step + 1
+        if applied:
+            self.bad_steps = 0
+            return lr, loss, grad_norm
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        self.log.print(f"step {step}: non-finite loss or gradient norm, update skipped ({self.bad_steps} in a row)")
+        self.log.record(step=step, skipped=True, lr=lr)
+        if self.bad_steps >= config.max_bad_steps:
+            raise RunStopped(f"error: stopped at step {step}: {self.bad_steps} steps in a row had a non-finite loss "
+                             f"or gradient norm; the last good checkpoint is {self.last_checkpoint or 'none yet'}: "
+                             f"continue from it with a lower --learning_rate", code=1)
+        return lr, loss, grad_norm
+
+    def train(self, stop, resumed):
+        config, log = self.config, self.log
+        tokens_per_step = self.loader.tokens_per_step
+        model_flops = flops_per_token(self.raw_model.num_params(), self.model_args["n_layer"],
+                                      self.model_args["n_embd"], self.model_args["block_size"])
+        peak_flops = device_peak_flops(self.device, self.dtype)
+        from tqdm import tqdm
+        progress = tqdm(total=config.max_iters, initial=self.iter_num, desc="train", unit="step",
+                        dynamic_ncols=True, disable=not self.dist.is_master)
+        first_step = self.iter_num
+        interval_start, interval_steps = time.perf_counter(), 0
+        for step in range(first_step, config.max_iters + 1):
+            last_step = step == config.max_iters
+            if (step % config.eval_interval == 0 or last_step) and not (resumed and step == first_step):
+                self.evaluate_and_save(step)
+                interval_start, interval_steps = time.perf_counter(), 0  # evaluation is not training time
+            if last_step:
+                break
+            lr, loss, grad_norm = self.step(step)
+            interval_steps += 1
+            progress.update(1)
+            if step % config.log_interval == 0 or step == config.max_iters - 1:
+                loss = all_reduce_mean(loss, self.dist.world_size).item()  # waits for the device
+                elapsed = time.perf_counter() - interval_start
+                tokens_per_sec = tokens_per_step * interval_steps / elapsed
+                mfu = estimate_mfu(model_flops, tokens_per_sec, peak_flops)
+                mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+                log.print(f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | "
+                          f"{1000 * elapsed / interval_steps:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {mfu_text}")
+                log.record(step=step, train_loss=loss, lr=lr, grad_norm=grad_norm.item(),
+                           ms_per_step=1000 * elapsed / interval_steps, tokens_per_sec=tokens_per_sec, mfu=mfu,
+                           tokens=(step + 1) * tokens_per_step)
+                interval_start, interval_steps = time.perf_counter(), 0
+            if self.dist.any(stop.requested is not None):
+                name = signal.Signals(stop.requested or signal.SIGTERM).name
+                self.save(f"iter-{self.iter_num}-stopped.pt")
+                raise RunStopped(f"stopped by {name} after step {step}: saved {self.last_checkpoint}; continue "
+                                 f"with --init_from resume", code=128 + (stop.requested or signal.SIGTERM))
+        progress.close()
+
+
+def evaluate_checkpoint(config, dist_info, raw_model, model_args, checkpoint_path, iter_num, val_sources, positions,
+                        log, dtype):
+    model = torch.compile(raw_model) if config.compile else raw_model
+    val_loss = evaluate(model, val_sources, positions, config.batch_size, model_args["block_size"], dist_info.device,
+                        make_autocast(dist_info.device.split(":")[0], dtype), dist_info.rank, dist_info.world_size)
+    log.print(f"{checkpoint_path}: step {iter_num} val loss {val_loss:.4f} over {len(positions)} batches")
+    log.record(step=iter_num, val_loss=val_loss, eval_only=True, checkpoint=str(checkpoint_path))
+
+
 def run(config, explicit, dist_info):
     log = RunLog(config.out_dir, dist_info.is_master)
     device = dist_info.device
-    device_type = device.split(":")[0]
     dtype = resolve_dtype(config.dtype, device)
 
     # everything the user gave is checked here, before a model is built or a step taken
@@ -782,131 +1053,84 @@ def run(config, explicit, dist_info):
         checkpoint_path = config.init_from
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
     model_args = model_args_for(config, checkpoint, explicit)
-    block_size = model_args["block_size"]
     val_sources = load_token_sources(config.data, "val")
-    positions = val_batch_positions(val_sources, config.batch_size, block_size, config.eval_iters)
+    positions = val_batch_positions(val_sources, config.batch_size, model_args["block_size"], config.eval_iters)
     loader = None
     if not config.eval_only:
-        loader = DataLoader(load_token_sources(config.data, "train"), config.batch_size, block_size,
+        loader = DataLoader(load_token_sources(config.data, "train"), config.batch_size, model_args["block_size"],
                             config.gradient_accumulation_steps, dist_info.rank, dist_info.world_size, config.seed)
     prepare_out_dir(config.out_dir, config.init_from, config.eval_only)
 
-    if device_type == "cuda":
+    if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    autocast = make_autocast(device_type, dtype)
     raw_model = build_model(model_args, checkpoint, config.seed).to(device)
     raw_model.gradient_checkpointing = config.gradient_checkpointing
-    model = torch.compile(raw_model) if config.compile else raw_model
-    iter_num = checkpoint["iter_num"] if checkpoint else 0
-
     if config.eval_only:
-        val_loss = evaluate(model, val_sources, positions, config.batch_size, block_size, device, autocast,
-                            dist_info.rank, dist_info.world_size)
-        log.print(f"{checkpoint_path}: step {iter_num} val loss {val_loss:.4f} over {len(positions)} batches")
-        log.record(step=iter_num, val_loss=val_loss, eval_only=True, checkpoint=str(checkpoint_path))
+        evaluate_checkpoint(config, dist_info, raw_model, model_args, checkpoint_path, checkpoint["iter_num"],
+                            val_sources, positions, log, dtype)
         return
 
-    optimizer = raw_model.configure_optimizer(config.weight_decay, config.learning_rate, device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    best_val_loss = float("inf")
+    trainer = Trainer(config, dist_info, raw_model, model_args, loader, val_sources, positions, log, dtype)
     if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        loader.load_state_dict(checkpoint["loader"])
-        set_rng_state(checkpoint["rng"])
-        best_val_loss = checkpoint["best_val_loss"]
+        trainer.load_state_dict(checkpoint)
+        trainer.last_checkpoint = checkpoint_path
         del checkpoint  # the model and optimizer hold their own copies now
-    loader = Prefetcher(loader, device)
-    ddp = dist_info.world_size > 1
-    train_model = (nn.parallel.DistributedDataParallel(model, device_ids=[dist_info.local_rank] if device_type == "cuda"
-                                                       else None) if ddp else model)
-
-    tokens_per_step = loader.tokens_per_step
-    model_flops = flops_per_token(raw_model.num_params(), model_args["n_layer"], model_args["n_embd"], block_size)
-    peak_flops = device_peak_flops(device, dtype)
+    trainer.loader = Prefetcher(loader, device)
     if dist_info.is_master:
+        remove_stale_temporaries(config.out_dir)
+        log.drop_after(trainer.iter_num)
         atomic_write(Path(config.out_dir) / "config.json",
                      lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=2).encode()))
     log.print(f"GPT-2 {raw_model.num_params(non_embedding=False) / 1e6:.2f}M parameters | {dist_info.world_size} "
-              f"process(es) on {device} | {dtype} | {tokens_per_step:,} tokens/step | torch {torch.__version__} "
-              f"| commit {git_commit()} | from step {iter_num}")
-
-    from tqdm import tqdm
-    progress = tqdm(total=config.max_iters, initial=iter_num, desc="train", unit="step", dynamic_ncols=True,
-                    disable=not dist_info.is_master)
-    resumed_at = iter_num if config.init_from != "scratch" else None
-    interval_start, interval_steps = time.perf_counter(), 0
-    for step in range(iter_num, config.max_iters + 1):
-        last_step = step == config.max_iters
-        if (step % config.eval_interval == 0 or last_step) and step != resumed_at:
-            val_loss = evaluate(model, val_sources, positions, config.batch_size, block_size, device, autocast,
-                                dist_info.rank, dist_info.world_size)
-            log.print(f"step {step}: val loss {val_loss:.4f}")
-            log.record(step=step, val_loss=val_loss, tokens=step * tokens_per_step)
-            if dist_info.is_master:
-                for text in sample_text(raw_model, device, autocast, config.seed + step):
-                    log.print(f"  sample: {text!r}")
-                if step > 0:
-                    checkpoint = {
-                        "version": CHECKPOINT_VERSION, "model": raw_model.state_dict(), "model_args": model_args,
-                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": step,
-                        "best_val_loss": min(best_val_loss, val_loss), "val_loss": val_loss,
-                        "loader": loader.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(config),
-                        "torch_version": str(torch.__version__), "git_commit": git_commit(),
-                    }
-                    path = Path(config.out_dir) / f"iter-{step}-loss-{val_loss:.4f}.pt"
-                    save_checkpoint(path, checkpoint)
-                    if val_loss < best_val_loss:
-                        link_or_copy(path, Path(config.out_dir) / "best_val_loss.pt")
-                    log.print(f"saved {path}")
-            best_val_loss = min(best_val_loss, val_loss)
-            interval_start, interval_steps = time.perf_counter(), 0  # evaluation is not training time
-        if last_step:
-            break
-
-        lr = get_lr(step, config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = loader.next_batch()
-        loss, grad_norm = train_step(train_model, optimizer, scaler, x, y, config.grad_clip, autocast, ddp)
-        interval_steps += 1
-        progress.update(1)
-
-        if step % config.log_interval == 0 or step == config.max_iters - 1:
-            loss = all_reduce_mean(loss, dist_info.world_size).item()  # .item() waits for the device
-            elapsed = time.perf_counter() - interval_start
-            ms_per_step = 1000 * elapsed / interval_steps
-            tokens_per_sec = tokens_per_step * interval_steps / elapsed
-            mfu = estimate_mfu(model_flops, tokens_per_sec, peak_flops)
-            mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-            log.print(f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | "
-                      f"{ms_per_step:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {mfu_text}")
-            log.record(step=step, train_loss=loss, lr=lr, grad_norm=grad_norm.item(), ms_per_step=ms_per_step,
-                       tokens_per_sec=tokens_per_sec, mfu=mfu, tokens=(step + 1) * tokens_per_step)
-            interval_start, interval_steps = time.perf_counter(), 0
-    progress.close()
-    loader.close()
+              f"process(es) on {device} | {dtype} | {loader.tokens_per_step:,} tokens/step | torch "
+              f"{torch.__version__} | commit {git_commit()} | from step {trainer.iter_num}")
+    try:
+        with StopSignal(verbose=dist_info.is_master) as stop:
+            trainer.train(stop, resumed=checkpoint_path is not None)
+    finally:
+        trainer.loader.close()
 
 
 # -----------------------------------------------------------------------------
 # Entry point
 
 
+def lost_contact(error):
+    """An error from a collective whose peer died or timed out, as opposed to a bug."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    words = ("Gloo", "NCCL", "Connection", "connection", "timed out", "Timed out", "peer")
+    return isinstance(error, RuntimeError) and any(w in str(error) for w in words)
+
+
 def main(argv=None):
-    dist_info = None
+    dist_info, code = None, 0
     try:
         config, explicit = parse_args(argv)
         config.validate()
-        dist_info = setup_distributed(config.device)
+        dist_info = setup_distributed(config.device, config.ddp_timeout)
         run(config, explicit, dist_info)
     except (UserError, ShardError) as e:
-        if dist_info is None or dist_info.is_master:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        code, message = 1, f"error: {e}"
+    except RunStopped as e:
+        code, message = e.code, str(e)
+    except KeyboardInterrupt:
+        code, message = 130, "error: interrupted twice: stopped at once; the checkpoints on disk are intact"
+    except Exception as e:
+        if dist_info is None or dist_info.world_size == 1 or not lost_contact(e):
+            raise
+        # a peer is gone: tearing the group down could wait on it, so leave without
+        print(f"error: rank {dist_info.rank} lost contact with the other processes ({str(e).splitlines()[0]}): "
+              f"see their output; continue with --init_from resume", file=sys.stderr, flush=True)
+        os._exit(1)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if code:
+        if dist_info is None or dist_info.is_master:
+            print(message, file=sys.stderr, flush=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

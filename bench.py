@@ -1,0 +1,166 @@
+"""
+Time the real training step of train_gpt2.py: the same model, optimizer, precision, compile and loader code.
+
+    python bench.py                                             # GPT-2 124M, the trainer's defaults
+    python bench.py --device cpu --n_layer 6 --n_head 6 --n_embd 384 --block_size 256 --batch_size 8 \
+        --gradient_accumulation_steps 1 --dtype float32 --compare True
+
+Prints ms/step, tokens/s, MFU and peak memory as a table and as JSON. --compare True also times the
+straightforward step (full float32 logits into F.cross_entropy, the loss read back every micro-step, no
+prefetch, no compile) from the same initialization on the same batches, each variant in its own process,
+and checks that both give the same losses.
+"""
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from train_gpt2 import (GPT, DataLoader, GPTConfig, Prefetcher, TrainConfig, UserError, build_parser,
+                        device_peak_flops, estimate_mfu, flag, flops_per_token, get_lr, load_token_sources, make_autocast,
+                        resolve_device, resolve_dtype, train_step)
+
+# -----------------------------------------------------------------------------
+# Configuration: the trainer's flags choose the model and batch, plus a few of the benchmark's own
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    data: str = flag("input.txt", "token shards or a text file to draw the batches from")
+    steps: int = flag(10, "timed optimizer steps")
+    warmup_steps: int = flag(3, "untimed steps first (compilation, allocator and cache warm-up)")
+    compare: bool = flag(False, "also time the straightforward step, each variant in its own process")
+    variant: str = flag("fast", "'fast' (the trainer's step) or 'naive' (the straightforward step)")
+    json_out: str = flag("", "also write the results as JSON to this file")
+
+
+def parse_args(argv=None):
+    parser = build_parser(BenchConfig, __doc__.strip().splitlines()[0])
+    return BenchConfig(**vars(parser.parse_args(argv)))
+
+
+# -----------------------------------------------------------------------------
+# Timing one variant
+
+
+def peak_memory_bytes(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole process, on Linux in KiB
+
+
+def measure(config):
+    """Train warmup_steps + steps from a fixed init and return the timing of the last `steps`."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    device_type = device.split(":")[0]
+    naive = config.variant == "naive"
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(config.seed)
+    model = GPT(GPTConfig(config.block_size, GPTConfig.vocab_size, config.n_layer, config.n_head, config.n_embd))
+    model = model.to(device)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    step_model = torch.compile(model) if config.compile and not naive else model
+    optimizer = model.configure_optimizer(config.weight_decay, config.learning_rate, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    loader = DataLoader(load_token_sources(config.data, "train"), config.batch_size, config.block_size,
+                        config.gradient_accumulation_steps, seed=config.seed)
+    if not naive:
+        loader = Prefetcher(loader, device)
+    autocast = make_autocast(device_type, dtype)
+
+    def step(i):
+        lr = get_lr(i, config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = loader.next_batch()
+        if naive:
+            x, y = x.to(device), y.to(device)
+        return train_step(step_model, optimizer, scaler, x, y, config.grad_clip, autocast, False, naive=naive)[0]
+
+    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    losses = [step(i) for i in range(config.warmup_steps)]
+    synchronize()
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    losses += [step(config.warmup_steps + i) for i in range(config.steps)]
+    synchronize()
+    elapsed = time.perf_counter() - start
+    if not naive:
+        loader.close()
+
+    tokens_per_step = loader.tokens_per_step
+    tokens_per_sec = tokens_per_step * config.steps / elapsed
+    per_token = flops_per_token(model.num_params(), config.n_layer, config.n_embd, config.block_size)
+    mfu = estimate_mfu(per_token, tokens_per_sec, device_peak_flops(device, dtype))
+    return {"variant": config.variant, "device": device, "dtype": dtype, "compile": config.compile and not naive,
+            "ms_per_step": 1000 * elapsed / config.steps, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
+            "peak_memory_mb": peak_memory_bytes(device) / 2**20, "tokens_per_step": tokens_per_step,
+            "losses": [float(loss) for loss in losses]}
+
+
+def measure_in_subprocess(config, variant):
+    """Each variant in a fresh process, so neither's memory peak or compile cache colours the other."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        args = [f"--{k}={v}" for k, v in asdict(config).items() if k not in ("compare", "variant", "json_out")]
+        result = subprocess.run([sys.executable, __file__, *args, f"--variant={variant}", f"--json_out={out}"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(result.stderr.strip())
+        return json.loads(out.read_text())["results"][0]
+
+
+# -----------------------------------------------------------------------------
+# Report
+
+
+def table(results):
+    lines = [f"{'variant':8} {'device':7} {'dtype':9} {'compile':7} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} "
+             f"{'peak MB':>8}"]
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        lines.append(f"{r['variant']:8} {r['device']:7} {r['dtype']:9} {str(r['compile']):7} {r['ms_per_step']:9.1f} "
+                     f"{r['tokens_per_sec']:10,.0f} {mfu:>6} {r['peak_memory_mb']:8.0f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    try:
+        config = parse_args(argv)
+        config.validate()
+        if config.variant not in ("fast", "naive"):
+            raise UserError(f"--variant {config.variant!r} is not one of fast, naive")
+        if config.steps <= 0 or config.warmup_steps < 0:
+            raise UserError("--steps must be positive and --warmup_steps 0 or more")
+        if config.compare:
+            results = [measure_in_subprocess(config, "naive"), measure_in_subprocess(config, "fast")]
+        else:
+            results = [measure(config)]
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    report = {"config": asdict(config), "torch": str(torch.__version__), "results": results}
+    print(table(results))
+    if config.compare:
+        naive, fast = results
+        report["speedup"] = fast["tokens_per_sec"] / naive["tokens_per_sec"]
+        report["max_loss_difference"] = max(abs(a - b) for a, b in zip(naive["losses"], fast["losses"]))
+        print(f"speedup {report['speedup']:.2f}x; losses agree to {report['max_loss_difference']:.1e} "
+              f"over {len(fast['losses'])} steps")
+    print(json.dumps({k: v for k, v in report.items() if k != "config"} | {"config": asdict(config)}))
+    if config.json_out:
+        Path(config.json_out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
