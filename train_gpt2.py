@@ -365,8 +365,14 @@ def read_span(name, tokens, start, length, vocab_size=50257):
 def check_unchanged(name, tokens):
     """A shard's header still says what it said when the run opened it."""
     path = getattr(tokens, "filename", None)
-    if path is not None and read_shard_header(path) != len(tokens):
-        raise ShardError(f"{path} changed since the run began (its header now disagrees): restore it, or "
+    if path is None:
+        return
+    try:
+        unchanged = read_shard_header(path) == len(tokens)
+    except (ShardError, OSError):
+        unchanged = False
+    if not unchanged:
+        raise ShardError(f"{path} changed since the run began (its header or size differs): restore it, or "
                          f"regenerate the data and start a new run")
 
 
@@ -802,14 +808,15 @@ class RunLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
 
-    def drop_after(self, iter_num):
-        """On resume, forget what a stopped run logged past its checkpoint: the resumed run logs it again,
-        so the file reads as if the run had never stopped."""
+    def drop_after(self, iter_num, resumed):
+        """Forget what an interrupted run logged past the point this run starts from (its checkpoint, or
+        step 0): this run logs it again, so the file reads as if the run had never been interrupted."""
         if not self.enabled or not self.path.exists():
             return
         lines = self.path.read_text().splitlines(keepends=True)
-        def before(record):
-            return record["step"] < iter_num or (record["step"] == iter_num and "train_loss" not in record)
+
+        def before(record):  # a resumed run does not redo the evaluation its checkpoint was saved after
+            return record["step"] < iter_num or (resumed and record["step"] == iter_num and "val_loss" in record)
         kept = [line for line in lines if before(json.loads(line))]
         if len(kept) != len(lines):
             atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
@@ -990,45 +997,46 @@ class Trainer:
                              f"continue from it with a lower --learning_rate", code=1)
         return lr, loss, grad_norm
 
+    def log_step(self, step, lr, loss, grad_norm, ms_per_step, model_flops, peak_flops):
+        loss = all_reduce_mean(loss, self.dist.world_size).item()  # the device is waited for here only
+        tokens_per_sec = self.loader.tokens_per_step / (ms_per_step / 1000)
+        mfu = estimate_mfu(model_flops, tokens_per_sec, peak_flops)
+        mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+        self.log.print(f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | "
+                       f"{ms_per_step:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {mfu_text}")
+        self.log.record(step=step, train_loss=loss, lr=lr, grad_norm=grad_norm.item(), ms_per_step=ms_per_step,
+                        tokens_per_sec=tokens_per_sec, mfu=mfu, tokens=(step + 1) * self.loader.tokens_per_step)
+
     def train(self, stop, resumed):
-        config, log = self.config, self.log
-        tokens_per_step = self.loader.tokens_per_step
+        config = self.config
         model_flops = flops_per_token(self.raw_model.num_params(), self.model_args["n_layer"],
                                       self.model_args["n_embd"], self.model_args["block_size"])
         peak_flops = device_peak_flops(self.device, self.dtype)
-        from tqdm import tqdm
-        progress = tqdm(total=config.max_iters, initial=self.iter_num, desc="train", unit="step",
-                        dynamic_ncols=True, disable=not self.dist.is_master)
         first_step = self.iter_num
         interval_start, interval_steps = time.perf_counter(), 0
-        for step in range(first_step, config.max_iters + 1):
-            last_step = step == config.max_iters
-            if (step % config.eval_interval == 0 or last_step) and not (resumed and step == first_step):
-                self.evaluate_and_save(step)
-                interval_start, interval_steps = time.perf_counter(), 0  # evaluation is not training time
-            if last_step:
-                break
-            lr, loss, grad_norm = self.step(step)
-            interval_steps += 1
-            progress.update(1)
-            if step % config.log_interval == 0 or step == config.max_iters - 1:
-                loss = all_reduce_mean(loss, self.dist.world_size).item()  # waits for the device
-                elapsed = time.perf_counter() - interval_start
-                tokens_per_sec = tokens_per_step * interval_steps / elapsed
-                mfu = estimate_mfu(model_flops, tokens_per_sec, peak_flops)
-                mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-                log.print(f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | "
-                          f"{1000 * elapsed / interval_steps:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {mfu_text}")
-                log.record(step=step, train_loss=loss, lr=lr, grad_norm=grad_norm.item(),
-                           ms_per_step=1000 * elapsed / interval_steps, tokens_per_sec=tokens_per_sec, mfu=mfu,
-                           tokens=(step + 1) * tokens_per_step)
-                interval_start, interval_steps = time.perf_counter(), 0
-            if self.dist.any(stop.requested is not None):
-                name = signal.Signals(stop.requested or signal.SIGTERM).name
-                self.save(f"iter-{self.iter_num}-stopped.pt")
-                raise RunStopped(f"stopped by {name} after step {step}: saved {self.last_checkpoint}; continue "
-                                 f"with --init_from resume", code=128 + (stop.requested or signal.SIGTERM))
-        progress.close()
+        from tqdm import tqdm
+        # the bar is closed on the way out whatever happens, so that a message after it gets a line of its own
+        with tqdm(total=config.max_iters, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
+                  mininterval=1.0, disable=not self.dist.is_master) as progress:
+            for step in range(first_step, config.max_iters + 1):
+                last_step = step == config.max_iters
+                if (step % config.eval_interval == 0 or last_step) and not (resumed and step == first_step):
+                    self.evaluate_and_save(step)
+                    interval_start, interval_steps = time.perf_counter(), 0  # evaluation is not training time
+                if last_step:
+                    break
+                lr, loss, grad_norm = self.step(step)
+                interval_steps += 1
+                progress.update(1)
+                if step % config.log_interval == 0 or step == config.max_iters - 1:
+                    ms_per_step = 1000 * (time.perf_counter() - interval_start) / interval_steps
+                    self.log_step(step, lr, loss, grad_norm, ms_per_step, model_flops, peak_flops)
+                    interval_start, interval_steps = time.perf_counter(), 0
+                if self.dist.any(stop.requested is not None):
+                    name = signal.Signals(stop.requested or signal.SIGTERM).name
+                    self.save(f"iter-{self.iter_num}-stopped.pt")
+                    raise RunStopped(f"stopped by {name} after step {step}: saved {self.last_checkpoint}; continue "
+                                     f"with --init_from resume", code=128 + (stop.requested or signal.SIGTERM))
 
 
 def evaluate_checkpoint(config, dist_info, raw_model, model_args, checkpoint_path, iter_num, val_sources, positions,
@@ -1079,7 +1087,7 @@ def run(config, explicit, dist_info):
     trainer.loader = Prefetcher(loader, device)
     if dist_info.is_master:
         remove_stale_temporaries(config.out_dir)
-        log.drop_after(trainer.iter_num)
+        log.drop_after(trainer.iter_num, resumed=checkpoint_path is not None)
         atomic_write(Path(config.out_dir) / "config.json",
                      lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=2).encode()))
     log.print(f"GPT-2 {raw_model.num_params(non_embedding=False) / 1e6:.2f}M parameters | {dist_info.world_size} "

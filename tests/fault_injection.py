@@ -1,0 +1,130 @@
+"""
+Run train_gpt2.py with a fault injected at an exact point, for tests/test_faults.py.
+
+    FAULT=kill_in_save:2 python tests/fault_injection.py <train_gpt2.py flags>
+
+The trainer itself has no test hooks: this wrapper patches its functions, then calls its main(). FAULT is
+NAME:ARG, one of
+    kill_at_step:S      SIGKILL this process inside optimizer step S (its update done, not yet recorded)
+    kill_in_eval:N      SIGKILL inside the N-th evaluation
+    kill_in_save:N      SIGKILL half way through writing the N-th checkpoint
+    slow_save:SECONDS   write every checkpoint slowly, so that an outside signal lands mid-write
+    slow_steps:SECONDS  sleep in every step, so that an outside signal lands mid-run
+    nan_steps:S,S,...   the loss is NaN at these steps
+    disk_full_at:N      the N-th checkpoint write fails half way with "No space left on device"
+    die_at_step:S@R     rank R SIGKILLs itself at step S
+    truncate_shard_at_step:S@PATH   cut 1000 bytes off the shard PATH after step S
+"""
+
+import errno
+import io
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import train_gpt2  # noqa: E402
+
+counts = {"save": 0, "eval": 0}
+current_step = [None]
+
+
+def kill_self():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def patch_step(after_step):
+    original = train_gpt2.Trainer.step
+
+    def step(self, step):
+        current_step[0] = step
+        result = original(self, step)
+        after_step(step)
+        return result
+    train_gpt2.Trainer.step = step
+
+
+def patch_save(write):
+    """write(file, data, n) replaces the write of the n-th checkpoint's bytes."""
+    def save_checkpoint(path, checkpoint):
+        counts["save"] += 1
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        train_gpt2.atomic_write(path, lambda f: write(f, buffer.getvalue(), counts["save"]))
+    train_gpt2.save_checkpoint = save_checkpoint
+
+
+def install(fault):
+    name, _, arg = fault.partition(":")
+    if name == "kill_at_step":
+        patch_step(lambda step: kill_self() if step == int(arg) else None)
+    elif name == "kill_in_eval":
+        original = train_gpt2.evaluate
+
+        def evaluate(*args, **kwargs):
+            counts["eval"] += 1
+            if counts["eval"] == int(arg):
+                kill_self()
+            return original(*args, **kwargs)
+        train_gpt2.evaluate = evaluate
+    elif name == "kill_in_save":
+        def write(f, data, n):
+            f.write(data[:len(data) // 2])
+            if n == int(arg):
+                f.flush()
+                kill_self()
+            f.write(data[len(data) // 2:])
+        patch_save(write)
+    elif name == "slow_save":
+        def write(f, data, n):
+            pieces = 20
+            for i in range(pieces):
+                f.write(data[i * len(data) // pieces:(i + 1) * len(data) // pieces])
+                f.flush()
+                time.sleep(float(arg) / pieces)
+        patch_save(write)
+    elif name == "slow_steps":
+        patch_step(lambda step: time.sleep(float(arg)))
+    elif name == "nan_steps":
+        bad = {int(s) for s in arg.split(",")}
+        original_forward = train_gpt2.GPT.forward
+
+        def forward(self, idx, targets=None, return_logits=True):
+            logits, loss = original_forward(self, idx, targets, return_logits)
+            if loss is not None and self.training and current_step[0] in bad:
+                loss = loss * float("nan")
+            return logits, loss
+        train_gpt2.GPT.forward = forward
+        patch_step(lambda step: None)
+    elif name == "disk_full_at":
+        def write(f, data, n):
+            f.write(data[:len(data) // 2])
+            if n == int(arg):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            f.write(data[len(data) // 2:])
+        patch_save(write)
+    elif name == "die_at_step":
+        step_arg, rank = arg.split("@")
+        patch_step(lambda step: kill_self() if step == int(step_arg) and os.environ.get("RANK") == rank else None)
+    elif name == "truncate_shard_at_step":
+        step_arg, path = arg.split("@", 1)
+
+        def truncate(step):
+            if step == int(step_arg):
+                os.truncate(path, os.path.getsize(path) - 1000)
+        patch_step(truncate)
+    else:
+        raise SystemExit(f"unknown FAULT {fault!r}")
+
+
+if __name__ == "__main__":
+    if os.environ.get("FAULT"):
+        install(os.environ["FAULT"])
+    train_gpt2.main()

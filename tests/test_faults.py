@@ -1,0 +1,250 @@
+"""Fault injection: kills at exact points, signals, NaNs, a full disk, a dying rank, data changed under
+a run. Each run is compared with the uninterrupted run (conftest's trained_run) or checked for a clear
+message, and every checkpoint on disk must load at every point."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fineweb import write_shard
+from train_gpt2 import load_checkpoint
+from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_script, run_train, train_losses
+
+FAULTS = REPO / "tests" / "fault_injection.py"
+
+
+def run_args(out_dir, *extra):
+    """The arguments of conftest's trained_run (8 steps, checkpoints at 4 and 8), into out_dir."""
+    return [*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "8", "--eval_interval", "4", *extra]
+
+
+def run_with_fault(fault, *args, **kwargs):
+    return run_script(FAULTS, *args, env={"FAULT": fault}, **kwargs)
+
+
+def start_with_fault(fault, *args, torchrun=False):
+    command = [sys.executable, str(FAULTS), *map(str, args)]
+    if torchrun:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   *command[1:]]
+    env = {**os.environ, "FAULT": fault, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def wait_for(condition, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def logged_step(out_dir, step):
+    path = out_dir / "metrics.jsonl"
+    return path.exists() and any(m.get("step", -1) >= step and "train_loss" in m for m in read_metrics(out_dir))
+
+
+def last_line(stderr):
+    """The message a stopped run ends with (the progress bar's lines come before it)."""
+    assert "Traceback" not in stderr, stderr
+    return stderr.strip().splitlines()[-1]
+
+
+def assert_every_checkpoint_loads(out_dir):
+    for path in [*out_dir.glob("iter-*.pt"), *out_dir.glob("best_val_loss.pt")]:
+        load_checkpoint(path)  # raises on a partial or corrupt file
+
+
+def assert_resumes_to_the_uninterrupted_run(out_dir, reference_dir):
+    resumed = run_train(*run_args(out_dir, "--init_from", "resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_losses(out_dir) == train_losses(reference_dir)
+    assert [m for m in read_metrics(out_dir) if "val_loss" in m] == \
+        [m for m in read_metrics(reference_dir) if "val_loss" in m]
+    final = load_checkpoint(next(out_dir.glob("iter-8-*.pt")))["model"]
+    expected = load_checkpoint(next(reference_dir.glob("iter-8-*.pt")))["model"]
+    assert all(torch.equal(final[name], expected[name]) for name in expected)
+
+
+# -----------------------------------------------------------------------------
+# SIGKILL anywhere, then --init_from resume: the same losses and weights as a run never killed
+
+
+@pytest.mark.parametrize("fault", ["kill_at_step:6", "kill_in_eval:3", "kill_in_save:2"])
+def test_killed_run_resumes_to_the_same_losses_and_weights(fault, tmp_path, trained_run):
+    out_dir = tmp_path / "out"
+    killed = run_with_fault(fault, *run_args(out_dir))
+    assert killed.returncode == -signal.SIGKILL
+    assert_every_checkpoint_loads(out_dir)
+    assert not list(out_dir.glob("iter-8-*.pt"))
+    assert_resumes_to_the_uninterrupted_run(out_dir, trained_run[0])
+    assert not list(out_dir.glob(".*"))  # the killed write's temporary file was cleaned up
+
+
+def test_killed_in_the_first_checkpoint_write_leaves_nothing_to_resume_and_restarts_clean(tmp_path, trained_run):
+    out_dir = tmp_path / "out"
+    killed = run_with_fault("kill_in_save:1", *run_args(out_dir))
+    assert killed.returncode == -signal.SIGKILL
+    assert not list(out_dir.glob("*.pt"))  # half a checkpoint never stands under a final name
+    resume = run_train(*run_args(out_dir, "--init_from", "resume"))
+    assert resume.returncode == 1 and "no iter-*.pt checkpoint" in resume.stderr
+    again = run_train(*run_args(out_dir))
+    assert again.returncode == 0, again.stderr
+    assert train_losses(out_dir) == train_losses(trained_run[0])
+
+
+def test_sigkill_from_outside_during_a_slow_checkpoint_write(tmp_path, trained_run):
+    out_dir = tmp_path / "out"
+    process = start_with_fault("slow_save:4", *run_args(out_dir))
+    wait_for(lambda: list(out_dir.glob(".iter-4-*.tmp")) if out_dir.exists() else False)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not list(out_dir.glob("iter-*.pt"))
+    assert_every_checkpoint_loads(out_dir)
+    again = run_train(*run_args(out_dir))  # nothing to resume: start again, the half-written file is cleared
+    assert again.returncode == 0, again.stderr
+    assert train_losses(out_dir) == train_losses(trained_run[0])
+
+
+# -----------------------------------------------------------------------------
+# Polite stops: SIGTERM or Ctrl-C checkpoint at the end of the step; a second Ctrl-C stops at once
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path, trained_run):
+    out_dir = tmp_path / "out"
+    process = start_with_fault("slow_steps:0.5", *run_args(out_dir))
+    wait_for(lambda: logged_step(out_dir, 5))
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in stderr and "--init_from resume" in stderr and "Traceback" not in stderr
+    (stopped,) = out_dir.glob("iter-*-stopped.pt")
+    assert load_checkpoint(stopped)["iter_num"] >= 6
+    assert_resumes_to_the_uninterrupted_run(out_dir, trained_run[0])
+
+
+def test_second_ctrl_c_stops_at_once_without_a_broken_file(tmp_path):
+    out_dir = tmp_path / "out"
+    process = start_with_fault("slow_save:30", *run_args(out_dir))
+    wait_for(lambda: list(out_dir.glob(".iter-4-*.tmp")) if out_dir.exists() else False)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=20)  # well before the 30 s write would have finished
+    assert process.returncode == 130
+    assert "stopped at once" in stderr and "Traceback" not in stderr
+    assert not list(out_dir.glob("*.pt")) and not list(out_dir.glob(".*.tmp"))
+
+
+def test_sigterm_to_a_torchrun_job_stops_every_rank_with_a_checkpoint(tmp_path):
+    out_dir = tmp_path / "out"
+    process = start_with_fault("slow_steps:0.5", *run_args(out_dir, "--gradient_accumulation_steps", "1"),
+                               torchrun=True)
+    wait_for(lambda: logged_step(out_dir, 5))
+    process.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    _, stderr = process.communicate(timeout=90)
+    assert process.returncode != 0
+    assert "stopped by SIGTERM" in stderr
+    (stopped,) = out_dir.glob("iter-*-stopped.pt")
+    iter_num = load_checkpoint(stopped)["iter_num"]
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(REPO / "train_gpt2.py"), *map(str, run_args(out_dir, "--gradient_accumulation_steps",
+                                                                                "1", "--init_from", "resume"))],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"from step {iter_num}" in resumed.stdout
+    assert sorted(train_losses(out_dir)) == list(range(8))
+
+
+# -----------------------------------------------------------------------------
+# Numerics, disk, ranks, data
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
+    out_dir = tmp_path / "out"
+    result = run_with_fault("nan_steps:3", *run_args(out_dir))
+    assert result.returncode == 0, result.stderr
+    assert "step 3: non-finite loss or gradient norm, update skipped (1 in a row)" in result.stdout
+    assert any(m.get("skipped") and m["step"] == 3 for m in read_metrics(out_dir))
+    checkpoint = load_checkpoint(next(out_dir.glob("iter-8-*.pt")))
+    assert checkpoint["skipped_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+
+
+def test_repeated_non_finite_steps_stop_the_run_naming_the_step_and_the_last_checkpoint(tmp_path):
+    out_dir = tmp_path / "out"
+    result = run_with_fault("nan_steps:5,6,7", *run_args(out_dir, "--max_bad_steps", "3"))
+    assert result.returncode == 1
+    line = last_line(result.stderr)
+    last_good = next(out_dir.glob("iter-4-*.pt"))
+    assert line == (f"error: stopped at step 7: 3 steps in a row had a non-finite loss or gradient norm; the last "
+                    f"good checkpoint is {last_good}: continue from it with a lower --learning_rate")
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoints(tmp_path):
+    out_dir = tmp_path / "out"
+    result = run_with_fault("disk_full_at:2", *run_args(out_dir))
+    assert result.returncode == 1
+    line = last_line(result.stderr)
+    assert "could not write checkpoint" in line and "No space left on device" in line
+    assert "--init_from resume" in line
+    assert not list(out_dir.glob("iter-8-*")) and not list(out_dir.glob(".*.tmp"))
+    assert load_checkpoint(next(out_dir.glob("iter-4-*.pt")))["iter_num"] == 4
+    assert load_checkpoint(out_dir / "best_val_loss.pt")["iter_num"] == 4
+
+
+def test_keep_last_keeps_the_newest_checkpoints_and_the_best(tmp_path):
+    out_dir = tmp_path / "out"
+    result = run_train(*run_args(out_dir, "--eval_interval", "2", "--keep_last", "2"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(int(p.name.split("-")[1]) for p in out_dir.glob("iter-*.pt")) == [6, 8]
+    best = load_checkpoint(out_dir / "best_val_loss.pt")
+    val = {m["step"]: m["val_loss"] for m in read_metrics(out_dir) if "val_loss" in m and m["step"] > 0}
+    assert best["val_loss"] == min(val.values())
+
+
+def test_a_killed_rank_does_not_leave_the_other_hanging(tmp_path):
+    start = time.monotonic()
+    process = start_with_fault("die_at_step:3@1", *run_args(tmp_path / "out", "--gradient_accumulation_steps", "1",
+                                                           "--ddp_timeout", "30"), torchrun=True)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert time.monotonic() - start < 100
+    assert "ChildFailedError" in stderr or "lost contact" in stderr
+
+
+def shard_dir(tmp_path, train_tokens):
+    data = tmp_path / "shards"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    write_shard(data / "t_val_000000.bin", rng.integers(0, 50257, 5000, dtype=np.uint16))
+    for i, tokens in enumerate(train_tokens):
+        write_shard(data / f"t_train_{i + 1:06d}.bin", tokens)
+    return data
+
+
+def test_token_ids_past_the_vocabulary_are_reported_with_the_file(tmp_path):
+    tokens = np.random.default_rng(1).integers(0, 50257, 20000, dtype=np.uint16)
+    tokens[100] = 60000
+    data = shard_dir(tmp_path, [tokens])
+    result = run_train(*TINY, "--data", data, "--out_dir", tmp_path / "out", "--max_iters", "4")
+    assert result.returncode == 1
+    line = last_line(result.stderr)
+    assert line.startswith("error: t_train_000001.bin: token id 60000") and "outside GPT-2's vocabulary" in line
+
+
+def test_a_shard_truncated_during_the_run_is_reported_with_the_file(tmp_path):
+    rng = np.random.default_rng(1)
+    data = shard_dir(tmp_path, [rng.integers(0, 50257, 20000, dtype=np.uint16) for _ in range(2)])
+    victim = data / "t_train_000002.bin"
+    result = run_with_fault(f"truncate_shard_at_step:1@{victim}", *TINY, "--data", data, "--out_dir",
+                            tmp_path / "out", "--max_iters", "100", "--eval_interval", "100")
+    assert result.returncode == 1
+    line = last_line(result.stderr)
+    assert line.startswith(f"error: {victim} changed")
