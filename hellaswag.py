@@ -1,0 +1,418 @@
+"""
+HellaSwag, zero-shot: which of four endings does the model find most likely after the context?
+
+    python hellaswag.py --model gpt2                              # OpenAI's GPT-2 through transformers
+    python hellaswag.py --checkpoint out/best_val_loss.pt         # a checkpoint of train_gpt2.py
+    python hellaswag.py --model gpt2-xl --data hellaswag_val.jsonl --limit 1000
+
+The split is downloaded from the HellaSwag repository into --cache_dir on first use; without a network, pass a
+local copy with --data. Each ending is scored by the model's loss on its tokens after the context: `acc` picks
+the ending with the lowest total loss (the highest log-likelihood), `acc_norm` the lowest mean loss per token
+(it does not favour short endings). build-nanogpt reports acc 0.2859, acc_norm 0.2955 for GPT-2 124M on
+val, scored the same way.
+
+The trainer calls it on every rank at each evaluation, with the compiled model (not the DDP wrapper):
+
+    examples, problems = hellaswag.load_examples("val", limit=N)   # once; problems: lines skipped, to print
+    result = hellaswag.evaluate(model, examples, device, batch_size, block_size, autocast, rank, world_size)
+    result["acc_norm"], result["acc"], result["n"]                  # the same on every rank (all-reduced)
+
+and catches hellaswag.HellaSwagError (a ValueError) the way it catches UserError. Ranks may download the
+split at the same time: each writes its own temporary file and renames it into place. Importing this file
+only defines things.
+"""
+
+import http.client
+import json
+import shutil
+import sys
+import time
+import urllib.request
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fineweb import atomic_write, get_tokenizer
+
+# train_gpt2 is imported inside the functions that need it: it will import this module, and a top-level
+# import back would be circular.
+
+# -----------------------------------------------------------------------------
+# The data: the split files, downloaded once and cached, read line by line
+
+SPLITS = ("train", "val", "test")
+URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+DEFAULT_CACHE_DIR = "~/.cache/hellaswag"
+
+
+class HellaSwagError(ValueError):
+    """Bad HellaSwag input (a missing file, nothing to score, a model that cannot be loaded): the message
+    names the fix."""
+
+
+class HellaSwagUnavailable(HellaSwagError):
+    """A split that cannot be downloaded (no network): the message says to pass a local copy."""
+
+
+def download(url, path):
+    """Fetch url into path. Written to a temporary file and renamed when complete, so an interrupted
+    download leaves nothing behind to be mistaken for the data."""
+    def write(f):
+        with urllib.request.urlopen(url, timeout=60) as response:
+            expected = response.headers.get("Content-Length")
+            shutil.copyfileobj(response, f)
+            if expected is not None and f.tell() != int(expected):
+                raise http.client.IncompleteRead(b"", int(expected) - f.tell())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, write)
+    except (OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or repr(e)
+        raise HellaSwagUnavailable(f"cannot download {path.name} from {url} ({reason}); without a network, pass "
+                                   f"a local copy: --data path/to/{path.name} (load_examples(path)), or put it "
+                                   f"at {path}") from None
+
+
+def split_path(split, cache_dir=None):
+    """The cached file of a split, downloaded on first use."""
+    path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / f"hellaswag_{split}.jsonl"
+    if not path.is_file():
+        download(URL.format(split=split), path)
+    return path
+
+
+def parse_example(line):
+    """One jsonl line as an example dict with ctx, 4 endings and an int label; ValueError saying what is wrong."""
+    try:
+        example = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(example, dict):
+        raise ValueError(f"not a JSON object but {type(example).__name__}")
+    missing = [key for key in ("ctx", "endings", "label") if key not in example]
+    if missing:
+        raise ValueError(f"no {', '.join(map(repr, missing))} field")
+    ctx, endings, label = example["ctx"], example["endings"], example["label"]
+    if not isinstance(ctx, str) or not ctx.strip():
+        raise ValueError("'ctx' is not a non-empty string")  # an empty context leaves the first token unpredicted
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        raise ValueError(f"'endings' is not a list of 4 strings: {json.dumps(endings)[:80]}")
+    if isinstance(label, str) and label.isdigit():
+        label = int(label)  # the copy on the Hugging Face hub stores labels as strings
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < 4:
+        raise ValueError(f"'label' is {label!r}, not 0, 1, 2 or 3")
+    return {**example, "label": label}
+
+
+def load_examples(source, cache_dir=None, limit=None):
+    """HellaSwag examples from a split name ("train", "val", "test"; downloaded into cache_dir, by default
+    ~/.cache/hellaswag, on first use) or the path of a jsonl file in the same format. Returns
+    (examples, problems): the first `limit` (None: all) well-formed examples as dicts with ctx, endings and
+    an int label, and a message for every line skipped, naming the file and the line number."""
+    path = split_path(source, cache_dir) if source in SPLITS else Path(source)
+    if not path.is_file():
+        raise HellaSwagError(f"{path}: no such file; pass a HellaSwag jsonl file or one of the splits "
+                             f"{', '.join(SPLITS)}")
+    examples, problems = [], []
+    try:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if limit is not None and len(examples) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    examples.append(parse_example(line.decode("utf-8")))
+                except ValueError as e:  # UnicodeDecodeError is one too
+                    problems.append(f"{path}:{number}: {e}; line skipped")
+    except OSError as e:
+        raise HellaSwagError(f"{path}: cannot be read ({e.strerror}); pass a readable file") from None
+    return examples, problems
+
+
+# -----------------------------------------------------------------------------
+# Rendering: one example as four rows of tokens, and the mask of the tokens that are scored
+
+
+def render_example(example, enc, max_tokens=None):
+    """
+    Render one example as the model sees it: the context, then each ending as its continuation.
+    Returns
+    - tokens (4, N) long: row i is enc(ctx) + enc(" " + endings[i]), zero-padded on the right to the longest
+    - mask (4, N) bool: True on the ending's tokens, whose likelihood is scored
+    - label: the index of the correct ending
+    The space goes with the ending because GPT-2's tokenizer folds a word's leading space into its token.
+    A row longer than max_tokens keeps its last max_tokens tokens: the context's start goes first, then the
+    ending's, so as much of the ending as fits is scored.
+    """
+    keep = slice(-max_tokens, None) if max_tokens else slice(None)
+    ctx_tokens = enc.encode_ordinary(example["ctx"])
+    rows, masks = [], []
+    for ending in example["endings"]:
+        end_tokens = enc.encode_ordinary(" " + ending)
+        rows.append((ctx_tokens + end_tokens)[keep])
+        masks.append(([False] * len(ctx_tokens) + [True] * len(end_tokens))[keep])
+    width = max(len(row) for row in rows)
+    tokens = torch.zeros((4, width), dtype=torch.long)
+    mask = torch.zeros((4, width), dtype=torch.bool)
+    for i, (row, row_mask) in enumerate(zip(rows, masks)):
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = torch.tensor(row_mask)
+    return tokens, mask, int(example["label"])
+
+
+def padded_length(n, block_size, shortest=32):
+    """n rounded up to the next of 32, 48, 64, 96, 128, 192, ... (the powers of two and 1.5 times them), at
+    most block_size: a compiled model sees a handful of sequence lengths (64, 96 and 128 for most of
+    HellaSwag) instead of one per batch, and padding costs 20% more compute for HellaSwag's lengths, where
+    powers of two alone cost 50%."""
+    length = shortest
+    while length < n:
+        length = length * 3 // 2 if length & (length - 1) == 0 else length * 4 // 3
+    return min(block_size, length)
+
+
+def collate(rendered, batch_size, block_size):
+    """Inputs, targets and the mask of scored targets for one forward pass, each (4 * batch_size, T), from
+    up to batch_size rendered (tokens, mask) pairs. The row count is fixed and T is bucketed, so a compiled
+    model is not recompiled for every batch; the rows past the examples given are dummies, never scored.
+    Inputs drop each row's last token, which is only ever a target."""
+    T = padded_length(max(tokens.size(1) for tokens, _ in rendered) - 1, block_size)
+    x = torch.zeros((4 * batch_size, T), dtype=torch.long)
+    y = torch.zeros((4 * batch_size, T), dtype=torch.long)
+    scored = torch.zeros((4 * batch_size, T), dtype=torch.bool)
+    for i, (tokens, mask) in enumerate(rendered):
+        n = tokens.size(1) - 1
+        x[4 * i:4 * i + 4, :n] = tokens[:, :-1]
+        y[4 * i:4 * i + 4, :n] = tokens[:, 1:]
+        scored[4 * i:4 * i + 4, :n] = mask[:, 1:]
+    return x, y, scored
+
+
+# -----------------------------------------------------------------------------
+# Scoring: per-token losses, the most likely ending, and the accuracy over a rank's share
+
+
+def predict(losses, mask):
+    """The most likely ending by both rules, from per-token losses (..., 4, T) and the mask of the tokens
+    that count (..., 4, T): by total loss (acc) and by mean loss per token (acc_norm). Returns
+    (pred_sum, pred_norm), index tensors of shape (...); ties go to the lower index."""
+    total = torch.where(mask.bool(), losses, 0.0).sum(-1)
+    mean = total / mask.sum(-1).clamp(min=1)  # clamp: dummy rows have no scored tokens
+    return total.argmin(-1), mean.argmin(-1)
+
+
+def logits_of(output):
+    """Logits from a model's output: this repo's GPT returns (logits, loss), a transformers model an object
+    with .logits, a plain callable the tensor itself."""
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return getattr(output, "logits", output)
+
+
+def token_losses(model, x, y, scored, autocast, vocab_limit):
+    """Cross-entropy, in float32, of every scored target token, 0 elsewhere: (R, T). Logits at or past
+    vocab_limit (the padding of the vocabulary) are dropped, so they take no probability mass."""
+    with autocast:
+        logits = logits_of(model(x))  # (R, T, V)
+    picked = logits[scored][:, :vocab_limit].float()  # (K, vocab_limit): only the K scored positions
+    losses = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+    losses[scored] = F.cross_entropy(picked, y[scored], reduction="none")
+    return losses
+
+
+@torch.no_grad()
+def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024, autocast=None,
+                   vocab_limit=50257, progress=False):
+    """(pred_sum, pred_norm) of each example, in the order given: a (len(examples), 2) long tensor.
+    Examples go through the model longest first, batch_size at a time, so each batch pads little and the
+    longest (the most memory) comes first."""
+    enc = get_tokenizer()
+    rendered = [render_example(example, enc, max_tokens=block_size + 1)[:2] for example in examples]
+    order = sorted(range(len(rendered)), key=lambda i: -rendered[i][0].size(1))
+    predictions = torch.zeros((len(examples), 2), dtype=torch.long, device=device)
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
+    from tqdm import tqdm
+    bar = tqdm(total=len(order), desc="hellaswag", unit="ex", dynamic_ncols=True, disable=not progress)
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            x, y, scored = (t.to(device) for t in collate([rendered[i] for i in batch], batch_size, block_size))
+            losses = token_losses(model, x, y, scored, autocast or nullcontext(), vocab_limit)
+            pred_sum, pred_norm = predict(losses.view(batch_size, 4, -1), scored.view(batch_size, 4, -1))
+            predictions[torch.tensor(batch, device=device)] = torch.stack((pred_sum, pred_norm), 1)[:len(batch)]
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    return predictions.cpu()
+
+
+def evaluate(model, examples, device="cpu", batch_size=16, block_size=1024, autocast=None, rank=0, world_size=1,
+             vocab_limit=50257, progress=False):
+    """Zero-shot HellaSwag accuracy: {"acc", "acc_norm", "n", "correct", "correct_norm"}.
+
+    model maps tokens (B, T) to logits (B, T, V): a callable returning them, or a (logits, loss) tuple (this
+    repo's GPT, compiled or not), or an object with .logits (transformers). It sees (4 * batch_size, T)
+    inputs, T one of a few lengths up to block_size. autocast is a context manager to run it under (e.g.
+    torch.autocast("cuda", torch.bfloat16)), or None; losses are computed in float32 either way.
+    Rank r scores examples[r::world_size]; with a process group the counts are summed over the ranks, so
+    every rank returns the figures for all examples. Without one (world_size > 1 only in tests) each call
+    returns its own share's counts. The model is put in eval mode and back in train mode if it was."""
+    share = examples[rank::world_size]
+    predictions = score_examples(model, share, device, batch_size, block_size, autocast, vocab_limit,
+                                 progress and rank == 0)
+    labels = torch.tensor([int(example["label"]) for example in share], dtype=torch.long)
+    counts = torch.stack([(predictions[:, 0] == labels).sum(), (predictions[:, 1] == labels).sum(),
+                          torch.tensor(len(share))]).to(device)
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # a sum, not an average: Gloo has no AVG
+    correct, correct_norm, n = counts.tolist()
+    return {"acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1), "n": n,
+            "correct": correct, "correct_norm": correct_norm}
+
+
+def autocast_for(device, dtype):
+    """The autocast context for a dtype name ("float32" runs without one)."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+# -----------------------------------------------------------------------------
+# The models the command line scores: transformers' GPT-2 or a checkpoint of train_gpt2.py
+
+
+def load_hf_model(name):
+    """A GPT2LMHeadModel from the hub (gpt2, gpt2-medium, ...) or a folder saved by save_pretrained, and its
+    context length."""
+    from transformers import GPT2LMHeadModel
+    try:
+        model = GPT2LMHeadModel.from_pretrained(name)
+    except Exception as e:  # transformers raises OSError, ValueError, hub errors ... for a missing or bad model
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise HellaSwagError(f"--model {name}: cannot be loaded ({reason}); pass gpt2, gpt2-medium, gpt2-large "
+                             f"or gpt2-xl (with a network) or a folder saved by save_pretrained") from None
+    return model, model.config.n_positions
+
+
+def load_checkpoint_model(path):
+    """This repo's GPT with a checkpoint's weights, and its block size."""
+    from train_gpt2 import GPT, GPTConfig, load_checkpoint
+    if not Path(path).is_file():
+        raise HellaSwagError(f"--checkpoint {path}: no such file; pass a checkpoint written by train_gpt2.py, "
+                             f"such as out/best_val_loss.pt")
+    checkpoint = load_checkpoint(path)
+    try:
+        model = GPT(GPTConfig(**checkpoint["model_args"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise HellaSwagError(f"--checkpoint {path}: its weights do not fit its model_args ({reason}); "
+                             f"pass a checkpoint written by train_gpt2.py") from None
+    return model, model.config.block_size
+
+
+# -----------------------------------------------------------------------------
+# The command line: one dataclass whose fields are the flags
+
+
+def flag(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class HellaSwagConfig:
+    model: str = flag("", "a transformers GPT-2 to score: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder "
+                          "saved by save_pretrained")
+    checkpoint: str = flag("", "a checkpoint of train_gpt2.py to score instead, such as out/best_val_loss.pt")
+    split: str = flag("val", "the split to score, downloaded into --cache_dir on first use: train, val or test "
+                             "(test has no labels)")
+    data: str = flag("", "a local HellaSwag jsonl file, scored instead of --split")
+    cache_dir: str = flag(DEFAULT_CACHE_DIR, "where downloaded splits are kept")
+    limit: int = flag(0, "score only the first N examples (0: all)")
+    batch_size: int = flag(16, "examples per forward pass, four rows each")
+    device: str = flag("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'")
+    dtype: str = flag("auto", "'auto' (bfloat16 on GPUs that have it, else float16; float32 on the CPU), "
+                              "'float32', 'bfloat16' or 'float16'")
+    compile: bool = flag(False, "torch.compile the model (pays off on a GPU, for a whole split)")
+
+    def validate(self):
+        """Raise HellaSwagError naming the problem and the fix; called before any work is done."""
+        if bool(self.model) == bool(self.checkpoint):
+            raise HellaSwagError("pass exactly one of --model (e.g. --model gpt2) and --checkpoint "
+                                 "(e.g. --checkpoint out/best_val_loss.pt)")
+        if self.split not in SPLITS:
+            raise HellaSwagError(f"--split {self.split!r} is not one of {', '.join(SPLITS)}; "
+                                 f"pass a local file with --data")
+        if self.limit < 0 or self.batch_size <= 0:
+            raise HellaSwagError("--limit must be 0 or more and --batch_size positive")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise HellaSwagError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+
+
+def parse_args(argv=None):
+    from train_gpt2 import build_parser
+    args = build_parser(HellaSwagConfig, __doc__.strip().splitlines()[0]).parse_args(argv)
+    return HellaSwagConfig(**vars(args))
+
+
+def resolve_dtype(dtype, device):
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def report_problems(problems, shown=10):
+    for problem in problems[:shown]:
+        print(f"warning: {problem}", file=sys.stderr)
+    if len(problems) > shown:
+        print(f"warning: ... and {len(problems) - shown} more lines skipped", file=sys.stderr)
+
+
+def run(config):
+    from train_gpt2 import resolve_device
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    source = config.data or config.split
+    examples, problems = load_examples(source, config.cache_dir, config.limit or None)
+    report_problems(problems)
+    if not examples:
+        raise HellaSwagError(f"no example of {source} can be scored ({len(problems)} lines skipped); "
+                             f"pass a file in HellaSwag's format, with labels")
+    model, block_size = load_hf_model(config.model) if config.model else load_checkpoint_model(config.checkpoint)
+    model.to(device)
+    if config.compile:
+        model = torch.compile(model)
+    start = time.perf_counter()
+    result = evaluate(model, examples, device, config.batch_size, block_size, autocast_for(device, dtype),
+                      progress=True)
+    seconds = time.perf_counter() - start  # evaluate's final .tolist() has waited for the device
+    print(f"acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | n {result['n']} | "
+          f"{config.model or config.checkpoint} on {source}, {dtype} on {device} | "
+          f"{seconds:.1f} s, {result['n'] / seconds:.1f} examples/s")
+
+
+def main(argv=None):
+    from train_gpt2 import UserError
+    try:
+        config = parse_args(argv)
+        config.validate()
+        run(config)
+    except (HellaSwagError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

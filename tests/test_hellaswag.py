@@ -1,0 +1,404 @@
+"""HellaSwag: rendering, the most-likely ending, batching and ranks, bad input, downloads, the command line."""
+
+import http.client
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hellaswag
+from fineweb import get_tokenizer
+from hellaswag import (HellaSwagError, HellaSwagUnavailable, collate, evaluate, load_examples, padded_length,
+                       predict, render_example, score_examples)
+from train_gpt2 import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parent.parent
+ROOF_CTX = "A man is sitting on a roof."
+ROOF_ENDINGS = ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                "is holding a rubik's cube.", "he starts pulling up roofing."]
+
+
+def item(ind, ctx, endings, label):
+    """One example with every field of HellaSwag's documented jsonl format."""
+    return {"ind": ind, "activity_label": "Roof shingle removal", "ctx_a": ctx, "ctx_b": "", "ctx": ctx,
+            "split": "val", "split_type": "indomain", "label": label, "endings": endings,
+            "source_id": f"activitynet~v_{ind}"}
+
+
+def write_jsonl(path, rows):
+    """rows: dicts (written as JSON) or raw strings (written as they are)."""
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def random_items(n, seed=0, ctx_words=(8, 30), ending_words=(2, 12)):
+    """Made-up examples of varied lengths from the words of input.txt."""
+    rng = random.Random(seed)
+    words = (REPO / "input.txt").read_text().split()[:5000]
+    phrase = lambda lo_hi: " ".join(rng.choices(words, k=rng.randint(*lo_hi)))
+    return [item(i, phrase(ctx_words), [phrase(ending_words) for _ in range(4)], rng.randrange(4))
+            for i in range(n)]
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=64)).eval()
+
+
+def run_script(*args, cwd=REPO, env=None):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+# -----------------------------------------------------------------------------
+# Rendering and the most-likely ending, checked by hand
+
+
+def test_render_example_is_the_context_then_each_ending_with_a_leading_space():
+    enc = get_tokenizer()
+    tokens, mask, label = render_example(item(0, ROOF_CTX, ROOF_ENDINGS, 3), enc)
+    ctx = enc.encode(ROOF_CTX)
+    assert ctx == [32, 582, 318, 5586, 319, 257, 9753, 13]
+    ends = [enc.encode(" " + e) for e in ROOF_ENDINGS]
+    assert ends[3] == enc.encode(" he") + enc.encode(" starts pulling up roofing.")
+    width = len(ctx) + max(map(len, ends))
+    assert label == 3 and tokens.shape == mask.shape == (4, width)
+    for i, end in enumerate(ends):
+        padding = width - len(ctx) - len(end)
+        assert tokens[i].tolist() == ctx + end + [0] * padding
+        assert mask[i].tolist() == [False] * len(ctx) + [True] * len(end) + [False] * padding
+    assert enc.decode(tokens[3, mask[3]].tolist()) == " he starts pulling up roofing."
+
+
+def test_render_example_keeps_the_last_max_tokens_of_each_row():
+    enc = get_tokenizer()
+    ctx, ending, long_ending = "one two three four five six seven eight", "nine ten", "a b c d e f g h i j k"
+    tokens, mask, _ = render_example(item(0, ctx, [ending, ending, ending, long_ending], 0), enc, max_tokens=6)
+    row = enc.encode(ctx) + enc.encode(" " + ending)
+    assert tokens[0].tolist() == row[-6:]  # the context's start is dropped, the ending kept whole
+    assert mask[0].tolist() == [False] * 4 + [True] * 2
+    assert tokens[3].tolist() == enc.encode(" " + long_ending)[-6:]  # the ending alone is too long: its tail
+    assert mask[3].all()
+
+
+def test_predict_picks_the_lowest_total_loss_and_the_lowest_mean_loss():
+    inf = float("inf")
+    losses = torch.tensor([[inf, 1.0, 1.0, 0.0, 0.0, 0.0],   # total 2.0, mean 1.0
+                           [inf, 0.6, 0.6, 0.6, 0.6, 0.6],   # total 3.0, mean 0.6
+                           [inf, 2.0, 2.0, 0.0, 0.0, 0.0],   # total 4.0, mean 2.0
+                           [inf, 3.0, 0.0, 0.0, 0.0, 0.0]])  # total 3.0, mean 3.0
+    mask = torch.tensor([[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0]])
+    pred_sum, pred_norm = predict(losses, mask)  # the inf losses are outside the mask: ignored
+    assert (pred_sum.item(), pred_norm.item()) == (0, 1)
+    pred_sum, pred_norm = predict(torch.stack([losses, losses.flip(0)]), torch.stack([mask, mask.flip(0)]))
+    assert pred_sum.tolist() == [0, 3] and pred_norm.tolist() == [1, 2]
+
+
+def test_batches_have_a_fixed_row_count_and_few_lengths():
+    lengths = [1, 32, 33, 48, 49, 64, 65, 97, 192, 200, 1000, 1024]
+    assert [padded_length(n, 1024) for n in lengths] == [32, 32, 48, 48, 64, 64, 96, 128, 192, 256, 1024, 1024]
+    assert padded_length(300, 100) == 100
+    enc = get_tokenizer()
+    rendered = [render_example(example, enc)[:2] for example in random_items(3)]
+    x, y, scored = collate(rendered, batch_size=5, block_size=1024)
+    assert x.shape == y.shape == scored.shape == (20, 64)
+    tokens, mask = rendered[1]
+    n = tokens.size(1) - 1
+    assert x[4:8, :n].tolist() == tokens[:, :-1].tolist() and y[4:8, :n].tolist() == tokens[:, 1:].tolist()
+    assert scored[4:8, :n].tolist() == mask[:, 1:].tolist()
+    assert not scored[12:].any()  # the dummy rows that fill the batch
+
+
+# -----------------------------------------------------------------------------
+# Scoring: a model that knows the answer, and the same answers however the work is split
+
+
+class KnowsTheAnswers(nn.Module):
+    """After each token of a context followed by its right ending, a logit of 20 on the token that follows
+    it there, so the right endings cost almost nothing; and 100 on the padding of the vocabulary (ids 50257
+    up), which the scoring must ignore. `style` picks the form of the output: a tensor, this repo's
+    (logits, loss) tuple, or transformers' object with .logits."""
+
+    def __init__(self, rows, style="tensor"):
+        super().__init__()
+        self.next_token = torch.full((50304,), -1)
+        for row in rows:
+            for a, b in zip(row, row[1:]):
+                assert int(self.next_token[a]) in (-1, b), "a token with two successors: pick other words"
+                self.next_token[a] = b
+        self.style = style
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, 50304)  # (B, T, V)
+        logits[..., 50257:] = 100.0
+        next_token = self.next_token[idx]
+        logits.scatter_(-1, next_token.clamp(min=0).unsqueeze(-1), (20.0 * (next_token >= 0)).unsqueeze(-1))
+        return {"tensor": logits, "tuple": (logits, None), "object": SimpleNamespace(logits=logits)}[self.style]
+
+
+def answer_items():
+    """Right endings longer than the wrong ones, so that a total loss which counted the padding logits
+    (about 100 a token) would pick a wrong one."""
+    right = {"Zoo animals": "elephant lion tiger monkey bear", "Orchestral instruments": "violin trumpet guitar piano",
+             "Distant planets": "Saturn Jupiter Neptune Mars"}
+    wrong = ["the cat", "a dog", "my cup"]
+    return [item(i, topic, wrong[:label] + [right[topic]] + wrong[label:], label)
+            for i, (topic, label) in enumerate(zip(right, [0, 2, 3]))]
+
+
+@pytest.mark.parametrize("style", ["tensor", "tuple", "object"])
+def test_a_model_that_knows_the_right_endings_gets_them_all(style):
+    enc = get_tokenizer()
+    examples = answer_items()
+    model = KnowsTheAnswers([enc.encode(ex["ctx"]) + enc.encode(" " + ex["endings"][ex["label"]])
+                             for ex in examples], style)
+    result = evaluate(model, examples, batch_size=2, block_size=64)
+    assert result == {"acc": 1.0, "acc_norm": 1.0, "n": 3, "correct": 3, "correct_norm": 3}
+    unsliced = evaluate(model, examples, batch_size=2, block_size=64, vocab_limit=50304)
+    assert unsliced["acc"] == 0.0 and unsliced["acc_norm"] == 1.0
+    bf16 = evaluate(model, examples, batch_size=2, block_size=64, autocast=torch.autocast("cpu", torch.bfloat16))
+    assert bf16["acc"] == bf16["acc_norm"] == 1.0
+
+
+def reference_predictions(model, examples, block_size):
+    """build-nanogpt's way, one example at a time, unpadded: the yardstick for the batched path."""
+    enc = get_tokenizer()
+    predictions = []
+    for example in examples:
+        tokens, mask, _ = render_example(example, enc, max_tokens=block_size + 1)
+        logits = model(tokens[:, :-1])[0][..., :50257]
+        losses = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        sums = (losses.view(4, -1) * mask[:, 1:]).sum(1)
+        predictions.append([sums.argmin().item(), (sums / mask[:, 1:].sum(1)).argmin().item()])
+    return predictions
+
+
+def test_batched_unbatched_and_split_ranks_agree_with_one_example_at_a_time():
+    model, examples = tiny_gpt(), random_items(7)
+    with torch.no_grad():
+        expected = reference_predictions(model, examples, block_size=64)
+    for batch_size in (1, 3, 8):
+        assert score_examples(model, examples, batch_size=batch_size, block_size=64).tolist() == expected
+    whole = evaluate(model, examples, batch_size=4, block_size=64)
+    labels = [ex["label"] for ex in examples]
+    assert whole["correct"] == sum(p[0] == y for p, y in zip(expected, labels))
+    assert whole["correct_norm"] == sum(p[1] == y for p, y in zip(expected, labels))
+    # without a process group each rank returns its own share's counts: together they are the whole
+    shares = [evaluate(model, examples, batch_size=4, block_size=64, rank=r, world_size=2) for r in (0, 1)]
+    assert [s["n"] for s in shares] == [4, 3]
+    for key in ("n", "correct", "correct_norm"):
+        assert sum(s[key] for s in shares) == whole[key]
+
+
+DDP_SCRIPT = """
+import json, os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+from hellaswag import evaluate, load_examples
+from train_gpt2 import GPT, GPTConfig
+dist.init_process_group("gloo")
+rank, world_size = dist.get_rank(), dist.get_world_size()
+model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=64))
+model.load_state_dict(torch.load({weights!r}))
+examples, _ = load_examples({data!r})
+result = evaluate(model, examples, batch_size=4, block_size=64, rank=rank, world_size=world_size)
+with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
+    json.dump(result, f)
+dist.destroy_process_group()
+"""
+
+
+def test_two_gloo_processes_sum_their_counts_to_the_single_process_figures(tmp_path):
+    model, examples = tiny_gpt(), random_items(7)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    data = write_jsonl(tmp_path / "data.jsonl", examples)
+    script = tmp_path / "ddp_eval.py"
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO), weights=str(tmp_path / "weights.pt"), data=str(data),
+                                        out=str(tmp_path)))
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+                        cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    expected = evaluate(model, examples, batch_size=4, block_size=64)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+
+
+class ShapeRecorder(nn.Module):
+    """Wraps a model and records the shape of every input it is given, and whether it was in eval mode."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, idx):
+        self.calls.append((tuple(idx.shape), self.training))
+        return self.model(idx)
+
+
+def test_few_input_shapes_reach_the_model_and_its_mode_is_restored():
+    model = ShapeRecorder(tiny_gpt()).train()
+    examples = random_items(40, ctx_words=(2, 40), ending_words=(1, 15))
+    result = evaluate(model, examples, batch_size=8, block_size=64)
+    assert result["n"] == 40 and model.training
+    shapes = {shape for shape, _ in model.calls}
+    assert {rows for rows, _ in shapes} == {32} and {T for _, T in shapes} <= {32, 48, 64}
+    assert not any(training for _, training in model.calls)
+
+
+def test_examples_longer_than_the_context_window_are_cut_not_fatal():
+    examples = [item(0, "word " * 300, ["short end", "another end", "more " * 80, "x"], 2),
+                item(1, "a short context", ["tail " * 100, "b", "c", "d"], 1)]
+    model = ShapeRecorder(tiny_gpt())
+    result = evaluate(model, examples, batch_size=2, block_size=64)
+    assert result["n"] == 2
+    assert all(T <= 64 for (_, T), _ in model.calls)
+
+
+# -----------------------------------------------------------------------------
+# Loading: bad lines, local files, the download and its cache
+
+
+def test_malformed_lines_are_reported_with_their_line_number_and_the_rest_kept(tmp_path):
+    good = random_items(3)
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        good[0],
+        "{not json",
+        {k: v for k, v in good[1].items() if k != "endings"},
+        {**good[1], "label": 4},
+        "",
+        {**good[1], "endings": good[1]["endings"][:3]},
+        {**good[1], "label": "2"},  # the Hugging Face copy's string labels are fine
+        "[1, 2]",
+        good[2],
+    ])
+    examples, problems = load_examples(str(path))
+    assert [ex["ind"] for ex in examples] == [0, 1, 2] and examples[1]["label"] == 2
+    assert [p.split(": ")[0] for p in problems] == [f"{path}:{n}" for n in (2, 3, 4, 6, 8)]
+    assert "not JSON" in problems[0] and "'endings'" in problems[1] and "'label' is 4" in problems[2]
+    assert "list of 4 strings" in problems[3] and all(p.endswith("line skipped") for p in problems)
+    result = evaluate(tiny_gpt(), examples, batch_size=2, block_size=64)
+    assert result["n"] == 3
+    assert load_examples(str(path), limit=2)[0] == examples[:2]
+
+
+def test_a_missing_file_is_an_error_that_names_it(tmp_path):
+    with pytest.raises(HellaSwagError, match="nothing.jsonl: no such file"):
+        load_examples(str(tmp_path / "nothing.jsonl"))
+
+
+def test_a_split_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
+    server = tmp_path / "server"
+    server.mkdir()
+    write_jsonl(server / "hellaswag_val.jsonl", random_items(4))
+    monkeypatch.setattr(hellaswag, "URL", server.as_uri() + "/hellaswag_{split}.jsonl")
+    cache = tmp_path / "cache"
+    examples, problems = load_examples("val", cache_dir=cache)
+    assert len(examples) == 4 and not problems
+    assert [p.name for p in cache.iterdir()] == ["hellaswag_val.jsonl"]
+    (server / "hellaswag_val.jsonl").unlink()  # the second load reads the cache
+    assert load_examples("val", cache_dir=cache)[0] == examples
+
+
+def test_no_network_is_an_error_that_says_to_pass_a_local_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(hellaswag, "URL", "http://127.0.0.1:9/hellaswag_{split}.jsonl")  # refused at once
+    with pytest.raises(HellaSwagUnavailable, match="--data path/to/hellaswag_val.jsonl"):
+        load_examples("val", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    class Truncated(io.BytesIO):
+        headers = {"Content-Length": "100000"}
+
+    monkeypatch.setattr(hellaswag.urllib.request, "urlopen", lambda url, timeout: Truncated(b'{"ctx": "A man'))
+    with pytest.raises(HellaSwagUnavailable, match="IncompleteRead"):
+        load_examples("train", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+    def broken(url, timeout):
+        raise http.client.RemoteDisconnected("Remote end closed connection without response")
+    monkeypatch.setattr(hellaswag.urllib.request, "urlopen", broken)
+    with pytest.raises(HellaSwagUnavailable):
+        load_examples("train", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+def write_checkpoint(path, model):
+    torch.save({"version": 1, "model": model.state_dict(), "model_args": dict(block_size=64, vocab_size=50304,
+                n_layer=2, n_head=2, n_embd=64), "optimizer": {}, "scaler": {}, "iter_num": 0,
+                "best_val_loss": 0.0, "loader": {}, "rng": {}, "config": {}}, path)
+    return path
+
+
+def parse_result(stdout):
+    """{"acc": ..., "acc_norm": ..., "n": ...} from the line the command line prints."""
+    fields = dict(part.split(" ", 1) for part in stdout.strip().splitlines()[-1].split(" | ")[:3])
+    return {"acc": float(fields["acc"]), "acc_norm": float(fields["acc_norm"]), "n": int(fields["n"])}
+
+
+def test_command_line_scores_a_checkpoint_of_this_repo(tmp_path):
+    model, examples = tiny_gpt(), random_items(6)
+    checkpoint = write_checkpoint(tmp_path / "best_val_loss.pt", model)
+    data = write_jsonl(tmp_path / "data.jsonl", examples + ["oops"])
+    result = run_script(REPO / "hellaswag.py", "--checkpoint", checkpoint, "--data", data, "--batch_size", "4")
+    assert result.returncode == 0, result.stderr
+    expected = evaluate(model, examples, batch_size=4, block_size=64)
+    assert parse_result(result.stdout) == {"acc": round(expected["acc"], 4),
+                                           "acc_norm": round(expected["acc_norm"], 4), "n": 6}
+    assert f"warning: {data}:7: not JSON" in result.stderr
+
+
+def test_command_line_scores_a_transformers_gpt2_saved_in_a_folder(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(tmp_path / "hf")
+    data = write_jsonl(tmp_path / "data.jsonl", random_items(5))
+    result = run_script(REPO / "hellaswag.py", "--model", tmp_path / "hf", "--data", data, "--limit", "4",
+                        "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    assert parse_result(result.stdout)["n"] == 4
+
+
+@pytest.mark.parametrize("case", ["missing data", "missing checkpoint", "corrupt checkpoint", "not a model folder",
+                                  "no network", "model and checkpoint", "nothing scorable"])
+def test_bad_input_gets_one_error_line_and_exit_1(case, tmp_path, monkeypatch, capsys):
+    checkpoint = write_checkpoint(tmp_path / "ok.pt", tiny_gpt())
+    data = write_jsonl(tmp_path / "data.jsonl", random_items(2))
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "empty_folder").mkdir()
+    monkeypatch.setattr(hellaswag, "URL", "http://127.0.0.1:9/hellaswag_{split}.jsonl")
+    args, message = {
+        "missing data": (["--checkpoint", checkpoint, "--data", tmp_path / "no.jsonl"], "no.jsonl: no such file"),
+        "missing checkpoint": (["--checkpoint", tmp_path / "no.pt", "--data", data], "no.pt: no such file"),
+        "corrupt checkpoint": (["--checkpoint", tmp_path / "corrupt.pt", "--data", data], "is corrupt"),
+        "not a model folder": (["--model", tmp_path / "empty_folder", "--data", data], "cannot be loaded"),
+        "no network": (["--checkpoint", checkpoint, "--cache_dir", tmp_path / "cache"], "pass a local copy"),
+        "model and checkpoint": (["--model", "gpt2", "--checkpoint", checkpoint], "exactly one of"),
+        "nothing scorable": (["--checkpoint", checkpoint, "--data", write_jsonl(tmp_path / "bad.jsonl", ["{}"])],
+                             "no example of"),
+    }[case]
+    with pytest.raises(SystemExit) as exit_info:
+        hellaswag.main(list(map(str, args)))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err
+    assert all(line.startswith(("warning: ", "error: ")) for line in err)
+
+
+def test_importing_does_nothing(tmp_path):
+    result = run_script("-c", "import sys, hellaswag; print(sorted(m for m in ('transformers', 'train_gpt2') "
+                              "if m in sys.modules))", cwd=tmp_path, env={"PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[]\n" and result.stderr == "" and list(tmp_path.iterdir()) == []
