@@ -54,6 +54,7 @@ class TrainConfig:
                                      "GPT-2 weights to fine-tune: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a "
                                      "transformers folder (written by save_pretrained)")
     export_hf: str = flag("", "write the --init_from model to this folder in transformers' GPT-2 format and exit")
+    plot: bool = flag(False, "redraw out_dir/plot.png (losses, HellaSwag) at every evaluation; needs matplotlib")
     # model
     block_size: int = flag(1024, "context length in tokens")
     n_layer: int = flag(12, "transformer blocks")
@@ -976,6 +977,9 @@ def run(config, explicit, dist_info):
                         link_or_copy(path, Path(config.out_dir) / "best_val_loss.pt")
                     log.print(f"saved {path}")
             best_val_loss = min(best_val_loss, val_loss)
+            if config.plot and dist_info.is_master:
+                from plot import plot_during_training  # matplotlib is optional: without it, a warning
+                plot_during_training(log.path, Path(config.out_dir) / "plot.png")
             interval_start, interval_steps = time.perf_counter(), 0  # evaluation is not training time
         if last_step:
             break
