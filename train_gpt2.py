@@ -749,10 +749,14 @@ def export_hf(model, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the folder from other users
         with quiet_hf_logs():
             hf.save_pretrained(tmp, safe_serialization=True)
             save_hf_tokenizer(tmp, c.block_size)
+        # mkdtemp makes the folder 0700 and transformers writes the weights 0600: both would hide the export
+        # from other users
+        os.chmod(tmp, 0o777 & ~current_umask())
+        for file in tmp.iterdir():
+            os.chmod(file, 0o666 & ~current_umask())
         os.replace(tmp, path)  # replaces an empty folder, never a full one (checked above)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -951,7 +955,7 @@ def run(config, explicit, dist_info):
     from tqdm import tqdm
     progress = tqdm(total=config.max_iters, initial=iter_num, desc="train", unit="step", dynamic_ncols=True,
                     disable=not dist_info.is_master)
-    resumed_at = iter_num if config.init_from != "scratch" else None
+    resumed_at = iter_num if checkpoint_path else None  # that step was evaluated before the checkpoint was saved
     interval_start, interval_steps = time.perf_counter(), 0
     for step in range(iter_num, config.max_iters + 1):
         last_step = step == config.max_iters

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from fineweb import get_tokenizer
-from train_gpt2 import GPT, load_model, load_token_sources, val_batch_positions
+from train_gpt2 import GPT, UserError, export_hf, load_model, load_token_sources, val_batch_positions
 from conftest import INPUT_TXT, TINY, read_metrics, run_train
 
 transformers = pytest.importorskip("transformers")
 
 N_VOCAB = 50257
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a 64-wide model runs faster on one thread, and the CPU is shared
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def test_export_of_a_trained_checkpoint_loads_in_transformers(trained_run, tmp_p
     run_dir, _ = trained_run
     checkpoint, folder = run_dir / "best_val_loss.pt", tmp_path / "exports" / "hf"
     # no data is needed to export: --data points nowhere
-    result = run_train("--init_from", checkpoint, "--export_hf", folder, "--data", tmp_path / "no-data")
+    result = run_train("--init_from", checkpoint, "--export_hf", folder, "--data", tmp_path / "no-data",
+                       env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "generation_config.json",
                                                    "tokenizer.json", "tokenizer_config.json", "vocab.json",
@@ -69,15 +71,13 @@ def test_export_of_a_trained_checkpoint_loads_in_transformers(trained_run, tmp_p
     text = INPUT_TXT.read_text()[:3000] + " caf\u00e9 \u65e5\u672c \U0001f916<|endoftext|>"
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     assert tokenizer(text)["input_ids"] == get_tokenizer().encode(text, allowed_special="all")
-    # a second export never overwrites the first
-    again = run_train("--init_from", checkpoint, "--export_hf", folder)
-    assert again.returncode == 1 and again.stderr.strip().splitlines() == [
-        f"error: --export_hf {folder} already exists: remove it or pass a new folder"]
+    with pytest.raises(UserError, match="already exists: remove it or pass a new folder"):
+        export_hf(load_model(str(checkpoint)), folder)  # a second export never overwrites the first
 
 
 def test_trainer_evaluates_and_fine_tunes_transformers_weights(hf_folder, tmp_path):
     common = [*TINY, "--block_size", "64", "--data", INPUT_TXT, "--init_from", hf_folder]
-    result = run_train(*common, "--out_dir", tmp_path / "eval", "--eval_only", "True")
+    result = run_train(*common, "--out_dir", tmp_path / "eval", "--eval_only", "True", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     (record,) = read_metrics(tmp_path / "eval")
     # transformers' own loss on the same val batches (batch_size 4, eval_iters 2 from TINY)
@@ -91,16 +91,19 @@ def test_trainer_evaluates_and_fine_tunes_transformers_weights(hf_folder, tmp_pa
     assert record["step"] == 0 and record["val_loss"] == pytest.approx(np.mean(losses), abs=1e-3)
 
     # fine-tuning: the weights only, from step 0 with a fresh optimizer
-    result = run_train(*common, "--out_dir", tmp_path / "tune", "--max_iters", "2", "--eval_interval", "2")
+    result = run_train(*common, "--out_dir", tmp_path / "tune", "--max_iters", "2", "--eval_interval", "2",
+                       env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     train = [m for m in read_metrics(tmp_path / "tune") if "train_loss" in m]
     assert [m["step"] for m in train] == [0, 1]
+    val = [m for m in read_metrics(tmp_path / "tune") if "val_loss" in m]
+    assert [m["step"] for m in val] == [0, 2] and val[0]["val_loss"] == pytest.approx(record["val_loss"])
     assert abs(train[0]["train_loss"] - record["val_loss"]) < 0.1  # it starts from the loaded weights
     assert next((tmp_path / "tune").glob("iter-2-*.pt")).is_file()
 
 
 def test_bad_transformers_sources_get_one_line(tmp_path):
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}  # no network, an empty cache
+    env = {**ONE_THREAD, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}  # no network, empty cache
     result = run_train("--init_from", "gpt2", "--export_hf", tmp_path / "out", env=env)
     assert result.returncode == 1 and not (tmp_path / "out").exists()
     assert result.stderr.strip().splitlines() == [
@@ -108,6 +111,6 @@ def test_bad_transformers_sources_get_one_line(tmp_path):
         "folder to --init_from"]
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    result = run_train("--init_from", tmp_path / "llama", "--export_hf", tmp_path / "out")
+    result = run_train("--init_from", tmp_path / "llama", "--export_hf", tmp_path / "out", env=ONE_THREAD)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "holds a 'llama' model, not GPT-2" in result.stderr
