@@ -17,6 +17,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +32,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fineweb import ShardError, atomic_write, get_tokenizer, open_shard, read_shard_header
+from fineweb import (EOT_TOKEN, ShardError, atomic_write, current_umask, get_tokenizer, open_shard,
+                     read_shard_header)
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass, whose fields are the command-line flags
@@ -51,7 +53,11 @@ class TrainConfig:
     data: str = flag("edu_fineweb10B", "directory of token shards (made by fineweb.py), or a text file such as "
                                        "input.txt, tokenized on the fly and split 90/10 into train/val")
     out_dir: str = flag("./out", "where checkpoints, config.json and metrics.jsonl are written")
-    init_from: str = flag("scratch", "'scratch', 'resume' (the latest checkpoint in out_dir) or a checkpoint path")
+    init_from: str = flag("scratch", "'scratch', 'resume' (the latest checkpoint in out_dir), a checkpoint path, or "
+                                     "GPT-2 weights to fine-tune: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a "
+                                     "transformers folder (written by save_pretrained)")
+    export_hf: str = flag("", "write the --init_from model to this folder in transformers' GPT-2 format and exit")
+    plot: bool = flag(False, "redraw out_dir/plot.png (losses, HellaSwag) at every evaluation; needs matplotlib")
     # model
     block_size: int = flag(1024, "context length in tokens")
     n_layer: int = flag(12, "transformer blocks")
@@ -109,6 +115,8 @@ class TrainConfig:
             raise UserError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
         if self.eval_only and self.init_from == "scratch":
             raise UserError("--eval_only True needs a checkpoint: pass --init_from resume or --init_from PATH")
+        if self.export_hf and self.init_from == "scratch":
+            raise UserError("--export_hf needs a model to export: pass --init_from CHECKPOINT (or resume, gpt2, ...)")
 
 
 def parse_bool(text):
@@ -313,6 +321,14 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None, generator=None):
         """Append max_new_tokens sampled tokens to idx (B, T). Ids at or past vocab_limit (the padding of
         the vocabulary) are never sampled."""
+        for next_token in self.generate_tokens(idx, max_new_tokens, temperature, top_k, vocab_limit, generator):
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None, generator=None):
+        """generate, one token at a time: yields each sampled (B, 1) batch of ids as soon as it is drawn,
+        so that a caller can stream the text."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :vocab_limit].float() / max(temperature, 1e-6)
@@ -321,7 +337,27 @@ class GPT(nn.Module):
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat((idx, next_token), dim=1)
-        return idx
+            yield next_token
+
+    @classmethod
+    def from_pretrained(cls, name_or_path):
+        """GPT-2 weights from transformers: OpenAI's ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', from the
+        Hugging Face hub or its cache) or a folder written by save_pretrained. See load_hf_gpt2."""
+        hf = load_hf_gpt2(name_or_path)
+        c = hf.config
+        # the vocabulary stays unpadded (50,257): padded rows would take part in the softmax and change the loss
+        model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                              n_head=c.n_head, n_embd=c.n_embd))
+        ours = model.state_dict()  # shares storage with the parameters: copying into it loads them
+        copied = {"lm_head.weight"}  # tied to wte in both models
+        with torch.no_grad():
+            for name, value in hf.state_dict().items():
+                if name in copied or name.endswith((".attn.bias", ".attn.masked_bias")):
+                    continue  # older transformers keep the causal mask as a buffer; ours is in the SDPA call
+                ours[name].copy_(value.t() if name.endswith(HF_TRANSPOSED) else value)
+                copied.add(name)
+        assert copied == set(ours), set(ours) - copied  # load_hf_gpt2 checked that the architectures agree
+        return model
 
 
 # -----------------------------------------------------------------------------
@@ -719,6 +755,172 @@ def git_commit():
 
 
 # -----------------------------------------------------------------------------
+# GPT-2 interop: transformers weights in and out
+
+HF_GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# transformers' GPT-2 holds these in Conv1D modules, whose weight is nn.Linear's transposed: (in, out)
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def is_hf_model(init_from):
+    """--init_from names transformers weights: one of OpenAI's GPT-2 sizes, or a folder with a config.json.
+    Anything else is a checkpoint of this trainer."""
+    return init_from in HF_GPT2_MODELS or (Path(init_from) / "config.json").is_file()
+
+
+@contextlib.contextmanager
+def quiet_hf_logs():
+    """Silence transformers' and the hub client's warnings (offline, the client logs every retry), so a
+    failure ends in our one-line error."""
+    import logging
+    loggers = [logging.getLogger(name) for name in ("transformers", "huggingface_hub")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def load_hf_gpt2(name_or_path):
+    """transformers' GPT2LMHeadModel for a hub name or a save_pretrained folder, checked to be the
+    architecture that GPT implements."""
+    folder = Path(name_or_path)
+    if name_or_path not in HF_GPT2_MODELS:
+        try:
+            model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError) as e:
+            raise UserError(f"{folder}/config.json cannot be read ({e}): pass a folder written by "
+                            f"save_pretrained") from None
+        if model_type != "gpt2":
+            raise UserError(f"{folder} holds a {model_type!r} model, not GPT-2: pass a GPT-2 folder to --init_from")
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        raise UserError("loading GPT-2 weights needs transformers: pip install transformers") from None
+    try:
+        with quiet_hf_logs():
+            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+    except Exception as e:  # the hub, the files and their formats all raise their own types
+        if name_or_path in HF_GPT2_MODELS:
+            raise UserError(f"could not load {name_or_path} from the Hugging Face hub (no network?): download it "
+                            f"elsewhere and pass its folder to --init_from") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"could not load a transformers GPT-2 from {folder} ({reason}): pass a folder written by "
+                        f"save_pretrained") from None
+    c, n_vocab = hf.config, get_tokenizer().n_vocab
+    supported = {  # what GPT hard-codes: the tanh GELU, a 4x MLP, LayerNorm's default eps, SDPA's 1/sqrt(hs)
+        "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
+        "n_inner": c.n_inner in (None, 4 * c.n_embd),
+        "layer_norm_epsilon": c.layer_norm_epsilon == 1e-5,
+        "scale_attn_weights": c.scale_attn_weights,
+        "scale_attn_by_inverse_layer_idx": not c.scale_attn_by_inverse_layer_idx,
+        "vocab_size": n_vocab <= c.vocab_size <= GPTConfig.vocab_size,  # GPT-2's tokenizer, within our padding
+    }
+    for name, ok in supported.items():
+        if not ok:
+            raise UserError(f"{name_or_path} has {name}={getattr(c, name)}, which this repo's GPT does not "
+                            f"implement (GPT-2's tokenizer and architecture): pass a standard GPT-2")
+    return hf
+
+
+def load_model(init_from, device="cpu"):
+    """The GPT for --init_from (a checkpoint of this trainer, OpenAI's GPT-2 by name or a transformers
+    folder) in eval mode on device: the one loader of sampling, evaluation and export."""
+    if is_hf_model(init_from):
+        model = GPT.from_pretrained(init_from)
+    else:
+        checkpoint = load_checkpoint(init_from)
+        model = GPT(GPTConfig(**checkpoint["model_args"]))
+        model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
+
+
+def pretrained_model(config, explicit):
+    """For --init_from gpt2 or a folder: the model and its architecture; an architecture flag given
+    explicitly must agree with it, as with a checkpoint."""
+    model = GPT.from_pretrained(config.init_from)
+    return model, model_args_for(config, {"model_args": dataclasses.asdict(model.config)}, explicit)
+
+
+def gpt2_vocab_and_merges():
+    """GPT-2's tokenizer in transformers' terms, rebuilt from the tiktoken ranks that fineweb.py loads (the
+    repo vendors gpt2.tiktoken, not vocab.json and merges.txt): the vocab maps each token, its bytes
+    spelled in GPT-2's printable byte alphabet, to its id; merge k makes token 256 + k from two others."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # bytes that print as themselves
+    others = [b for b in range(256) if b not in printable]
+    alphabet = {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+    spell = lambda token: "".join(alphabet[b] for b in token)
+    enc = get_tokenizer()
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(EOT_TOKEN)}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:  # byte-pair encode the token with the merges before it: two parts remain
+            _, i = min((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append((spell(parts[0]), spell(parts[1])))
+    vocab = {spell(token): rank for token, rank in ranks.items()}
+    vocab["<|endoftext|>"] = EOT_TOKEN
+    return vocab, merges
+
+
+def save_hf_tokenizer(folder, max_length):
+    """vocab.json and merges.txt (as OpenAI's GPT-2 folder has them), and tokenizer.json through transformers."""
+    from transformers import GPT2Tokenizer
+    vocab, merges = gpt2_vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                       encoding="utf-8")
+    tokenizer = GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+
+
+def export_hf(model, path):
+    """Write model to the folder path as a transformers GPT-2 (config.json, model.safetensors,
+    generation_config.json and the tokenizer), which GPT2LMHeadModel.from_pretrained and pipelines load. The
+    padded vocabulary rows are dropped. Written to a temporary folder beside path and renamed into place, so
+    path never holds a half-written export."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"--export_hf {path} already exists: remove it or pass a new folder")
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        raise UserError("--export_hf needs transformers: pip install transformers") from None
+    c, n_vocab = model.config, get_tokenizer().n_vocab
+    hf_config = GPT2Config(vocab_size=n_vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                           n_head=c.n_head, activation_function="gelu_new", tie_word_embeddings=True,
+                           bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # this repo trains without dropout
+    hf = GPT2LMHeadModel(hf_config)
+    hf_state = hf.state_dict()  # shares storage with hf's parameters
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            value = value.t() if name.endswith(HF_TRANSPOSED) else value
+            hf_state[name].copy_(value[:n_vocab] if name.endswith(("wte.weight", "lm_head.weight")) else value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        with quiet_hf_logs():
+            hf.save_pretrained(tmp, safe_serialization=True)
+            save_hf_tokenizer(tmp, c.block_size)
+        # mkdtemp makes the folder 0700 and transformers writes the weights 0600: both would hide the export
+        # from other users
+        os.chmod(tmp, 0o777 & ~current_umask())
+        for file in tmp.iterdir():
+            os.chmod(file, 0o666 & ~current_umask())
+        os.replace(tmp, path)  # replaces an empty folder, never a full one (checked above)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# -----------------------------------------------------------------------------
 # Training: evaluation, sampling, one optimizer step, and the loop
 
 SAMPLE_PROMPT = "Hello, I'm a language model,"
@@ -974,6 +1176,9 @@ class Trainer:
         self.best_val_loss = min(self.best_val_loss, val_loss)
         if step > 0:
             self.save(f"iter-{step}-loss-{val_loss:.4f}.pt", val_loss, best=improved)
+        if self.config.plot and self.dist.is_master:
+            from plot import plot_during_training  # matplotlib is optional: without it, a warning
+            plot_during_training(self.log.path, Path(self.config.out_dir) / "plot.png")
 
     def step(self, step):
         config = self.config
@@ -1053,14 +1258,21 @@ def run(config, explicit, dist_info):
     device = dist_info.device
     dtype = resolve_dtype(config.dtype, device)
 
+    if config.export_hf:  # a conversion, not a run: it reads no data and trains nothing
+        if dist_info.is_master:
+            init_from = latest_checkpoint(config.out_dir) if config.init_from == "resume" else config.init_from
+            log.print(f"exported {init_from} to {export_hf(load_model(init_from), config.export_hf)}")
+        return
+
     # everything the user gave is checked here, before a model is built or a step taken
     checkpoint_path = None
+    pretrained, pretrained_args = pretrained_model(config, explicit) if is_hf_model(config.init_from) else (None, None)
     if config.init_from == "resume":
         checkpoint_path = latest_checkpoint(config.out_dir)
-    elif config.init_from != "scratch":
+    elif config.init_from != "scratch" and pretrained is None:
         checkpoint_path = config.init_from
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
-    model_args = model_args_for(config, checkpoint, explicit)
+    model_args = pretrained_args or model_args_for(config, checkpoint, explicit)
     val_sources = load_token_sources(config.data, "val")
     positions = val_batch_positions(val_sources, config.batch_size, model_args["block_size"], config.eval_iters)
     loader = None
@@ -1072,11 +1284,11 @@ def run(config, explicit, dist_info):
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    raw_model = build_model(model_args, checkpoint, config.seed).to(device)
+    raw_model = (pretrained if pretrained is not None else build_model(model_args, checkpoint, config.seed)).to(device)
     raw_model.gradient_checkpointing = config.gradient_checkpointing
     if config.eval_only:
-        evaluate_checkpoint(config, dist_info, raw_model, model_args, checkpoint_path, checkpoint["iter_num"],
-                            val_sources, positions, log, dtype)
+        evaluate_checkpoint(config, dist_info, raw_model, model_args, checkpoint_path or config.init_from,
+                            checkpoint["iter_num"] if checkpoint else 0, val_sources, positions, log, dtype)
         return
 
     trainer = Trainer(config, dist_info, raw_model, model_args, loader, val_sources, positions, log, dtype)

@@ -1,0 +1,157 @@
+"""
+Plot training runs from their metrics.jsonl: train and val loss against the step (tokens on the top axis), and
+HellaSwag accuracy where the run measured it, beside OpenAI's GPT-2 124M.
+
+    python plot.py out/metrics.jsonl                                   # writes plot.png
+    python plot.py out-a/metrics.jsonl out-b/metrics.jsonl --out compare.png
+
+One line per run, labeled with the run's folder. Needs matplotlib (`pip install matplotlib`), which training does
+not: `python train_gpt2.py --plot True` redraws {out_dir}/plot.png at every evaluation when it is installed.
+"""
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+from fineweb import atomic_write
+
+# -----------------------------------------------------------------------------
+# Reading runs
+
+# OpenAI's GPT-2 124M, the baselines of build-nanogpt's notebook
+GPT2_124M_HELLASWAG = 0.294  # HellaSwag acc_norm
+GPT2_124M_VAL_LOSS = 3.2924  # on the FineWeb-Edu val shard
+PANEL_INCHES = (7, 5)
+DPI = 100  # so each panel is 700 x 500 pixels
+
+
+class PlotError(ValueError):
+    """Bad input: main() prints the message (which names the fix) and exits non-zero."""
+
+
+class MatplotlibMissing(ImportError):
+    pass
+
+
+def read_run(path):
+    """The records of a run's metrics.jsonl. A line cut short (a run writing it as we read) is skipped, and so
+    are --eval_only records: they score a checkpoint, they are not a point of the run."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlotError(f"{path} not found: pass the metrics.jsonl of a run (it is in the run's --out_dir)")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record and not record.get("eval_only"):
+            records.append(record)
+    return records
+
+
+def series(records, key):
+    """(steps, values) of key, in step order; a step logged twice (a run resumed from an earlier checkpoint)
+    keeps its latest value."""
+    by_step = {r["step"]: r[key] for r in records if r.get(key) is not None}
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def tokens_per_step(records):
+    """From the train records, which hold the tokens seen after step + 1 steps; None if not logged."""
+    ratios = {r["tokens"] / (r["step"] + 1) for r in records if "train_loss" in r and r.get("tokens")}
+    return ratios.pop() if len(ratios) == 1 else None
+
+
+def run_labels(paths):
+    """Each run's folder name, or its whole path where two runs share a name."""
+    names = [Path(p).resolve().parent.name for p in paths]
+    return [name if names.count(name) == 1 else str(Path(p).parent) for name, p in zip(names, paths)]
+
+
+# -----------------------------------------------------------------------------
+# Drawing
+
+
+def plot_runs(paths, out):
+    """Draw the runs of the metrics.jsonl files in paths into the PNG out, replacing it atomically."""
+    runs = [(label, read_run(path)) for label, path in zip(run_labels(paths), paths)]
+    if not any(series(records, k)[0] for _, records in runs for k in ("train_loss", "val_loss")):
+        raise PlotError(f"no losses in {', '.join(map(str, paths))} yet: plot a run after its first log line")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import EngFormatter
+    except ImportError:
+        raise MatplotlibMissing("plot.py needs matplotlib: pip install matplotlib") from None
+
+    with_hellaswag = any(series(records, "hellaswag_acc_norm")[0] for _, records in runs)
+    panels = 2 if with_hellaswag else 1
+    fig, axes = plt.subplots(1, panels, figsize=(PANEL_INCHES[0] * panels, PANEL_INCHES[1]), dpi=DPI,
+                             squeeze=False)
+    loss_ax = axes[0][0]
+    for i, (label, records) in enumerate(runs):
+        color = f"C{i % 10}"
+        loss_ax.plot(*series(records, "train_loss"), color=color, alpha=0.4, lw=1, label=f"{label} train")
+        loss_ax.plot(*series(records, "val_loss"), color=color, lw=2, marker=".", label=f"{label} val")
+    loss_ax.axhline(GPT2_124M_VAL_LOSS, color="r", ls="--", lw=1, label="OpenAI GPT-2 124M val (FineWeb-Edu)")
+    loss_ax.set(xlabel="step", ylabel="loss", title="loss")
+    # a tokens axis only when every run sees the same tokens per step, so that one scale fits them all
+    ratios = {tokens_per_step(records) for _, records in runs}
+    if len(ratios) == 1 and None not in ratios:
+        ratio = ratios.pop()
+        top = loss_ax.secondary_xaxis("top", functions=(lambda s: s * ratio, lambda t: t / ratio))
+        top.set_xlabel("tokens")
+        top.xaxis.set_major_formatter(EngFormatter())
+    if with_hellaswag:
+        acc_ax = axes[0][1]
+        for i, (label, records) in enumerate(runs):
+            acc_ax.plot(*series(records, "hellaswag_acc_norm"), color=f"C{i % 10}", lw=2, marker=".", label=label)
+        acc_ax.axhline(GPT2_124M_HELLASWAG, color="r", ls="--", lw=1, label="OpenAI GPT-2 124M")
+        acc_ax.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=DPI))  # a viewer never sees half a PNG
+    plt.close(fig)
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message):
+    print(message, file=sys.stderr)
+
+
+def plot_during_training(metrics_path, out):
+    """The trainer's call at every evaluation (--plot True): a plot is never worth a training run, so a
+    failure is a warning, each kind printed once."""
+    try:
+        plot_runs([metrics_path], out)
+    except Exception as e:
+        warn_once(f"warning: --plot True: no plot ({e})")
+
+
+# -----------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
+    parser.add_argument("metrics", nargs="+", help="metrics.jsonl files, one per run (each in its run's --out_dir)")
+    parser.add_argument("--out", default="plot.png", help="the PNG to write (default: plot.png)")
+    args = parser.parse_args(argv)
+    try:
+        plot_runs(args.metrics, args.out)
+    except (PlotError, MatplotlibMissing) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

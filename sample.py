@@ -1,0 +1,121 @@
+"""
+Sample text from a GPT-2: a checkpoint of train_gpt2.py, OpenAI's GPT-2 or a transformers folder.
+
+    python sample.py --init_from out/best_val_loss.pt --start "Hello, I'm a language model,"
+    python sample.py --init_from out/best_val_loss.pt --start FILE:prompt.txt --num_samples 2 --max_new_tokens 200
+    python sample.py --init_from gpt2 --device cuda --dtype bfloat16 --temperature 0.8 --top_k 50 --seed 42
+
+Every flag is a field of SampleConfig below; `python sample.py --help` lists them with their defaults. The text
+is printed as it is generated, one sample after another; the same seed prints the same text.
+"""
+
+import codecs
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fineweb import EOT_TOKEN, get_tokenizer
+from train_gpt2 import UserError, build_parser, flag, load_model, resolve_device, resolve_dtype
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class SampleConfig:
+    init_from: str = flag("out/best_val_loss.pt", "a checkpoint of train_gpt2.py, gpt2 (or gpt2-medium, gpt2-large, "
+                                                  "gpt2-xl) or a transformers folder (written by save_pretrained)")
+    start: str = flag("", "the prompt, or FILE:path to read it from a file; empty starts a new document")
+    num_samples: int = flag(4, "samples to draw, one after another")
+    max_new_tokens: int = flag(100, "tokens to generate for each sample")
+    temperature: float = flag(0.8, "divides the logits: below 1 is more predictable, above 1 more random")
+    top_k: int = flag(50, "sample from the k likeliest tokens only (0: from all of them)")
+    seed: int = flag(42, "seeds the sampling")
+    device: str = flag("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'")
+    dtype: str = flag("auto", "'auto' (bfloat16 on GPUs that have it, else float16; float32 on the CPU), "
+                              "'bfloat16', 'float16' or 'float32'")
+
+    def validate(self):
+        """Raise UserError naming the problem and the fix; called before any work is done."""
+        if self.num_samples <= 0:
+            raise UserError(f"--num_samples must be a positive integer, got {self.num_samples}")
+        if self.max_new_tokens < 0 or self.top_k < 0 or self.temperature < 0:
+            raise UserError("--max_new_tokens, --top_k and --temperature must be 0 or more")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+
+
+def read_prompt(start):
+    """--start: the prompt itself, or FILE:path."""
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[len("FILE:"):])
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"--start {start}: cannot read {path} ({e.strerror}): pass an existing text file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--start {start}: {path} is not UTF-8 text") from None
+
+
+# -----------------------------------------------------------------------------
+# Sampling, streamed
+
+
+def stream_sample(model, prompt, config, device, autocast, generator, out):
+    """Write prompt and then each sampled token's text to out as soon as it is drawn; return the new ids."""
+    enc = get_tokenizer()
+    ids = enc.encode(prompt, allowed_special="all") or [EOT_TOKEN]  # no prompt: start a document, as in training
+    # a token can end in the middle of a character's UTF-8 bytes: the decoder holds them until it is whole
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out.write(prompt)
+    new_ids = []
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    with autocast:
+        for token in model.generate_tokens(idx, config.max_new_tokens, config.temperature, config.top_k or None,
+                                           vocab_limit=enc.n_vocab, generator=generator):
+            new_ids.append(token.item())
+            out.write(decoder.decode(enc.decode_single_token_bytes(new_ids[-1])))
+            out.flush()
+    out.write(decoder.decode(b"", final=True))
+    return new_ids
+
+
+def sample(config, out=sys.stdout):
+    prompt = read_prompt(config.start)  # before the model is loaded: a missing file fails fast
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model = load_model(config.init_from, device)
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    autocast = (torch.autocast(device_type=device.split(":")[0], dtype=ptdtype) if dtype != "float32"
+                else contextlib.nullcontext())
+    generator = torch.Generator(device=device).manual_seed(config.seed)  # one stream for all the samples
+    for _ in range(config.num_samples):
+        stream_sample(model, prompt, config, device, autocast, generator, out)
+        out.write("\n---------------\n")
+        out.flush()
+
+
+# -----------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv=None):
+    try:
+        args = build_parser(SampleConfig, __doc__.strip().splitlines()[0]).parse_args(argv)
+        config = SampleConfig(**vars(args))
+        config.validate()
+        sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character shows '?' instead
+        sample(config)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

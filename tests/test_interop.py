@@ -1,0 +1,114 @@
+"""GPT-2 interop against transformers: weights in (from_pretrained, --init_from), weights out (--export_hf).
+Offline: a randomly initialized transformers GPT-2 saved to a temporary folder stands in for OpenAI's."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fineweb import get_tokenizer
+from train_gpt2 import GPT, UserError, export_hf, load_model, load_token_sources, val_batch_positions
+from conftest import INPUT_TXT, TINY, read_metrics, run_train
+
+transformers = pytest.importorskip("transformers")
+
+N_VOCAB = 50257
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a 64-wide model runs faster on one thread, and the CPU is shared
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A random transformers GPT-2, as save_pretrained writes it."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=N_VOCAB)
+    folder = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def hf_model(folder):
+    return transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+
+
+@torch.no_grad()
+def assert_same_logits(ours, theirs, block_size):
+    idx = torch.randint(0, N_VOCAB, (2, block_size), generator=torch.Generator().manual_seed(0))
+    diff = (ours(idx)[0][..., :N_VOCAB] - theirs(idx).logits).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_from_pretrained_gives_the_logits_of_transformers(hf_folder):
+    ours, theirs = GPT.from_pretrained(str(hf_folder)).eval(), hf_model(hf_folder)
+    assert (ours.config.block_size, ours.config.n_layer, ours.config.n_embd) == (64, 2, 64)
+    assert ours.config.vocab_size == N_VOCAB and ours.lm_head.weight is ours.transformer.wte.weight
+    assert_same_logits(ours, theirs, 64)
+    # the vocabulary is left unpadded, so the loss is transformers' own, not an approximation of it
+    idx = torch.randint(0, N_VOCAB, (2, 33), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        our_loss = ours(idx[:, :-1].contiguous(), idx[:, 1:].contiguous())[1].item()
+        their_loss = theirs(idx, labels=idx).loss.item()
+    assert our_loss == pytest.approx(their_loss, abs=1e-5)
+
+
+def test_export_of_a_trained_checkpoint_loads_in_transformers(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    checkpoint, folder = run_dir / "best_val_loss.pt", tmp_path / "exports" / "hf"
+    # no data is needed to export: --data points nowhere
+    result = run_train("--init_from", checkpoint, "--export_hf", folder, "--data", tmp_path / "no-data",
+                       env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "generation_config.json",
+                                                   "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                                   "merges.txt"}
+    assert [p.name for p in folder.parent.iterdir()] == ["hf"]  # no temporary folder left beside it
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["vocab_size"], config["n_positions"], config["n_layer"]) == (N_VOCAB, 32, 2)
+    assert config["tie_word_embeddings"] and config["activation_function"] == "gelu_new"
+    assert_same_logits(load_model(str(checkpoint)), hf_model(folder), 32)
+    text = INPUT_TXT.read_text()[:3000] + " caf\u00e9 \u65e5\u672c \U0001f916<|endoftext|>"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tokenizer(text)["input_ids"] == get_tokenizer().encode(text, allowed_special="all")
+    with pytest.raises(UserError, match="already exists: remove it or pass a new folder"):
+        export_hf(load_model(str(checkpoint)), folder)  # a second export never overwrites the first
+
+
+def test_trainer_evaluates_and_fine_tunes_transformers_weights(hf_folder, tmp_path):
+    common = [*TINY, "--block_size", "64", "--data", INPUT_TXT, "--init_from", hf_folder]
+    result = run_train(*common, "--out_dir", tmp_path / "eval", "--eval_only", "True", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    (record,) = read_metrics(tmp_path / "eval")
+    # transformers' own loss on the same val batches (batch_size 4, eval_iters 2 from TINY)
+    sources, theirs = load_token_sources(INPUT_TXT, "val"), hf_model(hf_folder)
+    losses = []
+    for source, start in val_batch_positions(sources, 4, 64, 2):
+        chunk = torch.from_numpy(np.array(sources[source][1][start:start + 4 * 64 + 1], dtype=np.int64))
+        with torch.no_grad():
+            logits = theirs(chunk[:-1].view(4, 64)).logits
+        losses.append(torch.nn.functional.cross_entropy(logits.view(-1, N_VOCAB), chunk[1:]).item())
+    assert record["step"] == 0 and record["val_loss"] == pytest.approx(np.mean(losses), abs=1e-5)
+
+    # fine-tuning: the weights only, from step 0 with a fresh optimizer
+    result = run_train(*common, "--out_dir", tmp_path / "tune", "--max_iters", "2", "--eval_interval", "2",
+                       env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    train = [m for m in read_metrics(tmp_path / "tune") if "train_loss" in m]
+    assert [m["step"] for m in train] == [0, 1]
+    val = [m for m in read_metrics(tmp_path / "tune") if "val_loss" in m]
+    assert [m["step"] for m in val] == [0, 2] and val[0]["val_loss"] == pytest.approx(record["val_loss"])
+    assert abs(train[0]["train_loss"] - record["val_loss"]) < 0.1  # it starts from the loaded weights
+    assert next((tmp_path / "tune").glob("iter-2-*.pt")).is_file()
+
+
+def test_bad_transformers_sources_get_one_line(tmp_path):
+    env = {**ONE_THREAD, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}  # no network, empty cache
+    result = run_train("--init_from", "gpt2", "--export_hf", tmp_path / "out", env=env)
+    assert result.returncode == 1 and not (tmp_path / "out").exists()
+    assert result.stderr.strip().splitlines() == [
+        "error: could not load gpt2 from the Hugging Face hub (no network?): download it elsewhere and pass its "
+        "folder to --init_from"]
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    result = run_train("--init_from", tmp_path / "llama", "--export_hf", tmp_path / "out", env=ONE_THREAD)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "holds a 'llama' model, not GPT-2" in result.stderr

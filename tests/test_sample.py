@@ -1,0 +1,54 @@
+"""sample.py: reproducible under a seed, streams the text GPT.generate makes, FILE: prompts, bad input."""
+
+import io
+
+import pytest
+import torch
+
+import sample
+
+from fineweb import get_tokenizer
+from train_gpt2 import load_model
+from conftest import run_script
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a 64-wide model runs faster on one thread, and the CPU is shared
+
+
+def run_sample(*args):
+    return run_script("sample.py", "--num_samples", "2", "--max_new_tokens", "16", "--device", "cpu", *args,
+                      env=ONE_THREAD)
+
+
+def test_samples_are_reproducible_under_a_seed_and_are_what_generate_makes(trained_run, tmp_path):
+    checkpoint = trained_run[0] / "best_val_loss.pt"
+    prompt = "ROMEO: caf\u00e9,"
+    (tmp_path / "prompt.txt").write_text(prompt, encoding="utf-8")
+    first = run_sample("--init_from", checkpoint, "--start", prompt, "--seed", "42")
+    from_file = run_sample("--init_from", checkpoint, "--start", f"FILE:{tmp_path / 'prompt.txt'}", "--seed", "42")
+    for result in (first, from_file):
+        assert result.returncode == 0, result.stderr
+    assert first.stdout == from_file.stdout
+    other_seed = io.StringIO()  # in this process, to spare a third start-up
+    sample.sample(sample.SampleConfig(init_from=str(checkpoint), start=prompt, num_samples=2, max_new_tokens=16,
+                                      seed=7, device="cpu"), out=other_seed)
+    assert other_seed.getvalue().startswith(prompt) and other_seed.getvalue() != first.stdout
+    # the streamed text is GPT.generate's, decoded in one go at the end
+    enc, model = get_tokenizer(), load_model(str(checkpoint))
+    generator, expected = torch.Generator().manual_seed(42), ""
+    for _ in range(2):
+        out = model.generate(torch.tensor([enc.encode(prompt)]), 16, temperature=0.8, top_k=50, vocab_limit=50257,
+                             generator=generator)
+        expected += enc.decode(out[0].tolist()) + "\n---------------\n"
+    assert first.stdout == expected.replace("\r\n", "\n").replace("\r", "\n")  # as text-mode pipes read it
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--init_from", "{tmp}/missing.pt"], "checkpoint {tmp}/missing.pt not found"),
+    (["--start", "FILE:{tmp}/missing.txt"], "--start FILE:{tmp}/missing.txt: cannot read"),
+])
+def test_bad_input_gets_one_line_and_exit_1(args, message, trained_run, tmp_path):
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = run_sample("--init_from", trained_run[0] / "best_val_loss.pt", *args)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message.format(tmp=tmp_path)}"), result.stderr
