@@ -78,6 +78,9 @@ class TrainConfig:
     eval_interval: int = flag(2000, "evaluate, sample and checkpoint every this many steps")
     eval_iters: int = flag(200, "validation batches (of batch_size sequences) per evaluation")
     eval_only: bool = flag(False, "evaluate the checkpoint given by --init_from and exit")
+    hellaswag: bool = flag(True, "score zero-shot HellaSwag at every evaluation (downloaded on first use)")
+    hellaswag_examples: int = flag(0, "score only the first N HellaSwag examples (0: all 10,042 of val)")
+    hellaswag_data: str = flag("val", "the HellaSwag split to download, or a local jsonl file in its format")
     log_interval: int = flag(10, "print and record training figures every this many steps")
     keep_last: int = flag(0, "keep only the newest N iter-*.pt checkpoints, and best_val_loss.pt (0 keeps all)")
     max_bad_steps: int = flag(3, "stop after this many consecutive steps with a non-finite loss or gradient")
@@ -97,7 +100,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ["max_iters", "warmup_iters", "keep_last"]:
+        for name in ["max_iters", "warmup_iters", "keep_last", "hellaswag_examples"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         if self.n_embd % self.n_head != 0:
@@ -1061,6 +1064,42 @@ def model_args_for(config, checkpoint, explicit):
     return dict(saved)
 
 
+def load_hellaswag(config, dist_info, log):
+    """The HellaSwag examples scored at every evaluation, or None: a run that cannot have them (no network,
+    no file) says so once and trains on."""
+    if not config.hellaswag:
+        return None
+    import hellaswag
+    examples, problems, error = None, [], None
+    try:
+        examples, problems = hellaswag.load_examples(config.hellaswag_data, limit=config.hellaswag_examples or None)
+        if not examples:
+            error = f"no example in {config.hellaswag_data} can be scored"
+    except hellaswag.HellaSwagError as e:
+        error = str(e)
+    if dist_info.any(error is not None):  # every rank scores its share, or none does
+        log.print(f"warning: HellaSwag is off for this run: {error or 'another rank could not load it'}; "
+                  f"pass --hellaswag_data FILE, or --hellaswag False")
+        return None
+    for problem in problems[:5]:
+        log.print(f"warning: {problem}")
+    return examples
+
+
+def score_hellaswag(examples, model, config, dist_info, model_args, autocast):
+    """{hellaswag_acc_norm, hellaswag_acc, hellaswag_n}, counted over all ranks; {} when HellaSwag is off."""
+    if not examples:
+        return {}
+    import hellaswag
+    result = hellaswag.evaluate(model, examples, dist_info.device, config.batch_size, model_args["block_size"],
+                                autocast, dist_info.rank, dist_info.world_size)
+    return {"hellaswag_acc_norm": result["acc_norm"], "hellaswag_acc": result["acc"], "hellaswag_n": result["n"]}
+
+
+def describe_hellaswag(scores):
+    return f" | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f} ({scores['hellaswag_n']})" if scores else ""
+
+
 class RunStopped(Exception):
     """The run stopped early on purpose (a signal, repeated non-finite steps, a failed checkpoint write):
     the message says why and how to continue; code is the exit status."""
@@ -1119,6 +1158,7 @@ class Trainer:
         self.loader, self.val_sources, self.positions = loader, val_sources, positions
         self.iter_num, self.best_val_loss, self.bad_steps, self.skipped_steps = 0, float("inf"), 0, 0
         self.last_checkpoint = None
+        self.hellaswag = load_hellaswag(config, dist_info, log)
 
     def state_dict(self):
         return {
@@ -1167,8 +1207,9 @@ class Trainer:
 
     def evaluate_and_save(self, step):
         val_loss = self.evaluate()
-        self.log.print(f"step {step}: val loss {val_loss:.4f}")
-        self.log.record(step=step, val_loss=val_loss, tokens=step * self.loader.tokens_per_step)
+        scores = score_hellaswag(self.hellaswag, self.model, self.config, self.dist, self.model_args, self.autocast)
+        self.log.print(f"step {step}: val loss {val_loss:.4f}{describe_hellaswag(scores)}")
+        self.log.record(step=step, val_loss=val_loss, **scores, tokens=step * self.loader.tokens_per_step)
         if self.dist.is_master:
             for text in sample_text(self.raw_model, self.device, self.autocast, self.config.seed + step):
                 self.log.print(f"  sample: {text!r}")
@@ -1247,10 +1288,13 @@ class Trainer:
 def evaluate_checkpoint(config, dist_info, raw_model, model_args, checkpoint_path, iter_num, val_sources, positions,
                         log, dtype):
     model = torch.compile(raw_model) if config.compile else raw_model
+    autocast = make_autocast(dist_info.device.split(":")[0], dtype)
     val_loss = evaluate(model, val_sources, positions, config.batch_size, model_args["block_size"], dist_info.device,
-                        make_autocast(dist_info.device.split(":")[0], dtype), dist_info.rank, dist_info.world_size)
-    log.print(f"{checkpoint_path}: step {iter_num} val loss {val_loss:.4f} over {len(positions)} batches")
-    log.record(step=iter_num, val_loss=val_loss, eval_only=True, checkpoint=str(checkpoint_path))
+                        autocast, dist_info.rank, dist_info.world_size)
+    scores = score_hellaswag(load_hellaswag(config, dist_info, log), model, config, dist_info, model_args, autocast)
+    log.print(f"{checkpoint_path}: step {iter_num} val loss {val_loss:.4f} over {len(positions)} batches"
+              f"{describe_hellaswag(scores)}")
+    log.record(step=iter_num, val_loss=val_loss, **scores, eval_only=True, checkpoint=str(checkpoint_path))
 
 
 def run(config, explicit, dist_info):

@@ -15,7 +15,7 @@ INPUT_TXT = REPO / "input.txt"
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32", "--batch_size", "4",
         "--gradient_accumulation_steps", "2", "--device", "cpu", "--compile", "False", "--dtype", "float32",
         "--warmup_iters", "2", "--lr_decay_iters", "20", "--learning_rate", "3e-3", "--min_lr", "3e-4",
-        "--eval_iters", "2", "--log_interval", "1"]
+        "--eval_iters", "2", "--log_interval", "1", "--hellaswag", "False"]
 
 
 def run_script(script, *args, env=None, cwd=None, timeout=300):

@@ -402,3 +402,57 @@ def test_importing_does_nothing(tmp_path):
                               "if m in sys.modules))", cwd=tmp_path, env={"PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     assert result.stdout == "[]\n" and result.stderr == "" and list(tmp_path.iterdir()) == []
+
+
+# -----------------------------------------------------------------------------
+# In the trainer
+
+
+def trainer_args(out_dir, *extra):
+    from conftest import INPUT_TXT, TINY
+    return [*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2", "--eval_interval", "2",
+            "--hellaswag", "True", *extra]
+
+
+def hellaswag_records(out_dir):
+    from conftest import read_metrics
+    return [{k: v for k, v in m.items() if k.startswith("hellaswag") or k == "step"}
+            for m in read_metrics(out_dir) if "val_loss" in m]
+
+
+def test_the_trainer_scores_hellaswag_at_every_evaluation_and_two_ranks_count_the_same(tmp_path):
+    from conftest import run_train
+    data = tmp_path / "hs.jsonl"
+    write_jsonl(data, random_items(12))
+    common = ["--hellaswag_data", data, "--hellaswag_examples", "10"]
+    single = run_train(*trainer_args(tmp_path / "one", *common, "--gradient_accumulation_steps", "2"))
+    assert single.returncode == 0, single.stderr
+    records = hellaswag_records(tmp_path / "one")
+    assert [r["step"] for r in records] == [0, 2] and all(r["hellaswag_n"] == 10 for r in records)
+    assert "hellaswag acc_norm" in single.stdout
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(REPO / "train_gpt2.py"),
+                          *map(str, trainer_args(tmp_path / "two", *common, "--gradient_accumulation_steps", "1"))],
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr
+    assert hellaswag_records(tmp_path / "two") == records
+
+
+def test_the_trainer_warns_once_and_trains_on_without_hellaswag_data(tmp_path):
+    from conftest import run_train
+    result = run_train(*trainer_args(tmp_path / "out", "--hellaswag_data", tmp_path / "missing.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("warning: HellaSwag is off for this run") == 1
+    assert hellaswag_records(tmp_path / "out") == [{"step": 0}, {"step": 2}]
+
+
+def test_eval_only_reports_hellaswag_for_a_checkpoint(tmp_path, trained_run):
+    from conftest import read_metrics, run_train
+    data = tmp_path / "hs.jsonl"
+    write_jsonl(data, random_items(6))
+    checkpoint = next(trained_run[0].glob("iter-8-*.pt"))
+    result = run_train(*trainer_args(tmp_path / "eval", "--eval_only", "True", "--init_from", checkpoint,
+                                     "--hellaswag_data", data))
+    assert result.returncode == 0, result.stderr
+    (record,) = read_metrics(tmp_path / "eval")
+    assert record["hellaswag_n"] == 6 and 0 <= record["hellaswag_acc_norm"] <= 1
