@@ -29,7 +29,7 @@ import sys
 import time
 import urllib.request
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,9 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fineweb import atomic_write, get_tokenizer
-
-# train_gpt2 is imported inside the functions that need it: it will import this module, and a top-level
-# import back would be circular.
+from train_gpt2 import (UserError, build_parser, flag, is_hf_model, load_model, make_autocast, resolve_device,
+                        resolve_dtype)
 
 # -----------------------------------------------------------------------------
 # The data: the split files, downloaded once and cached, read line by line
@@ -280,53 +279,8 @@ def evaluate(model, examples, device="cpu", batch_size=16, block_size=1024, auto
             "correct": correct, "correct_norm": correct_norm}
 
 
-def autocast_for(device, dtype):
-    """The autocast context for a dtype name ("float32" runs without one)."""
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
-
-
-# -----------------------------------------------------------------------------
-# The models the command line scores: transformers' GPT-2 or a checkpoint of train_gpt2.py
-
-
-def load_hf_model(name):
-    """A GPT2LMHeadModel from the hub (gpt2, gpt2-medium, ...) or a folder saved by save_pretrained, and its
-    context length."""
-    from transformers import GPT2LMHeadModel
-    try:
-        model = GPT2LMHeadModel.from_pretrained(name)
-    except Exception as e:  # transformers raises OSError, ValueError, hub errors ... for a missing or bad model
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise HellaSwagError(f"--model {name}: cannot be loaded ({reason}); pass gpt2, gpt2-medium, gpt2-large "
-                             f"or gpt2-xl (with a network) or a folder saved by save_pretrained") from None
-    return model, model.config.n_positions
-
-
-def load_checkpoint_model(path):
-    """This repo's GPT with a checkpoint's weights, and its block size."""
-    from train_gpt2 import GPT, GPTConfig, load_checkpoint
-    if not Path(path).is_file():
-        raise HellaSwagError(f"--checkpoint {path}: no such file; pass a checkpoint written by train_gpt2.py, "
-                             f"such as out/best_val_loss.pt")
-    checkpoint = load_checkpoint(path)
-    try:
-        model = GPT(GPTConfig(**checkpoint["model_args"]))
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, RuntimeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise HellaSwagError(f"--checkpoint {path}: its weights do not fit its model_args ({reason}); "
-                             f"pass a checkpoint written by train_gpt2.py") from None
-    return model, model.config.block_size
-
-
 # -----------------------------------------------------------------------------
 # The command line: one dataclass whose fields are the flags
-
-
-def flag(default, help):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -360,17 +314,8 @@ class HellaSwagConfig:
 
 
 def parse_args(argv=None):
-    from train_gpt2 import build_parser
     args = build_parser(HellaSwagConfig, __doc__.strip().splitlines()[0]).parse_args(argv)
     return HellaSwagConfig(**vars(args))
-
-
-def resolve_dtype(dtype, device):
-    if dtype != "auto":
-        return dtype
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
 
 
 def report_problems(problems, shown=10):
@@ -381,7 +326,6 @@ def report_problems(problems, shown=10):
 
 
 def run(config):
-    from train_gpt2 import resolve_device
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     source = config.data or config.split
@@ -390,13 +334,18 @@ def run(config):
     if not examples:
         raise HellaSwagError(f"no example of {source} can be scored ({len(problems)} lines skipped); "
                              f"pass a file in HellaSwag's format, with labels")
-    model, block_size = load_hf_model(config.model) if config.model else load_checkpoint_model(config.checkpoint)
-    model.to(device)
+    if config.model and not is_hf_model(config.model):
+        raise HellaSwagError(f"--model {config.model} cannot be loaded: pass gpt2, gpt2-medium, gpt2-large or "
+                             f"gpt2-xl (with a network) or a folder saved by save_pretrained")
+    if config.checkpoint and not Path(config.checkpoint).is_file():
+        raise HellaSwagError(f"--checkpoint {config.checkpoint}: no such file; pass a checkpoint written by "
+                             f"train_gpt2.py, such as out/best_val_loss.pt")
+    model = load_model(config.model or config.checkpoint, device)
     if config.compile:
         model = torch.compile(model)
     start = time.perf_counter()
-    result = evaluate(model, examples, device, config.batch_size, block_size, autocast_for(device, dtype),
-                      progress=True)
+    result = evaluate(model, examples, device, config.batch_size, model.config.block_size,
+                      make_autocast(device.split(":")[0], dtype), progress=True)
     seconds = time.perf_counter() - start  # evaluate's final .tolist() has waited for the device
     print(f"acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | n {result['n']} | "
           f"{config.model or config.checkpoint} on {source}, {dtype} on {device} | "
@@ -404,7 +353,6 @@ def run(config):
 
 
 def main(argv=None):
-    from train_gpt2 import UserError
     try:
         config = parse_args(argv)
         config.validate()
