@@ -12,9 +12,12 @@ Shard format (the same as llm.c's, so shards are interchangeable with it):
     body:   n_tokens little-endian uint16 token ids
 """
 
+import argparse
 import base64
+import dataclasses
 import os
 import tempfile
+from dataclasses import field
 from functools import lru_cache
 from pathlib import Path
 
@@ -126,3 +129,34 @@ def tokenize_document(text):
     tokens = [EOT_TOKEN]
     tokens.extend(get_tokenizer().encode_ordinary(text))
     return np.array(tokens, dtype=TOKEN_DTYPE)
+
+
+# -----------------------------------------------------------------------------
+# Command-line flags from a dataclass, shared with train_gpt2.py: each field is a flag, its help in metadata
+
+
+def flag(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+def parse_bool(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(config_class, description):
+    """An argparse parser with one --flag per dataclass field, its default and help shown by --help."""
+    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(config_class):
+        kind = parse_bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata.get("help", ""),
+                            metavar=f.name.upper() if kind is not parse_bool else "{True,False}")
+    return parser

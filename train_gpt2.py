@@ -10,7 +10,6 @@ Every flag is a field of TrainConfig below; `python train_gpt2.py --help` lists 
 Importing this file only defines things: `from train_gpt2 import GPT, GPTConfig`.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -20,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fineweb import ShardError, atomic_write, get_tokenizer, open_shard
+from fineweb import ShardError, atomic_write, build_parser, flag, get_tokenizer, open_shard
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass, whose fields are the command-line flags
@@ -37,10 +36,6 @@ from fineweb import ShardError, atomic_write, get_tokenizer, open_shard
 
 class UserError(ValueError):
     """Bad input from the user: main() prints the message (which names the fix) and exits non-zero."""
-
-
-def flag(default, help):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -104,29 +99,6 @@ class TrainConfig:
             raise UserError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
         if self.eval_only and self.init_from == "scratch":
             raise UserError("--eval_only True needs a checkpoint: pass --init_from resume or --init_from PATH")
-
-
-def parse_bool(text):
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser(config_class, description):
-    """An argparse parser with one --flag per dataclass field, its default and help shown by --help."""
-    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(config_class):
-        kind = parse_bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata.get("help", ""),
-                            metavar=f.name.upper() if kind is not parse_bool else "{True,False}")
-    return parser
 
 
 def parse_args(argv=None):
