@@ -18,9 +18,9 @@ Shard format (the same as llm.c's, so shards are interchangeable with it):
     header: 256 little-endian int32 = [MAGIC, VERSION, n_tokens, 0, 0, ...]   (1024 bytes)
     body:   n_tokens little-endian uint16 token ids
 
-manifest.json beside the shards names the source and settings and lists every shard with its token and
-document counts, and the stream position where it ends ("end": [document index, tokens of that document
-already written]), from which a rerun resumes. "complete" turns true when the run has finished.
+manifest.json beside the shards names the source and the settings, and lists every shard with its tokens,
+the documents that start in it, and the stream position where it ends ("end": [index of the next document,
+its tokens already written]), from which a rerun resumes. "complete" turns true when the run has finished.
 """
 
 import argparse
@@ -488,7 +488,11 @@ class ShardWriter:
         name = self.plan.name(self.index)
         path = self.out_dir / name
         if not shard_matches(path, tokens):
-            write_shard(path, tokens)
+            try:
+                write_shard(path, tokens)
+            except OSError as e:  # a full disk, most likely: sample-10BT takes ~20 GB
+                raise UserError(f"cannot write {path} ({e.strerror}): make room or pick another --out_dir, "
+                                f"then rerun the same command to resume") from None
         self.records.append({"name": name, "split": self.plan.split(self.index), "tokens": int(self.fill),
                              "documents": int(np.count_nonzero(tokens == EOT_TOKEN)),
                              "end": [self.document, self.token]})
