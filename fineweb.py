@@ -31,7 +31,6 @@ import dataclasses
 import glob
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import signal
@@ -371,10 +370,27 @@ def open_documents(config, files, builder, skip):
 # Tokenizing in a pool of processes
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def init_worker():
-    # Ctrl-C reaches the whole process group: the main process handles it, the workers just get terminated
+    # Ctrl-C reaches the whole process group: the main process handles it and shuts the pool down
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by submit(), see there
+
+
+def submit(executor, batch):
+    """executor.submit(tokenize_batch, batch) with Ctrl-C and kill held back until it returns: a worker it
+    starts inherits the blocked signals, so none reaches the worker before init_worker sets it to ignore them."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        return executor.submit(tokenize_batch, batch)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return executor.submit(tokenize_batch, batch)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def tokenize_batch(texts):
@@ -386,19 +402,29 @@ def tokenize_batch(texts):
 
 
 def tokenized(batches, num_proc):
-    """tokenize_batch of each batch, in order, on num_proc processes. At most two tasks per worker wait
-    ahead of the consumer: Pool.imap would read the whole stream into its queue as fast as the source gives."""
+    """tokenize_batch of each batch, in order, on num_proc processes. At most two tasks per process wait ahead
+    of the consumer: Pool.imap would read the whole stream into its queue as fast as the source gives it.
+    A ProcessPoolExecutor, not a multiprocessing.Pool: a Pool waits forever for a worker that died (the OOM
+    killer) and can deadlock in terminate() when it kills a worker that is sending a result."""
     if num_proc == 1:
         yield from map(tokenize_batch, batches)
         return
-    with multiprocessing.Pool(num_proc, initializer=init_worker) as pool:  # leaving it terminates the workers
-        pending = collections.deque()
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    executor = ProcessPoolExecutor(num_proc, initializer=init_worker)
+    pending = collections.deque()
+    try:
         for batch in batches:
-            pending.append(pool.apply_async(tokenize_batch, (batch,)))
+            pending.append(submit(executor, batch))
             if len(pending) > 2 * num_proc:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise UserError("a tokenizer process died (out of memory?): lower --num_proc, then rerun the same "
+                        "command to resume") from None
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)  # on an early stop, the running tasks finish first
 
 
 # -----------------------------------------------------------------------------
@@ -531,27 +557,35 @@ def settings_of(config, files):
 @contextlib.contextmanager
 def locked_out_dir(out_dir):
     """Create out_dir and hold a lock on it while shards are written, then clear the temporary files a killed
-    run left: two runs on one directory would delete each other's."""
+    run left: two runs on one directory would delete each other's. A run that fails before writing anything
+    takes the directory it created away again."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir {out_dir} is a file: pass a directory (it is created if missing)")
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = open(out_dir / ".lock", "a")
     except OSError as e:
         raise UserError(f"--out_dir {out_dir} cannot be written ({e.strerror}): pick a writable directory") from None
-    with lock:
-        try:
-            import fcntl
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass  # Windows: no lock
-        except BlockingIOError:
-            raise UserError(f"another fineweb.py is writing to {out_dir}: wait for it or pass another "
-                            f"--out_dir") from None
-        for tmp in out_dir.glob(".*.tmp"):  # atomic_write's temporary names
-            tmp.unlink()
-        yield out_dir
+    try:
+        with lock:
+            try:
+                import fcntl
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:
+                pass  # Windows: no lock
+            except BlockingIOError:
+                raise UserError(f"another fineweb.py is writing to {out_dir}: wait for it or pass another "
+                                f"--out_dir") from None
+            for tmp in out_dir.glob(".*.tmp"):  # atomic_write's temporary names
+                tmp.unlink()
+            yield out_dir
+    except BaseException:
+        if created and [p.name for p in out_dir.iterdir()] == [".lock"]:
+            (out_dir / ".lock").unlink()
+            out_dir.rmdir()
+        raise
 
 
 def read_manifest(out_dir, settings):
@@ -565,8 +599,9 @@ def read_manifest(out_dir, settings):
         raise UserError(f"{path} cannot be read ({e}): delete it and rerun") from None
     for key in SETTINGS:
         if manifest.get(key) != settings[key]:
-            raise UserError(f"{out_dir} holds shards made with other settings ({key} {manifest.get(key)} there, "
-                            f"{settings[key]} now): pass the same flags, another --out_dir, or delete {out_dir}")
+            there, now = (json.dumps(v)[:100] for v in (manifest.get(key), settings[key]))  # file lists run long
+            raise UserError(f"{out_dir} holds shards made with other settings ({key} {there} there, {now} now): "
+                            f"pass the same flags, another --out_dir, or delete {out_dir}")
     return manifest
 
 

@@ -319,7 +319,7 @@ def test_bad_input_gives_one_line_error(case, corpus, tmp_path):
     assert last.startswith(("error: ", "fineweb.py: error: ")) and needle in last, result.stderr
     if case != "data shorter than val":  # that one is found after the progress bars started
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert not list(tmp_path.rglob("*.bin"))
+    assert not list(tmp_path.rglob("*.bin")) and not (tmp_path / "edu_fineweb10B").exists()
 
 
 @pytest.mark.parametrize("error_class, needle", [
