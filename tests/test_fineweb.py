@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fineweb import (EOT_TOKEN, ShardPlan, ShardWriter, UserError, describe_load_error,  # noqa: E402
+from fineweb import (EOT_TOKEN, ShardPlan, ShardWriter, describe_load_error,  # noqa: E402
                      get_tokenizer, open_shard, read_shard_header, tokenize_document)
 
 SMALL = ["--shard_size", "20000", "--val_tokens", "20000", "--num_proc", "2"]
