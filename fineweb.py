@@ -1,8 +1,15 @@
 """
 FineWeb-Edu -> GPT-2 token shards, and the one owner of the shard format and the tokenizer.
 
-    python fineweb.py                                  # sample-10BT into ./edu_fineweb10B
-    python fineweb.py --data_files 'my/*.parquet'      # local files instead of the hub
+    python fineweb.py                                  # sample-10BT (~10B tokens) into ./edu_fineweb10B
+    python fineweb.py --data_files 'my/*.parquet'      # local .parquet/.jsonl/.txt files instead of the Hub
+    python fineweb.py --max_tokens 300_000_000         # a quick subset
+
+The documents are streamed through `datasets` (never held whole in memory nor stored twice), tokenized in a
+pool of processes with <|endoftext|> in front of each, and cut into shards of --shard_size tokens: the first
+--val_tokens tokens make the val shard(s), the rest the train shards, a document that does not fit carrying
+on into the next shard. A rerun skips the shards already written and resumes after them; the result is
+byte-identical to an uninterrupted run. `python fineweb.py --help` lists the flags.
 
 The trainer (train_gpt2.py) imports the shard format and the tokenizer from here, so there is exactly one
 place that knows how a shard looks on disk.
@@ -10,11 +17,27 @@ place that knows how a shard looks on disk.
 Shard format (the same as llm.c's, so shards are interchangeable with it):
     header: 256 little-endian int32 = [MAGIC, VERSION, n_tokens, 0, 0, ...]   (1024 bytes)
     body:   n_tokens little-endian uint16 token ids
+
+manifest.json beside the shards names the source and the settings, and lists every shard with its tokens,
+the documents that start in it, and the stream position where it ends ("end": [index of the next document,
+its tokens already written]), from which a rerun resumes. "complete" turns true when the run has finished.
 """
 
+import argparse
 import base64
+import collections
+import contextlib
+import dataclasses
+import glob
+import itertools
+import json
 import os
+import re
+import signal
+import sys
 import tempfile
+import time
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -126,3 +149,569 @@ def tokenize_document(text):
     tokens = [EOT_TOKEN]
     tokens.extend(get_tokenizer().encode_ordinary(text))
     return np.array(tokens, dtype=TOKEN_DTYPE)
+
+
+# -----------------------------------------------------------------------------
+# Command-line flags from a dataclass, shared with train_gpt2.py: each field is a flag, its help in metadata
+
+
+def flag(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+def parse_bool(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(config_class, description):
+    """An argparse parser with one --flag per dataclass field, its default and help shown by --help."""
+    # no abbreviations: a mistyped --learning_rat must be an error, not silently --learning_rate
+    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           allow_abbrev=False)
+    for f in dataclasses.fields(config_class):
+        kind = parse_bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata.get("help", ""),
+                            metavar=f.name.upper() if kind is not parse_bool else "{True,False}")
+    return parser
+
+
+# -----------------------------------------------------------------------------
+# This script's configuration
+
+MIN_SHARD_SIZE = 1024  # one GPT-2 context; below that the trainer could not take a single sequence from a shard
+MAX_SHARD_SIZE = 2**31 - 1  # the header's int32 token count
+
+
+class UserError(ValueError):
+    """Bad input from the user: main() prints the message (which names the fix) and exits non-zero."""
+
+
+@dataclass
+class FineWebConfig:
+    dataset: str = flag("HuggingFaceFW/fineweb-edu", "Hugging Face dataset to stream (HuggingFaceFW/fineweb works "
+                                                     "too); it also names the shards: edufineweb_*, fineweb_*")
+    name: str = flag("sample-10BT", "the dataset's configuration: sample-10BT (~10B tokens), sample-100BT, "
+                                    "sample-350BT or default (all of it)")
+    data_files: str = flag("", "read these local files instead of the Hub: .parquet, .jsonl/.json or .txt (one "
+                               "document per .txt file); a path or glob, several separated by commas; empty: the Hub")
+    text_column: str = flag("text", "the column holding each document's text")
+    out_dir: str = flag("edu_fineweb10B", "where the shards and manifest.json are written")
+    shard_size: int = flag(10**8, f"tokens per shard (2 bytes each), at least {MIN_SHARD_SIZE}; the trainer takes "
+                                  f"each batch from within one shard, so keep it far above a batch")
+    val_tokens: int = flag(10**8, "tokens in the val split, taken first from the stream: a fixed amount whatever "
+                                  "the dataset's size; 0 for none")
+    max_tokens: int = flag(0, "stop after this many tokens, val included, for a quick subset; 0 for all")
+    num_proc: int = flag(max(1, (os.cpu_count() or 1) // 2),
+                         "tokenizer processes; the default is half this machine's cores")
+
+    def validate(self):
+        """Raise UserError naming the problem and the fix; called before any work is done."""
+        if not MIN_SHARD_SIZE <= self.shard_size <= MAX_SHARD_SIZE:
+            raise UserError(f"--shard_size {self.shard_size} is out of range: pass {MIN_SHARD_SIZE} to "
+                            f"{MAX_SHARD_SIZE} tokens (the default 100000000 makes 200 MB shards)")
+        if self.val_tokens < 0:
+            raise UserError(f"--val_tokens must be 0 or more, got {self.val_tokens}")
+        if self.max_tokens < 0:
+            raise UserError(f"--max_tokens must be 0 (no limit) or more, got {self.max_tokens}")
+        if 0 < self.max_tokens <= self.val_tokens:
+            raise UserError(f"--max_tokens {self.max_tokens} leaves nothing for training after --val_tokens "
+                            f"{self.val_tokens}: raise --max_tokens or lower --val_tokens")
+        if self.num_proc < 1:
+            raise UserError(f"--num_proc must be 1 or more, got {self.num_proc}")
+        if not self.text_column:
+            raise UserError("--text_column is empty: name the column that holds the text, such as text")
+
+
+def parse_args(argv=None):
+    return FineWebConfig(**vars(build_parser(FineWebConfig, __doc__.strip().splitlines()[0]).parse_args(argv)))
+
+
+# -----------------------------------------------------------------------------
+# The source: documents streamed through `datasets`, from the Hub or from local files
+
+BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+BATCH_DOCS = 512  # documents per tokenizer task: ~2 MB of FineWeb text, a fraction of a second's work
+
+
+def resolve_data_files(data_files):
+    """The local files behind --data_files, sorted within each pattern so that the order (and so the shards)
+    never depends on the file system, and the `datasets` builder that reads them. ([], None) for the Hub."""
+    if not data_files:
+        return [], None
+    files = []
+    for pattern in (p.strip() for p in data_files.split(",") if p.strip()):
+        matches = [m for m in sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) if os.path.isfile(m)]
+        if not matches:
+            raise UserError(f"--data_files {pattern}: no such file; check the path or glob (quote globs so "
+                            f"the shell does not expand them)")
+        files += [m for m in matches if m not in files]
+    kinds = {}
+    for f in files:
+        suffix = Path(f).suffix.lower()
+        if suffix not in BUILDERS:
+            raise UserError(f"--data_files: {f} is not a .parquet, .jsonl, .json or .txt file; convert it or "
+                            f"leave it out")
+        kinds.setdefault(BUILDERS[suffix], f)
+    if len(kinds) > 1:
+        raise UserError(f"--data_files mixes {' and '.join(kinds)} files ({', '.join(kinds.values())}): "
+                        f"make the shards from one kind")
+    return files, next(iter(kinds))
+
+
+def describe_load_error(error, source, hub):
+    """One line for an exception from `datasets` or the Hub, naming the problem and the fix. The Hub's
+    exception classes are matched by name: which ones get raised varies with the library versions."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    offline_hint = ("download the dataset's parquet files on a machine with network access and pass "
+                    "--data_files 'DIR/*.parquet'")
+    if hub and ("OfflineModeIsEnabled" in names or "OfflineModeIsEnabled" in str(error)):
+        return (f"cannot stream {source}: offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set), so "
+                f"the Hugging Face Hub cannot be reached; unset it, or {offline_hint}")
+    if hub and names & {"DatasetNotFoundError", "RepositoryNotFoundError", "EntryNotFoundError"}:
+        return (f"{source} was not found on the Hugging Face Hub ({message}); check --dataset and --name, "
+                f"e.g. HuggingFaceFW/fineweb-edu with sample-10BT")
+    if hub and "BuilderConfig" in message:
+        return f"--name is not a configuration of {source}: {message}"
+    if hub and any("Connection" in n or "Timeout" in n or n == "LocalEntryNotFoundError" for n in names):
+        return (f"cannot reach the Hugging Face Hub to stream {source} ({message}); check the network "
+                f"connection, or {offline_hint}")
+    if hub and "HfHubHTTPError" in names:
+        return f"the Hugging Face Hub refused {source}: {message}"
+    return f"cannot read {source}: {type(error).__name__}: {message}"
+
+
+def load_stream(config, files, builder):
+    """The IterableDataset of the documents, in a fixed order."""
+    # `datasets` would import torch (2 s, and a bigger process to fork) only to share an epoch counter with
+    # torch DataLoader workers, which are not used here
+    os.environ.setdefault("USE_TORCH", "0")
+    import datasets
+    import huggingface_hub
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()  # retry warnings would bury the one-line error
+    if files:
+        source = f"--data_files {config.data_files}"
+        extra = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is a document, not a line
+        make = lambda: datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+    else:
+        source = f"{config.dataset} ({config.name})"
+        print(f"streaming {source} from the Hugging Face Hub")
+        make = lambda: datasets.load_dataset(config.dataset, name=config.name or None, split="train", streaming=True)
+    try:
+        ds = make()
+    except Exception as e:
+        raise UserError(describe_load_error(e, source, hub=not files)) from None
+    if ds.column_names is not None:
+        if config.text_column not in ds.column_names:
+            raise UserError(f"{source} has no column {config.text_column!r}, only {ds.column_names}: "
+                            f"pass --text_column NAME")
+        ds = ds.select_columns([config.text_column])
+    return ds.with_format("arrow"), source  # Arrow batches: no Python object per document in this process
+
+
+def document_batches(ds, source, column, skip, hub):
+    """The texts as Arrow string arrays of up to BATCH_DOCS documents, less the first `skip` documents,
+    which a resumed run has already written. Skipping costs reading them, not tokenizing them."""
+    import pyarrow as pa
+    batches = iter(ds.iter(batch_size=BATCH_DOCS))
+    checked = False
+    while True:
+        try:
+            table = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise UserError(describe_load_error(e, source, hub) + "; the shards written so far are kept: "
+                            "rerun the same command to resume") from None
+        if not checked:
+            check_text_column(table, source, column)
+            checked = True
+        if table.num_rows <= skip:
+            skip -= table.num_rows
+            continue
+        texts = table.column(column).slice(skip)
+        skip = 0
+        # a compact copy: a pickled slice would carry its whole parent buffer to the worker
+        yield pa.concat_arrays(texts.chunks)
+
+
+def check_text_column(table, source, column):
+    import pyarrow as pa
+    if column not in table.column_names:
+        raise UserError(f"{source} has no column {column!r}, only {table.column_names}: pass --text_column NAME")
+    kind = table.schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"column {column!r} of {source} holds {kind}, not text: pass --text_column NAME")
+
+
+def open_documents(config, files, builder, skip):
+    """(batches of texts, their source's name, its document count or None), the first batch already read so
+    that a wrong column or an unreachable Hub is reported before any work starts."""
+    ds, source = load_stream(config, files, builder)
+    batches = document_batches(ds, source, config.text_column, skip, hub=not files)
+    first = next(batches, None)
+    try:
+        total = ds.info.splits["train"].num_examples
+    except (AttributeError, KeyError, TypeError):
+        total = None
+    return itertools.chain([first] if first is not None else [], batches), source, total
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing in a pool of processes
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def init_worker():
+    # Ctrl-C reaches the whole process group: the main process handles it and shuts the pool down
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by submit(), see there
+
+
+def submit(executor, batch):
+    """executor.submit(tokenize_batch, batch) with Ctrl-C and kill held back until it returns: a worker it
+    starts inherits the blocked signals, so none reaches the worker before init_worker sets it to ignore them."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        return executor.submit(tokenize_batch, batch)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return executor.submit(tokenize_batch, batch)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def tokenize_batch(texts):
+    """Worker: an Arrow array of texts -> (their tokens end to end, (n,) uint16; each one's count, (docs,) int64).
+    Two arrays each way keep the inter-process traffic to a few buffers per batch."""
+    docs = [tokenize_document(text or "") for text in texts.to_pylist()]  # a null text is an empty document
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    return (np.concatenate(docs) if docs else np.empty(0, TOKEN_DTYPE)), lengths
+
+
+def tokenized(batches, num_proc):
+    """tokenize_batch of each batch, in order, on num_proc processes. At most two tasks per process wait ahead
+    of the consumer: Pool.imap would read the whole stream into its queue as fast as the source gives it.
+    A ProcessPoolExecutor, not a multiprocessing.Pool: a Pool waits forever for a worker that died (the OOM
+    killer) and can deadlock in terminate() when it kills a worker that is sending a result."""
+    if num_proc == 1:
+        yield from map(tokenize_batch, batches)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    executor = ProcessPoolExecutor(num_proc, initializer=init_worker)
+    pending = collections.deque()
+    try:
+        for batch in batches:
+            pending.append(submit(executor, batch))
+            if len(pending) > 2 * num_proc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise UserError("a tokenizer process died (out of memory?): lower --num_proc, then rerun the same "
+                        "command to resume") from None
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)  # on an early stop, the running tasks finish first
+
+
+# -----------------------------------------------------------------------------
+# Cutting the token stream into shards
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Shard i's name and size: the first val_tokens tokens go to val shards, the rest to train shards, all
+    numbered in one sequence (val first) and all shard_size tokens except each split's last."""
+    prefix: str
+    shard_size: int
+    val_tokens: int
+
+    @property
+    def val_shards(self):
+        return -(-self.val_tokens // self.shard_size)
+
+    def split(self, index):
+        return "val" if index < self.val_shards else "train"
+
+    def name(self, index):
+        return f"{self.prefix}_{self.split(index)}_{index:06d}.bin"
+
+    def size(self, index):
+        """Shard index's tokens when the data does not run out first."""
+        if index < self.val_shards:
+            return min(self.shard_size, self.val_tokens - index * self.shard_size)
+        return self.shard_size
+
+
+def shard_prefix(dataset):
+    """edufineweb for FineWeb-Edu, fineweb for FineWeb, else the dataset's name in letters and digits."""
+    base = dataset.rstrip("/").split("/")[-1].lower()
+    prefix = "edufineweb" if base == "fineweb-edu" else re.sub(r"[^a-z0-9]", "", base)
+    # the trainer tells the splits apart by "train" and "val" in the file name
+    return "data" if not prefix or "train" in prefix or "val" in prefix else prefix
+
+
+def shard_matches(path, tokens):
+    """Whether path already holds exactly these tokens (a rerun then leaves it alone)."""
+    try:
+        return read_shard_header(path) == len(tokens) and np.array_equal(open_shard(path), tokens)
+    except (OSError, ShardError):
+        return False
+
+
+class ShardWriter:
+    """Takes tokenized documents in stream order and writes each planned shard as soon as it is full.
+    Keeps the stream position of the next token, (document index, tokens of it already written), which each
+    shard's record stores as its "end" so that a rerun can start there."""
+
+    def __init__(self, out_dir, plan, limit, records, on_shard, bar):
+        self.out_dir, self.plan, self.limit = Path(out_dir), plan, limit
+        self.records, self.on_shard, self.bar = list(records), on_shard, bar
+        self.document, self.token = self.records[-1]["end"] if self.records else (0, 0)
+        self.written = sum(r["tokens"] for r in self.records)
+        self.buffer = np.empty(plan.shard_size, dtype=TOKEN_DTYPE)
+        self.start_shard()
+
+    def start_shard(self):
+        self.index, self.fill = len(self.records), 0
+        self.target = min(self.plan.size(self.index), self.limit - self.written)
+        self.bar.reset(total=self.target)
+        self.bar.set_description(self.plan.name(self.index))
+
+    @property
+    def done(self):
+        return self.target == 0  # --max_tokens reached
+
+    def add(self, tokens, lengths):
+        """Take the tokens (n,) of whole documents (their lengths (docs,)), the first being self.document."""
+        ends = np.cumsum(lengths)
+        first, p = self.document, self.token  # after a resume, the first document's head is in the last shard
+        while p < len(tokens) and not self.done:
+            n = min(self.target - self.fill, len(tokens) - p)
+            self.buffer[self.fill:self.fill + n] = tokens[p:p + n]
+            self.fill, p = self.fill + n, p + n
+            self.bar.update(n)
+            k = int(np.searchsorted(ends, p, side="right"))  # documents of this batch written whole
+            self.document, self.token = first + k, p - (int(ends[k - 1]) if k else 0)
+            if self.fill == self.target:
+                self.flush()
+
+    def flush(self):
+        tokens = self.buffer[:self.fill]
+        name = self.plan.name(self.index)
+        path = self.out_dir / name
+        if not shard_matches(path, tokens):
+            try:
+                write_shard(path, tokens)
+            except OSError as e:  # a full disk, most likely: sample-10BT takes ~20 GB
+                raise UserError(f"cannot write {path} ({e.strerror}): make room or pick another --out_dir, "
+                                f"then rerun the same command to resume") from None
+        self.records.append({"name": name, "split": self.plan.split(self.index), "tokens": int(self.fill),
+                             "documents": int(np.count_nonzero(tokens == EOT_TOKEN)),
+                             "end": [self.document, self.token]})
+        self.written += self.fill
+        self.on_shard(self.records)
+        self.start_shard()
+
+    def finish(self):
+        """Write the last, partly filled shard; the records of all shards."""
+        if self.index < self.plan.val_shards:
+            raise UserError(f"the data ran out after {self.written + self.fill} tokens, within the val split: "
+                            f"lower --val_tokens (now {self.plan.val_tokens}) or give more data")
+        if self.fill:
+            self.flush()
+        if not self.records:
+            raise UserError("the data holds no documents: check --data_files or --dataset")
+        return self.records
+
+
+# -----------------------------------------------------------------------------
+# The output directory and its manifest
+
+MANIFEST = "manifest.json"
+SETTINGS = ("source", "text_column", "tokenizer", "shard_size", "val_tokens", "shard_format")
+
+
+def settings_of(config, files):
+    """What decides the shards' contents: a rerun resumes only into a directory made with the same."""
+    source = ({"dataset": config.dataset, "name": None, "data_files": files} if files
+              else {"dataset": config.dataset, "name": config.name, "data_files": None})
+    return {"source": source, "text_column": config.text_column, "tokenizer": "gpt2 (tiktoken), <|endoftext|> "
+            "before each document", "shard_size": config.shard_size, "val_tokens": config.val_tokens,
+            "shard_format": [MAGIC, VERSION]}
+
+
+@contextlib.contextmanager
+def locked_out_dir(out_dir):
+    """Create out_dir and hold a lock on it while shards are written, then clear the temporary files a killed
+    run left: two runs on one directory would delete each other's. A run that fails before writing anything
+    takes the directory it created away again."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file: pass a directory (it is created if missing)")
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / ".lock", "a")
+    except OSError as e:
+        raise UserError(f"--out_dir {out_dir} cannot be written ({e.strerror}): pick a writable directory") from None
+    try:
+        with lock:
+            try:
+                import fcntl
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:
+                pass  # Windows: no lock
+            except BlockingIOError:
+                raise UserError(f"another fineweb.py is writing to {out_dir}: wait for it or pass another "
+                                f"--out_dir") from None
+            for tmp in out_dir.glob(".*.tmp"):  # atomic_write's temporary names
+                tmp.unlink()
+            yield out_dir
+    except BaseException:
+        if created and [p.name for p in out_dir.iterdir()] == [".lock"]:
+            (out_dir / ".lock").unlink()
+            out_dir.rmdir()
+        raise
+
+
+def read_manifest(out_dir, settings):
+    """The manifest of an earlier run into out_dir, None if there is none; made with other settings, an error."""
+    path = out_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e}): delete it and rerun") from None
+    for key in SETTINGS:
+        if manifest.get(key) != settings[key]:
+            there, now = (json.dumps(v)[:100] for v in (manifest.get(key), settings[key]))  # file lists run long
+            raise UserError(f"{out_dir} holds shards made with other settings ({key} {there} there, {now} now): "
+                            f"pass the same flags, another --out_dir, or delete {out_dir}")
+    return manifest
+
+
+def resumable_records(manifest, out_dir, plan, limit):
+    """The leading shards of an earlier run that need no work: full size, intact on disk, within the limit."""
+    records, written = [], 0
+    for i, record in enumerate(manifest["shards"] if manifest else []):
+        written += record["tokens"]
+        if (record["name"] != plan.name(i) or record["tokens"] != plan.size(i) or written > limit
+                or not shard_valid(out_dir / record["name"], record["tokens"])):
+            break
+        records.append(record)
+    return records
+
+
+def shard_valid(path, n_tokens):
+    try:
+        return read_shard_header(path) == n_tokens
+    except (OSError, ShardError):
+        return False
+
+
+def write_manifest(out_dir, settings, records, max_tokens, complete):
+    splits = {s: sum(r["tokens"] for r in records if r["split"] == s) for s in ("val", "train")}
+    manifest = {**settings, "max_tokens": max_tokens, "complete": complete,
+                "documents": sum(r["documents"] for r in records),
+                "tokens": {**splits, "total": sum(splits.values())}, "shards": records}
+    atomic_write(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+
+def is_up_to_date(manifest, out_dir, max_tokens):
+    return (manifest is not None and manifest["complete"] and manifest["max_tokens"] == max_tokens
+            and all(shard_valid(out_dir / r["name"], r["tokens"]) for r in manifest["shards"]))
+
+
+def stray_shards(out_dir, records):
+    """Shard files the trainer would read that this run did not make (an earlier run with other flags)."""
+    ours = {r["name"] for r in records}
+    return sorted(p.name for p in out_dir.glob("*.bin") if not p.name.startswith(".") and p.name not in ours
+                  and ("train" in p.name or "val" in p.name))
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+
+def run(config):
+    files, builder = resolve_data_files(config.data_files)
+    plan = ShardPlan(shard_prefix(config.dataset), config.shard_size, config.val_tokens)
+    settings = settings_of(config, files)
+    limit = config.max_tokens or sys.maxsize
+    with locked_out_dir(config.out_dir) as out_dir:
+        manifest = read_manifest(out_dir, settings)
+        if is_up_to_date(manifest, out_dir, config.max_tokens):
+            print(f"{out_dir} is complete ({len(manifest['shards'])} shards, {manifest['tokens']['total']:,} "
+                  f"tokens): nothing to do")
+            return
+        records = resumable_records(manifest, out_dir, plan, limit)
+        skip = records[-1]["end"][0] if records else 0
+        if records:
+            print(f"resuming after {len(records)} shards already in {out_dir}, at document {skip:,}")
+        start, tokens_before = time.perf_counter(), sum(r["tokens"] for r in records)
+        get_tokenizer()  # built once, before the pool forks, so the workers inherit it
+        batches, source, total_docs = open_documents(config, files, builder, skip)
+        save = lambda recs: write_manifest(out_dir, settings, recs, config.max_tokens, complete=False)
+        records = write_shards(batches, out_dir, plan, limit, records, save, config.num_proc, skip, total_docs)
+        write_manifest(out_dir, settings, records, config.max_tokens, complete=True)
+        elapsed = time.perf_counter() - start
+    tokens, documents = sum(r["tokens"] for r in records), sum(r["documents"] for r in records)
+    print(f"{out_dir}: {len(records)} shards, {tokens:,} tokens from {documents:,} documents of {source}")
+    print(f"this run: {tokens - tokens_before:,} tokens in {elapsed:.1f} s, {(tokens - tokens_before) / elapsed:,.0f} "
+          f"tokens/s with {config.num_proc} tokenizer process(es)")
+    stray = stray_shards(out_dir, records)
+    if stray:
+        print(f"warning: {out_dir} also holds {len(stray)} shard files this run did not make ({stray[0]}, ...), "
+              f"which the trainer would read: delete them", file=sys.stderr)
+
+
+def write_shards(batches, out_dir, plan, limit, records, save, num_proc, skip, total_docs):
+    """Tokenize the batches and cut them into shards; the records of all shards."""
+    from tqdm import tqdm
+    with tqdm(total=total_docs, initial=skip, unit="docs", desc="documents", position=0, dynamic_ncols=True) as docs, \
+            tqdm(unit="tok", unit_scale=True, position=1, leave=False, dynamic_ncols=True) as shard_bar:
+        writer = ShardWriter(out_dir, plan, limit, records, save, shard_bar)
+        with contextlib.closing(tokenized(batches, num_proc)) as results:
+            for tokens, lengths in results:
+                writer.add(tokens, lengths)
+                docs.update(len(lengths))
+                if writer.done:
+                    break
+        return writer.finish()
+
+
+def main(argv=None):
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill cleans up like Ctrl-C
+    try:
+        config = parse_args(argv)
+        config.validate()
+        run(config)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: no partial shard was left; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    main()

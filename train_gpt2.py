@@ -11,7 +11,6 @@ The model itself lives in model.py (as nanoGPT keeps model.py beside train.py) a
 Importing this file only defines things: `from train_gpt2 import GPT, GPTConfig`.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -23,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +30,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from fineweb import ShardError, atomic_write, get_tokenizer, open_shard, read_shard_header
+from fineweb import ShardError, atomic_write, build_parser, flag, get_tokenizer, open_shard, read_shard_header
 from model import GPT, GPTConfig, UserError, export_hf, is_hf_model  # noqa: F401 (GPT, GPTConfig: re-exported)
 
 # -----------------------------------------------------------------------------
-# Configuration: one dataclass, whose fields are the command-line flags
-
-
-def flag(default, help):
-    return field(default=default, metadata={"help": help})
+# Configuration: one dataclass, whose fields are the command-line flags (parser: fineweb.build_parser)
 
 
 @dataclass
@@ -115,30 +110,6 @@ class TrainConfig:
             raise UserError("--eval_only True needs a checkpoint: pass --init_from resume or --init_from PATH")
         if self.export_hf and self.init_from == "scratch":
             raise UserError("--export_hf needs a model to export: pass --init_from CHECKPOINT (or resume, gpt2, ...)")
-
-
-def parse_bool(text):
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser(config_class, description):
-    """An argparse parser with one --flag per dataclass field, its default and help shown by --help."""
-    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                           allow_abbrev=False)
-    for f in dataclasses.fields(config_class):
-        kind = parse_bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata.get("help", ""),
-                            metavar=f.name.upper() if kind is not parse_bool else "{True,False}")
-    return parser
 
 
 def parse_args(argv=None):

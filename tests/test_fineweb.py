@@ -1,0 +1,334 @@
+"""
+Tests of fineweb.py, on the CPU and offline: the tokenizer, shards made from local parquet/jsonl/txt files
+decoding back to the documents, a killed run resumed into the same bytes, the trainer reading the result, and
+one-line errors for bad input. The corpus is input.txt (tiny Shakespeare) cut into documents at blank lines.
+
+    python -m pytest -q tests/test_fineweb.py
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fineweb import (EOT_TOKEN, ShardPlan, ShardWriter, describe_load_error,  # noqa: E402
+                     get_tokenizer, open_shard, read_shard_header, tokenize_document)
+
+SMALL = ["--shard_size", "20000", "--val_tokens", "20000", "--num_proc", "2"]
+
+
+def shakespeare_documents():
+    return (REPO / "input.txt").read_text(encoding="utf-8").split("\n\n")
+
+
+def write_parquet(path, docs):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": docs, "id": list(range(len(docs)))}), path, row_group_size=1000)
+
+
+def write_jsonl(path, docs):
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}) + "\n")
+
+
+def fineweb(*args, cwd, env=None, timeout=120):
+    return subprocess.run([sys.executable, str(REPO / "fineweb.py"), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def shard_paths(out_dir):
+    return sorted(Path(out_dir).glob("*.bin"), key=lambda p: p.name.split("_")[-1])  # by index
+
+
+def all_tokens(out_dir):
+    return np.concatenate([np.array(open_shard(p)) for p in shard_paths(out_dir)])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """input.txt's documents as two parquet files and one jsonl file."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = shakespeare_documents()
+    half = len(docs) // 2
+    write_parquet(root / "part-0.parquet", docs[:half])
+    write_parquet(root / "part-1.parquet", docs[half:])
+    write_jsonl(root / "docs.jsonl", docs)
+    return root, docs
+
+
+@pytest.fixture(scope="module")
+def parquet_shards(corpus, tmp_path_factory):
+    root, _ = corpus
+    cwd = tmp_path_factory.mktemp("parquet_run")
+    result = fineweb("--data_files", root / "part-*.parquet", "--out_dir", "shards", *SMALL, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd / "shards"
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer and the module
+
+
+def test_tokenizer_matches_gpt2():
+    enc = get_tokenizer()
+    assert enc.encode_ordinary("Hello, I'm a language model,") == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    assert len(enc.encode_ordinary((REPO / "input.txt").read_text(encoding="utf-8"))) == 338_025
+    assert tokenize_document("Hi")[0] == EOT_TOKEN
+
+
+def test_import_does_no_work(tmp_path):
+    code = "import sys, fineweb; print(sorted(m for m in ('datasets', 'tqdm', 'torch') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0 and result.stdout == "[]\n" and result.stderr == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_every_flag_with_its_default(tmp_path):
+    result = fineweb("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for name in ("dataset", "name", "data_files", "text_column", "out_dir", "shard_size", "val_tokens",
+                 "max_tokens", "num_proc"):
+        assert f"--{name}" in result.stdout
+    assert "(default: HuggingFaceFW/fineweb-edu)" in result.stdout and "(default: 100000000)" in result.stdout
+
+
+# -----------------------------------------------------------------------------
+# Shards from local files
+
+
+def test_shards_decode_to_the_documents(parquet_shards, corpus):
+    _, docs = corpus
+    paths = shard_paths(parquet_shards)
+    assert [p.name for p in paths[:2]] == ["edufineweb_val_000000.bin", "edufineweb_train_000001.bin"]
+    assert [int(p.stem.split("_")[-1]) for p in paths] == list(range(len(paths)))
+
+    tokens = all_tokens(parquet_shards)
+    assert np.array_equal(tokens, np.concatenate([tokenize_document(d) for d in docs]))
+    starts = np.flatnonzero(tokens == EOT_TOKEN)
+    assert starts[0] == 0 and len(starts) == len(docs)
+    enc = get_tokenizer()
+    assert [enc.decode(piece[1:].tolist()) for piece in np.split(tokens, starts[1:])] == docs
+
+
+def test_counts_add_up(parquet_shards, corpus):
+    _, docs = corpus
+    manifest = json.loads((parquet_shards / "manifest.json").read_text())
+    paths = shard_paths(parquet_shards)
+    sizes = [read_shard_header(p) for p in paths]
+    assert manifest["complete"] and [s["name"] for s in manifest["shards"]] == [p.name for p in paths]
+    assert [s["tokens"] for s in manifest["shards"]] == sizes
+    assert sizes[0] == 20000 == manifest["tokens"]["val"]
+    assert all(s == 20000 for s in sizes[1:-1]) and 0 < sizes[-1] <= 20000
+    assert sum(sizes) == manifest["tokens"]["total"] == sum(len(tokenize_document(d)) for d in docs)
+    assert manifest["documents"] == len(docs) == sum(s["documents"] for s in manifest["shards"])
+    assert manifest["shards"][-1]["end"] == [len(docs), 0]
+    assert len(manifest["source"]["data_files"]) == 2 and manifest["shard_size"] == 20000
+
+
+def test_jsonl_gives_the_same_shards(parquet_shards, corpus, tmp_path):
+    root, _ = corpus
+    result = fineweb("--data_files", root / "docs.jsonl", "--out_dir", "shards", *SMALL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in shard_paths(tmp_path / "shards")] == [p.name for p in shard_paths(parquet_shards)]
+    for ours, theirs in zip(shard_paths(tmp_path / "shards"), shard_paths(parquet_shards)):
+        assert ours.read_bytes() == theirs.read_bytes(), ours.name
+
+
+def test_each_txt_file_is_one_document(tmp_path):
+    texts = ["First file.\n\nStill the first.\n", "Second file, " * 5000]
+    for i, text in enumerate(texts):
+        (tmp_path / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    result = fineweb("--data_files", "doc*.txt", "--out_dir", "shards", "--shard_size", "2000", "--val_tokens", "2000",
+                     "--num_proc", "1", "--dataset", "HuggingFaceFW/fineweb", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert shard_paths(tmp_path / "shards")[0].name == "fineweb_val_000000.bin"
+    tokens = all_tokens(tmp_path / "shards")
+    assert np.array_equal(tokens, np.concatenate([tokenize_document(t) for t in texts]))
+
+
+def test_max_tokens_takes_a_prefix(parquet_shards, corpus, tmp_path):
+    root, _ = corpus
+    result = fineweb("--data_files", root / "part-*.parquet", "--out_dir", "shards", "--max_tokens", "50000", *SMALL,
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [read_shard_header(p) for p in shard_paths(tmp_path / "shards")] == [20000, 20000, 10000]
+    assert np.array_equal(all_tokens(tmp_path / "shards"), all_tokens(parquet_shards)[:50000])
+
+
+def test_complete_run_is_left_alone_and_other_settings_refused(parquet_shards, corpus):
+    root, _ = corpus
+    before = {p.name: p.stat().st_mtime_ns for p in shard_paths(parquet_shards)}
+    result = fineweb("--data_files", root / "part-*.parquet", "--out_dir", parquet_shards, *SMALL, cwd=root)
+    assert result.returncode == 0 and "nothing to do" in result.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in shard_paths(parquet_shards)} == before
+    result = fineweb("--data_files", root / "part-*.parquet", "--out_dir", parquet_shards, "--shard_size", "30000",
+                     "--val_tokens", "20000", cwd=root)
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "shard_size" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------
+# Resuming
+
+
+class NoBar:
+    def reset(self, total=None): pass
+    def set_description(self, text): pass
+    def update(self, n): pass
+
+
+def test_writer_resumes_from_any_shard_end(tmp_path):
+    """Shards of 7 tokens over documents of 1 to 12 tokens (every boundary case): resuming from the end of
+    any shard, skipping the documents it records, writes the same shards as one pass."""
+    rng = np.random.default_rng(0)
+    docs = [np.concatenate([[EOT_TOKEN], rng.integers(0, 50000, n)]).astype(np.uint16) for n in rng.integers(0, 12, 30)]
+    plan = ShardPlan("test", shard_size=7, val_tokens=10)
+
+    def write(out_dir, records):
+        out_dir.mkdir()
+        writer = ShardWriter(out_dir, plan, sys.maxsize, records, lambda r: None, NoBar())
+        skip = records[-1]["end"][0] if records else 0
+        for i in range(skip, len(docs), 5):
+            batch = docs[i:i + 5]
+            writer.add(np.concatenate(batch), np.array([len(d) for d in batch]))
+        return writer.finish()
+
+    full = write(tmp_path / "full", [])
+    expected = np.concatenate(docs)
+    assert np.array_equal(all_tokens(tmp_path / "full"), expected)
+    assert {r["end"][1] == 0 for r in full[:-1]} == {True, False}  # shards that end between and within documents
+    for k in range(1, len(full)):
+        out_dir = tmp_path / f"from{k}"
+        records = write(out_dir, full[:k])
+        assert records == full
+        assert all(np.array_equal(open_shard(out_dir / r["name"]), open_shard(tmp_path / "full" / r["name"]))
+                   for r in full[k:])
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory):
+    """A corpus long enough (~1.3M tokens, 66 shards) to be caught part way, and its shards from one clean run."""
+    root = tmp_path_factory.mktemp("long_run")
+    write_parquet(root / "long.parquet", shakespeare_documents() * 4)
+    args = ["--data_files", root / "long.parquet", *SMALL]
+    clean = fineweb(*args, "--out_dir", "clean", cwd=root)
+    assert clean.returncode == 0, clean.stderr
+    return args, root / "clean"
+
+
+def start_and_stop(args, out_dir, cwd, sig):
+    """Run fineweb.py in its own process group and send sig to the whole group (the pool's workers too, as
+    Ctrl-C in a terminal or a machine going away would) once the second shard exists."""
+    process = subprocess.Popen([sys.executable, str(REPO / "fineweb.py"), *map(str, args), "--out_dir", out_dir],
+                               cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    second = cwd / out_dir / "edufineweb_train_000001.bin"
+    deadline = time.monotonic() + 60
+    while not second.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(process.pid, sig)
+    _, stderr = process.communicate(timeout=60)
+    manifest = json.loads((cwd / out_dir / "manifest.json").read_text())
+    assert not manifest["complete"], "the run finished before it was stopped: make the corpus longer"
+    for path in shard_paths(cwd / out_dir):
+        read_shard_header(path)  # every shard under a final name is whole
+    return process.returncode, stderr
+
+
+def test_killed_run_resumes_to_the_same_bytes(long_run, tmp_path):
+    args, clean = long_run
+    start_and_stop(args, "killed", tmp_path, signal.SIGKILL)
+    resumed = fineweb(*args, "--out_dir", "killed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after" in resumed.stdout
+    names = sorted(p.name for p in clean.iterdir())
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == names  # no temporary files left
+    for name in names:
+        assert (tmp_path / "killed" / name).read_bytes() == (clean / name).read_bytes(), name
+
+
+def test_ctrl_c_stops_cleanly(long_run, tmp_path):
+    args, _ = long_run
+    returncode, stderr = start_and_stop(args, "stopped", tmp_path, signal.SIGINT)
+    assert returncode == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: no partial shard")
+    assert not [p.name for p in (tmp_path / "stopped").iterdir() if p.name.endswith(".tmp")]
+
+
+# -----------------------------------------------------------------------------
+# The trainer reads the shards
+
+
+def test_trainer_trains_on_the_shards(parquet_shards, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train_gpt2.py"), "--data", str(parquet_shards), "--device", "cpu",
+         "--compile", "False", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32",
+         "--batch_size", "2", "--gradient_accumulation_steps", "1", "--max_iters", "3", "--eval_interval", "3",
+         "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "1", "--lr_decay_iters", "3",
+         "--out_dir", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in m for m in metrics) and any("train_loss" in m for m in metrics)
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line on stderr that names the problem and the fix, and a non-zero exit
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+BAD_INPUTS = {
+    "hub unreachable": ([], "--data_files"),
+    "unknown dataset": (["--dataset", "nobody/no-such-dataset"], "--data_files"),
+    "missing files": (["--data_files", "missing/*.parquet"], "no such file"),
+    "unknown file kind": (["--data_files", "notes.csv"], ".parquet"),
+    "missing text column": (["--data_files", "{corpus}/part-0.parquet", "--text_column", "body"], "'body'"),
+    "column not text": (["--data_files", "{corpus}/part-0.parquet", "--text_column", "id"], "not text"),
+    "out_dir is a file": (["--data_files", "{corpus}/docs.jsonl", "--out_dir", "notes.csv"], "is a file"),
+    "shard_size too small": (["--shard_size", "10"], "--shard_size"),
+    "shard_size not a number": (["--shard_size", "many"], "--shard_size"),
+    "negative val_tokens": (["--val_tokens", "-1"], "--val_tokens"),
+    "max_tokens within val": (["--max_tokens", "1000", "--val_tokens", "1000"], "--max_tokens"),
+    "no processes": (["--num_proc", "0"], "--num_proc"),
+    "data shorter than val": (["--data_files", "{corpus}/part-0.parquet", "--val_tokens", "10000000"],
+                              "--val_tokens"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gives_one_line_error(case, corpus, tmp_path):
+    args, needle = BAD_INPUTS[case]
+    (tmp_path / "notes.csv").write_text("text\nhello\n")
+    args = [a.replace("{corpus}", str(corpus[0])) for a in args]
+    # offline throughout: a case that reached for the Hub by mistake fails fast instead of retrying for minutes
+    result = fineweb("--num_proc", "1", *args, cwd=tmp_path, env={**os.environ, **OFFLINE}, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(("error: ", "fineweb.py: error: ")) and needle in last, result.stderr
+    if case != "data shorter than val":  # that one is found after the progress bars started
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not list(tmp_path.rglob("*.bin")) and not (tmp_path / "edu_fineweb10B").exists()
+
+
+@pytest.mark.parametrize("error_class, needle", [
+    ("DatasetNotFoundError", "not found on the Hugging Face Hub"),
+    ("ConnectionError", "cannot reach the Hugging Face Hub"),
+    ("ReadTimeout", "cannot reach the Hugging Face Hub"),
+    ("HfHubHTTPError", "refused"),
+])
+def test_hub_errors_are_named(error_class, needle):
+    error = type(error_class, (Exception,), {})("the library's message\nsecond line")
+    message = describe_load_error(error, "HuggingFaceFW/fineweb-edu (sample-10BT)", hub=True)
+    assert needle in message and "\n" not in message and "the library's message" in message
