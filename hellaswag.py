@@ -295,8 +295,7 @@ class HellaSwagConfig:
     limit: int = flag(0, "score only the first N examples (0: all)")
     batch_size: int = flag(16, "examples per forward pass, four rows each")
     device: str = flag("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'")
-    dtype: str = flag("auto", "'auto' (bfloat16 on GPUs that have it, else float16; float32 on the CPU), "
-                              "'float32', 'bfloat16' or 'float16'")
+    dtype: str = flag("auto", "'auto' (as train_gpt2.py's), 'float32', 'bfloat16' or 'float16'")
     compile: bool = flag(False, "torch.compile the model (pays off on a GPU, for a whole split)")
 
     def validate(self):

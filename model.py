@@ -86,13 +86,15 @@ class Block(nn.Module):
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of softmax(x @ weight.T) against targets, computed over chunks of rows so that
     only a (chunk, vocab) slice of the logits ever exists, in float32. The gradients are computed in the
-    same pass (softmax minus one-hot is the gradient of the logits), so the backward pass only scales them:
-    the same matmuls as the plain loss, a fraction of its memory and memory traffic."""
+    same pass (softmax minus one-hot is the gradient of the summed loss with respect to the logits), so the
+    backward pass only scales them: the same matmuls as the plain loss, with a fraction of its memory and of
+    its passes over (rows, vocab) arrays. The 1/rows of the mean is applied to the small results, never to
+    a (rows, vocab) array."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_size):
         n_rows = x.size(0)
-        # under autocast the matmuls run in the autocast dtype, as nn.Linear would
+        # under autocast the matmuls run in the autocast dtype, as nn.Linear's would
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x_c, w_c = x.to(dtype), weight.to(dtype)
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -101,14 +103,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, n_rows, chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = (x_c[rows] @ w_c.T).float()  # (chunk, V)
             target = targets[rows].unsqueeze(1)
-            log_norm = torch.logsumexp(logits, dim=1, keepdim=True)
-            loss += (log_norm - logits.gather(1, target)).sum()
+            log_probs = torch.log_softmax((x_c[rows] @ w_c.T).float(), dim=1)  # (chunk, V)
+            loss -= log_probs.gather(1, target).sum()
             if needs_grad:
-                grad_logits = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
-                grad_logits.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad_logits.dtype))
-                grad_logits = (grad_logits / n_rows).to(dtype)
+                grad_logits = log_probs.exp_()  # the softmax, in place
+                grad_logits.scatter_add_(1, target, torch.full(target.shape, -1.0, device=x.device))
+                grad_logits = grad_logits.to(dtype)
                 grad_x[rows] = grad_logits @ w_c
                 if dtype == torch.float32:
                     grad_w.addmm_(grad_logits.T, x_c[rows])
@@ -116,12 +117,14 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_w += (grad_logits.T @ x_c[rows]).float()
         if needs_grad:
             ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+            ctx.n_rows = n_rows
         return loss / n_rows
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None
+        scale = grad_loss / ctx.n_rows
+        return grad_x * scale, grad_w * scale, None, None
 
 
 def linear_cross_entropy(x, weight, targets, chunk_size=4096):

@@ -35,8 +35,7 @@ class SampleConfig:
     top_k: int = flag(50, "sample from the k likeliest tokens only (0: from all of them)")
     seed: int = flag(42, "seeds the sampling")
     device: str = flag("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'")
-    dtype: str = flag("auto", "'auto' (bfloat16 on GPUs that have it, else float16; float32 on the CPU), "
-                              "'bfloat16', 'float16' or 'float32'")
+    dtype: str = flag("auto", "'auto' (as train_gpt2.py's), 'bfloat16', 'float16' or 'float32'")
 
     def validate(self):
         """Raise UserError naming the problem and the fix; called before any work is done."""
