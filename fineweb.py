@@ -192,7 +192,8 @@ MAX_SHARD_SIZE = 2**31 - 1  # the header's int32 token count
 
 
 class UserError(ValueError):
-    """Bad input from the user: main() prints the message (which names the fix) and exits non-zero."""
+    """Bad input from the user: every script's main() prints the message (which names the fix) and exits
+    non-zero. Defined here, in the module the others import, so that there is one such class."""
 
 
 @dataclass

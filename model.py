@@ -21,11 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fineweb import EOT_TOKEN, current_umask, get_tokenizer
-
-
-class UserError(ValueError):
-    """Bad input from the user: the scripts print the message (which names the fix) and exit non-zero."""
+from fineweb import EOT_TOKEN, UserError, current_umask, get_tokenizer
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,30 @@
+"""bench.py on a tiny configuration: it runs, prints its table and JSON, and both steps agree (no timing)."""
+
+import json
+
+from conftest import run_script
+
+TINY_BENCH = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32",
+              "--batch_size", "4", "--gradient_accumulation_steps", "2", "--compile", "False", "--dtype", "float32",
+              "--steps", "2", "--warmup_steps", "1"]
+
+
+def test_compare_times_both_steps_and_they_give_the_same_losses(tmp_path):
+    result = run_script("bench.py", *TINY_BENCH, "--compare", "True", "--json_out", tmp_path / "bench.json")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].split()[:4] == ["variant", "device", "dtype", "compile"]
+    assert lines[1].startswith("naive") and lines[2].startswith("fast") and lines[3].startswith("speedup")
+    report = json.loads(lines[-1])
+    assert report == json.loads((tmp_path / "bench.json").read_text())
+    naive, fast = report["results"]
+    assert len(naive["losses"]) == len(fast["losses"]) == 3
+    assert report["max_loss_difference"] < 1e-4
+    for result in (naive, fast):
+        assert result["tokens_per_step"] == 4 * 2 * 32
+        assert result["ms_per_step"] > 0 and result["tokens_per_sec"] > 0 and result["peak_memory_mb"] > 0
+
+
+def test_bad_flags_get_one_line(tmp_path):
+    result = run_script("bench.py", *TINY_BENCH, "--variant", "slow")
+    assert result.returncode == 1 and result.stderr.strip() == "error: --variant 'slow' is not one of fast, naive"
