@@ -88,12 +88,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     a (rows, vocab) array."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_size):
+    def forward(ctx, x, weight, targets, chunk_size, needs_grad):
         n_rows = x.size(0)
         # under autocast the matmuls run in the autocast dtype, as nn.Linear's would
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x_c, w_c = x.to(dtype), weight.to(dtype)
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if needs_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -120,12 +119,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         scale = grad_loss / ctx.n_rows
-        return grad_x * scale, grad_w * scale, None, None
+        return grad_x * scale, grad_w * scale, None, None, None
 
 
 def linear_cross_entropy(x, weight, targets, chunk_size=4096):
     """F.cross_entropy(x @ weight.T, targets) without the full logits; x (N, C), weight (V, C), targets (N,)."""
-    return LinearCrossEntropy.apply(x, weight, targets, chunk_size)
+    # grad mode is off inside forward(), so it is read here: an evaluation must not pay for gradients
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return LinearCrossEntropy.apply(x, weight, targets, chunk_size, needs_grad)
 
 
 class GPT(nn.Module):

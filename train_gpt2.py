@@ -1,5 +1,5 @@
 """
-Pre-train GPT-2 from scratch: the model, the sharded token loader, the LR schedule and the training loop.
+Pre-train GPT-2 from scratch: the sharded token loader, the LR schedule, the DDP training loop, checkpoints.
 
     python train_gpt2.py                                    # one GPU (or the CPU), FineWeb-Edu shards
     python train_gpt2.py --data input.txt --device cpu ...  # a text file, tokenized on the fly
@@ -14,6 +14,7 @@ Importing this file only defines things: `from train_gpt2 import GPT, GPTConfig`
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -125,12 +126,18 @@ def parse_args(argv=None):
 # Data: shards read through memmaps, each rank reading its own part of every global batch
 
 
+@functools.lru_cache(maxsize=2)
+def tokenize_text_file(path):
+    """A whole text file as uint16 tokens (read once for both splits)."""
+    tokens = get_tokenizer().encode_ordinary(Path(path).read_text(encoding="utf-8", errors="replace"))
+    return np.array(tokens, dtype=np.uint16)
+
+
 def load_token_sources(data, split):
     """[(name, tokens)] for one split: the shards of a directory, or 90/10 of a text file."""
     path = Path(data)
     if path.is_file():
-        tokens = get_tokenizer().encode_ordinary(path.read_text(encoding="utf-8", errors="replace"))
-        tokens = np.array(tokens, dtype=np.uint16)
+        tokens = tokenize_text_file(str(path.resolve()))
         n_train = int(0.9 * len(tokens))
         part = tokens[:n_train] if split == "train" else tokens[n_train:]
         return [(f"{path.name}[{split}]", part)]
@@ -569,7 +576,7 @@ def evaluate(model, val_sources, positions, batch_size, block_size, device, auto
         x = chunk[:-1].view(batch_size, block_size).to(device)
         y = chunk[1:].view(batch_size, block_size).to(device)
         with autocast:
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)  # the chunked loss: no full logits in memory
         loss_sum += torch.stack([loss.float(), torch.ones((), device=device)])
     if world_size > 1:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)

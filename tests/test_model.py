@@ -133,3 +133,30 @@ def test_weight_decay_applies_to_two_dimensional_weights_only():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx, targets = torch.randint(0, 50257, (2, 3, 16))
+    grads = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        logits, loss = model(idx, targets, return_logits=return_logits)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        assert (logits is None) == (not return_logits)
+    (plain_loss, plain_grads), (chunked_loss, chunked_grads) = grads
+    torch.testing.assert_close(chunked_loss, plain_loss)
+    for plain, chunked in zip(plain_grads, chunked_grads):
+        torch.testing.assert_close(chunked, plain)
+
+
+def test_chunked_loss_matches_over_several_chunks_and_without_grad():
+    from model import linear_cross_entropy
+    torch.manual_seed(0)
+    x, weight, targets = torch.randn(50, 8), torch.randn(100, 8), torch.randint(0, 100, (50,))
+    expected = torch.nn.functional.cross_entropy(x @ weight.T, targets)
+    torch.testing.assert_close(linear_cross_entropy(x, weight, targets, chunk_size=7), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(x.requires_grad_(), weight, targets, 7), expected)
