@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from fineweb import EOT_TOKEN, UserError, current_umask, get_tokenizer
 
@@ -93,6 +94,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         # under autocast the matmuls run in the autocast dtype, as nn.Linear's would
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x_c, w_c = x.to(dtype), weight.to(dtype)
+        # float16 has too little range for the logit gradients (probabilities ~1/vocab): carry them scaled up
+        grad_scale = 1024.0 if dtype == torch.float16 else 1.0
         grad_x = torch.empty_like(x) if needs_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -104,7 +107,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             if needs_grad:
                 grad_logits = log_probs.exp_()  # the softmax, in place
                 grad_logits.scatter_add_(1, target, torch.full(target.shape, -1.0, device=x.device))
-                grad_logits = grad_logits.to(dtype)
+                grad_logits = (grad_logits * grad_scale if grad_scale != 1.0 else grad_logits).to(dtype)
                 grad_x[rows] = grad_logits @ w_c
                 if dtype == torch.float32:
                     grad_w.addmm_(grad_logits.T, x_c[rows])
@@ -112,7 +115,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_w += (grad_logits.T @ x_c[rows]).float()
         if needs_grad:
             ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
-            ctx.n_rows = n_rows
+            ctx.n_rows = n_rows * grad_scale
         return loss / n_rows
 
     @staticmethod

@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -379,14 +380,14 @@ TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER
 def resolve_device(device):
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+        raise UserError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available here; use --device cpu")
     if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available here; use --device cpu")
-    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     return device
 
 
@@ -480,8 +481,11 @@ def checkpoint_iter(path):
 
 
 def iter_checkpoints(out_dir):
-    """out_dir's iter-*.pt checkpoints, oldest first."""
-    return sorted((p for p in Path(out_dir).glob("iter-*.pt") if checkpoint_iter(p) >= 0), key=checkpoint_iter)
+    """out_dir's iter-*.pt checkpoints, oldest first. At the same step a stopped run's checkpoint comes before
+    the evaluated one that the resumed run writes there."""
+    def age(path):
+        return checkpoint_iter(path), not path.name.endswith("-stopped.pt")
+    return sorted((p for p in Path(out_dir).glob("iter-*.pt") if checkpoint_iter(p) >= 0), key=age)
 
 
 def latest_checkpoint(out_dir):
@@ -526,7 +530,11 @@ def rng_state():
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])  # resumed on fewer GPUs
+
+
+def torch_version():
+    return tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
 
 
 def git_commit():
@@ -650,21 +658,25 @@ class RunLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
 
-    def drop_after(self, iter_num, resumed):
+    def drop_after(self, iter_num, evaluated):
         """Forget what an interrupted run logged past the point this run starts from (its checkpoint, or
         step 0): this run logs it again, so the file reads as if the run had never been interrupted."""
         if not self.enabled or not self.path.exists():
             return
         lines = self.path.read_text().splitlines(keepends=True)
 
-        def before(record):  # a resumed run does not redo the evaluation its checkpoint was saved after
-            return record["step"] < iter_num or (resumed and record["step"] == iter_num and "val_loss" in record)
-        kept = [line for line in lines if before(json.loads(line))]
+        def before(line):  # a run does not redo the evaluation its checkpoint was saved after
+            try:
+                record = json.loads(line)
+            except ValueError:
+                return False  # the end of a line a kill cut short
+            return record["step"] < iter_num or (evaluated and record["step"] == iter_num and "val_loss" in record)
+        kept = [line for line in lines if before(line)]
         if len(kept) != len(lines):
             atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
 
 
-def prepare_out_dir(out_dir, init_from, eval_only):
+def prepare_out_dir(out_dir, new_run):
     """Create out_dir and prove it writable; refuse to start a new run over an old one's checkpoints."""
     path = Path(out_dir)
     try:
@@ -673,7 +685,7 @@ def prepare_out_dir(out_dir, init_from, eval_only):
             pass
     except OSError as e:
         raise UserError(f"--out_dir {out_dir} cannot be written ({e.strerror}): pick a writable directory") from None
-    if init_from == "scratch" and not eval_only and any(path.glob("iter-*.pt")):
+    if new_run and any(path.glob("iter-*.pt")):
         raise UserError(f"{out_dir} already holds checkpoints of a run: continue it with --init_from resume, "
                         f"or pass another --out_dir")
 
@@ -748,8 +760,9 @@ class RunStopped(Exception):
 
 class StopSignal:
     """SIGINT or SIGTERM asks the run to save a checkpoint at the end of the current step and exit.
-    A second Ctrl-C (SIGINT) stops at once. A SIGTERM after the first request is absorbed: torchrun
-    forwards one to every worker after a Ctrl-C."""
+    A second SIGINT (Ctrl-C again) stops at once; a SIGTERM after the first request is absorbed, since a
+    launcher may send one on top of the signal it passes on. Under torchrun, the step and the checkpoint
+    write must fit in its shutdown grace (30 s by default) before it kills the workers."""
 
     def __init__(self, verbose):
         self.verbose = verbose
@@ -783,8 +796,11 @@ class Trainer:
         self.device = dist_info.device
         device_type = self.device.split(":")[0]
         self.raw_model, self.model_args = raw_model, model_args
-        self.model = torch.compile(raw_model) if config.compile else raw_model
         self.ddp = dist_info.world_size > 1
+        if self.ddp and config.compile and torch_version() < (2, 6):
+            # before 2.6, DDP's graph splitting refused the loss's autograd.Function (a higher-order op)
+            torch._dynamo.config.optimize_ddp = False
+        self.model = torch.compile(raw_model) if config.compile else raw_model
         self.train_model = self.model
         if self.ddp:
             device_ids = [dist_info.local_rank] if device_type == "cuda" else None
@@ -809,7 +825,8 @@ class Trainer:
     def load_state_dict(self, checkpoint):
         self.raw_model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"]:  # empty when the run trained without float16; the scaler starts fresh then
+            self.scaler.load_state_dict(checkpoint["scaler"])
         self.loader.load_state_dict(checkpoint["loader"])
         set_rng_state(checkpoint["rng"])
         self.iter_num, self.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
@@ -890,7 +907,7 @@ class Trainer:
         self.log.record(step=step, train_loss=loss, lr=lr, grad_norm=grad_norm.item(), ms_per_step=ms_per_step,
                         tokens_per_sec=tokens_per_sec, mfu=mfu, tokens=(step + 1) * self.loader.tokens_per_step)
 
-    def train(self, stop, resumed):
+    def train(self, stop, evaluated):
         config = self.config
         model_flops = flops_per_token(self.raw_model.num_params(), self.model_args["n_layer"],
                                       self.model_args["n_embd"], self.model_args["block_size"])
@@ -903,7 +920,7 @@ class Trainer:
                   mininterval=1.0, disable=not self.dist.is_master) as progress:
             for step in range(first_step, config.max_iters + 1):
                 last_step = step == config.max_iters
-                if (step % config.eval_interval == 0 or last_step) and not (resumed and step == first_step):
+                if (step % config.eval_interval == 0 or last_step) and not (evaluated and step == first_step):
                     self.evaluate_and_save(step)
                     interval_start, interval_steps = time.perf_counter(), 0  # evaluation is not training time
                 if last_step:
@@ -960,7 +977,10 @@ def run(config, explicit, dist_info):
     if not config.eval_only:
         loader = DataLoader(load_token_sources(config.data, "train"), config.batch_size, model_args["block_size"],
                             config.gradient_accumulation_steps, dist_info.rank, dist_info.world_size, config.seed)
-    prepare_out_dir(config.out_dir, config.init_from, config.eval_only)
+    prepare_out_dir(config.out_dir, new_run=checkpoint is None and not config.eval_only)
+    if checkpoint and checkpoint["iter_num"] > config.max_iters:
+        raise UserError(f"{checkpoint_path} is at step {checkpoint['iter_num']}, past --max_iters {config.max_iters}: "
+                        f"raise --max_iters to train on")
 
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -973,6 +993,8 @@ def run(config, explicit, dist_info):
         return
 
     trainer = Trainer(config, dist_info, raw_model, model_args, loader, val_sources, positions, log, dtype)
+    # a checkpoint written after an evaluation is not evaluated again; a stopped run's checkpoint is
+    evaluated = checkpoint is not None and checkpoint.get("val_loss") is not None
     if checkpoint:
         trainer.load_state_dict(checkpoint)
         trainer.last_checkpoint = checkpoint_path
@@ -980,7 +1002,7 @@ def run(config, explicit, dist_info):
     trainer.loader = Prefetcher(loader, device)
     if dist_info.is_master:
         remove_stale_temporaries(config.out_dir)
-        log.drop_after(trainer.iter_num, resumed=checkpoint_path is not None)
+        log.drop_after(trainer.iter_num, evaluated)
         atomic_write(Path(config.out_dir) / "config.json",
                      lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=2).encode()))
     log.print(f"GPT-2 {raw_model.num_params(non_embedding=False) / 1e6:.2f}M parameters | {dist_info.world_size} "
@@ -988,7 +1010,7 @@ def run(config, explicit, dist_info):
               f"{torch.__version__} | commit {git_commit()} | from step {trainer.iter_num}")
     try:
         with StopSignal(verbose=dist_info.is_master) as stop:
-            trainer.train(stop, resumed=checkpoint_path is not None)
+            trainer.train(stop, evaluated)
     finally:
         trainer.loader.close()
 
@@ -1001,7 +1023,7 @@ def lost_contact(error):
     """An error from a collective whose peer died or timed out, as opposed to a bug."""
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
-    words = ("Gloo", "NCCL", "Connection", "connection", "timed out", "Timed out", "peer")
+    words = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "imed out", "NCCL error")
     return isinstance(error, RuntimeError) and any(w in str(error) for w in words)
 
 
@@ -1012,12 +1034,14 @@ def main(argv=None):
         config.validate()
         dist_info = setup_distributed(config.device, config.ddp_timeout)
         run(config, explicit, dist_info)
-    except (UserError, ShardError) as e:
+    except (UserError, ShardError) as e:  # a rank's own data can fail it alone: every rank says why
         code, message = 1, f"error: {e}"
+        if dist_info is not None and not dist_info.is_master:
+            print(f"rank {dist_info.rank}: {message}", file=sys.stderr, flush=True)
     except RunStopped as e:
         code, message = e.code, str(e)
     except KeyboardInterrupt:
-        code, message = 130, "error: interrupted twice: stopped at once; the checkpoints on disk are intact"
+        code, message = 130, "error: interrupted: stopped at once; the checkpoints on disk are intact"
     except Exception as e:
         if dist_info is None or dist_info.world_size == 1 or not lost_contact(e):
             raise

@@ -10,6 +10,7 @@ NAME:ARG, one of
     kill_in_save:N      SIGKILL half way through writing the N-th checkpoint
     slow_save:SECONDS   write every checkpoint slowly, so that an outside signal lands mid-write
     slow_steps:SECONDS  sleep in every step, so that an outside signal lands mid-run
+    sigterm_at_step:S   send this process SIGTERM inside step S
     nan_steps:S,S,...   the loss is NaN at these steps
     disk_full_at:N      the N-th checkpoint write fails half way with "No space left on device"
     die_at_step:S@R     rank R SIGKILLs itself at step S
@@ -90,6 +91,8 @@ def install(fault):
                 f.flush()
                 time.sleep(float(arg) / pieces)
         patch_save(write)
+    elif name == "sigterm_at_step":
+        patch_step(lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == int(arg) else None)
     elif name == "slow_steps":
         patch_step(lambda step: time.sleep(float(arg)))
     elif name == "nan_steps":

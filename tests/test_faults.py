@@ -129,6 +129,17 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path, traine
     assert_resumes_to_the_uninterrupted_run(out_dir, trained_run[0])
 
 
+def test_a_stop_just_before_an_evaluation_is_evaluated_on_resume_even_after_a_cut_log_line(tmp_path, trained_run):
+    out_dir = tmp_path / "out"
+    stopped = run_with_fault("sigterm_at_step:3", *run_args(out_dir))
+    assert stopped.returncode == 128 + signal.SIGTERM
+    assert [p.name for p in out_dir.glob("iter-*.pt")] == ["iter-4-stopped.pt"]  # saved before step 4's eval
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "train_lo')  # a line a kill cut short
+    assert_resumes_to_the_uninterrupted_run(out_dir, trained_run[0])
+    assert next(out_dir.glob("iter-4-loss-*.pt"))  # step 4 was evaluated and checkpointed after all
+
+
 def test_second_ctrl_c_stops_at_once_without_a_broken_file(tmp_path):
     out_dir = tmp_path / "out"
     process = start_with_fault("slow_save:30", *run_args(out_dir))

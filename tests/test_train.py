@@ -215,6 +215,7 @@ BAD_INPUTS = {
     "wrong type": (["--batch_size", "eight"], "argument --batch_size: invalid int value: 'eight'"),
     "negative size": (["--batch_size", "-1"], "--batch_size must be a positive integer, got -1"),
     "no such device": (["--device", "cuda"], "--device cuda: CUDA is not available here; use --device cpu"),
+    "malformed device": (["--device", "cuda:x"], "--device 'cuda:x' is not one of auto, cpu, cuda, cuda:N, mps"),
     "dtype the device cannot run": (["--dtype", "float16"], "--dtype float16 is not supported for training on the CPU"),
     "batch larger than the data": (["--batch_size", "2000"], "is shorter than one batch"),
     "unknown flag": (["--learning_rat", "1"], "unrecognized arguments"),
