@@ -107,7 +107,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             if needs_grad:
                 grad_logits = log_probs.exp_()  # the softmax, in place
                 grad_logits.scatter_add_(1, target, torch.full(target.shape, -1.0, device=x.device))
-                grad_logits = (grad_logits * grad_scale if grad_scale != 1.0 else grad_logits).to(dtype)
+                if grad_scale != 1.0:
+                    grad_logits.mul_(grad_scale)
+                grad_logits = grad_logits.to(dtype)
                 grad_x[rows] = grad_logits @ w_c
                 if dtype == torch.float32:
                     grad_w.addmm_(grad_logits.T, x_c[rows])
@@ -115,13 +117,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_w += (grad_logits.T @ x_c[rows]).float()
         if needs_grad:
             ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
-            ctx.n_rows = n_rows * grad_scale
+            ctx.divisor = n_rows * grad_scale  # the mean's 1/rows, and the float16 scale-up undone
         return loss / n_rows
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        scale = grad_loss / ctx.n_rows
+        scale = grad_loss / ctx.divisor
         return grad_x * scale, grad_w * scale, None, None, None
 
 
