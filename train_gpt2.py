@@ -978,7 +978,7 @@ def run(config, explicit, dist_info):
         loader = DataLoader(load_token_sources(config.data, "train"), config.batch_size, model_args["block_size"],
                             config.gradient_accumulation_steps, dist_info.rank, dist_info.world_size, config.seed)
     prepare_out_dir(config.out_dir, new_run=checkpoint is None and not config.eval_only)
-    if checkpoint and checkpoint["iter_num"] > config.max_iters:
+    if checkpoint and not config.eval_only and checkpoint["iter_num"] > config.max_iters:
         raise UserError(f"{checkpoint_path} is at step {checkpoint['iter_num']}, past --max_iters {config.max_iters}: "
                         f"raise --max_iters to train on")
 
