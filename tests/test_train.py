@@ -187,6 +187,16 @@ def test_two_torchrun_processes_match_one_process_with_twice_the_accumulation(tm
     assert ddp.stdout.count("step      3") == 1  # only rank 0 logs
 
 
+def test_compiled_model_under_torchrun_trains_evaluates_and_samples(tmp_path):
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(REPO / "train_gpt2.py"), *map(str, TINY), "--data", str(INPUT_TXT), "--out_dir",
+                          str(tmp_path / "out"), "--max_iters", "2", "--eval_interval", "2", "--compile", "True",
+                          "--gradient_checkpointing", "True"], capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr
+    assert "Hello, I'm a language model," in ddp.stdout
+    assert sorted(m["step"] for m in read_metrics(tmp_path / "out") if "val_loss" in m) == [0, 2]
+
+
 # -----------------------------------------------------------------------------
 # Bad input: one line naming the problem, a non-zero exit, nothing in out_dir touched
 
