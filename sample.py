@@ -10,7 +10,6 @@ is printed as it is generated, one sample after another; the same seed prints th
 """
 
 import codecs
-import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fineweb import EOT_TOKEN, get_tokenizer
-from train_gpt2 import UserError, build_parser, flag, load_model, resolve_device, resolve_dtype
+from train_gpt2 import UserError, build_parser, flag, load_model, make_autocast, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -88,9 +87,7 @@ def sample(config, out=sys.stdout):
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model = load_model(config.init_from, device)
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    autocast = (torch.autocast(device_type=device.split(":")[0], dtype=ptdtype) if dtype != "float32"
-                else contextlib.nullcontext())
+    autocast = make_autocast(device.split(":")[0], dtype)
     generator = torch.Generator(device=device).manual_seed(config.seed)  # one stream for all the samples
     for _ in range(config.num_samples):
         stream_sample(model, prompt, config, device, autocast, generator, out)
