@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from fineweb import atomic_write
+from fineweb import UserError, atomic_write
 
 # -----------------------------------------------------------------------------
 # Reading runs
@@ -27,10 +27,6 @@ PANEL_INCHES = (7, 5)
 DPI = 100  # so each panel is 700 x 500 pixels
 
 
-class PlotError(ValueError):
-    """Bad input: main() prints the message (which names the fix) and exits non-zero."""
-
-
 class MatplotlibMissing(ImportError):
     pass
 
@@ -40,7 +36,7 @@ def read_run(path):
     are --eval_only records: they score a checkpoint, they are not a point of the run."""
     path = Path(path)
     if not path.is_file():
-        raise PlotError(f"{path} not found: pass the metrics.jsonl of a run (it is in the run's --out_dir)")
+        raise UserError(f"{path} not found: pass the metrics.jsonl of a run (it is in the run's --out_dir)")
     records = []
     for line in path.read_text().splitlines():
         try:
@@ -80,7 +76,7 @@ def plot_runs(paths, out):
     """Draw the runs of the metrics.jsonl files in paths into the PNG out, replacing it atomically."""
     runs = [(label, read_run(path)) for label, path in zip(run_labels(paths), paths)]
     if not any(series(records, k)[0] for _, records in runs for k in ("train_loss", "val_loss")):
-        raise PlotError(f"no losses in {', '.join(map(str, paths))} yet: plot a run after its first log line")
+        raise UserError(f"no losses in {', '.join(map(str, paths))} yet: plot a run after its first log line")
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only: no display needed
@@ -147,7 +143,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         plot_runs(args.metrics, args.out)
-    except (PlotError, MatplotlibMissing) as e:
+    except (UserError, MatplotlibMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"wrote {args.out}")

@@ -29,6 +29,13 @@ def run_train(*args, **kwargs):
     return run_script("train_gpt2.py", *args, **kwargs)
 
 
+def run_torchrun(*args, timeout=300):
+    """train_gpt2.py as 2 processes under torchrun (Gloo on the CPU)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "train_gpt2.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def read_metrics(out_dir):
     path = Path(out_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]

@@ -14,7 +14,7 @@ import torch
 
 from fineweb import write_shard
 from train_gpt2 import load_checkpoint
-from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_script, run_train, train_losses
+from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_script, run_torchrun, run_train, train_losses
 
 FAULTS = REPO / "tests" / "fault_injection.py"
 
@@ -164,10 +164,7 @@ def test_sigterm_to_a_torchrun_job_stops_every_rank_with_a_checkpoint(tmp_path):
     assert "stopped by SIGTERM" in stderr
     (stopped,) = out_dir.glob("iter-*-stopped.pt")
     iter_num = load_checkpoint(stopped)["iter_num"]
-    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              str(REPO / "train_gpt2.py"), *map(str, run_args(out_dir, "--gradient_accumulation_steps",
-                                                                                "1", "--init_from", "resume"))],
-                             capture_output=True, text=True, timeout=300)
+    resumed = run_torchrun(*run_args(out_dir, "--gradient_accumulation_steps", "1", "--init_from", "resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert f"from step {iter_num}" in resumed.stdout
     assert sorted(train_losses(out_dir)) == list(range(8))

@@ -421,7 +421,7 @@ def hellaswag_records(out_dir):
 
 
 def test_the_trainer_scores_hellaswag_at_every_evaluation_and_two_ranks_count_the_same(tmp_path):
-    from conftest import run_train
+    from conftest import run_torchrun, run_train
     data = tmp_path / "hs.jsonl"
     write_jsonl(data, random_items(12))
     common = ["--hellaswag_data", data, "--hellaswag_examples", "10"]
@@ -430,10 +430,7 @@ def test_the_trainer_scores_hellaswag_at_every_evaluation_and_two_ranks_count_th
     records = hellaswag_records(tmp_path / "one")
     assert [r["step"] for r in records] == [0, 2] and all(r["hellaswag_n"] == 10 for r in records)
     assert "hellaswag acc_norm" in single.stdout
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(REPO / "train_gpt2.py"),
-                          *map(str, trainer_args(tmp_path / "two", *common, "--gradient_accumulation_steps", "1"))],
-                         capture_output=True, text=True, timeout=300)
+    ddp = run_torchrun(*trainer_args(tmp_path / "two", *common, "--gradient_accumulation_steps", "1"))
     assert ddp.returncode == 0, ddp.stderr
     assert hellaswag_records(tmp_path / "two") == records
 

@@ -3,8 +3,6 @@
 import dataclasses
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 from fineweb import write_shard
 from train_gpt2 import (TrainConfig, UserError, estimate_mfu, flops_per_token, get_lr, load_checkpoint,
                         parse_args)
-from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_train, snapshot, train_losses
+from conftest import INPUT_TXT, TINY, read_metrics, run_torchrun, run_train, snapshot, train_losses
 
 # -----------------------------------------------------------------------------
 # The learning-rate schedule
@@ -170,9 +168,7 @@ def test_two_torchrun_processes_match_one_process_with_twice_the_accumulation(tm
     common = [*TINY, "--data", INPUT_TXT, "--max_iters", "4", "--eval_interval", "4"]
     single = run_train(*common, "--out_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(REPO / "train_gpt2.py"), *map(str, common), "--out_dir", str(tmp_path / "two"),
-                          "--gradient_accumulation_steps", "1"], capture_output=True, text=True, timeout=300)
+    ddp = run_torchrun(*common, "--out_dir", tmp_path / "two", "--gradient_accumulation_steps", "1")
     assert ddp.returncode == 0, ddp.stderr
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in one] == [m["step"] for m in two]
@@ -188,10 +184,8 @@ def test_two_torchrun_processes_match_one_process_with_twice_the_accumulation(tm
 
 
 def test_compiled_model_under_torchrun_trains_evaluates_and_samples(tmp_path):
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(REPO / "train_gpt2.py"), *map(str, TINY), "--data", str(INPUT_TXT), "--out_dir",
-                          str(tmp_path / "out"), "--max_iters", "2", "--eval_interval", "2", "--compile", "True",
-                          "--gradient_checkpointing", "True"], capture_output=True, text=True, timeout=300)
+    ddp = run_torchrun(*TINY, "--data", INPUT_TXT, "--out_dir", tmp_path / "out", "--max_iters", "2",
+                       "--eval_interval", "2", "--compile", "True", "--gradient_checkpointing", "True")
     assert ddp.returncode == 0, ddp.stderr
     assert "Hello, I'm a language model," in ddp.stdout
     assert sorted(m["step"] for m in read_metrics(tmp_path / "out") if "val_loss" in m) == [0, 2]
