@@ -11,6 +11,7 @@ train_gpt2.py trains it; export_hf writes it out as a transformers folder. Impor
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -82,15 +83,21 @@ class Block(nn.Module):
 
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of softmax(x @ weight.T) against targets, computed over chunks of rows so that
-    only a (chunk, vocab) slice of the logits ever exists, in float32. The gradients are computed in the
-    same pass (softmax minus one-hot is the gradient of the summed loss with respect to the logits), so the
-    backward pass only scales them: the same matmuls as the plain loss, with a fraction of its memory and of
-    its passes over (rows, vocab) arrays. The 1/rows of the mean is applied to the small results, never to
-    a (rows, vocab) array."""
+    only a (chunk, vocab) slice of the logits ever exists. The gradients are computed in the same pass
+    (softmax minus one-hot is the gradient of the summed loss with respect to the logits), so the backward
+    pass only scales them: the same matmuls as the plain loss, with a fraction of its memory and of its
+    passes over (rows, vocab) arrays. The 1/rows of the mean is applied to the small results, never to a
+    (rows, vocab) array.
+
+    With a workspace (a dict, kept by the caller between calls) the logits are written into a buffer kept
+    there, and their softmax is taken a few rows at a time, in the cache, into that same buffer. That is for
+    the CPU, where every fresh tensor of this size is new memory from the operating system, paid for with a
+    page fault on each 4 KiB touched: for GPT-2's vocabulary that costs as much as a third of the matmul
+    that fills it. A GPU's caching allocator already reuses its memory."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_size, needs_grad):
-        n_rows = x.size(0)
+    def forward(ctx, x, weight, targets, chunk_size, needs_grad, workspace):
+        n_rows, vocab_size = x.size(0), weight.size(0)
         # under autocast the matmuls run in the autocast dtype, as nn.Linear's would
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x_c, w_c = x.to(dtype), weight.to(dtype)
@@ -100,21 +107,31 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, n_rows, chunk_size):
-            rows = slice(start, start + chunk_size)
-            target = targets[rows].unsqueeze(1)
-            log_probs = torch.log_softmax((x_c[rows] @ w_c.T).float(), dim=1)  # (chunk, V)
-            loss -= log_probs.gather(1, target).sum()
+            end = min(start + chunk_size, n_rows)
+            rows = slice(start, end)
+            if workspace is None:
+                logits = x_c[rows] @ w_c.T  # (chunk, V)
+            else:
+                logits = torch.mm(x_c[rows], w_c.T, out=reusable_buffer(workspace, (end - start, vocab_size), dtype))
+            block_rows = 8 if workspace is not None else end - start  # 8 rows of float32 logits fit in L2
+            minus_one = torch.full((block_rows, 1), -1.0, device=x.device)
+            for block_start in range(0, end - start, block_rows):
+                block = logits[block_start:block_start + block_rows]
+                target = targets[start + block_start:start + block_start + block.size(0)].unsqueeze(1)
+                log_probs = torch.log_softmax(block.float(), dim=1)
+                loss -= log_probs.gather(1, target).sum()
+                if needs_grad:
+                    grad_logits = log_probs.exp_()  # the softmax, in place
+                    grad_logits.scatter_add_(1, target, minus_one[:block.size(0)])
+                    if grad_scale != 1.0:
+                        grad_logits.mul_(grad_scale)
+                    block.copy_(grad_logits)  # the logits are no longer needed: their gradient takes their place
             if needs_grad:
-                grad_logits = log_probs.exp_()  # the softmax, in place
-                grad_logits.scatter_add_(1, target, torch.full(target.shape, -1.0, device=x.device))
-                if grad_scale != 1.0:
-                    grad_logits.mul_(grad_scale)
-                grad_logits = grad_logits.to(dtype)
-                grad_x[rows] = grad_logits @ w_c
+                grad_x[rows] = logits @ w_c
                 if dtype == torch.float32:
-                    grad_w.addmm_(grad_logits.T, x_c[rows])
+                    grad_w.addmm_(logits.T, x_c[rows])
                 else:  # accumulate the chunks' bf16/fp16 products in float32
-                    grad_w += (grad_logits.T @ x_c[rows]).float()
+                    grad_w += (logits.T @ x_c[rows]).float()
         if needs_grad:
             ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
             ctx.divisor = n_rows * grad_scale  # the mean's 1/rows, and the float16 scale-up undone
@@ -124,14 +141,29 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         scale = grad_loss / ctx.divisor
-        return grad_x * scale, grad_w * scale, None, None, None
+        # scaled in place: they were made for this one use, and a copy of grad_w is another (vocab, C) array
+        return grad_x.mul_(scale), grad_w.mul_(scale), None, None, None, None
 
 
-def linear_cross_entropy(x, weight, targets, chunk_size=4096):
-    """F.cross_entropy(x @ weight.T, targets) without the full logits; x (N, C), weight (V, C), targets (N,)."""
+def reusable_buffer(workspace, shape, dtype):
+    """An uninitialized CPU tensor of this shape, kept in workspace and reused while it is large enough."""
+    size = math.prod(shape)
+    buffer = workspace.get("logits")
+    if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
+        buffer = workspace["logits"] = torch.empty(size, dtype=dtype)
+    return buffer[:size].view(shape)
+
+
+def linear_cross_entropy(x, weight, targets, chunk_size=4096, workspace=None):
+    """F.cross_entropy(x @ weight.T, targets) without the full logits; x (N, C), weight (V, C), targets (N,).
+    workspace: a dict to keep the logits buffer in between calls (see LinearCrossEntropy)."""
     # grad mode is off inside forward(), so it is read here: an evaluation must not pay for gradients
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return LinearCrossEntropy.apply(x, weight, targets, chunk_size, needs_grad)
+    return LinearCrossEntropy.apply(x, weight, targets, chunk_size, needs_grad, workspace)
+
+
+# in place into a kept buffer, which a compiled graph would turn into copies: it runs eagerly
+linear_cross_entropy_in_workspace = torch.compiler.disable(linear_cross_entropy)
 
 
 class GPT(nn.Module):
@@ -139,6 +171,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+        self.loss_workspace = {}  # the CPU loss's logits buffer, kept between steps
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -175,7 +208,11 @@ class GPT(nn.Module):
                 x = block(x)
         x = self.transformer.ln_f(x)
         if targets is not None and not return_logits:
-            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))
+            x, targets = x.view(B * T, -1), targets.view(-1)
+            if x.device.type == "cpu":
+                return None, linear_cross_entropy_in_workspace(x, self.lm_head.weight, targets,
+                                                               workspace=self.loss_workspace)
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:

@@ -160,3 +160,35 @@ def test_chunked_loss_matches_over_several_chunks_and_without_grad():
     torch.testing.assert_close(linear_cross_entropy(x, weight, targets, chunk_size=7), expected)
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(x.requires_grad_(), weight, targets, 7), expected)
+
+
+def test_chunked_loss_in_a_workspace_matches_and_reuses_its_buffer():
+    from model import linear_cross_entropy
+    torch.manual_seed(0)
+    x, weight, targets = torch.randn(50, 8), torch.randn(100, 8), torch.randint(0, 100, (50,))
+    x.requires_grad_(), weight.requires_grad_()
+    expected = torch.nn.functional.cross_entropy(x @ weight.T, targets)
+    expected_grads = torch.autograd.grad(expected, (x, weight))
+    workspace = {}
+    for call in range(2):  # 50 rows: chunks of 13 and blocks of 8 that leave remainders
+        loss = linear_cross_entropy(x, weight, targets, chunk_size=13, workspace=workspace)
+        torch.testing.assert_close(loss, expected)
+        for grad, expected_grad in zip(torch.autograd.grad(loss, (x, weight)), expected_grads):
+            torch.testing.assert_close(grad, expected_grad)
+        if call == 0:
+            buffer = workspace["logits"]
+    assert workspace["logits"] is buffer and buffer.numel() == 13 * 100
+
+
+def test_chunked_loss_in_a_workspace_under_bfloat16_autocast_matches_without():
+    from model import linear_cross_entropy
+    torch.manual_seed(0)
+    x, weight, targets = torch.randn(50, 8), torch.randn(100, 8), torch.randint(0, 100, (50,))
+    x.requires_grad_(), weight.requires_grad_()
+    results = []
+    for workspace in (None, {}):
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = linear_cross_entropy(x, weight, targets, chunk_size=13, workspace=workspace)
+        results.append((loss, *torch.autograd.grad(loss, (x, weight))))
+    for without, within in zip(*results):
+        torch.testing.assert_close(within, without)
