@@ -5,14 +5,17 @@ Time the real training step of train_gpt2.py: the same model, optimizer, precisi
     python bench.py --device cpu --n_layer 6 --n_head 6 --n_embd 384 --block_size 256 --batch_size 8 \
         --gradient_accumulation_steps 1 --dtype float32 --compare True
 
-Prints ms/step, tokens/s, MFU and peak memory as a table and as JSON. --compare True also times the
-straightforward step (full float32 logits into F.cross_entropy, the loss read back every micro-step, no
+Prints ms/step, tokens/s, MFU and peak memory as a table and as JSON. ms/step is the median step, so that
+the odd slow step on a shared machine does not move it; the mean is in the JSON. --compare True also times
+the straightforward step (full float32 logits into F.cross_entropy, the loss read back every micro-step, no
 prefetch, no compile) from the same initialization on the same batches, each variant in its own process,
-and checks that both give the same losses.
+and checks that both give the same losses. --rounds N alternates the two N times and pools their steps, so
+that a machine that slows down for a while slows both.
 """
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,7 @@ class BenchConfig(TrainConfig):
     steps: int = flag(10, "timed optimizer steps")
     warmup_steps: int = flag(3, "untimed steps first (compilation, allocator and cache warm-up)")
     compare: bool = flag(False, "also time the straightforward step, each variant in its own process")
+    rounds: int = flag(1, "with --compare: alternate naive and fast this many times, pooling their steps")
     variant: str = flag("fast", "'fast' (the trainer's step) or 'naive' (the straightforward step)")
     json_out: str = flag("", "also write the results as JSON to this file")
 
@@ -91,33 +95,59 @@ def measure(config):
     synchronize()
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    losses += [step(config.warmup_steps + i) for i in range(config.steps)]
-    synchronize()
-    elapsed = time.perf_counter() - start
+    # the step waits for the device once (its finite check), so the time between steps is the step's time
+    step_ends = [time.perf_counter()]
+    for i in range(config.steps):
+        losses.append(step(config.warmup_steps + i))
+        if i == config.steps - 1:
+            synchronize()
+        step_ends.append(time.perf_counter())
     if not naive:
         loader.close()
+    step_ms = [1000 * (end - start) for start, end in zip(step_ends, step_ends[1:])]
+    result = {"variant": config.variant, "device": device, "dtype": dtype, "compile": config.compile and not naive,
+              "step_ms": step_ms, "peak_memory_mb": peak_memory_bytes(device) / 2**20,
+              "tokens_per_step": loader.tokens_per_step, "losses": [float(loss) for loss in losses],
+              "flops_per_token": flops_per_token(model.num_params(), config.n_layer, config.n_embd, config.block_size),
+              "peak_flops": device_peak_flops(device, dtype)}
+    return summarize(result)
 
-    tokens_per_step = loader.tokens_per_step
-    tokens_per_sec = tokens_per_step * config.steps / elapsed
-    per_token = flops_per_token(model.num_params(), config.n_layer, config.n_embd, config.block_size)
-    mfu = estimate_mfu(per_token, tokens_per_sec, device_peak_flops(device, dtype))
-    return {"variant": config.variant, "device": device, "dtype": dtype, "compile": config.compile and not naive,
-            "ms_per_step": 1000 * elapsed / config.steps, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
-            "peak_memory_mb": peak_memory_bytes(device) / 2**20, "tokens_per_step": tokens_per_step,
-            "losses": [float(loss) for loss in losses]}
+
+def summarize(result):
+    """ms/step (the median step), its mean, tokens/s and MFU from a result's step_ms."""
+    ms_per_step = statistics.median(result["step_ms"])
+    tokens_per_sec = result["tokens_per_step"] / (ms_per_step / 1000)
+    mfu = estimate_mfu(result["flops_per_token"], tokens_per_sec, result["peak_flops"])
+    return result | {"ms_per_step": ms_per_step, "ms_per_step_mean": statistics.mean(result["step_ms"]),
+                     "tokens_per_sec": tokens_per_sec, "mfu": mfu}
 
 
 def measure_in_subprocess(config, variant):
     """Each variant in a fresh process, so neither's memory peak or compile cache colours the other."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        args = [f"--{k}={v}" for k, v in asdict(config).items() if k not in ("compare", "variant", "json_out")]
+        args = [f"--{k}={v}" for k, v in asdict(config).items()
+                if k not in ("compare", "rounds", "variant", "json_out")]
         result = subprocess.run([sys.executable, __file__, *args, f"--variant={variant}", f"--json_out={out}"],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(result.stderr.strip())
         return json.loads(out.read_text())["results"][0]
+
+
+def compare(config):
+    """naive and fast, alternated config.rounds times: each variant's steps pooled, its peak the highest."""
+    runs = {"naive": [], "fast": []}
+    for _ in range(config.rounds):
+        for variant, results in runs.items():
+            results.append(measure_in_subprocess(config, variant))
+    pooled = []
+    for results in runs.values():
+        first = results[0]
+        first["step_ms"] = [ms for r in results for ms in r["step_ms"]]
+        first["peak_memory_mb"] = max(r["peak_memory_mb"] for r in results)
+        pooled.append(summarize(first))
+    return pooled
 
 
 # -----------------------------------------------------------------------------
@@ -140,10 +170,10 @@ def main(argv=None):
         config.validate()
         if config.variant not in ("fast", "naive"):
             raise UserError(f"--variant {config.variant!r} is not one of fast, naive")
-        if config.steps <= 0 or config.warmup_steps < 0:
-            raise UserError("--steps must be positive and --warmup_steps 0 or more")
+        if config.steps <= 0 or config.warmup_steps < 0 or config.rounds <= 0:
+            raise UserError("--steps and --rounds must be positive and --warmup_steps 0 or more")
         if config.compare:
-            results = [measure_in_subprocess(config, "naive"), measure_in_subprocess(config, "fast")]
+            results = compare(config)
         else:
             results = [measure(config)]
     except UserError as e:

@@ -10,7 +10,8 @@ TINY_BENCH = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", 
 
 
 def test_compare_times_both_steps_and_they_give_the_same_losses(tmp_path):
-    result = run_script("bench.py", *TINY_BENCH, "--compare", "True", "--json_out", tmp_path / "bench.json")
+    result = run_script("bench.py", *TINY_BENCH, "--compare", "True", "--rounds", "2",
+                        "--json_out", tmp_path / "bench.json")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].split()[:4] == ["variant", "device", "dtype", "compile"]
@@ -23,6 +24,7 @@ def test_compare_times_both_steps_and_they_give_the_same_losses(tmp_path):
     for result in (naive, fast):
         assert result["tokens_per_step"] == 4 * 2 * 32
         assert result["ms_per_step"] > 0 and result["tokens_per_sec"] > 0 and result["peak_memory_mb"] > 0
+        assert len(result["step_ms"]) == 2 * 2  # two rounds of two timed steps, pooled
 
 
 def test_bad_flags_get_one_line(tmp_path):
