@@ -192,3 +192,23 @@ def test_chunked_loss_in_a_workspace_under_bfloat16_autocast_matches_without():
         results.append((loss, *torch.autograd.grad(loss, (x, weight))))
     for without, within in zip(*results):
         torch.testing.assert_close(within, without)
+
+
+def test_chunked_loss_without_a_workspace_compiles_to_the_same_loss_and_gradients():
+    from model import linear_cross_entropy
+    torch.manual_seed(0)
+    x, weight, targets = torch.randn(50, 8), torch.randn(100, 8), torch.randint(0, 100, (50,))
+    x.requires_grad_(), weight.requires_grad_()
+    expected = torch.nn.functional.cross_entropy(x @ weight.T, targets)
+    expected_grads = torch.autograd.grad(expected, (x, weight))
+    # no workspace: the path a GPU takes, which runs inside the compiled model's graph
+    loss = torch.compile(linear_cross_entropy)(x, weight, targets, 13)
+    torch.testing.assert_close(loss, expected)
+    for grad, expected_grad in zip(torch.autograd.grad(loss, (x, weight)), expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+    with torch.autocast("cpu", torch.bfloat16):  # and as a GPU's bfloat16 autocast runs it
+        compiled = torch.compile(linear_cross_entropy)(x, weight, targets, 13)
+        eager = linear_cross_entropy(x, weight, targets, 13)
+    for a, b in zip(torch.autograd.grad(compiled, (x, weight)), torch.autograd.grad(eager, (x, weight))):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-3)
