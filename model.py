@@ -92,8 +92,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     With a workspace (a dict, kept by the caller between calls) the logits are written into a buffer kept
     there, and their softmax is taken a few rows at a time, in the cache, into that same buffer. That is for
     the CPU, where every fresh tensor of this size is new memory from the operating system, paid for with a
-    page fault on each 4 KiB touched: for GPT-2's vocabulary that costs as much as a third of the matmul
-    that fills it. A GPU's caching allocator already reuses its memory."""
+    page fault on each 4 KiB touched: for GPT-2's vocabulary, nearly as long again as the matmul that fills
+    it (BENCHMARKS.md). A GPU's caching allocator already reuses its memory."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_size, needs_grad, workspace):
