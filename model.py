@@ -162,9 +162,6 @@ def linear_cross_entropy(x, weight, targets, chunk_size=4096, workspace=None):
     return LinearCrossEntropy.apply(x, weight, targets, chunk_size, needs_grad, workspace)
 
 
-# in place into a kept buffer, which a compiled graph would turn into copies: it runs eagerly
-linear_cross_entropy_in_workspace = torch.compiler.disable(linear_cross_entropy)
-
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -209,10 +206,14 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None and not return_logits:
             x, targets = x.view(B * T, -1), targets.view(-1)
-            if x.device.type == "cpu":
-                return None, linear_cross_entropy_in_workspace(x, self.lm_head.weight, targets,
-                                                               workspace=self.loss_workspace)
-            return None, linear_cross_entropy(x, self.lm_head.weight, targets)
+            if x.device.type != "cpu":
+                return None, linear_cross_entropy(x, self.lm_head.weight, targets)
+            # in place into a kept buffer, which a compiled graph would turn into copies: it runs eagerly.
+            # (wrapped here, not at import: torch.compiler.disable imports the compiler, a second and a half)
+            loss_fn = linear_cross_entropy
+            if torch.compiler.is_compiling():
+                loss_fn = torch.compiler.disable(loss_fn)
+            return None, loss_fn(x, self.lm_head.weight, targets, workspace=self.loss_workspace)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:

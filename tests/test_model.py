@@ -212,3 +212,21 @@ def test_chunked_loss_without_a_workspace_compiles_to_the_same_loss_and_gradient
     for a, b in zip(torch.autograd.grad(compiled, (x, weight)), torch.autograd.grad(eager, (x, weight))):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-3)
+
+
+def test_compiled_model_on_the_cpu_runs_its_loss_eagerly_in_the_workspace_and_matches_eager():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx, targets = torch.randint(0, 50257, (2, 2, 16))
+    results = []
+    for step_model in (model, torch.compile(model)):
+        model.zero_grad()
+        model.loss_workspace.clear()
+        _, loss = step_model(idx, targets, return_logits=False)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        assert model.loss_workspace["logits"].shape == (2 * 16 * 50304,)
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for eager, compiled in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
