@@ -162,19 +162,29 @@ def test_chunked_loss_matches_over_several_chunks_and_without_grad():
         torch.testing.assert_close(linear_cross_entropy(x.requires_grad_(), weight, targets, 7), expected)
 
 
+def loss_problem():
+    """x, weight and targets for linear_cross_entropy: 50 rows, so that chunks of 13 and blocks of 8 leave
+    remainders, over a vocabulary of 100."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(50, 8, requires_grad=True), torch.randn(100, 8, requires_grad=True)
+    return x, weight, torch.randint(0, 100, (50,))
+
+
+def assert_same_loss_and_gradients(loss, expected, inputs):
+    torch.testing.assert_close(loss, expected)
+    expected_grads = torch.autograd.grad(expected, inputs, retain_graph=True)
+    for grad, expected_grad in zip(torch.autograd.grad(loss, inputs), expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+
+
 def test_chunked_loss_in_a_workspace_matches_and_reuses_its_buffer():
     from model import linear_cross_entropy
-    torch.manual_seed(0)
-    x, weight, targets = torch.randn(50, 8), torch.randn(100, 8), torch.randint(0, 100, (50,))
-    x.requires_grad_(), weight.requires_grad_()
+    x, weight, targets = loss_problem()
     expected = torch.nn.functional.cross_entropy(x @ weight.T, targets)
-    expected_grads = torch.autograd.grad(expected, (x, weight))
     workspace = {}
-    for call in range(2):  # 50 rows: chunks of 13 and blocks of 8 that leave remainders
+    for call in range(2):
         loss = linear_cross_entropy(x, weight, targets, chunk_size=13, workspace=workspace)
-        torch.testing.assert_close(loss, expected)
-        for grad, expected_grad in zip(torch.autograd.grad(loss, (x, weight)), expected_grads):
-            torch.testing.assert_close(grad, expected_grad)
+        assert_same_loss_and_gradients(loss, expected, (x, weight))
         if call == 0:
             buffer = workspace["logits"]
     assert workspace["logits"] is buffer and buffer.numel() == 13 * 100
@@ -182,30 +192,19 @@ def test_chunked_loss_in_a_workspace_matches_and_reuses_its_buffer():
 
 def test_chunked_loss_in_a_workspace_under_bfloat16_autocast_matches_without():
     from model import linear_cross_entropy
-    torch.manual_seed(0)
-    x, weight, targets = torch.randn(50, 8), torch.randn(100, 8), torch.randint(0, 100, (50,))
-    x.requires_grad_(), weight.requires_grad_()
-    results = []
-    for workspace in (None, {}):
-        with torch.autocast("cpu", torch.bfloat16):
-            loss = linear_cross_entropy(x, weight, targets, chunk_size=13, workspace=workspace)
-        results.append((loss, *torch.autograd.grad(loss, (x, weight))))
-    for without, within in zip(*results):
-        torch.testing.assert_close(within, without)
+    x, weight, targets = loss_problem()
+    with torch.autocast("cpu", torch.bfloat16):
+        without = linear_cross_entropy(x, weight, targets, chunk_size=13)
+        within = linear_cross_entropy(x, weight, targets, chunk_size=13, workspace={})
+    assert_same_loss_and_gradients(within, without, (x, weight))
 
 
 def test_chunked_loss_without_a_workspace_compiles_to_the_same_loss_and_gradients():
     from model import linear_cross_entropy
-    torch.manual_seed(0)
-    x, weight, targets = torch.randn(50, 8), torch.randn(100, 8), torch.randint(0, 100, (50,))
-    x.requires_grad_(), weight.requires_grad_()
+    x, weight, targets = loss_problem()
     expected = torch.nn.functional.cross_entropy(x @ weight.T, targets)
-    expected_grads = torch.autograd.grad(expected, (x, weight))
     # no workspace: the path a GPU takes, which runs inside the compiled model's graph
-    loss = torch.compile(linear_cross_entropy)(x, weight, targets, 13)
-    torch.testing.assert_close(loss, expected)
-    for grad, expected_grad in zip(torch.autograd.grad(loss, (x, weight)), expected_grads):
-        torch.testing.assert_close(grad, expected_grad)
+    assert_same_loss_and_gradients(torch.compile(linear_cross_entropy)(x, weight, targets, 13), expected, (x, weight))
     with torch.autocast("cpu", torch.bfloat16):  # and as a GPU's bfloat16 autocast runs it
         compiled = torch.compile(linear_cross_entropy)(x, weight, targets, 13)
         eager = linear_cross_entropy(x, weight, targets, 13)
