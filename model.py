@@ -111,9 +111,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, end)
             if workspace is None:
                 logits = x_c[rows] @ w_c.T  # (chunk, V)
+                block_rows = end - start
             else:
                 logits = torch.mm(x_c[rows], w_c.T, out=reusable_buffer(workspace, (end - start, vocab_size), dtype))
-            block_rows = 8 if workspace is not None else end - start  # 8 rows of float32 logits fit in L2
+                block_rows = 8  # 8 rows of float32 logits fit in L2
             minus_one = torch.full((block_rows, 1), -1.0, device=x.device)
             for block_start in range(0, end - start, block_rows):
                 block = logits[block_start:block_start + block_rows]
