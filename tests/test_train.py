@@ -156,9 +156,10 @@ def test_eval_only_reports_the_checkpoints_val_loss_without_training(trained_run
     assert not list(out_dir.glob("*.pt"))
 
 
-def test_compiled_run_trains_evaluates_and_samples(tmp_path):
-    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", tmp_path / "out", "--max_iters", "2",
-                       "--eval_interval", "2", "--compile", "True", "--gradient_checkpointing", "True")
+@pytest.mark.parametrize("run", [run_train, run_torchrun], ids=["one_process", "torchrun"])
+def test_compiled_model_trains_evaluates_and_samples(tmp_path, run):
+    result = run(*TINY, "--data", INPUT_TXT, "--out_dir", tmp_path / "out", "--max_iters", "2",
+                 "--eval_interval", "2", "--compile", "True", "--gradient_checkpointing", "True")
     assert result.returncode == 0, result.stderr
     assert "Hello, I'm a language model," in result.stdout
     assert sorted(m["step"] for m in read_metrics(tmp_path / "out") if "val_loss" in m) == [0, 2]
@@ -181,14 +182,6 @@ def test_two_torchrun_processes_match_one_process_with_twice_the_accumulation(tm
     for name in weights_one:
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-5)
     assert ddp.stdout.count("step      3") == 1  # only rank 0 logs
-
-
-def test_compiled_model_under_torchrun_trains_evaluates_and_samples(tmp_path):
-    ddp = run_torchrun(*TINY, "--data", INPUT_TXT, "--out_dir", tmp_path / "out", "--max_iters", "2",
-                       "--eval_interval", "2", "--compile", "True", "--gradient_checkpointing", "True")
-    assert ddp.returncode == 0, ddp.stderr
-    assert "Hello, I'm a language model," in ddp.stdout
-    assert sorted(m["step"] for m in read_metrics(tmp_path / "out") if "val_loss" in m) == [0, 2]
 
 
 # -----------------------------------------------------------------------------
