@@ -23,11 +23,9 @@ the documents that start in it, and the stream position where it ends ("end": [i
 its tokens already written]), from which a rerun resumes. "complete" turns true when the run has finished.
 """
 
-import argparse
 import base64
 import collections
 import contextlib
-import dataclasses
 import glob
 import itertools
 import json
@@ -35,13 +33,14 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from cli import UserError, atomic_write, build_parser, flag
 
 # -----------------------------------------------------------------------------
 # The shard format
@@ -55,29 +54,6 @@ TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50,257 ids fit in uint16
 
 class ShardError(ValueError):
     """A shard that cannot be read: the message names the file and the fix."""
-
-
-def current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file beside path, then rename it into place: readers see the old
-    file or the complete new one, never a partial one. Used for shards and checkpoints alike."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from other users
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_shard(path, tokens):
@@ -122,6 +98,40 @@ def open_shard(path):
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 
 
+def shard_valid(path, n_tokens):
+    """Whether path is a readable shard of n_tokens tokens, by its header and size."""
+    try:
+        return read_shard_header(path) == n_tokens
+    except (OSError, ShardError):
+        return False
+
+
+def check_open_shard(tokens):
+    """A shard opened by open_shard still has the size it was opened with: reading a memmap whose file
+    shrank crashes the process instead of raising. Token arrays that are not shards pass."""
+    path = getattr(tokens, "filename", None)
+    if path is not None and os.stat(path).st_size != HEADER_BYTES + tokens.nbytes:
+        raise ShardError(f"{path} changed size since the run began: restore it, or regenerate the data and "
+                         f"start a new run")
+
+
+# The naming rule that tells the splits apart: a shard of split S is a .bin file with S in its name (the
+# trainer reads every such file in its --data directory; shard_prefix keeps the words out of the prefix)
+SPLITS = ("train", "val")
+
+
+def shard_split(name):
+    """"train" or "val" for a shard file's name, None for any other file."""
+    if name.startswith(".") or not name.endswith(".bin"):
+        return None
+    return next((split for split in SPLITS if split in name), None)
+
+
+def shard_files(directory, split):
+    """The shards of one split in directory, sorted by name."""
+    return sorted(p for p in Path(directory).iterdir() if shard_split(p.name) == split)
+
+
 # -----------------------------------------------------------------------------
 # The tokenizer: tiktoken's GPT-2 encoding, built from the vendored BPE ranks so it works offline
 
@@ -129,6 +139,7 @@ TOKENIZER_FILE = Path(__file__).resolve().parent / "gpt2.tiktoken"
 # GPT-2's pre-tokenizer pattern, as tiktoken's gpt2/r50k_base encoding defines it
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT_TOKEN = 50256
+VOCAB_SIZE = 50257  # token ids are 0 .. 50256; a model's embedding may be padded past this
 
 
 @lru_cache(maxsize=1)
@@ -141,7 +152,7 @@ def get_tokenizer():
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=50257)
+                             special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=VOCAB_SIZE)
 
 
 def tokenize_document(text):
@@ -152,48 +163,10 @@ def tokenize_document(text):
 
 
 # -----------------------------------------------------------------------------
-# Command-line flags from a dataclass, shared with train_gpt2.py: each field is a flag, its help in metadata
-
-
-def flag(default, help):
-    return field(default=default, metadata={"help": help})
-
-
-def parse_bool(text):
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser(config_class, description):
-    """An argparse parser with one --flag per dataclass field, its default and help shown by --help."""
-    # no abbreviations: a mistyped --learning_rat must be an error, not silently --learning_rate
-    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                           allow_abbrev=False)
-    for f in dataclasses.fields(config_class):
-        kind = parse_bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata.get("help", ""),
-                            metavar=f.name.upper() if kind is not parse_bool else "{True,False}")
-    return parser
-
-
-# -----------------------------------------------------------------------------
-# This script's configuration
+# This script's configuration: its flags
 
 MIN_SHARD_SIZE = 1024  # one GPT-2 context; below that the trainer could not take a single sequence from a shard
 MAX_SHARD_SIZE = 2**31 - 1  # the header's int32 token count
-
-
-class UserError(ValueError):
-    """Bad input from the user: every script's main() prints the message (which names the fix) and exits
-    non-zero. Defined here, in the module the others import, so that there is one such class."""
 
 
 @dataclass
@@ -463,15 +436,14 @@ def shard_prefix(dataset):
     """edufineweb for FineWeb-Edu, fineweb for FineWeb, else the dataset's name in letters and digits."""
     base = dataset.rstrip("/").split("/")[-1].lower()
     prefix = "edufineweb" if base == "fineweb-edu" else re.sub(r"[^a-z0-9]", "", base)
-    # the trainer tells the splits apart by "train" and "val" in the file name
-    return "data" if not prefix or "train" in prefix or "val" in prefix else prefix
+    return "data" if not prefix or any(split in prefix for split in SPLITS) else prefix  # see shard_split
 
 
 def shard_matches(path, tokens):
     """Whether path already holds exactly these tokens (a rerun then leaves it alone)."""
     try:
-        return read_shard_header(path) == len(tokens) and np.array_equal(open_shard(path), tokens)
-    except (OSError, ShardError):
+        return shard_valid(path, len(tokens)) and np.array_equal(open_shard(path), tokens)
+    except OSError:
         return False
 
 
@@ -620,13 +592,6 @@ def resumable_records(manifest, out_dir, plan, limit):
     return records
 
 
-def shard_valid(path, n_tokens):
-    try:
-        return read_shard_header(path) == n_tokens
-    except (OSError, ShardError):
-        return False
-
-
 def write_manifest(out_dir, settings, records, max_tokens, complete):
     splits = {s: sum(r["tokens"] for r in records if r["split"] == s) for s in ("val", "train")}
     manifest = {**settings, "max_tokens": max_tokens, "complete": complete,
@@ -643,8 +608,7 @@ def is_up_to_date(manifest, out_dir, max_tokens):
 def stray_shards(out_dir, records):
     """Shard files the trainer would read that this run did not make (an earlier run with other flags)."""
     ours = {r["name"] for r in records}
-    return sorted(p.name for p in out_dir.glob("*.bin") if not p.name.startswith(".") and p.name not in ours
-                  and ("train" in p.name or "val" in p.name))
+    return sorted(p.name for split in SPLITS for p in shard_files(out_dir, split) if p.name not in ours)
 
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ The trainer calls it on every rank at each evaluation, with the compiled model (
     result = hellaswag.evaluate(model, examples, device, batch_size, block_size, autocast, rank, world_size)
     result["acc_norm"], result["acc"], result["n"]                  # the same on every rank (all-reduced)
 
-and catches hellaswag.HellaSwagError (a ValueError) the way it catches UserError. Ranks may download the
+and turns hellaswag.HellaSwagError (a ValueError) into a warning: a run that cannot score HellaSwag trains on. Ranks may download the
 split at the same time: each writes its own temporary file and renames it into place. Importing this file
 only defines things.
 """
@@ -37,9 +37,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fineweb import atomic_write, get_tokenizer
-from train_gpt2 import (UserError, build_parser, flag, is_hf_model, load_model, make_autocast, resolve_device,
-                        resolve_dtype)
+from checkpoint import load_model
+from cli import UserError, atomic_write, build_parser, flag
+from device import make_autocast, resolve_device, resolve_dtype
+from fineweb import VOCAB_SIZE, get_tokenizer
+from model import is_hf_model
 
 # -----------------------------------------------------------------------------
 # The data: the split files, downloaded once and cached, read line by line
@@ -227,7 +229,7 @@ def token_losses(model, x, y, scored, autocast, vocab_limit):
 
 @torch.no_grad()
 def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024, autocast=None,
-                   vocab_limit=50257, progress=False):
+                   vocab_limit=VOCAB_SIZE, progress=False):
     """(pred_sum, pred_norm) of each example, in the order given: a (len(examples), 2) long tensor.
     Examples go through the model longest first, batch_size at a time, so each batch pads little and the
     longest (the most memory) comes first."""
@@ -256,7 +258,7 @@ def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024
 
 
 def evaluate(model, examples, device="cpu", batch_size=16, block_size=1024, autocast=None, rank=0, world_size=1,
-             vocab_limit=50257, progress=False):
+             vocab_limit=VOCAB_SIZE, progress=False):
     """Zero-shot HellaSwag accuracy: {"acc", "acc_norm", "n", "correct", "correct_norm"}.
 
     model maps tokens (B, T) to logits (B, T, V): a callable returning them, or a (logits, loss) tuple (this

@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from fineweb import EOT_TOKEN, UserError, current_umask, get_tokenizer
+from cli import UserError, current_umask
+from fineweb import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -337,7 +338,7 @@ def load_hf_gpt2(name_or_path):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"could not load a transformers GPT-2 from {folder} ({reason}): pass a folder written by "
                         f"save_pretrained") from None
-    c, n_vocab = hf.config, get_tokenizer().n_vocab
+    c, n_vocab = hf.config, VOCAB_SIZE
     supported = {  # what GPT hard-codes: the tanh GELU, a 4x MLP, LayerNorm's default eps, SDPA's 1/sqrt(hs)
         "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
         "n_inner": c.n_inner in (None, 4 * c.n_embd),
@@ -399,7 +400,7 @@ def export_hf(model, path):
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         raise UserError("--export_hf needs transformers: pip install transformers") from None
-    c, n_vocab = model.config, get_tokenizer().n_vocab
+    c, n_vocab = model.config, VOCAB_SIZE
     hf_config = GPT2Config(vocab_size=n_vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                            n_head=c.n_head, activation_function="gelu_new", tie_word_embeddings=True,
                            bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN,
@@ -410,8 +411,12 @@ def export_hf(model, path):
         for name, value in model.state_dict().items():
             value = value.t() if name.endswith(HF_TRANSPOSED) else value
             hf_state[name].copy_(value[:n_vocab] if name.endswith(("wte.weight", "lm_head.weight")) else value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise UserError(f"--export_hf {path} cannot be written ({e.strerror or e}): pick a folder in a writable "
+                        f"place") from None
     try:
         with quiet_hf_logs():
             hf.save_pretrained(tmp, safe_serialization=True)

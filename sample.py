@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import load_model
+from cli import UserError, build_parser, flag
+from device import make_autocast, resolve_device, resolve_dtype
 from fineweb import EOT_TOKEN, get_tokenizer
-from train_gpt2 import UserError, build_parser, flag, load_model, make_autocast, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------
 # Configuration

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import train_gpt2  # noqa: E402
+from cli import atomic_write  # noqa: E402
 
 counts = {"save": 0, "eval": 0}
 current_step = [None]
@@ -42,23 +43,24 @@ def kill_self():
 
 
 def patch_step(after_step):
-    original = train_gpt2.Trainer.step
+    original = train_gpt2.Trainer.optimizer_step
 
-    def step(self, step):
+    def optimizer_step(self, step):
         current_step[0] = step
         result = original(self, step)
         after_step(step)
         return result
-    train_gpt2.Trainer.step = step
+    train_gpt2.Trainer.optimizer_step = optimizer_step
 
 
 def patch_save(write):
-    """write(file, data, n) replaces the write of the n-th checkpoint's bytes."""
+    """write(file, data, n) replaces the write of the n-th checkpoint's bytes (the trainer's save_checkpoint,
+    imported from checkpoint.py, is looked up in train_gpt2's namespace)."""
     def save_checkpoint(path, checkpoint):
         counts["save"] += 1
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        train_gpt2.atomic_write(path, lambda f: write(f, buffer.getvalue(), counts["save"]))
+        atomic_write(path, lambda f: write(f, buffer.getvalue(), counts["save"]))
     train_gpt2.save_checkpoint = save_checkpoint
 
 
@@ -67,14 +69,14 @@ def install(fault):
     if name == "kill_at_step":
         patch_step(lambda step: kill_self() if step == int(arg) else None)
     elif name == "kill_in_eval":
-        original = train_gpt2.evaluate
+        original = train_gpt2.Evaluation.val_loss
 
-        def evaluate(*args, **kwargs):
+        def val_loss(*args, **kwargs):
             counts["eval"] += 1
             if counts["eval"] == int(arg):
                 kill_self()
             return original(*args, **kwargs)
-        train_gpt2.evaluate = evaluate
+        train_gpt2.Evaluation.val_loss = val_loss
     elif name == "kill_in_save":
         def write(f, data, n):
             f.write(data[:len(data) // 2])

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fineweb import HEADER_BYTES, MAGIC, ShardError, open_shard, read_shard_header, write_shard
-from train_gpt2 import DataLoader, UserError, load_token_sources, val_batch_positions
+from cli import UserError
+from train_gpt2 import DataLoader, load_token_sources, val_batch_positions
 from conftest import INPUT_TXT
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fineweb import write_shard
-from train_gpt2 import load_checkpoint
+from checkpoint import load_checkpoint
 from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_script, run_torchrun, run_train, train_losses
 
 FAULTS = REPO / "tests" / "fault_injection.py"
@@ -61,6 +61,14 @@ def assert_every_checkpoint_loads(out_dir):
         load_checkpoint(path)  # raises on a partial or corrupt file
 
 
+def delete_the_logs_of_a_run_without_checkpoints(out_dir):
+    """What a user does before starting again: a new run refuses to write over another run's logs."""
+    refused = run_train(*run_args(out_dir))
+    assert refused.returncode == 1 and "holds files of a run that wrote no checkpoint" in refused.stderr
+    for name in ("metrics.jsonl", "config.json"):
+        (out_dir / name).unlink()
+
+
 def assert_resumes_to_the_uninterrupted_run(out_dir, reference_dir):
     resumed = run_train(*run_args(out_dir, "--init_from", "resume"))
     assert resumed.returncode == 0, resumed.stderr
@@ -94,6 +102,7 @@ def test_killed_in_the_first_checkpoint_write_leaves_nothing_to_resume_and_resta
     assert not list(out_dir.glob("*.pt"))  # half a checkpoint never stands under a final name
     resume = run_train(*run_args(out_dir, "--init_from", "resume"))
     assert resume.returncode == 1 and "no iter-*.pt checkpoint" in resume.stderr
+    delete_the_logs_of_a_run_without_checkpoints(out_dir)
     again = run_train(*run_args(out_dir))
     assert again.returncode == 0, again.stderr
     assert train_losses(out_dir) == train_losses(trained_run[0])
@@ -107,6 +116,7 @@ def test_sigkill_from_outside_during_a_slow_checkpoint_write(tmp_path, trained_r
     process.wait()
     assert not list(out_dir.glob("iter-*.pt"))
     assert_every_checkpoint_loads(out_dir)
+    delete_the_logs_of_a_run_without_checkpoints(out_dir)
     again = run_train(*run_args(out_dir))  # nothing to resume: start again, the half-written file is cleared
     assert again.returncode == 0, again.stderr
     assert train_losses(out_dir) == train_losses(trained_run[0])

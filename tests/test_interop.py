@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from fineweb import get_tokenizer
-from train_gpt2 import GPT, UserError, export_hf, load_model, load_token_sources, val_batch_positions
+from checkpoint import load_model
+from cli import UserError
+from model import GPT, export_hf
+from train_gpt2 import load_token_sources, val_batch_positions
 from conftest import INPUT_TXT, TINY, read_metrics, run_train
 
 transformers = pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ import torch
 import sample
 
 from fineweb import get_tokenizer
-from train_gpt2 import load_model
+from checkpoint import load_model
 from conftest import run_script
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a 64-wide model runs faster on one thread, and the CPU is shared

@@ -2,6 +2,11 @@
 
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 import math
 
 import numpy as np
@@ -9,9 +14,10 @@ import pytest
 import torch
 
 from fineweb import write_shard
-from train_gpt2 import (TrainConfig, UserError, estimate_mfu, flops_per_token, get_lr, load_checkpoint,
-                        parse_args)
-from conftest import INPUT_TXT, TINY, read_metrics, run_torchrun, run_train, snapshot, train_losses
+from checkpoint import load_checkpoint
+from cli import UserError
+from train_gpt2 import TrainConfig, estimate_mfu, flops_per_token, get_lr, parse_args
+from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_torchrun, run_train, snapshot, train_losses
 
 # -----------------------------------------------------------------------------
 # The learning-rate schedule
@@ -230,6 +236,18 @@ BAD_INPUTS = {
     "unwritable out_dir": (["--out_dir", "{file}"], "cannot be written"),
     "rank without torchrun": (["--env", "RANK=0"], "RANK is set but"),
     "new run over an old one": (["--out_dir", "{run_dir}"], "already holds checkpoints"),
+    "new run over an old one's log": (["--out_dir", "{log_only}"], "holds files of a run that wrote no checkpoint"),
+    "older checkpoint of the same run": (["--init_from", "{checkpoint}", "--out_dir", "{run_dir}", "--max_iters", "8"],
+                                         "is not the latest checkpoint of"),
+    "nan learning rate": (["--learning_rate", "nan"], "expected a finite number, got 'nan'"),
+    "inf weight decay": (["--weight_decay", "inf"], "expected a finite number, got 'inf'"),
+    "negative seed": (["--seed", "-1"], "--seed must be from 0 to 2**63 - 1, got -1"),
+    "huge seed": (["--seed", str(2**70)], "--seed must be from 0 to 2**63 - 1"),
+    "huge ddp timeout": (["--ddp_timeout", str(10**15)], "is more than a day"),
+    "model too large for memory": (["--n_embd", "131072", "--n_head", "1"], "more than the"),
+    "damaged loader state": (["--init_from", "{bad_loader}", "--out_dir", "{tmp}/branch", "--max_iters", "8"],
+                             "holds a malformed training state"),
+    "export under a file": (["--init_from", "{checkpoint}", "--export_hf", "{file}/hf"], "cannot be written"),
 }
 
 
@@ -242,8 +260,14 @@ def test_bad_input_gets_one_line_and_a_nonzero_exit_and_touches_nothing(case, tm
     (tmp_path / "short.txt").write_text("Too short for a batch.")
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint at all")
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "log_only").mkdir()
+    (tmp_path / "log_only" / "metrics.jsonl").write_text('{"step": 0, "val_loss": 10.9}\n')
+    bad_loader = load_checkpoint(next(run_dir.glob("iter-4-*.pt")))
+    bad_loader["loader"] = {"epoch": "first"}
+    torch.save(bad_loader, tmp_path / "bad_loader.pt")
     values = {"tmp": tmp_path, "short_text": tmp_path / "short.txt", "corrupt": tmp_path / "corrupt.pt",
-              "checkpoint": next(run_dir.glob("iter-4-*.pt")), "file": tmp_path / "a_file", "run_dir": run_dir}
+              "checkpoint": next(run_dir.glob("iter-4-*.pt")), "file": tmp_path / "a_file", "run_dir": run_dir,
+              "log_only": tmp_path / "log_only", "bad_loader": tmp_path / "bad_loader.pt"}
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("a previous run's notes")
@@ -266,3 +290,98 @@ def test_bad_input_gets_one_line_and_a_nonzero_exit_and_touches_nothing(case, tm
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert (snapshot(out_dir), snapshot(run_dir)) == before
+
+
+# -----------------------------------------------------------------------------
+# A run directory is one run: resume and eval-only take its settings; one writer; only the trainer's files
+
+
+CUSTOM = [*TINY, "--data", INPUT_TXT, "--eval_interval", "4", "--gradient_accumulation_steps", "3",
+          "--warmup_iters", "3", "--lr_decay_iters", "12", "--learning_rate", "2e-3", "--eval_iters", "3"]
+
+
+def test_resume_with_only_init_from_restores_every_setting(tmp_path):
+    full = run_train(*CUSTOM, "--out_dir", tmp_path / "full", "--max_iters", "8")
+    assert full.returncode == 0, full.stderr
+    first = run_train(*CUSTOM, "--out_dir", tmp_path / "cut", "--max_iters", "4")
+    assert first.returncode == 0, first.stderr
+    resumed = run_train("--init_from", "resume", "--out_dir", tmp_path / "cut", "--max_iters", "8")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "--max_iters: 4 -> 8 (command line)" in resumed.stdout
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")  # step by step, bit for bit
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    expected = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert config == {**expected, "out_dir": str(tmp_path / "cut"), "init_from": "resume"}
+    tokens = [m["tokens"] for m in read_metrics(tmp_path / "cut") if "train_loss" in m]
+    assert tokens == [(step + 1) * 4 * 3 * 32 for step in range(8)]
+
+
+def test_tokens_stay_true_when_the_batch_changes_on_resume(tmp_path):
+    first = run_train(*CUSTOM, "--out_dir", tmp_path / "out", "--max_iters", "4")
+    assert first.returncode == 0, first.stderr
+    resumed = run_train("--init_from", "resume", "--out_dir", tmp_path / "out", "--max_iters", "6",
+                        "--gradient_accumulation_steps", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "the global batch changes from 12 to 4 sequences per step" in resumed.stdout
+    tokens = {m["step"]: m["tokens"] for m in read_metrics(tmp_path / "out") if "train_loss" in m}
+    assert tokens[3] == 4 * 12 * 32 and tokens[5] == tokens[3] + 2 * 4 * 32
+
+
+def test_eval_only_with_nothing_else_scores_as_training_did_into_the_checkpoints_folder(trained_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run[0], run_dir)
+    checkpoint = next(run_dir.glob("iter-8-*.pt"))
+    result = run_train("--eval_only", "True", "--init_from", checkpoint, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    logged = [m for m in read_metrics(run_dir) if m.get("step") == 8 and "val_loss" in m]
+    assert len(logged) == 2 and logged[1]["eval_only"] is True
+    assert logged[1]["val_loss"] == pytest.approx(logged[0]["val_loss"], rel=1e-6)
+    assert "over 2 batches" in result.stdout  # the run's --eval_iters, not the default 200
+
+
+def test_a_second_trainer_on_the_same_out_dir_is_refused_and_the_first_is_unaffected(tmp_path):
+    out_dir = tmp_path / "out"
+    command = [sys.executable, str(REPO / "tests" / "fault_injection.py"), *TINY, "--data", str(INPUT_TXT),
+               "--out_dir", str(out_dir), "--max_iters", "6", "--eval_interval", "3"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "FAULT": "slow_steps:0.5", "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while not ((out_dir / ".lock").exists() and (out_dir / ".lock").read_text().strip()):
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    while not list(out_dir.glob("iter-3-*.pt")):  # something to resume from
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    for args in (["--init_from", "resume"], []):  # from scratch or resume alike
+        second = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "6", *args)
+        assert second.returncode == 1
+        (line,) = second.stderr.strip().splitlines()
+        assert f"is in use by another trainer (pid {first.pid} on" in line
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert next(out_dir.glob("iter-6-*.pt"))
+
+
+def test_a_users_file_named_like_a_checkpoint_is_never_read_pruned_or_resumed(tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "iter-100-my-notes.pt").write_text("notes")
+    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "4", "--eval_interval", "1",
+                       "--keep_last", "1")
+    assert result.returncode == 0, result.stderr
+    resumed = run_train("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "5")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from step 4" in resumed.stdout
+    assert (out_dir / "iter-100-my-notes.pt").read_text() == "notes"
+    assert sorted(p.name for p in out_dir.glob("iter-*.pt"))[0] == "iter-100-my-notes.pt"
+
+
+def test_resume_forgets_damaged_lines_of_the_metrics_log(tmp_path):
+    out_dir = tmp_path / "out"
+    first = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "4", "--eval_interval", "4")
+    assert first.returncode == 0, first.stderr
+    with open(out_dir / "metrics.jsonl", "ab") as f:
+        f.write(b'{"val_loss": 1.0}\nnull\n\xff\xfe not text\n[1, 2]\n{"step": "x"}\n')
+    resumed = run_train("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "6")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [m["step"] for m in read_metrics(out_dir) if "train_loss" in m] == list(range(6))

@@ -1,0 +1,80 @@
+"""checkpoint.py: the run directory's names, the best checkpoint's own copy, and damaged files refused with
+one line."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from checkpoint import (BEST_CHECKPOINT, checkpoint_name, latest_checkpoint, load_checkpoint, load_start,
+                        prune_checkpoints, run_checkpoints, save_best, save_checkpoint)
+from cli import UserError
+
+
+def touch(directory, *names):
+    for name in names:
+        (directory / name).write_bytes(b"x")
+
+
+def test_only_the_trainers_own_names_are_checkpoints(tmp_path):
+    touch(tmp_path, "iter-1-my-notes.pt", "iter-2-loss-3.1416.pt", "iter-9-stopped.pt", "iter-9-loss-2.0000.pt",
+          "iter-10-loss-2.5.pt", "iter-x-loss-1.0000.pt", "best_val_loss.pt", "iter-12-loss-nan.pt.bak")
+    assert [p.name for p in run_checkpoints(tmp_path)] == ["iter-2-loss-3.1416.pt", "iter-9-stopped.pt",
+                                                           "iter-9-loss-2.0000.pt"]
+    assert latest_checkpoint(tmp_path).name == "iter-9-loss-2.0000.pt"
+
+
+def test_pruning_never_touches_a_users_file(tmp_path):
+    touch(tmp_path, "iter-1-my-notes.pt", "iter-2-loss-3.0000.pt", "iter-4-loss-2.0000.pt", "iter-6-loss-1.0000.pt")
+    prune_checkpoints(tmp_path, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter-1-my-notes.pt", "iter-6-loss-1.0000.pt"]
+
+
+def test_names_follow_the_step_and_the_val_loss():
+    assert checkpoint_name(40, 3.14159) == "iter-40-loss-3.1416.pt"
+    assert checkpoint_name(40) == "iter-40-stopped.pt"
+
+
+def test_the_best_checkpoint_survives_damage_to_the_file_it_was_copied_from(trained_run, tmp_path):
+    source = tmp_path / "iter-8-loss-1.0000.pt"
+    shutil.copyfile(next(trained_run[0].glob("iter-8-*.pt")), source)
+    save_best(source, tmp_path)
+    os.truncate(source, 100)
+    assert load_checkpoint(tmp_path / BEST_CHECKPOINT)["iter_num"] == 8
+
+
+def damaged(checkpoint, kind):
+    state = checkpoint["model"]
+    if kind == "missing tensor":
+        del state["lm_head.weight"], state["transformer.wte.weight"]
+    elif kind == "extra tensor":
+        state["transformer.extra"] = torch.zeros(3)
+    elif kind == "wrong shape":
+        state["transformer.ln_f.weight"] = torch.zeros(7)
+    elif kind == "unknown model_args key":
+        checkpoint["model_args"]["n_experts"] = 8
+    return checkpoint
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing tensor", "does not match its own architecture"),
+    ("extra tensor", "does not match its own architecture"),
+    ("wrong shape", "does not match its own architecture"),
+    ("unknown model_args key", "has an unknown architecture"),
+])
+def test_a_damaged_checkpoint_is_one_line(kind, message, trained_run, tmp_path):
+    checkpoint = load_checkpoint(next(trained_run[0].glob("iter-8-*.pt")))
+    path = tmp_path / "iter-8-loss-1.0000.pt"
+    save_checkpoint(path, damaged(checkpoint, kind))
+    with pytest.raises(UserError, match=message) as error:
+        load_start(str(path))
+    assert "\n" not in str(error.value)
+
+
+def test_loading_keeps_one_copy_of_the_weights_and_names_the_file(trained_run):
+    path = next(trained_run[0].glob("iter-8-*.pt"))
+    model, checkpoint = load_start(str(path))
+    assert "model" not in checkpoint and checkpoint["path"] == path and not model.training
+    model, checkpoint = load_start("resume", trained_run[0])
+    assert checkpoint["path"] == latest_checkpoint(trained_run[0])
