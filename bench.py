@@ -1,5 +1,5 @@
 """
-Time the real training step of train_gpt2.py: the same model, optimizer, precision, compile and loader code.
+Time the real training step of train_gpt2.py: its Trainer (model, optimizer, precision, compile, loader) and step.
 
     python bench.py                                             # GPT-2 124M, the trainer's defaults
     python bench.py --device cpu --n_layer 6 --n_head 6 --n_embd 384 --block_size 256 --batch_size 8 \
@@ -20,14 +20,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from train_gpt2 import (GPT, DataLoader, GPTConfig, Prefetcher, TrainConfig, UserError, build_parser,
-                        device_peak_flops, estimate_mfu, flag, flops_per_token, get_lr, load_token_sources, make_autocast,
-                        resolve_device, resolve_dtype, train_step)
+from cli import UserError, build_parser, flag
+from device import device_peak_flops, resolve_device
+from train_gpt2 import (DataLoader, Distributed, RunLog, TrainConfig, Trainer, estimate_mfu, flops_per_token, get_lr,
+                        load_token_sources, model_args_for, new_model)
 
 # -----------------------------------------------------------------------------
 # Configuration: the trainer's flags choose the model and batch, plus a few of the benchmark's own
@@ -59,41 +60,57 @@ def peak_memory_bytes(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole process, on Linux in KiB
 
 
+def naive_step(trainer, x, y):
+    """The straightforward step, the baseline: the trainer's model, optimizer and scaler, but full float32
+    logits into F.cross_entropy (the model's return_logits path) and the loss read back to the host on every
+    micro-step; no compile, no prefetch."""
+    micro_steps = x.size(0)
+    loss_sum = 0.0
+    for micro_step in range(micro_steps):
+        with trainer.autocast:
+            _, loss = trainer.model(x[micro_step], y[micro_step])
+        loss = loss / micro_steps
+        loss_sum += loss.item()
+        trainer.scaler.scale(loss).backward()
+    trainer.scaler.unscale_(trainer.optimizer)
+    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.grad_clip or float("inf"))
+    trainer.scaler.step(trainer.optimizer)
+    trainer.scaler.update()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
 def measure(config):
-    """Train warmup_steps + steps from a fixed init and return the timing of the last `steps`."""
+    """Train warmup_steps + steps from a fixed init and return the timing of the last `steps`. The fast variant
+    is the trainer's own Trainer.optimizer_step (prefetching loader, compiled model, chunked loss); the naive one uses
+    the same model, optimizer and batches with naive_step, uncompiled."""
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    device_type = device.split(":")[0]
     naive = config.variant == "naive"
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(config.seed)
-    model = GPT(GPTConfig(config.block_size, GPTConfig.vocab_size, config.n_layer, config.n_head, config.n_embd))
-    model = model.to(device)
-    model.gradient_checkpointing = config.gradient_checkpointing
-    step_model = torch.compile(model) if config.compile and not naive else model
-    optimizer = model.configure_optimizer(config.weight_decay, config.learning_rate, device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    loader = DataLoader(load_token_sources(config.data, "train"), config.batch_size, config.block_size,
-                        config.gradient_accumulation_steps, seed=config.seed)
-    if not naive:
-        loader = Prefetcher(loader, device)
-    autocast = make_autocast(device_type, dtype)
+    config = replace(config, hellaswag=False, compile=config.compile and not naive)
+    dist_info = Distributed(device=device)
+    model_args = model_args_for(config, set())
+    sources = load_token_sources(config.data, "train")
+    make_loader = lambda: DataLoader(sources, config.batch_size, config.block_size, config.gradient_accumulation_steps,
+                                     seed=config.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(config, dist_info, new_model(model_args, config.seed), RunLog(tmp, enabled=False),
+                          loader=make_loader(), evaluation=None)
+    if naive:
+        batches = make_loader()  # its own: the trainer's loader is being read ahead by its prefetcher
 
-    def step(i):
-        lr = get_lr(i, config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = loader.next_batch()
-        if naive:
-            x, y = x.to(device), y.to(device)
-        return train_step(step_model, optimizer, scaler, x, y, config.grad_clip, autocast, False, naive=naive)[0]
+        def step(i):
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = get_lr(i, config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters)
+            x, y = batches.next_batch()
+            return naive_step(trainer, x.to(device), y.to(device))
+    else:
+        def step(i):
+            return trainer.optimizer_step(i)[1]
 
-    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     losses = [step(i) for i in range(config.warmup_steps)]
     synchronize()
-    if device_type == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     # the step waits for the device once (its finite check), so the time between steps is the step's time
     step_ends = [time.perf_counter()]
@@ -102,14 +119,14 @@ def measure(config):
         if i == config.steps - 1:
             synchronize()
         step_ends.append(time.perf_counter())
-    if not naive:
-        loader.close()
+    trainer.close()
     step_ms = [1000 * (end - start) for start, end in zip(step_ends, step_ends[1:])]
-    result = {"variant": config.variant, "device": device, "dtype": dtype, "compile": config.compile and not naive,
+    result = {"variant": config.variant, "device": device, "dtype": trainer.dtype, "compile": config.compile,
               "step_ms": step_ms, "peak_memory_mb": peak_memory_bytes(device) / 2**20,
-              "tokens_per_step": loader.tokens_per_step, "losses": [float(loss) for loss in losses],
-              "flops_per_token": flops_per_token(model.num_params(), config.n_layer, config.n_embd, config.block_size),
-              "peak_flops": device_peak_flops(device, dtype)}
+              "tokens_per_step": trainer.loader.tokens_per_step, "losses": [float(loss) for loss in losses],
+              "flops_per_token": flops_per_token(trainer.model.num_params(), config.n_layer, config.n_embd,
+                                                 config.block_size),
+              "peak_flops": device_peak_flops(device, trainer.dtype)}
     return summarize(result)
 
 

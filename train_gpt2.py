@@ -20,6 +20,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,11 +33,20 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from fineweb import ShardError, atomic_write, build_parser, flag, get_tokenizer, open_shard, read_shard_header
-from model import GPT, GPTConfig, UserError, export_hf, is_hf_model  # noqa: F401 (GPT, GPTConfig: re-exported)
+import hellaswag
+from checkpoint import (BEST_CHECKPOINT, CHECKPOINT_VERSION, checkpoint_name, load_start, prune_checkpoints,
+                        run_checkpoints, save_best, save_checkpoint)
+from cli import UserError, atomic_write, build_parser, flag
+from device import available_memory, device_peak_flops, make_autocast, resolve_device, resolve_dtype
+from fineweb import (VOCAB_SIZE, ShardError, check_open_shard, get_tokenizer, open_shard, shard_files,
+                     shard_valid)
+from model import GPT, GPTConfig, export_hf
 
 # -----------------------------------------------------------------------------
-# Configuration: one dataclass, whose fields are the command-line flags (parser: fineweb.build_parser)
+# Configuration: one dataclass, whose fields are the command-line flags (parser: cli.build_parser)
+
+
+MAX_DDP_TIMEOUT = 24 * 3600
 
 
 @dataclass
@@ -74,7 +84,7 @@ class TrainConfig:
     hellaswag_examples: int = flag(0, "score only the first N HellaSwag examples (0: all 10,042 of val)")
     hellaswag_data: str = flag("val", "the HellaSwag split to download, or a local jsonl file in its format")
     log_interval: int = flag(10, "print and record training figures every this many steps")
-    keep_last: int = flag(0, "keep only the newest N iter-*.pt checkpoints, and best_val_loss.pt (0 keeps all)")
+    keep_last: int = flag(3, "keep only the newest N iter-*.pt checkpoints, and best_val_loss.pt (0 keeps all)")
     max_bad_steps: int = flag(3, "stop after this many consecutive steps with a non-finite loss or gradient")
     ddp_timeout: int = flag(600, "seconds a rank waits in a collective for the others before giving up")
     # system
@@ -109,6 +119,11 @@ class TrainConfig:
             raise UserError("--weight_decay and --grad_clip must be 0 or more")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed must be from 0 to 2**63 - 1, got {self.seed}")
+        if self.ddp_timeout > MAX_DDP_TIMEOUT:
+            raise UserError(f"--ddp_timeout {self.ddp_timeout} is more than a day ({MAX_DDP_TIMEOUT} s): a rank "
+                            f"that waits that long has died; pass at most {MAX_DDP_TIMEOUT}")
         if self.eval_only and self.init_from == "scratch":
             raise UserError("--eval_only True needs a checkpoint: pass --init_from resume or --init_from PATH")
         if self.export_hf and self.init_from == "scratch":
@@ -145,20 +160,16 @@ def load_token_sources(data, split):
     if not path.is_dir():
         raise UserError(f"--data {data}: no such file or directory; make shards with `python fineweb.py` "
                         f"or pass a text file such as --data input.txt")
-    names = sorted(p.name for p in path.iterdir() if split in p.name and p.suffix == ".bin"
-                   and not p.name.startswith("."))
-    if not names:
+    shards = shard_files(path, split)
+    if not shards:
         raise UserError(f"no {split} shards (*{split}*.bin) in {data}/: run `python fineweb.py` to make them")
-    return [(name, open_shard(path / name)) for name in names]
+    return [(shard.name, open_shard(shard)) for shard in shards]
 
 
-def read_span(name, tokens, start, length, vocab_size=50257):
+def read_span(name, tokens, start, length, vocab_size=VOCAB_SIZE):
     """tokens[start:start + length] as int64, checked on the way: a shard file that shrank since it was
     opened would crash the memmap read, and an id past the vocabulary would index past the embedding."""
-    path = getattr(tokens, "filename", None)
-    if path is not None and os.stat(path).st_size != tokens.offset + tokens.nbytes:
-        raise ShardError(f"{path} changed size since the run began: restore it, or regenerate the data and "
-                         f"start a new run")
+    check_open_shard(tokens)
     span = np.array(tokens[start:start + length], dtype=np.int64)
     if span.size and span.max() >= vocab_size:
         raise ShardError(f"{name}: token id {span.max()} near offset {start} is outside GPT-2's vocabulary of "
@@ -170,13 +181,7 @@ def read_span(name, tokens, start, length, vocab_size=50257):
 def check_unchanged(name, tokens):
     """A shard's header still says what it said when the run opened it."""
     path = getattr(tokens, "filename", None)
-    if path is None:
-        return
-    try:
-        unchanged = read_shard_header(path) == len(tokens)
-    except (ShardError, OSError):
-        unchanged = False
-    if not unchanged:
+    if path is not None and not shard_valid(path, len(tokens)):
         raise ShardError(f"{path} changed since the run began (its header or size differs): restore it, or "
                          f"regenerate the data and start a new run")
 
@@ -316,39 +321,6 @@ def estimate_mfu(flops_per_token, tokens_per_sec, peak_flops):
     return flops_per_token * tokens_per_sec / peak_flops if peak_flops else None
 
 
-GPU_PEAK_BF16_FLOPS = {  # dense tensor-core peak, by the name torch reports
-    "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
-    "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12, "4090": 165e12,
-    "3090": 71e12, "V100": 125e12, "B200": 2250e12,
-}
-
-
-def device_peak_flops(device, dtype):
-    """A best estimate of the device's peak FLOP/s for dtype, or None when unknown."""
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in GPU_PEAK_BF16_FLOPS.items() if k in name), None)
-        return peak / 2 if peak and dtype == "float32" else peak  # float32 matmuls run as TF32
-    if device == "cpu":
-        flags = cpu_flags()
-        per_cycle = 64 if "avx512f" in flags else 32 if "fma" in flags else 8  # float32 FMA lanes x 2 x 2 units
-        if dtype == "bfloat16" and cpu_has_bf16():
-            per_cycle *= 2  # the bf16 dot-product instructions do twice the multiply-adds
-        return torch.get_num_threads() * 2.5e9 * per_cycle
-    return None
-
-
-def cpu_flags():
-    """The CPU's instruction-set flags (Linux; elsewhere none are known)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    return set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-
-
-def cpu_has_bf16():
-    """bfloat16 matmul instructions (AVX512-BF16 or AMX): there bf16 autocast trains faster than float32."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
 # -----------------------------------------------------------------------------
 # Distributed set-up: one process is world_size 1, not a separate code path
 
@@ -365,30 +337,16 @@ class Distributed:
     def is_master(self):
         return self.rank == 0
 
-    def any(self, flag):
-        """True on every rank when flag is true on any rank: how ranks agree to stop at the same step."""
+    def any(self, condition):
+        """True on every rank when condition is true on any rank: how ranks agree to stop at the same step."""
         if self.world_size == 1:
-            return bool(flag)
-        tensor = torch.tensor([int(bool(flag))])
+            return bool(condition)
+        tensor = torch.tensor([int(bool(condition))])
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control)
         return bool(tensor.item())
 
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def resolve_device(device):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
-        raise UserError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here; use --device cpu")
-    if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available here; use --device cpu")
-    return device
 
 
 def setup_distributed(device, timeout_seconds=600):
@@ -420,106 +378,8 @@ def all_reduce_mean(tensor, world_size):
     return tensor
 
 
-def make_autocast(device_type, dtype):
-    """Mixed precision by --dtype: matmuls in bfloat16/float16, reductions and the loss in float32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-
-
-def resolve_dtype(dtype, device):
-    if device.startswith("cuda"):
-        bf16 = torch.cuda.is_bf16_supported()
-        if dtype == "auto":
-            return "bfloat16" if bf16 else "float16"
-        if dtype == "bfloat16" and not bf16:
-            raise UserError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} does not support it; "
-                            f"use --dtype float16")
-        return dtype
-    if dtype == "float16" and device == "cpu":
-        raise UserError("--dtype float16 is not supported for training on the CPU; use float32 or bfloat16")
-    if dtype == "auto":
-        return "bfloat16" if device == "cpu" and cpu_has_bf16() else "float32"
-    return dtype
-
-
 # -----------------------------------------------------------------------------
-# Checkpoints: one save/load pair, a format version inside, always written to a temporary file and renamed
-
-CHECKPOINT_VERSION = 1
-CHECKPOINT_KEYS = ("version", "model", "model_args", "optimizer", "scaler", "iter_num", "best_val_loss",
-                   "loader", "rng", "config")
-
-
-def save_checkpoint(path, checkpoint):
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
-def load_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found: pass an existing file to --init_from")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}): "
-                        f"use another one, such as best_val_loss.pt") from None
-    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
-        raise UserError(f"{path} is not a checkpoint of this trainer: pass a file written by train_gpt2.py")
-    if checkpoint["version"] != CHECKPOINT_VERSION:
-        raise UserError(f"checkpoint {path} has format version {checkpoint['version']}, this code reads "
-                        f"{CHECKPOINT_VERSION}")
-    return checkpoint
-
-
-def checkpoint_iter(path):
-    """The step count in an iter-{iter}-....pt name, or -1 for any other name."""
-    try:
-        return int(Path(path).name.split("-")[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-def iter_checkpoints(out_dir):
-    """out_dir's iter-*.pt checkpoints, oldest first. At the same step a stopped run's checkpoint comes before
-    the evaluated one that the resumed run writes there."""
-    def age(path):
-        return checkpoint_iter(path), not path.name.endswith("-stopped.pt")
-    return sorted((p for p in Path(out_dir).glob("iter-*.pt") if checkpoint_iter(p) >= 0), key=age)
-
-
-def latest_checkpoint(out_dir):
-    checkpoints = iter_checkpoints(out_dir)
-    if not checkpoints:
-        raise UserError(f"--init_from resume: no iter-*.pt checkpoint in {out_dir}; "
-                        f"start with --init_from scratch or pass a checkpoint path")
-    return checkpoints[-1]
-
-
-def prune_checkpoints(out_dir, keep_last):
-    """Delete all but the newest keep_last iter-*.pt files. Called only after the newest is safely on disk;
-    best_val_loss.pt is a file of its own (a hard link or a copy), so it survives its iter file."""
-    if keep_last > 0:
-        for path in iter_checkpoints(out_dir)[:-keep_last]:
-            path.unlink(missing_ok=True)
-
-
-def remove_stale_temporaries(out_dir):
-    """Temporary files of writes that a crash interrupted: never a checkpoint, safe to delete."""
-    for path in Path(out_dir).glob(".*.tmp"):
-        path.unlink(missing_ok=True)
-
-
-def link_or_copy(source, target):
-    """best_val_loss.pt as a hard link to the new iter checkpoint (no second write), swapped in atomically."""
-    tmp = target.with_name(f".{target.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-        os.replace(tmp, target)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        atomic_write(target, lambda f: f.write(Path(source).read_bytes()))
+# What a checkpoint carries besides the model: the RNG, and where the code came from
 
 
 def rng_state():
@@ -546,98 +406,197 @@ def git_commit():
 
 
 # -----------------------------------------------------------------------------
-# Loading a model for sampling, evaluation and export: checkpoints and transformers weights alike
+# A run from a checkpoint: its own settings, with the command line's on top
+
+# what a command asks for, not what the run is: never taken from the checkpoint
+COMMAND_FLAGS = ("init_from", "eval_only", "export_hf")
+ARCHITECTURE = ("block_size", "n_layer", "n_head", "n_embd")
 
 
-def load_model(init_from, device="cpu"):
-    """The GPT for --init_from (a checkpoint of this trainer, OpenAI's GPT-2 by name or a transformers
-    folder) in eval mode on device: the one loader of sampling, evaluation and export."""
-    if is_hf_model(init_from):
-        model = GPT.from_pretrained(init_from)
-    else:
-        checkpoint = load_checkpoint(init_from)
-        model = GPT(GPTConfig(**checkpoint["model_args"]))
-        model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval()
+def run_config(flags, explicit, checkpoint):
+    """The config of a run that starts from a checkpoint: every flag at the checkpoint's value unless given on
+    the command line, and out_dir the checkpoint's folder unless given. Returns (config, changes), changes
+    being one line for each flag given whose value differs from the run's. Without a checkpoint (scratch,
+    GPT-2 weights) the flags as given."""
+    if checkpoint is None:
+        return flags, []
+    saved = checkpoint["config"] if isinstance(checkpoint["config"], dict) else {}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {name: value for name, value in saved.items() if name in fields and name not in COMMAND_FLAGS}
+    values.update({name: getattr(flags, name) for name in fields if name in explicit or name in COMMAND_FLAGS})
+    if "out_dir" not in explicit:
+        values["out_dir"] = str(Path(checkpoint["path"]).parent)
+    try:
+        config = TrainConfig(**values)
+    except TypeError as e:
+        raise UserError(f"checkpoint {checkpoint['path']} holds a malformed config ({e}): it is damaged") from None
+    changes = [f"--{name}: {saved[name]} -> {getattr(config, name)} (command line)" for name in sorted(explicit)
+               if name in saved and name not in COMMAND_FLAGS + ("out_dir",) and saved[name] != getattr(config, name)]
+    return config, changes
 
 
-def pretrained_model(config, explicit):
-    """For --init_from gpt2 or a folder: the model and its architecture; an architecture flag given
-    explicitly must agree with it, as with a checkpoint."""
-    model = GPT.from_pretrained(config.init_from)
-    return model, model_args_for(config, {"model_args": dataclasses.asdict(model.config)}, explicit)
+def model_args_for(config, explicit, model=None):
+    """The architecture: the flags' for a new model, the loaded model's otherwise, where a flag given
+    explicitly must agree with it."""
+    args = {k: getattr(config, k) for k in ARCHITECTURE}
+    args["vocab_size"] = GPTConfig.vocab_size
+    if model is None:
+        return args
+    loaded = dataclasses.asdict(model.config)
+    for k, v in args.items():
+        if k in explicit and loaded.get(k) != v:
+            raise UserError(f"the checkpoint is of another architecture: it has {k}={loaded.get(k)} but "
+                            f"--{k} {v} was given; drop the flag or pass another checkpoint")
+    return loaded
+
+
+def resume_warnings(saved, config, saved_world_size, world_size):
+    """What a change of batch shape or data on resume costs, one warning each."""
+    warnings = []
+    rows = lambda c, w: c["batch_size"] * c["gradient_accumulation_steps"] * w
+    now = dataclasses.asdict(config)
+    if rows(saved, saved_world_size) != rows(now, world_size):
+        warnings.append(f"warning: the global batch changes from {rows(saved, saved_world_size)} to "
+                        f"{rows(now, world_size)} sequences per step: from here on the data order is not an "
+                        f"uninterrupted run's, so the resume is not exact")
+    if (saved["batch_size"], saved["eval_iters"]) != (config.batch_size, config.eval_iters):
+        warnings.append("warning: --batch_size or --eval_iters changes the val batches: val losses from here on "
+                        "do not compare exactly with the ones before")
+    if saved["data"] != config.data:
+        warnings.append(f"warning: --data changes from {saved['data']} to {config.data}: training goes on with the "
+                        f"new data from its first batch, and the val batches change")
+    return warnings
+
+
+def new_model(model_args, seed):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**model_args))
+
+
+def check_model_fits(model_args, device, bytes_per_param):
+    """Refuse, before allocating it, a model that cannot fit: an allocation far past the memory either fails
+    with a traceback or, on the CPU, summons the out-of-memory killer."""
+    C, L = model_args["n_embd"], model_args["n_layer"]
+    n_params = 12 * L * C * C + (model_args["vocab_size"] + model_args["block_size"]) * C
+    needed, free = n_params * bytes_per_param, available_memory(device)
+    if free is not None and needed > free:
+        raise UserError(f"a model of {n_params / 1e6:,.0f}M parameters needs about {needed / 2**30:,.1f} GiB for "
+                        f"its weights, gradients and AdamW state, more than the {free / 2**30:,.1f} GiB available "
+                        f"on {device}: choose a smaller --n_layer or --n_embd")
 
 
 # -----------------------------------------------------------------------------
-# Training: evaluation, sampling, one optimizer step, and the loop
+# The run directory: one run, one writer, and only the trainer's own files touched
 
-SAMPLE_PROMPT = "Hello, I'm a language model,"
-
-
-@torch.no_grad()
-def evaluate(model, val_sources, positions, batch_size, block_size, device, autocast, rank=0, world_size=1):
-    """Mean loss over the fixed val batches; rank r takes batches r, r + world_size, ..."""
-    model.eval()
-    loss_sum = torch.zeros(2, device=device)  # (sum of batch losses, batch count)
-    for source, start in positions[rank::world_size]:
-        chunk = torch.from_numpy(read_span(*val_sources[source], start, batch_size * block_size + 1))
-        x = chunk[:-1].view(batch_size, block_size).to(device)
-        y = chunk[1:].view(batch_size, block_size).to(device)
-        with autocast:
-            _, loss = model(x, y, return_logits=False)  # the chunked loss: no full logits in memory
-        loss_sum += torch.stack([loss.float(), torch.ones((), device=device)])
-    if world_size > 1:
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-    model.train()
-    return (loss_sum[0] / loss_sum[1]).item()
+RUN_FILES = (BEST_CHECKPOINT, "metrics.jsonl", "config.json")
 
 
-def sample_text(model, device, autocast, seed, num_samples=4, max_new_tokens=32):
-    enc = get_tokenizer()
-    idx = torch.tensor([enc.encode(SAMPLE_PROMPT)] * num_samples, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    model.eval()
-    with autocast:
-        out = model.generate(idx, max_new_tokens, top_k=50, vocab_limit=enc.n_vocab, generator=generator)
-    model.train()
-    return [enc.decode(row.tolist()) for row in out]
+def run_files(out_dir):
+    """The files of a run in out_dir: its checkpoints (by the trainer's names) and its logs."""
+    path = Path(out_dir)
+    return [p.name for p in run_checkpoints(path)] + [name for name in RUN_FILES if (path / name).exists()]
 
 
-def train_step(model, optimizer, scaler, x, y, grad_clip, autocast, ddp, fused_loss=True, naive=False):
-    """One optimizer step over x, y of shape (micro_steps, B, T). Returns the mean loss and the gradient
-    norm as device tensors, and whether the update was applied: a step whose loss or gradient norm is not
-    finite is skipped. Reading that one flag is the step's only wait for the device.
-    naive=True is the straightforward step that bench.py compares against: full float32 logits into
-    F.cross_entropy and the loss read back to the host on every micro-step."""
-    micro_steps = x.size(0)
-    loss_sum = torch.zeros((), device=x.device)
-    for micro_step in range(micro_steps):
-        if ddp:
-            # sync gradients on the last micro-step only; set before the forward pass, where DDP reads it
-            model.require_backward_grad_sync = micro_step == micro_steps - 1
-        with autocast:
-            _, loss = model(x[micro_step], y[micro_step], return_logits=naive or not fused_loss)
-        loss = loss / micro_steps
-        if naive:
-            loss_sum += loss.item()
-        else:
-            loss_sum += loss.detach()
-        scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    finite = torch.isfinite(loss_sum)
-    if not scaler.is_enabled():  # a GradScaler (float16) skips overflowing gradients itself, routinely
-        finite &= torch.isfinite(grad_norm)
-    if ddp:  # the loss is this rank's own: agree, so that every rank skips or none does
-        finite = finite.float()
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    applied = bool(finite.item())
-    if applied:
-        scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm, applied
+def make_out_dir(out_dir):
+    """Create out_dir and prove it writable."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"--out_dir {out_dir} cannot be written ({e.strerror}): pick a writable directory") from None
+
+
+def check_run_files(out_dir, continuing):
+    """A new run (continuing None) needs a directory without another run's files; a run that continues from a
+    checkpoint into a directory with run files must continue from the latest checkpoint there: an older one
+    would mix two histories in one directory."""
+    files = run_files(out_dir)
+    if not files:
+        return
+    checkpoints = run_checkpoints(out_dir)
+    if continuing is None and not checkpoints:
+        raise UserError(f"{out_dir} holds files of a run that wrote no checkpoint ({', '.join(files)}): delete them "
+                        f"or pass another --out_dir")
+    if continuing is None:
+        raise UserError(f"{out_dir} already holds checkpoints or files of a run ({files[0]}): continue it with "
+                        f"--init_from resume, or pass another --out_dir")
+    latest = checkpoints[-1] if checkpoints else None
+    if latest is None or Path(continuing).resolve() != latest.resolve():
+        latest_name = latest.name if latest else "none"
+        raise UserError(f"{continuing} is not the latest checkpoint of {out_dir} (that is {latest_name}): continuing "
+                        f"from it there would mix two histories; continue the run with --init_from resume, or "
+                        f"branch from {continuing} with a new --out_dir")
+
+
+class OutDirLock:
+    """out_dir/.lock, held for as long as a trainer writes out_dir, with the holder's process id written in it:
+    a second trainer on the same directory is refused and told who holds it. The kernel drops the lock when
+    the process ends, however it ends, so a killed run never leaves a stale lock (only the file, which the
+    next run takes over). release() deletes the file while still holding it; a trainer that opened the file
+    just before then finds, once it has the lock, that the path names another file, and tries again."""
+
+    def __init__(self, out_dir):
+        import fcntl
+        self.path = Path(out_dir) / ".lock"
+        while True:
+            self.file = open(self.path, "a+")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.seek(0)
+                holder = self.file.read().strip() or "another process"
+                self.file.close()
+                raise UserError(f"{out_dir} is in use by another trainer ({holder}): wait for it to end, or pass "
+                                f"another --out_dir") from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            self.file.close()  # released and deleted by its holder meanwhile: take the new one
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def release(self):
+        self.path.unlink(missing_ok=True)
+        self.file.close()
+
+
+def lock_out_dir(out_dir):
+    """An OutDirLock on out_dir; None where the system has no flock (Windows), which then runs unlocked."""
+    try:
+        return OutDirLock(out_dir)
+    except ImportError:
+        return None
+
+
+def claim_out_dir(out_dir, dist_info, check=lambda: None):
+    """Rank 0 creates out_dir, takes its lock and runs check() (which raises UserError) under it; every rank
+    learns whether that worked, so that none goes on alone. Returns the lock (None on the other ranks)."""
+    lock, error = None, None
+    if dist_info.is_master:
+        try:
+            make_out_dir(out_dir)
+            lock = lock_out_dir(out_dir)
+            check()
+        except UserError as e:
+            error = e
+            if lock is not None:
+                lock.release()
+    if dist_info.any(error is not None):
+        raise error or UserError(f"rank 0 could not use {out_dir}: see its message")
+    return lock
+
+
+def remove_stale_temporaries(out_dir):
+    """Temporary files of writes that a crash interrupted: never a checkpoint, safe to delete (this process
+    holds the directory's lock, so no other writer is mid-write)."""
+    for path in Path(out_dir).glob(".*.tmp"):
+        path.unlink(missing_ok=True)
 
 
 class RunLog:
@@ -660,57 +619,69 @@ class RunLog:
 
     def drop_after(self, iter_num, evaluated):
         """Forget what an interrupted run logged past the point this run starts from (its checkpoint, or
-        step 0): this run logs it again, so the file reads as if the run had never been interrupted."""
+        step 0): this run logs it again, so the file reads as if the run had never been interrupted. A line
+        that is not a record (cut short by a kill, or damaged) goes too."""
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines(keepends=True)
+        lines = self.path.read_bytes().splitlines(keepends=True)
 
         def before(line):  # a run does not redo the evaluation its checkpoint was saved after
             try:
                 record = json.loads(line)
-            except ValueError:
-                return False  # the end of a line a kill cut short
-            return record["step"] < iter_num or (evaluated and record["step"] == iter_num and "val_loss" in record)
+                step = record["step"]
+            except (ValueError, TypeError, KeyError):  # cut short, not JSON, not UTF-8, not a record
+                return False
+            if not isinstance(step, int):
+                return False
+            return step < iter_num or (evaluated and step == iter_num and "val_loss" in record)
         kept = [line for line in lines if before(line)]
         if len(kept) != len(lines):
-            atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
+            atomic_write(self.path, lambda f: f.write(b"".join(kept)))
 
 
-def prepare_out_dir(out_dir, new_run):
-    """Create out_dir and prove it writable; refuse to start a new run over an old one's checkpoints."""
-    path = Path(out_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise UserError(f"--out_dir {out_dir} cannot be written ({e.strerror}): pick a writable directory") from None
-    if new_run and any(path.glob("iter-*.pt")):
-        raise UserError(f"{out_dir} already holds checkpoints of a run: continue it with --init_from resume, "
-                        f"or pass another --out_dir")
+class Plotter:
+    """--plot True: plot.py redraws out_dir/plot.png in a process of its own after each evaluation, so the
+    trainer neither imports a tool nor waits for matplotlib. A plot is never worth a training run: a failure
+    is a warning, printed once."""
+
+    def __init__(self, log):
+        self.log = log
+        self.command = [sys.executable, str(Path(__file__).with_name("plot.py")), str(log.path),
+                        "--out", str(log.path.with_name("plot.png"))]
+        self.process, self.warned, self.behind = None, False, False
+
+    def redraw(self):
+        if self.process is not None and self.process.poll() is None:
+            self.behind = True  # still drawing the last one: the end of the run draws the newest
+        else:
+            self.start()
+
+    def start(self):
+        self.check()
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.behind = False
+
+    def finish(self):
+        if self.process is None:
+            return
+        self.process.wait()
+        if self.behind:
+            self.start()
+            self.process.wait()
+        self.check()
+
+    def check(self):
+        if self.process is None or self.process.returncode in (None, 0) or self.warned:
+            return
+        self.warned = True
+        reason = (self.process.stderr.read().strip().splitlines() or ["plot.py failed"])[-1]
+        self.log.print(f"warning: --plot True: no plot ({reason.removeprefix('error: ')})")
 
 
-def build_model(model_args, checkpoint, seed):
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**model_args))
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-    return model
+# -----------------------------------------------------------------------------
+# Evaluation: the val loss over fixed batches, HellaSwag, samples
 
-
-def model_args_for(config, checkpoint, explicit):
-    """The architecture: from the flags for a new run, from the checkpoint otherwise, where a flag given
-    explicitly must agree with it."""
-    args = {k: getattr(config, k) for k in ("block_size", "n_layer", "n_head", "n_embd")}
-    args["vocab_size"] = GPTConfig.vocab_size
-    if checkpoint is None:
-        return args
-    saved = checkpoint["model_args"]
-    for k, v in args.items():
-        if k in explicit and saved.get(k) != v:
-            raise UserError(f"the checkpoint is of another architecture: it has {k}={saved.get(k)} but "
-                            f"--{k} {v} was given; drop the flag or pass another checkpoint")
-    return dict(saved)
+SAMPLE_PROMPT = "Hello, I'm a language model,"
 
 
 def load_hellaswag(config, dist_info, log):
@@ -718,7 +689,6 @@ def load_hellaswag(config, dist_info, log):
     no file) says so once and trains on."""
     if not config.hellaswag:
         return None
-    import hellaswag
     examples, problems, error = None, [], None
     try:
         examples, problems = hellaswag.load_examples(config.hellaswag_data, limit=config.hellaswag_examples or None)
@@ -735,18 +705,98 @@ def load_hellaswag(config, dist_info, log):
     return examples
 
 
-def score_hellaswag(examples, model, config, dist_info, model_args, autocast):
-    """{hellaswag_acc_norm, hellaswag_acc, hellaswag_n}, counted over all ranks; {} when HellaSwag is off."""
-    if not examples:
-        return {}
-    import hellaswag
-    result = hellaswag.evaluate(model, examples, dist_info.device, config.batch_size, model_args["block_size"],
-                                autocast, dist_info.rank, dist_info.world_size)
-    return {"hellaswag_acc_norm": result["acc_norm"], "hellaswag_acc": result["acc"], "hellaswag_n": result["n"]}
+class Evaluation:
+    """What every evaluation scores: the fixed val batches (the same each time, so that losses compare) and
+    the HellaSwag examples (None when off or unavailable). Built before the model, so that bad data fails
+    before any work."""
+
+    def __init__(self, config, block_size, dist_info, log):
+        self.sources = load_token_sources(config.data, "val")
+        self.positions = val_batch_positions(self.sources, config.batch_size, block_size, config.eval_iters)
+        self.batch_size, self.block_size, self.dist_info = config.batch_size, block_size, dist_info
+        self.hellaswag = load_hellaswag(config, dist_info, log)
+
+    @torch.no_grad()
+    def val_loss(self, model, autocast):
+        """Mean loss over the fixed val batches; rank r takes batches r, r + world_size, ..."""
+        d, B, T = self.dist_info, self.batch_size, self.block_size
+        model.eval()
+        loss_sum = torch.zeros(2, device=d.device)  # (sum of batch losses, batch count)
+        for source, start in self.positions[d.rank::d.world_size]:
+            chunk = torch.from_numpy(read_span(*self.sources[source], start, B * T + 1))
+            x, y = chunk[:-1].view(B, T).to(d.device), chunk[1:].view(B, T).to(d.device)
+            with autocast:
+                _, loss = model(x, y, return_logits=False)  # the chunked loss: no full logits in memory
+            loss_sum += torch.stack([loss.float(), torch.ones((), device=d.device)])
+        if d.world_size > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        model.train()
+        return (loss_sum[0] / loss_sum[1]).item()
+
+    def scores(self, model, autocast):
+        """{val_loss, and hellaswag_acc_norm, hellaswag_acc, hellaswag_n when HellaSwag is on}, over all ranks."""
+        d = self.dist_info
+        scores = {"val_loss": self.val_loss(model, autocast)}
+        if self.hellaswag:
+            result = hellaswag.evaluate(model, self.hellaswag, d.device, self.batch_size, self.block_size, autocast,
+                                        d.rank, d.world_size)
+            scores.update(hellaswag_acc_norm=result["acc_norm"], hellaswag_acc=result["acc"],
+                          hellaswag_n=result["n"])
+        return scores
 
 
-def describe_hellaswag(scores):
-    return f" | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f} ({scores['hellaswag_n']})" if scores else ""
+def describe_scores(scores):
+    text = f"val loss {scores['val_loss']:.4f}"
+    if "hellaswag_n" in scores:
+        text += f" | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f} ({scores['hellaswag_n']})"
+    return text
+
+
+def sample_text(model, device, autocast, seed, num_samples=4, max_new_tokens=32):
+    enc = get_tokenizer()
+    idx = torch.tensor([enc.encode(SAMPLE_PROMPT)] * num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    with autocast:
+        out = model.generate(idx, max_new_tokens, top_k=50, vocab_limit=enc.n_vocab, generator=generator)
+    model.train()
+    return [enc.decode(row.tolist()) for row in out]
+
+
+# -----------------------------------------------------------------------------
+# Training: one optimizer step, the stop signal, the Trainer and its loop
+
+
+def train_step(model, optimizer, scaler, x, y, grad_clip, autocast, ddp):
+    """One optimizer step over x, y of shape (micro_steps, B, T). Returns the mean loss and the gradient
+    norm as device tensors, and whether the update was applied: a step whose loss or gradient norm is not
+    finite is skipped. Reading that one flag is the step's one wait for the device."""
+    micro_steps = x.size(0)
+    loss_sum = torch.zeros((), device=x.device)
+    for micro_step in range(micro_steps):
+        if ddp:
+            # sync gradients on the last micro-step only; set before the forward pass, where DDP reads it
+            model.require_backward_grad_sync = micro_step == micro_steps - 1
+        with autocast:
+            _, loss = model(x[micro_step], y[micro_step], return_logits=False)
+        loss = loss / micro_steps
+        loss_sum += loss.detach()
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    finite = torch.isfinite(loss_sum)
+    if not scaler.is_enabled():  # a GradScaler (float16) skips overflowing gradients itself, routinely
+        finite &= torch.isfinite(grad_norm)
+    if ddp:  # the loss is this rank's own: agree, so that every rank skips or none does
+        finite = finite.float()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    applied = bool(finite.item())
+    if applied:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, applied
 
 
 class RunStopped(Exception):
@@ -787,103 +837,134 @@ class StopSignal:
                   f"(Ctrl-C again stops at once)", file=sys.stderr, flush=True)
 
 
-class Trainer:
-    """What a run carries from step to step (model, optimizer, scaler, loader, step, best val loss):
-    state_dict() is exactly what a checkpoint holds. The methods are the loop's phases."""
+def compile_and_wrap(model, config, dist_info):
+    """(forward_model, train_model): the model compiled if --compile (what evaluation calls), and that wrapped
+    in DDP when there are several processes (what the training step calls)."""
+    ddp = dist_info.world_size > 1
+    if ddp and config.compile and torch_version() < (2, 6):
+        # before 2.6, DDP's graph splitting refused the loss's autograd.Function (a higher-order op)
+        torch._dynamo.config.optimize_ddp = False
+    forward_model = torch.compile(model) if config.compile else model
+    if not ddp:
+        return forward_model, forward_model
+    device_ids = [dist_info.local_rank] if dist_info.device.startswith("cuda") else None
+    return forward_model, nn.parallel.DistributedDataParallel(forward_model, device_ids=device_ids)
 
-    def __init__(self, config, dist_info, raw_model, model_args, loader, val_sources, positions, log, dtype):
-        self.config, self.dist, self.log, self.dtype = config, dist_info, log, dtype
+
+class Trainer:
+    """What a run carries from step to step (model, optimizer, scaler, loader, step, tokens, best val loss):
+    state_dict() is exactly what a checkpoint holds. The methods are the loop's phases.
+    self.model is the GPT itself (its weights are the checkpoint's); self.forward_model is it compiled (with
+    --compile), and self.train_model that under DDP (with several processes)."""
+
+    def __init__(self, config, dist_info, model, log, *, loader, evaluation, checkpoint=None):
+        self.config, self.dist_info, self.log = config, dist_info, log
         self.device = dist_info.device
+        self.dtype = resolve_dtype(config.dtype, self.device)
         device_type = self.device.split(":")[0]
-        self.raw_model, self.model_args = raw_model, model_args
-        self.ddp = dist_info.world_size > 1
-        if self.ddp and config.compile and torch_version() < (2, 6):
-            # before 2.6, DDP's graph splitting refused the loss's autograd.Function (a higher-order op)
-            torch._dynamo.config.optimize_ddp = False
-        self.model = torch.compile(raw_model) if config.compile else raw_model
-        self.train_model = self.model
-        if self.ddp:
-            device_ids = [dist_info.local_rank] if device_type == "cuda" else None
-            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        self.optimizer = raw_model.configure_optimizer(config.weight_decay, config.learning_rate, device_type)
-        self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-        self.autocast = make_autocast(device_type, dtype)
-        self.loader, self.val_sources, self.positions = loader, val_sources, positions
-        self.iter_num, self.best_val_loss, self.bad_steps, self.skipped_steps = 0, float("inf"), 0, 0
-        self.last_checkpoint = None
-        self.hellaswag = load_hellaswag(config, dist_info, log)
+        if device_type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.model = model.to(self.device).train()
+        self.model.gradient_checkpointing = config.gradient_checkpointing
+        self.forward_model, self.train_model = compile_and_wrap(self.model, config, dist_info)
+        self.optimizer = model.configure_optimizer(config.weight_decay, config.learning_rate, device_type)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=self.dtype == "float16")
+        self.autocast = make_autocast(device_type, self.dtype)
+        self.loader, self.evaluation = loader, evaluation
+        self.iter_num, self.tokens_seen, self.best_val_loss = 0, 0, float("inf")
+        self.bad_steps, self.skipped_steps, self.last_checkpoint = 0, 0, None
+        self.plotter = Plotter(log) if config.plot and dist_info.is_master else None
+        # a checkpoint written after an evaluation is not evaluated again; a stopped run's checkpoint is
+        self.evaluated_at_start = checkpoint is not None and checkpoint.get("val_loss") is not None
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint)
+        self.batches = Prefetcher(loader, self.device)  # after the state is loaded: it reads on from there
 
     def state_dict(self):
         return {
-            "version": CHECKPOINT_VERSION, "model": self.raw_model.state_dict(), "model_args": self.model_args,
+            "version": CHECKPOINT_VERSION, "model": self.model.state_dict(), "model_args": self.model_args,
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "iter_num": self.iter_num,
-            "best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps,
-            "loader": self.loader.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(self.config),
-            "torch_version": str(torch.__version__), "git_commit": git_commit(),
+            "tokens": self.tokens_seen, "best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps,
+            "loader": self.batches.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(self.config),
+            "world_size": self.dist_info.world_size, "torch_version": str(torch.__version__),
+            "git_commit": git_commit(),
         }
 
+    @property
+    def model_args(self):
+        return dataclasses.asdict(self.model.config)
+
     def load_state_dict(self, checkpoint):
-        self.raw_model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"]:  # empty when the run trained without float16; the scaler starts fresh then
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.loader.load_state_dict(checkpoint["loader"])
-        set_rng_state(checkpoint["rng"])
+        """Everything but the weights, which the model was built with. A new --data starts its loader afresh."""
+        path = checkpoint.get("path")
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if checkpoint["scaler"]:  # empty when the run trained without float16; the scaler starts fresh then
+                self.scaler.load_state_dict(checkpoint["scaler"])
+            if checkpoint["config"].get("data") == self.config.data:
+                self.loader.load_state_dict(checkpoint["loader"])
+            set_rng_state(checkpoint["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"checkpoint {path} holds a malformed training state ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}): it is damaged; use another checkpoint "
+                            f"of the run") from None
         self.iter_num, self.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
-
-    def evaluate(self):
-        return evaluate(self.model, self.val_sources, self.positions, self.config.batch_size,
-                        self.model_args["block_size"], self.device, self.autocast, self.dist.rank,
-                        self.dist.world_size)
+        # checkpoints from before token accounting: every step had the current global batch
+        self.tokens_seen = checkpoint.get("tokens", self.iter_num * self.loader.tokens_per_step)
+        self.last_checkpoint = path
 
     def save(self, name, val_loss=None, best=False):
         """Rank 0 writes the checkpoint, then every rank learns whether it worked: a failed write stops the
         run on all of them rather than let it train on without a safe point."""
         error = None
-        if self.dist.is_master:
-            path = Path(self.config.out_dir) / name
+        if self.dist_info.is_master:
+            out_dir = Path(self.config.out_dir)
+            path = out_dir / name
             checkpoint = self.state_dict()
             checkpoint["val_loss"] = val_loss
             try:
                 save_checkpoint(path, checkpoint)
                 if best:
-                    link_or_copy(path, Path(self.config.out_dir) / "best_val_loss.pt")
+                    save_best(path, out_dir)
                 self.last_checkpoint = path
-                prune_checkpoints(self.config.out_dir, self.config.keep_last)
+                prune_checkpoints(out_dir, self.config.keep_last)
                 self.log.print(f"saved {path}")
             except OSError as e:
                 error = (f"could not write checkpoint {path} ({e.strerror or e}); the checkpoints already in "
-                         f"{self.config.out_dir} are intact (latest: {self.last_checkpoint}); free disk space or "
+                         f"{out_dir} are intact (latest: {self.last_checkpoint}); free disk space or "
                          f"fix permissions, then continue with --init_from resume")
-        if self.dist.any(error is not None):
+        if self.dist_info.any(error is not None):
             raise RunStopped(f"error: {error or 'rank 0 could not write a checkpoint'}", code=1)
 
     def evaluate_and_save(self, step):
-        val_loss = self.evaluate()
-        scores = score_hellaswag(self.hellaswag, self.model, self.config, self.dist, self.model_args, self.autocast)
-        self.log.print(f"step {step}: val loss {val_loss:.4f}{describe_hellaswag(scores)}")
-        self.log.record(step=step, val_loss=val_loss, **scores, tokens=step * self.loader.tokens_per_step)
-        if self.dist.is_master:
-            for text in sample_text(self.raw_model, self.device, self.autocast, self.config.seed + step):
+        scores = self.evaluation.scores(self.forward_model, self.autocast)
+        self.log.print(f"step {step}: {describe_scores(scores)}")
+        self.log.record(step=step, **scores, tokens=self.tokens_seen)
+        if self.dist_info.is_master:
+            for text in sample_text(self.model, self.device, self.autocast, self.config.seed + step):
                 self.log.print(f"  sample: {text!r}")
-        improved = val_loss < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, val_loss)
+        improved = scores["val_loss"] < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, scores["val_loss"])
         if step > 0:
-            self.save(f"iter-{step}-loss-{val_loss:.4f}.pt", val_loss, best=improved)
-        if self.config.plot and self.dist.is_master:
-            from plot import plot_during_training  # matplotlib is optional: without it, a warning
-            plot_during_training(self.log.path, Path(self.config.out_dir) / "plot.png")
+            self.save(checkpoint_name(step, scores["val_loss"]), scores["val_loss"], best=improved)
+        if self.plotter:
+            self.plotter.redraw()
 
-    def step(self, step):
+    def optimizer_step(self, step):
+        """Step number `step`: its learning rate, its batch, one update (or a skip, if not finite)."""
         config = self.config
         lr = get_lr(step, config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = self.loader.next_batch()
+        x, y = self.batches.next_batch()
         loss, grad_norm, applied = train_step(self.train_model, self.optimizer, self.scaler, x, y, config.grad_clip,
-                                              self.autocast, self.ddp)
+                                              self.autocast, self.dist_info.world_size > 1)
         self.iter_num = step + 1
+        self.tokens_seen += self.loader.tokens_per_step
         if applied:
             self.bad_steps = 0
             return lr, loss, grad_norm
@@ -897,122 +978,129 @@ class Trainer:
                              f"continue from it with a lower --learning_rate", code=1)
         return lr, loss, grad_norm
 
-    def log_step(self, step, lr, loss, grad_norm, ms_per_step, model_flops, peak_flops):
-        loss = all_reduce_mean(loss, self.dist.world_size).item()  # the device is waited for here only
+    def log_step(self, step, lr, loss, grad_norm, ms_per_step, model_flops_per_token, peak_flops):
+        loss = all_reduce_mean(loss, self.dist_info.world_size).item()  # waits for the device
         tokens_per_sec = self.loader.tokens_per_step / (ms_per_step / 1000)
-        mfu = estimate_mfu(model_flops, tokens_per_sec, peak_flops)
+        mfu = estimate_mfu(model_flops_per_token, tokens_per_sec, peak_flops)
         mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
         self.log.print(f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | "
                        f"{ms_per_step:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {mfu_text}")
         self.log.record(step=step, train_loss=loss, lr=lr, grad_norm=grad_norm.item(), ms_per_step=ms_per_step,
-                        tokens_per_sec=tokens_per_sec, mfu=mfu, tokens=(step + 1) * self.loader.tokens_per_step)
+                        tokens_per_sec=tokens_per_sec, mfu=mfu, tokens=self.tokens_seen)
 
-    def train(self, stop, evaluated):
-        config = self.config
-        model_flops = flops_per_token(self.raw_model.num_params(), self.model_args["n_layer"],
-                                      self.model_args["n_embd"], self.model_args["block_size"])
+    def train(self, stop):
+        config, args = self.config, self.model_args
+        model_flops_per_token = flops_per_token(self.model.num_params(), args["n_layer"], args["n_embd"],
+                                                args["block_size"])
         peak_flops = device_peak_flops(self.device, self.dtype)
         first_step = self.iter_num
         interval_start, interval_steps = time.perf_counter(), 0
         from tqdm import tqdm
         # the bar is closed on the way out whatever happens, so that a message after it gets a line of its own
         with tqdm(total=config.max_iters, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
-                  mininterval=1.0, disable=not self.dist.is_master) as progress:
+                  mininterval=1.0, disable=not self.dist_info.is_master) as progress:
             for step in range(first_step, config.max_iters + 1):
                 last_step = step == config.max_iters
-                if (step % config.eval_interval == 0 or last_step) and not (evaluated and step == first_step):
+                if (step % config.eval_interval == 0 or last_step) and not (self.evaluated_at_start
+                                                                            and step == first_step):
                     self.evaluate_and_save(step)
                     interval_start, interval_steps = time.perf_counter(), 0  # evaluation is not training time
                 if last_step:
                     break
-                lr, loss, grad_norm = self.step(step)
+                lr, loss, grad_norm = self.optimizer_step(step)
                 interval_steps += 1
                 progress.update(1)
                 if step % config.log_interval == 0 or step == config.max_iters - 1:
                     ms_per_step = 1000 * (time.perf_counter() - interval_start) / interval_steps
-                    self.log_step(step, lr, loss, grad_norm, ms_per_step, model_flops, peak_flops)
+                    self.log_step(step, lr, loss, grad_norm, ms_per_step, model_flops_per_token, peak_flops)
                     interval_start, interval_steps = time.perf_counter(), 0
-                if self.dist.any(stop.requested is not None):
+                if self.dist_info.any(stop.requested is not None):
                     name = signal.Signals(stop.requested or signal.SIGTERM).name
-                    self.save(f"iter-{self.iter_num}-stopped.pt")
+                    self.save(checkpoint_name(self.iter_num))
                     raise RunStopped(f"stopped by {name} after step {step}: saved {self.last_checkpoint}; continue "
                                      f"with --init_from resume", code=128 + (stop.requested or signal.SIGTERM))
 
-
-def evaluate_checkpoint(config, dist_info, raw_model, model_args, checkpoint_path, iter_num, val_sources, positions,
-                        log, dtype):
-    model = torch.compile(raw_model) if config.compile else raw_model
-    autocast = make_autocast(dist_info.device.split(":")[0], dtype)
-    val_loss = evaluate(model, val_sources, positions, config.batch_size, model_args["block_size"], dist_info.device,
-                        autocast, dist_info.rank, dist_info.world_size)
-    scores = score_hellaswag(load_hellaswag(config, dist_info, log), model, config, dist_info, model_args, autocast)
-    log.print(f"{checkpoint_path}: step {iter_num} val loss {val_loss:.4f} over {len(positions)} batches"
-              f"{describe_hellaswag(scores)}")
-    log.record(step=iter_num, val_loss=val_loss, **scores, eval_only=True, checkpoint=str(checkpoint_path))
+    def close(self):
+        self.batches.close()
+        if self.plotter:
+            self.plotter.finish()
 
 
-def run(config, explicit, dist_info):
-    log = RunLog(config.out_dir, dist_info.is_master)
-    device = dist_info.device
-    dtype = resolve_dtype(config.dtype, device)
+# -----------------------------------------------------------------------------
+# The three programs: export, evaluate only, train
 
-    if config.export_hf:  # a conversion, not a run: it reads no data and trains nothing
-        if dist_info.is_master:
-            init_from = latest_checkpoint(config.out_dir) if config.init_from == "resume" else config.init_from
-            log.print(f"exported {init_from} to {export_hf(load_model(init_from), config.export_hf)}")
-        return
 
-    # everything the user gave is checked here, before a model is built or a step taken
-    checkpoint_path = None
-    pretrained, pretrained_args = pretrained_model(config, explicit) if is_hf_model(config.init_from) else (None, None)
-    if config.init_from == "resume":
-        checkpoint_path = latest_checkpoint(config.out_dir)
-    elif config.init_from != "scratch" and pretrained is None:
-        checkpoint_path = config.init_from
-    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
-    model_args = pretrained_args or model_args_for(config, checkpoint, explicit)
-    val_sources = load_token_sources(config.data, "val")
-    positions = val_batch_positions(val_sources, config.batch_size, model_args["block_size"], config.eval_iters)
-    loader = None
-    if not config.eval_only:
-        loader = DataLoader(load_token_sources(config.data, "train"), config.batch_size, model_args["block_size"],
-                            config.gradient_accumulation_steps, dist_info.rank, dist_info.world_size, config.seed)
-    prepare_out_dir(config.out_dir, new_run=checkpoint is None and not config.eval_only)
-    if checkpoint and not config.eval_only and checkpoint["iter_num"] > config.max_iters:
-        raise UserError(f"{checkpoint_path} is at step {checkpoint['iter_num']}, past --max_iters {config.max_iters}: "
-                        f"raise --max_iters to train on")
-
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    raw_model = (pretrained if pretrained is not None else build_model(model_args, checkpoint, config.seed)).to(device)
-    raw_model.gradient_checkpointing = config.gradient_checkpointing
-    if config.eval_only:
-        evaluate_checkpoint(config, dist_info, raw_model, model_args, checkpoint_path or config.init_from,
-                            checkpoint["iter_num"] if checkpoint else 0, val_sources, positions, log, dtype)
-        return
-
-    trainer = Trainer(config, dist_info, raw_model, model_args, loader, val_sources, positions, log, dtype)
-    # a checkpoint written after an evaluation is not evaluated again; a stopped run's checkpoint is
-    evaluated = checkpoint is not None and checkpoint.get("val_loss") is not None
-    if checkpoint:
-        trainer.load_state_dict(checkpoint)
-        trainer.last_checkpoint = checkpoint_path
-        del checkpoint  # the model and optimizer hold their own copies now
-    trainer.loader = Prefetcher(loader, device)
+def export(config, dist_info):
+    """--export_hf: a conversion, not a run; it reads no data and trains nothing."""
     if dist_info.is_master:
-        remove_stale_temporaries(config.out_dir)
-        log.drop_after(trainer.iter_num, evaluated)
-        atomic_write(Path(config.out_dir) / "config.json",
-                     lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=2).encode()))
-    log.print(f"GPT-2 {raw_model.num_params(non_embedding=False) / 1e6:.2f}M parameters | {dist_info.world_size} "
-              f"process(es) on {device} | {dtype} | {loader.tokens_per_step:,} tokens/step | torch "
-              f"{torch.__version__} | commit {git_commit()} | from step {trainer.iter_num}")
+        model, checkpoint = load_start(config.init_from, config.out_dir)
+        source = checkpoint["path"] if checkpoint else config.init_from
+        print(f"exported {source} to {export_hf(model, config.export_hf)}")
+
+
+def evaluate_only(config, explicit, dist_info, model, checkpoint):
+    """--eval_only: the val loss (and HellaSwag) of the --init_from model, recorded in out_dir's metrics.jsonl
+    (the checkpoint's own folder unless --out_dir is given)."""
+    log = RunLog(config.out_dir, dist_info.is_master)
+    model_args_for(config, explicit, model)
+    evaluation = Evaluation(config, model.config.block_size, dist_info, log)
+    dtype = resolve_dtype(config.dtype, dist_info.device)
+    lock = claim_out_dir(config.out_dir, dist_info)  # its one line goes to a directory no trainer is writing
     try:
-        with StopSignal(verbose=dist_info.is_master) as stop:
-            trainer.train(stop, evaluated)
+        model = model.to(dist_info.device)
+        forward_model = torch.compile(model) if config.compile else model
+        scores = evaluation.scores(forward_model, make_autocast(dist_info.device.split(":")[0], dtype))
+        source, step = (checkpoint["path"], checkpoint["iter_num"]) if checkpoint else (config.init_from, 0)
+        log.print(f"{source}: step {step} {describe_scores(scores)} over {len(evaluation.positions)} batches")
+        log.record(step=step, **scores, eval_only=True, checkpoint=str(source))
     finally:
-        trainer.loader.close()
+        if lock is not None:
+            lock.release()
+
+
+def train(config, explicit, changes, dist_info, model, checkpoint):
+    """Training from scratch, from GPT-2 weights or from a checkpoint; one process or many."""
+    log = RunLog(config.out_dir, dist_info.is_master)
+    model_args = model_args_for(config, explicit, model)
+    for change in changes:
+        log.print(change)
+    if checkpoint is not None:
+        for warning in resume_warnings(checkpoint["config"], config, checkpoint.get("world_size", 1),
+                                       dist_info.world_size):
+            log.print(warning)
+        if checkpoint["iter_num"] > config.max_iters:
+            raise UserError(f"{checkpoint['path']} is at step {checkpoint['iter_num']}, past --max_iters "
+                            f"{config.max_iters}: raise --max_iters to train on")
+    # everything the user gave is checked before a model is built, a step taken or out_dir touched
+    resolve_dtype(config.dtype, dist_info.device)
+    evaluation = Evaluation(config, model_args["block_size"], dist_info, log)
+    loader = DataLoader(load_token_sources(config.data, "train"), config.batch_size, model_args["block_size"],
+                        config.gradient_accumulation_steps, dist_info.rank, dist_info.world_size, config.seed)
+    if model is None:
+        check_model_fits(model_args, dist_info.device, bytes_per_param=16)
+    continuing = checkpoint["path"] if checkpoint else None
+    lock = claim_out_dir(config.out_dir, dist_info, check=lambda: check_run_files(config.out_dir, continuing))
+    trainer = None
+    try:
+        if model is None:
+            model = new_model(model_args, config.seed)
+        trainer = Trainer(config, dist_info, model, log, loader=loader, evaluation=evaluation, checkpoint=checkpoint)
+        if dist_info.is_master:
+            remove_stale_temporaries(config.out_dir)
+            log.drop_after(trainer.iter_num, trainer.evaluated_at_start)
+            atomic_write(Path(config.out_dir) / "config.json",
+                         lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=2).encode()))
+        log.print(f"GPT-2 {trainer.model.num_params(non_embedding=False) / 1e6:.2f}M parameters | "
+                  f"{dist_info.world_size} process(es) on {dist_info.device} | {trainer.dtype} | "
+                  f"{loader.tokens_per_step:,} tokens/step | torch {torch.__version__} | commit {git_commit()} | "
+                  f"from step {trainer.iter_num}")
+        with StopSignal(verbose=dist_info.is_master) as stop:
+            trainer.train(stop)
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if lock is not None:
+            lock.release()
 
 
 # -----------------------------------------------------------------------------
@@ -1027,13 +1115,31 @@ def lost_contact(error):
     return isinstance(error, RuntimeError) and any(w in str(error) for w in words)
 
 
+def start(argv):
+    """The config, and what --init_from names loaded: (config, explicit flags, changes, model, checkpoint)."""
+    flags, explicit = parse_args(argv)
+    if flags.export_hf or flags.init_from == "scratch":
+        return flags, explicit, [], None, None
+    model, checkpoint = load_start(flags.init_from, flags.out_dir)
+    config, changes = run_config(flags, explicit, checkpoint)
+    if checkpoint is None:  # GPT-2 weights: a new run, with the weights' architecture
+        model_args_for(flags, explicit, model)
+        config = dataclasses.replace(flags, **{k: getattr(model.config, k) for k in ARCHITECTURE})
+    return config, explicit, changes, model, checkpoint
+
+
 def main(argv=None):
     dist_info, code = None, 0
     try:
-        config, explicit = parse_args(argv)
+        config, explicit, changes, model, checkpoint = start(argv)
         config.validate()
         dist_info = setup_distributed(config.device, config.ddp_timeout)
-        run(config, explicit, dist_info)
+        if config.export_hf:
+            export(config, dist_info)
+        elif config.eval_only:
+            evaluate_only(config, explicit, dist_info, model, checkpoint)
+        else:
+            train(config, explicit, changes, dist_info, model, checkpoint)
     except (UserError, ShardError) as e:  # a rank's own data can fail it alone: every rank says why
         code, message = 1, f"error: {e}"
         if dist_info is not None and not dist_info.is_master:
