@@ -36,6 +36,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -376,12 +377,37 @@ def open_documents(config, files, builder, skip):
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def init_worker():
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def init_worker(main_pid):
     # Ctrl-C reaches the whole process group: the main process handles it and shuts the pool down
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by submit(), see there
+    exit_with_parent(main_pid)
+
+
+def exit_with_parent(main_pid):
+    """End this worker when the main process dies, however it dies (kill -9, the OOM killer). Left running, an
+    idle worker would wait for work forever, holding the out_dir lock it shares with the main process since
+    the fork, and the rerun would be refused until someone killed it by hand."""
+    if sys.platform == "linux":
+        # the kernel kills this process as soon as the thread that forked it exits: the main process's main
+        # thread, which submits all the work (see tokenized), so that is when the main process exits
+        import ctypes
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != main_pid:  # the main process died before the prctl, which then never fires
+        os._exit(1)
+    # where there is no prctl (macOS), the parent pid changing (to init's or a subreaper's) is the only sign
+    threading.Thread(target=watch_parent, args=(main_pid,), name="watch_parent", daemon=True).start()
+
+
+def watch_parent(main_pid):
+    while os.getppid() == main_pid:
+        time.sleep(1)
+    os._exit(1)
 
 
 def submit(executor, batch):
@@ -414,7 +440,8 @@ def tokenized(batches, num_proc):
         return
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
-    executor = ProcessPoolExecutor(num_proc, initializer=init_worker)
+    executor = ProcessPoolExecutor(num_proc, mp_context=pool_context(), initializer=init_worker,
+                                   initargs=(os.getpid(),))
     pending = collections.deque()
     try:
         for batch in batches:
@@ -428,6 +455,15 @@ def tokenized(batches, num_proc):
                         "command to resume") from None
     finally:
         executor.shutdown(wait=True, cancel_futures=True)  # on an early stop, the running tasks finish first
+
+
+def pool_context():
+    """Fork on Linux, as Python did by default before 3.14 (forkserver since): a worker then inherits the
+    tokenizer already built and the signals blocked by submit(), and its parent is the main process, whose
+    death it watches (exit_with_parent). Elsewhere the platform's default, spawn, also makes the main process
+    the parent."""
+    import multiprocessing
+    return multiprocessing.get_context("fork") if sys.platform == "linux" else None
 
 
 # -----------------------------------------------------------------------------

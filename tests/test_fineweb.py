@@ -228,35 +228,91 @@ def long_run(tmp_path_factory):
     return args, root / "clean"
 
 
-def start_and_stop(args, out_dir, cwd, sig):
-    """Run fineweb.py in its own process group and send sig to the whole group (the pool's workers too, as
-    Ctrl-C in a terminal or a machine going away would) once the second shard exists."""
+def start_run(args, out_dir, cwd, **popen):
+    """fineweb.py started in its own process group, returned once the second shard exists."""
     process = subprocess.Popen([sys.executable, str(REPO / "fineweb.py"), *map(str, args), "--out_dir", out_dir],
-                               cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               cwd=cwd, start_new_session=True, **popen)
     second = cwd / out_dir / "edufineweb_train_000001.bin"
     deadline = time.monotonic() + 60
     while not second.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
+    return process
+
+
+def check_stopped_part_way(out_dir):
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert not manifest["complete"], "the run finished before it was stopped: make the corpus longer"
+    for path in shard_paths(out_dir):
+        read_shard_header(path)  # every shard under a final name is whole
+
+
+def start_and_stop(args, out_dir, cwd, sig):
+    """Run fineweb.py and send sig to its whole process group (the pool's workers too, as Ctrl-C in a
+    terminal or a machine going away would) once the second shard exists."""
+    process = start_run(args, out_dir, cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     os.killpg(process.pid, sig)
     _, stderr = process.communicate(timeout=60)
-    manifest = json.loads((cwd / out_dir / "manifest.json").read_text())
-    assert not manifest["complete"], "the run finished before it was stopped: make the corpus longer"
-    for path in shard_paths(cwd / out_dir):
-        read_shard_header(path)  # every shard under a final name is whole
+    check_stopped_part_way(cwd / out_dir)
     return process.returncode, stderr
+
+
+def assert_resumes_to_the_same_bytes(args, out_dir, clean):
+    resumed = fineweb(*args, "--out_dir", out_dir.name, cwd=out_dir.parent)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after" in resumed.stdout
+    names = sorted(p.name for p in clean.iterdir())
+    assert sorted(p.name for p in out_dir.iterdir()) == names  # no temporary files left
+    for name in names:
+        assert (out_dir / name).read_bytes() == (clean / name).read_bytes(), name
 
 
 def test_killed_run_resumes_to_the_same_bytes(long_run, tmp_path):
     args, clean = long_run
     start_and_stop(args, "killed", tmp_path, signal.SIGKILL)
-    resumed = fineweb(*args, "--out_dir", "killed", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming after" in resumed.stdout
-    names = sorted(p.name for p in clean.iterdir())
-    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == names  # no temporary files left
-    for name in names:
-        assert (tmp_path / "killed" / name).read_bytes() == (clean / name).read_bytes(), name
+    assert_resumes_to_the_same_bytes(args, tmp_path / "killed", clean)
+
+
+def proc_stat(pid):
+    """(state, parent pid, start time) of process pid, from /proc; None once it is gone. The start time tells a
+    process from a later one that reuses its pid."""
+    try:
+        state, ppid, *rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after the command
+    except OSError:
+        return None
+    return state, int(ppid), rest[17]  # rest[17]: the line's field 22, starttime
+
+
+def children(pid):
+    """(pid, start time) of each running child of process pid."""
+    stats = {int(p.name): proc_stat(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    return {(child, s[2]) for child, s in stats.items() if s and s[1] == pid and s[0] != "Z"}
+
+
+def still_running(processes):
+    """Those of processes, (pid, start time) pairs, that have not exited; a zombie has."""
+    return {(pid, start) for pid, start in processes if (s := proc_stat(pid)) and s[0] != "Z" and s[2] == start}
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc (Linux)")
+def test_workers_exit_when_the_main_process_is_killed_alone(long_run, tmp_path):
+    """kill -9 of the main process only, as the OOM killer does: its tokenizer processes must not outlive it,
+    or they would keep holding the out_dir lock and the rerun would be refused."""
+    args, clean = long_run
+    process = start_run(args, "orphaned", tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = children(process.pid)
+    try:
+        assert len(workers) == 2, "the pool of --num_proc 2 was not running when the main process was killed"
+        process.kill()
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 5
+        while still_running(workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not still_running(workers), "tokenizer processes outlived the main process by over 5 s"
+    finally:
+        for pid, _ in still_running(workers):  # a failed test leaves no orphans behind
+            os.kill(pid, signal.SIGKILL)
+    check_stopped_part_way(tmp_path / "orphaned")
+    assert_resumes_to_the_same_bytes(args, tmp_path / "orphaned", clean)
 
 
 def test_ctrl_c_stops_cleanly(long_run, tmp_path):
