@@ -595,9 +595,9 @@ def settings_of(config, files):
 
 @contextlib.contextmanager
 def locked_out_dir(out_dir):
-    """Create out_dir and hold a lock on it while shards are written, then clear the temporary files a killed
-    run left: two runs on one directory would delete each other's. A run that fails before writing anything
-    takes the directory it created away again."""
+    """Create out_dir and hold a lock on it while shards are written, clearing temporary files when it starts
+    (those a killed run left) and when it ends: two runs on one directory would delete each other's. A run
+    that fails before writing anything takes the directory it created away again."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir {out_dir} is a file: pass a directory (it is created if missing)")
@@ -617,14 +617,23 @@ def locked_out_dir(out_dir):
             except BlockingIOError:
                 raise UserError(f"another fineweb.py is writing to {out_dir}: wait for it or pass another "
                                 f"--out_dir") from None
-            for tmp in out_dir.glob(".*.tmp"):  # atomic_write's temporary names
-                tmp.unlink()
-            yield out_dir
+            remove_temporary_files(out_dir)  # a killed run's
+            try:
+                yield out_dir
+            finally:
+                # an interrupt landing in atomic_write between the creation of its file and its try block
+                # leaves the file behind; while the lock is held, no other run has any here
+                remove_temporary_files(out_dir)
     except BaseException:
         if created and [p.name for p in out_dir.iterdir()] == [".lock"]:
             (out_dir / ".lock").unlink()
             out_dir.rmdir()
         raise
+
+
+def remove_temporary_files(out_dir):
+    for tmp in out_dir.glob(".*.tmp"):  # atomic_write's temporary names
+        tmp.unlink()
 
 
 def read_manifest(out_dir, settings):
