@@ -423,11 +423,16 @@ def submit(executor, batch):
 
 
 def tokenize_batch(texts):
-    """Worker: an Arrow array of texts -> (their tokens end to end, (n,) uint16; each one's count, (docs,) int64).
-    Two arrays each way keep the inter-process traffic to a few buffers per batch."""
-    docs = [tokenize_document(text or "") for text in texts.to_pylist()]  # a null text is an empty document
+    """Worker: an Arrow array of texts -> (their tokens end to end, (n,) uint16; each one's count, (docs,) int64;
+    the positions of the null texts, (nulls,) int64). A null text (a null, or a .jsonl row without the column)
+    becomes an empty document, not none: a document per row keeps the manifest's document index, from which a
+    rerun resumes, the row's index. The main process counts them and warns. A few arrays each way keep the
+    inter-process traffic to a few buffers per batch."""
+    docs = [tokenize_document(text or "") for text in texts.to_pylist()]
     lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-    return (np.concatenate(docs) if docs else np.empty(0, TOKEN_DTYPE)), lengths
+    nulls = (np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False)) if texts.null_count
+             else np.empty(0, np.int64))
+    return (np.concatenate(docs) if docs else np.empty(0, TOKEN_DTYPE)), lengths, nulls
 
 
 def tokenized(batches, num_proc):
@@ -715,13 +720,17 @@ def run(config):
         get_tokenizer()  # built once, before the pool forks, so the workers inherit it
         batches, source, total_docs = open_documents(config, files, builder, skip)
         save = lambda recs: write_manifest(out_dir, settings, recs, config.max_tokens, complete=False)
-        records = write_shards(batches, out_dir, plan, limit, records, save, config.num_proc, skip, total_docs)
+        records, null_documents = write_shards(batches, out_dir, plan, limit, records, save, config.num_proc, skip,
+                                               total_docs)
         write_manifest(out_dir, settings, records, config.max_tokens, complete=True)
         elapsed = time.perf_counter() - start
     tokens, documents = sum(r["tokens"] for r in records), sum(r["documents"] for r in records)
     print(f"{out_dir}: {len(records)} shards, {tokens:,} tokens from {documents:,} documents of {source}")
     print(f"this run: {tokens - tokens_before:,} tokens in {elapsed:.1f} s, {(tokens - tokens_before) / elapsed:,.0f} "
           f"tokens/s with {config.num_proc} tokenizer process(es)")
+    if null_documents:
+        print(f"warning: {null_documents:,} documents had no text (null) in column {config.text_column!r}; they "
+              f"were written as empty documents", file=sys.stderr)
     stray = stray_shards(out_dir, records)
     if stray:
         print(f"warning: {out_dir} also holds {len(stray)} shard files this run did not make ({stray[0]}, ...), "
@@ -729,18 +738,23 @@ def run(config):
 
 
 def write_shards(batches, out_dir, plan, limit, records, save, num_proc, skip, total_docs):
-    """Tokenize the batches and cut them into shards; the records of all shards."""
+    """Tokenize the batches and cut them into shards; the records of all shards, and how many of the documents
+    this run wrote had a null text."""
     from tqdm import tqdm
     with tqdm(total=total_docs, initial=skip, unit="docs", desc="documents", position=0, dynamic_ncols=True) as docs, \
             tqdm(unit="tok", unit_scale=True, position=1, leave=False, dynamic_ncols=True) as shard_bar:
         writer = ShardWriter(out_dir, plan, limit, records, save, shard_bar)
+        null_documents = 0
         with contextlib.closing(tokenized(batches, num_proc)) as results:
-            for tokens, lengths in results:
+            for tokens, lengths, nulls in results:
+                first = writer.document
                 writer.add(tokens, lengths)
+                # only those written: the batch may run on past --max_tokens
+                null_documents += int(np.count_nonzero(nulls < writer.document - first))
                 docs.update(len(lengths))
                 if writer.done:
                     break
-        return writer.finish()
+        return writer.finish(), null_documents
 
 
 def main(argv=None):

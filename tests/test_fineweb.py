@@ -179,6 +179,46 @@ def test_complete_run_is_left_alone_and_other_settings_refused(parquet_shards, c
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+NULLS = (3, 50, 700)  # in the first batch of 512 documents and in the second
+
+
+def documents_with_nulls():
+    """1000 documents of input.txt, those at NULLS without text."""
+    return [None if i in NULLS else doc for i, doc in enumerate(shakespeare_documents()[:1000])]
+
+
+def null_warnings(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("warning:")]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_null_texts_are_written_as_empty_documents_and_counted(kind, tmp_path):
+    docs = documents_with_nulls()
+    if kind == "parquet":
+        write_parquet(tmp_path / "docs.parquet", docs)
+    else:
+        rows = [{"text": doc} for doc in docs]
+        rows[NULLS[1]] = {"title": "no text field at all"}  # a .jsonl row without the column is a null too
+        (tmp_path / "docs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = fineweb("--data_files", f"docs.{kind}", "--out_dir", "shards", "--shard_size", "2000",
+                     "--val_tokens", "2000", "--num_proc", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert null_warnings(result.stderr) == ["warning: 3 documents had no text (null) in column 'text'; they were "
+                                            "written as empty documents"]
+    assert np.array_equal(all_tokens(tmp_path / "shards"), np.concatenate([tokenize_document(d or "") for d in docs]))
+
+
+def test_null_texts_past_max_tokens_are_not_counted(tmp_path):
+    docs = documents_with_nulls()
+    write_parquet(tmp_path / "docs.parquet", docs)
+    up_to_600 = sum(len(tokenize_document(d or "")) for d in docs[:600])  # into the second batch, before a null
+    result = fineweb("--data_files", "docs.parquet", "--out_dir", "shards", "--shard_size", "2000",
+                     "--val_tokens", "2000", "--max_tokens", up_to_600, "--num_proc", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert null_warnings(result.stderr) == ["warning: 2 documents had no text (null) in column 'text'; they were "
+                                            "written as empty documents"]
+
+
 # -----------------------------------------------------------------------------
 # Resuming
 
