@@ -269,6 +269,44 @@ def resolve_data_files(data_files):
     return files, next(iter(kinds))
 
 
+def check_has_documents(files, builder):
+    """Refuse a file without documents before any work: `datasets` would fail on it with a message that does
+    not name it (StopIteration for empty .jsonl files, "BatchSize must be greater than 0" for a parquet file
+    without rows, whatever files come with it), or make an empty .txt file an empty document."""
+    for path in files:
+        problem = why_no_documents(path, builder)
+        if problem:
+            raise UserError(f"--data_files: {path} {problem}: leave it out (delete it if a glob picks it up) or "
+                            f"replace it with a complete copy")
+
+
+def why_no_documents(path, builder):
+    """What shows that the file holds no documents, None if it may hold some. Reads a parquet file's footer
+    and, of a .jsonl file, up to its first non-blank byte."""
+    if os.path.getsize(path) == 0:
+        return "is empty (0 bytes)"
+    if builder == "json" and only_whitespace(path):
+        return "holds only blank lines"
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+        try:
+            rows = pq.read_metadata(path).num_rows
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return f"is not a readable parquet file ({reason})"
+        if rows == 0:
+            return "is a parquet file without rows"
+    return None
+
+
+def only_whitespace(path, chunk=1 << 20):
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return False
+    return True
+
+
 def describe_load_error(error, source, hub):
     """One line for an exception from `datasets` or the Hub, naming the problem and the fix. The Hub's
     exception classes are matched by name: which ones get raised varies with the library versions."""
@@ -703,6 +741,7 @@ def stray_shards(out_dir, records):
 
 def run(config):
     files, builder = resolve_data_files(config.data_files)
+    check_has_documents(files, builder)
     plan = ShardPlan(shard_prefix(config.dataset), config.shard_size, config.val_tokens)
     settings = settings_of(config, files)
     limit = config.max_tokens or sys.maxsize

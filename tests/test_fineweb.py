@@ -399,13 +399,30 @@ BAD_INPUTS = {
     "no processes": (["--num_proc", "0"], "--num_proc"),
     "data shorter than val": (["--data_files", "{corpus}/part-0.parquet", "--val_tokens", "10000000"],
                               "--val_tokens"),
+    "empty jsonl": (["--data_files", "empty.jsonl"], "empty.jsonl is empty"),
+    "blank jsonl": (["--data_files", "blank.jsonl"], "blank.jsonl holds only blank lines"),
+    "empty txt": (["--data_files", "empty.txt"], "empty.txt is empty"),
+    "empty parquet": (["--data_files", "empty.parquet"], "empty.parquet is empty"),
+    "parquet without rows": (["--data_files", "{corpus}/part-0.parquet,no_rows.parquet"], "without rows"),
+    "cut parquet": (["--data_files", "cut.parquet"], "cut.parquet is not a readable parquet file"),
+    "an empty file among others": (["--data_files", "{corpus}/docs.jsonl,empty.jsonl"], "empty.jsonl is empty"),
 }
+
+
+def write_bad_files(directory, corpus_root):
+    (directory / "notes.csv").write_text("text\nhello\n")
+    for name in ("empty.jsonl", "empty.txt", "empty.parquet"):
+        (directory / name).write_bytes(b"")
+    (directory / "blank.jsonl").write_text("\n  \n")
+    write_parquet(directory / "no_rows.parquet", [])
+    whole = (corpus_root / "part-0.parquet").read_bytes()
+    (directory / "cut.parquet").write_bytes(whole[:len(whole) // 2])  # a download that stopped half way
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_gives_one_line_error(case, corpus, tmp_path):
     args, needle = BAD_INPUTS[case]
-    (tmp_path / "notes.csv").write_text("text\nhello\n")
+    write_bad_files(tmp_path, corpus[0])
     args = [a.replace("{corpus}", str(corpus[0])) for a in args]
     # offline throughout: a case that reached for the Hub by mistake fails fast instead of retrying for minutes
     result = fineweb("--num_proc", "1", *args, cwd=tmp_path, env={**os.environ, **OFFLINE}, timeout=60)
