@@ -204,7 +204,8 @@ class FineWebConfig:
     name: str = flag("sample-10BT", "the dataset's configuration: sample-10BT (~10B tokens), sample-100BT, "
                                     "sample-350BT or default (all of it)")
     data_files: str = flag("", "read these local files instead of the Hub: .parquet, .jsonl/.json or .txt (one "
-                               "document per .txt file); a path or glob, several separated by commas; empty: the Hub")
+                               "document per .txt file); paths or globs, separated by commas or spaces; empty: the "
+                               "Hub")
     text_column: str = flag("text", "the column holding each document's text")
     out_dir: str = flag("edu_fineweb10B", "where the shards and manifest.json are written")
     shard_size: int = flag(10**8, f"tokens per shard (2 bytes each), at least {MIN_SHARD_SIZE}; the trainer takes "
@@ -234,7 +235,27 @@ class FineWebConfig:
 
 
 def parse_args(argv=None):
+    argv = join_data_files(sys.argv[1:] if argv is None else list(argv))
     return FineWebConfig(**vars(build_parser(FineWebConfig, __doc__.strip().splitlines()[0]).parse_args(argv)))
+
+
+def join_data_files(argv):
+    """argv with the words that follow --data_files's value, up to the next flag, joined to it by commas: an
+    unquoted glob reaches the script as one word per file, and means what the quoted glob means. The script
+    takes no positional arguments, so those words were an error before; the flags stay one value each, as
+    the parser shared with train_gpt2.py makes them."""
+    joined = []
+    for word in argv:
+        if joined and takes_more_files(joined) and not word.startswith("-"):
+            joined[-1] += "," + word
+        else:
+            joined.append(word)
+    return joined
+
+
+def takes_more_files(words):
+    """Whether the last of the words so far is --data_files's value."""
+    return words[-1].startswith("--data_files=") or (len(words) > 1 and words[-2] == "--data_files")
 
 
 # -----------------------------------------------------------------------------
@@ -253,8 +274,7 @@ def resolve_data_files(data_files):
     for pattern in (p.strip() for p in data_files.split(",") if p.strip()):
         matches = [m for m in sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) if os.path.isfile(m)]
         if not matches:
-            raise UserError(f"--data_files {pattern}: no such file; check the path or glob (quote globs so "
-                            f"the shell does not expand them)")
+            raise UserError(f"--data_files {pattern}: no such file; check the path or glob")
         files += [m for m in matches if m not in files]
     kinds = {}
     for f in files:

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fineweb import (EOT_TOKEN, ShardPlan, ShardWriter, describe_load_error,  # noqa: E402
-                     get_tokenizer, open_shard, read_shard_header, tokenize_document)
+                     get_tokenizer, open_shard, parse_args, read_shard_header, tokenize_document)
 
 SMALL = ["--shard_size", "20000", "--val_tokens", "20000", "--num_proc", "2"]
 
@@ -144,6 +144,28 @@ def test_jsonl_gives_the_same_shards(parquet_shards, corpus, tmp_path):
     assert [p.name for p in shard_paths(tmp_path / "shards")] == [p.name for p in shard_paths(parquet_shards)]
     for ours, theirs in zip(shard_paths(tmp_path / "shards"), shard_paths(parquet_shards)):
         assert ours.read_bytes() == theirs.read_bytes(), ours.name
+
+
+def test_files_as_separate_words_make_the_same_shards_as_the_comma_joined_list(parquet_shards, corpus, tmp_path):
+    """An unquoted glob reaches the script as one word per file."""
+    root, _ = corpus
+    parts = [root / "part-0.parquet", root / "part-1.parquet"]
+    result = fineweb("--data_files", *parts, "--out_dir", "shards", *SMALL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in shard_paths(tmp_path / "shards")] == [p.name for p in shard_paths(parquet_shards)]
+    for ours, theirs in zip(shard_paths(tmp_path / "shards"), shard_paths(parquet_shards)):
+        assert ours.read_bytes() == theirs.read_bytes(), ours.name
+    # the same settings: the comma-joined list finds the directory complete
+    result = fineweb("--data_files", ",".join(map(str, parts)), "--out_dir", "shards", *SMALL, cwd=tmp_path)
+    assert result.returncode == 0 and "nothing to do" in result.stdout, result.stderr
+
+
+def test_only_data_files_takes_several_words(capsys):
+    assert parse_args(["--data_files", "a.parquet", "b.parquet", "--num_proc", "3"]).data_files == "a.parquet,b.parquet"
+    assert parse_args(["--data_files=a.parquet", "b.parquet"]).data_files == "a.parquet,b.parquet"
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--out_dir", "a", "b"])
+    assert stopped.value.code == 2 and "unrecognized arguments: b" in capsys.readouterr().err
 
 
 def test_each_txt_file_is_one_document(tmp_path):
