@@ -33,6 +33,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -176,7 +177,8 @@ class FineWebConfig:
     name: str = flag("sample-10BT", "the dataset's configuration: sample-10BT (~10B tokens), sample-100BT, "
                                     "sample-350BT or default (all of it)")
     data_files: str = flag("", "read these local files instead of the Hub: .parquet, .jsonl/.json or .txt (one "
-                               "document per .txt file); a path or glob, several separated by commas; empty: the Hub")
+                               "document per .txt file); paths or globs, separated by commas or spaces; empty: the "
+                               "Hub")
     text_column: str = flag("text", "the column holding each document's text")
     out_dir: str = flag("edu_fineweb10B", "where the shards and manifest.json are written")
     shard_size: int = flag(10**8, f"tokens per shard (2 bytes each), at least {MIN_SHARD_SIZE}; the trainer takes "
@@ -206,7 +208,27 @@ class FineWebConfig:
 
 
 def parse_args(argv=None):
+    argv = join_data_files(sys.argv[1:] if argv is None else list(argv))
     return FineWebConfig(**vars(build_parser(FineWebConfig, __doc__.strip().splitlines()[0]).parse_args(argv)))
+
+
+def join_data_files(argv):
+    """argv with the words that follow --data_files's value, up to the next flag, joined to it by commas: an
+    unquoted glob reaches the script as one word per file, and means what the quoted glob means. The script
+    takes no positional arguments, so those words were an error before; the flags stay one value each, as
+    the parser shared with train_gpt2.py makes them."""
+    joined = []
+    for word in argv:
+        if joined and takes_more_files(joined) and not word.startswith("-"):
+            joined[-1] += "," + word
+        else:
+            joined.append(word)
+    return joined
+
+
+def takes_more_files(words):
+    """Whether the last of the words so far is --data_files's value."""
+    return words[-1].startswith("--data_files=") or (len(words) > 1 and words[-2] == "--data_files")
 
 
 # -----------------------------------------------------------------------------
@@ -225,8 +247,7 @@ def resolve_data_files(data_files):
     for pattern in (p.strip() for p in data_files.split(",") if p.strip()):
         matches = [m for m in sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) if os.path.isfile(m)]
         if not matches:
-            raise UserError(f"--data_files {pattern}: no such file; check the path or glob (quote globs so "
-                            f"the shell does not expand them)")
+            raise UserError(f"--data_files {pattern}: no such file; check the path or glob")
         files += [m for m in matches if m not in files]
     kinds = {}
     for f in files:
@@ -239,6 +260,44 @@ def resolve_data_files(data_files):
         raise UserError(f"--data_files mixes {' and '.join(kinds)} files ({', '.join(kinds.values())}): "
                         f"make the shards from one kind")
     return files, next(iter(kinds))
+
+
+def check_has_documents(files, builder):
+    """Refuse a file without documents before any work: `datasets` would fail on it with a message that does
+    not name it (StopIteration for empty .jsonl files, "BatchSize must be greater than 0" for a parquet file
+    without rows, whatever files come with it), or make an empty .txt file an empty document."""
+    for path in files:
+        problem = why_no_documents(path, builder)
+        if problem:
+            raise UserError(f"--data_files: {path} {problem}: leave it out (delete it if a glob picks it up) or "
+                            f"replace it with a complete copy")
+
+
+def why_no_documents(path, builder):
+    """What shows that the file holds no documents, None if it may hold some. Reads a parquet file's footer
+    and, of a .jsonl file, up to its first non-blank byte."""
+    if os.path.getsize(path) == 0:
+        return "is empty (0 bytes)"
+    if builder == "json" and only_whitespace(path):
+        return "holds only blank lines"
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+        try:
+            rows = pq.read_metadata(path).num_rows
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return f"is not a readable parquet file ({reason})"
+        if rows == 0:
+            return "is a parquet file without rows"
+    return None
+
+
+def only_whitespace(path, chunk=1 << 20):
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return False
+    return True
 
 
 def describe_load_error(error, source, hub):
@@ -349,12 +408,37 @@ def open_documents(config, files, builder, skip):
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def init_worker():
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def init_worker(main_pid):
     # Ctrl-C reaches the whole process group: the main process handles it and shuts the pool down
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by submit(), see there
+    exit_with_parent(main_pid)
+
+
+def exit_with_parent(main_pid):
+    """End this worker when the main process dies, however it dies (kill -9, the OOM killer). Left running, an
+    idle worker would wait for work forever, holding the out_dir lock it shares with the main process since
+    the fork, and the rerun would be refused until someone killed it by hand."""
+    if sys.platform == "linux":
+        # the kernel kills this process as soon as the thread that forked it exits: the main process's main
+        # thread, which submits all the work (see tokenized), so that is when the main process exits
+        import ctypes
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != main_pid:  # the main process died before the prctl, which then never fires
+        os._exit(1)
+    # where there is no prctl (macOS), the parent pid changing (to init's or a subreaper's) is the only sign
+    threading.Thread(target=watch_parent, args=(main_pid,), name="watch_parent", daemon=True).start()
+
+
+def watch_parent(main_pid):
+    while os.getppid() == main_pid:
+        time.sleep(1)
+    os._exit(1)
 
 
 def submit(executor, batch):
@@ -370,11 +454,16 @@ def submit(executor, batch):
 
 
 def tokenize_batch(texts):
-    """Worker: an Arrow array of texts -> (their tokens end to end, (n,) uint16; each one's count, (docs,) int64).
-    Two arrays each way keep the inter-process traffic to a few buffers per batch."""
-    docs = [tokenize_document(text or "") for text in texts.to_pylist()]  # a null text is an empty document
+    """Worker: an Arrow array of texts -> (their tokens end to end, (n,) uint16; each one's count, (docs,) int64;
+    the positions of the null texts, (nulls,) int64). A null text (a null, or a .jsonl row without the column)
+    becomes an empty document, not none: a document per row keeps the manifest's document index, from which a
+    rerun resumes, the row's index. The main process counts them and warns. A few arrays each way keep the
+    inter-process traffic to a few buffers per batch."""
+    docs = [tokenize_document(text or "") for text in texts.to_pylist()]
     lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-    return (np.concatenate(docs) if docs else np.empty(0, TOKEN_DTYPE)), lengths
+    nulls = (np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False)) if texts.null_count
+             else np.empty(0, np.int64))
+    return (np.concatenate(docs) if docs else np.empty(0, TOKEN_DTYPE)), lengths, nulls
 
 
 def tokenized(batches, num_proc):
@@ -387,7 +476,8 @@ def tokenized(batches, num_proc):
         return
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
-    executor = ProcessPoolExecutor(num_proc, initializer=init_worker)
+    executor = ProcessPoolExecutor(num_proc, mp_context=pool_context(), initializer=init_worker,
+                                   initargs=(os.getpid(),))
     pending = collections.deque()
     try:
         for batch in batches:
@@ -401,6 +491,15 @@ def tokenized(batches, num_proc):
                         "command to resume") from None
     finally:
         executor.shutdown(wait=True, cancel_futures=True)  # on an early stop, the running tasks finish first
+
+
+def pool_context():
+    """Fork on Linux, as Python did by default before 3.14 (forkserver since): a worker then inherits the
+    tokenizer already built and the signals blocked by submit(), and its parent is the main process, whose
+    death it watches (exit_with_parent). Elsewhere the platform's default, spawn, also makes the main process
+    the parent."""
+    import multiprocessing
+    return multiprocessing.get_context("fork") if sys.platform == "linux" else None
 
 
 # -----------------------------------------------------------------------------
@@ -531,9 +630,9 @@ def settings_of(config, files):
 
 @contextlib.contextmanager
 def locked_out_dir(out_dir):
-    """Create out_dir and hold a lock on it while shards are written, then clear the temporary files a killed
-    run left: two runs on one directory would delete each other's. A run that fails before writing anything
-    takes the directory it created away again."""
+    """Create out_dir and hold a lock on it while shards are written, clearing temporary files when it starts
+    (those a killed run left) and when it ends: two runs on one directory would delete each other's. A run
+    that fails before writing anything takes the directory it created away again."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir {out_dir} is a file: pass a directory (it is created if missing)")
@@ -553,14 +652,23 @@ def locked_out_dir(out_dir):
             except BlockingIOError:
                 raise UserError(f"another fineweb.py is writing to {out_dir}: wait for it or pass another "
                                 f"--out_dir") from None
-            for tmp in out_dir.glob(".*.tmp"):  # atomic_write's temporary names
-                tmp.unlink()
-            yield out_dir
+            remove_temporary_files(out_dir)  # a killed run's
+            try:
+                yield out_dir
+            finally:
+                # an interrupt landing in atomic_write between the creation of its file and its try block
+                # leaves the file behind; while the lock is held, no other run has any here
+                remove_temporary_files(out_dir)
     except BaseException:
         if created and [p.name for p in out_dir.iterdir()] == [".lock"]:
             (out_dir / ".lock").unlink()
             out_dir.rmdir()
         raise
+
+
+def remove_temporary_files(out_dir):
+    for tmp in out_dir.glob(".*.tmp"):  # atomic_write's temporary names
+        tmp.unlink()
 
 
 def read_manifest(out_dir, settings):
@@ -617,6 +725,7 @@ def stray_shards(out_dir, records):
 
 def run(config):
     files, builder = resolve_data_files(config.data_files)
+    check_has_documents(files, builder)
     plan = ShardPlan(shard_prefix(config.dataset), config.shard_size, config.val_tokens)
     settings = settings_of(config, files)
     limit = config.max_tokens or sys.maxsize
@@ -634,13 +743,17 @@ def run(config):
         get_tokenizer()  # built once, before the pool forks, so the workers inherit it
         batches, source, total_docs = open_documents(config, files, builder, skip)
         save = lambda recs: write_manifest(out_dir, settings, recs, config.max_tokens, complete=False)
-        records = write_shards(batches, out_dir, plan, limit, records, save, config.num_proc, skip, total_docs)
+        records, null_documents = write_shards(batches, out_dir, plan, limit, records, save, config.num_proc, skip,
+                                               total_docs)
         write_manifest(out_dir, settings, records, config.max_tokens, complete=True)
         elapsed = time.perf_counter() - start
     tokens, documents = sum(r["tokens"] for r in records), sum(r["documents"] for r in records)
     print(f"{out_dir}: {len(records)} shards, {tokens:,} tokens from {documents:,} documents of {source}")
     print(f"this run: {tokens - tokens_before:,} tokens in {elapsed:.1f} s, {(tokens - tokens_before) / elapsed:,.0f} "
           f"tokens/s with {config.num_proc} tokenizer process(es)")
+    if null_documents:
+        print(f"warning: {null_documents:,} documents had no text (null) in column {config.text_column!r}; they "
+              f"were written as empty documents", file=sys.stderr)
     stray = stray_shards(out_dir, records)
     if stray:
         print(f"warning: {out_dir} also holds {len(stray)} shard files this run did not make ({stray[0]}, ...), "
@@ -648,18 +761,23 @@ def run(config):
 
 
 def write_shards(batches, out_dir, plan, limit, records, save, num_proc, skip, total_docs):
-    """Tokenize the batches and cut them into shards; the records of all shards."""
+    """Tokenize the batches and cut them into shards; the records of all shards, and how many of the documents
+    this run wrote had a null text."""
     from tqdm import tqdm
     with tqdm(total=total_docs, initial=skip, unit="docs", desc="documents", position=0, dynamic_ncols=True) as docs, \
             tqdm(unit="tok", unit_scale=True, position=1, leave=False, dynamic_ncols=True) as shard_bar:
         writer = ShardWriter(out_dir, plan, limit, records, save, shard_bar)
+        null_documents = 0
         with contextlib.closing(tokenized(batches, num_proc)) as results:
-            for tokens, lengths in results:
+            for tokens, lengths, nulls in results:
+                first = writer.document
                 writer.add(tokens, lengths)
+                # only those written: the batch may run on past --max_tokens
+                null_documents += int(np.count_nonzero(nulls < writer.document - first))
                 docs.update(len(lengths))
                 if writer.done:
                     break
-        return writer.finish()
+        return writer.finish(), null_documents
 
 
 def main(argv=None):

@@ -103,6 +103,10 @@ def parse_example(line):
         raise ValueError("'ctx' is not a non-empty string")  # an empty context leaves the first token unpredicted
     if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
         raise ValueError(f"'endings' is not a list of 4 strings: {json.dumps(endings)[:80]}")
+    if not any(ending.strip() for ending in endings):
+        # scored, they would compare whitespace alone; identical ones tie, the tie goes to ending 0, and that
+        # counts as correct whenever the label is 0
+        raise ValueError("'endings' are all empty")
     if isinstance(label, str) and label.isdigit():
         label = int(label)  # the copy on the Hugging Face hub stores labels as strings
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < 4:

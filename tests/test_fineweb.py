@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fineweb import (EOT_TOKEN, ShardPlan, ShardWriter, describe_load_error,  # noqa: E402
-                     get_tokenizer, open_shard, read_shard_header, tokenize_document)
+                     get_tokenizer, open_shard, parse_args, read_shard_header, tokenize_document)
 
 SMALL = ["--shard_size", "20000", "--val_tokens", "20000", "--num_proc", "2"]
 
@@ -146,6 +146,28 @@ def test_jsonl_gives_the_same_shards(parquet_shards, corpus, tmp_path):
         assert ours.read_bytes() == theirs.read_bytes(), ours.name
 
 
+def test_files_as_separate_words_make_the_same_shards_as_the_comma_joined_list(parquet_shards, corpus, tmp_path):
+    """An unquoted glob reaches the script as one word per file."""
+    root, _ = corpus
+    parts = [root / "part-0.parquet", root / "part-1.parquet"]
+    result = fineweb("--data_files", *parts, "--out_dir", "shards", *SMALL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in shard_paths(tmp_path / "shards")] == [p.name for p in shard_paths(parquet_shards)]
+    for ours, theirs in zip(shard_paths(tmp_path / "shards"), shard_paths(parquet_shards)):
+        assert ours.read_bytes() == theirs.read_bytes(), ours.name
+    # the same settings: the comma-joined list finds the directory complete
+    result = fineweb("--data_files", ",".join(map(str, parts)), "--out_dir", "shards", *SMALL, cwd=tmp_path)
+    assert result.returncode == 0 and "nothing to do" in result.stdout, result.stderr
+
+
+def test_only_data_files_takes_several_words(capsys):
+    assert parse_args(["--data_files", "a.parquet", "b.parquet", "--num_proc", "3"]).data_files == "a.parquet,b.parquet"
+    assert parse_args(["--data_files=a.parquet", "b.parquet"]).data_files == "a.parquet,b.parquet"
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--out_dir", "a", "b"])
+    assert stopped.value.code == 2 and "unrecognized arguments: b" in capsys.readouterr().err
+
+
 def test_each_txt_file_is_one_document(tmp_path):
     texts = ["First file.\n\nStill the first.\n", "Second file, " * 5000]
     for i, text in enumerate(texts):
@@ -177,6 +199,46 @@ def test_complete_run_is_left_alone_and_other_settings_refused(parquet_shards, c
                      "--val_tokens", "20000", cwd=root)
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "shard_size" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+NULLS = (3, 50, 700)  # in the first batch of 512 documents and in the second
+
+
+def documents_with_nulls():
+    """1000 documents of input.txt, those at NULLS without text."""
+    return [None if i in NULLS else doc for i, doc in enumerate(shakespeare_documents()[:1000])]
+
+
+def null_warnings(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("warning:")]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_null_texts_are_written_as_empty_documents_and_counted(kind, tmp_path):
+    docs = documents_with_nulls()
+    if kind == "parquet":
+        write_parquet(tmp_path / "docs.parquet", docs)
+    else:
+        rows = [{"text": doc} for doc in docs]
+        rows[NULLS[1]] = {"title": "no text field at all"}  # a .jsonl row without the column is a null too
+        (tmp_path / "docs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = fineweb("--data_files", f"docs.{kind}", "--out_dir", "shards", "--shard_size", "2000",
+                     "--val_tokens", "2000", "--num_proc", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert null_warnings(result.stderr) == ["warning: 3 documents had no text (null) in column 'text'; they were "
+                                            "written as empty documents"]
+    assert np.array_equal(all_tokens(tmp_path / "shards"), np.concatenate([tokenize_document(d or "") for d in docs]))
+
+
+def test_null_texts_past_max_tokens_are_not_counted(tmp_path):
+    docs = documents_with_nulls()
+    write_parquet(tmp_path / "docs.parquet", docs)
+    up_to_600 = sum(len(tokenize_document(d or "")) for d in docs[:600])  # into the second batch, before a null
+    result = fineweb("--data_files", "docs.parquet", "--out_dir", "shards", "--shard_size", "2000",
+                     "--val_tokens", "2000", "--max_tokens", up_to_600, "--num_proc", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert null_warnings(result.stderr) == ["warning: 2 documents had no text (null) in column 'text'; they were "
+                                            "written as empty documents"]
 
 
 # -----------------------------------------------------------------------------
@@ -228,35 +290,91 @@ def long_run(tmp_path_factory):
     return args, root / "clean"
 
 
-def start_and_stop(args, out_dir, cwd, sig):
-    """Run fineweb.py in its own process group and send sig to the whole group (the pool's workers too, as
-    Ctrl-C in a terminal or a machine going away would) once the second shard exists."""
+def start_run(args, out_dir, cwd, **popen):
+    """fineweb.py started in its own process group, returned once the second shard exists."""
     process = subprocess.Popen([sys.executable, str(REPO / "fineweb.py"), *map(str, args), "--out_dir", out_dir],
-                               cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               cwd=cwd, start_new_session=True, **popen)
     second = cwd / out_dir / "edufineweb_train_000001.bin"
     deadline = time.monotonic() + 60
     while not second.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
+    return process
+
+
+def check_stopped_part_way(out_dir):
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert not manifest["complete"], "the run finished before it was stopped: make the corpus longer"
+    for path in shard_paths(out_dir):
+        read_shard_header(path)  # every shard under a final name is whole
+
+
+def start_and_stop(args, out_dir, cwd, sig):
+    """Run fineweb.py and send sig to its whole process group (the pool's workers too, as Ctrl-C in a
+    terminal or a machine going away would) once the second shard exists."""
+    process = start_run(args, out_dir, cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     os.killpg(process.pid, sig)
     _, stderr = process.communicate(timeout=60)
-    manifest = json.loads((cwd / out_dir / "manifest.json").read_text())
-    assert not manifest["complete"], "the run finished before it was stopped: make the corpus longer"
-    for path in shard_paths(cwd / out_dir):
-        read_shard_header(path)  # every shard under a final name is whole
+    check_stopped_part_way(cwd / out_dir)
     return process.returncode, stderr
+
+
+def assert_resumes_to_the_same_bytes(args, out_dir, clean):
+    resumed = fineweb(*args, "--out_dir", out_dir.name, cwd=out_dir.parent)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after" in resumed.stdout
+    names = sorted(p.name for p in clean.iterdir())
+    assert sorted(p.name for p in out_dir.iterdir()) == names  # no temporary files left
+    for name in names:
+        assert (out_dir / name).read_bytes() == (clean / name).read_bytes(), name
 
 
 def test_killed_run_resumes_to_the_same_bytes(long_run, tmp_path):
     args, clean = long_run
     start_and_stop(args, "killed", tmp_path, signal.SIGKILL)
-    resumed = fineweb(*args, "--out_dir", "killed", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming after" in resumed.stdout
-    names = sorted(p.name for p in clean.iterdir())
-    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == names  # no temporary files left
-    for name in names:
-        assert (tmp_path / "killed" / name).read_bytes() == (clean / name).read_bytes(), name
+    assert_resumes_to_the_same_bytes(args, tmp_path / "killed", clean)
+
+
+def proc_stat(pid):
+    """(state, parent pid, start time) of process pid, from /proc; None once it is gone. The start time tells a
+    process from a later one that reuses its pid."""
+    try:
+        state, ppid, *rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after the command
+    except OSError:
+        return None
+    return state, int(ppid), rest[17]  # rest[17]: the line's field 22, starttime
+
+
+def children(pid):
+    """(pid, start time) of each running child of process pid."""
+    stats = {int(p.name): proc_stat(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    return {(child, s[2]) for child, s in stats.items() if s and s[1] == pid and s[0] != "Z"}
+
+
+def still_running(processes):
+    """Those of processes, (pid, start time) pairs, that have not exited; a zombie has."""
+    return {(pid, start) for pid, start in processes if (s := proc_stat(pid)) and s[0] != "Z" and s[2] == start}
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc (Linux)")
+def test_workers_exit_when_the_main_process_is_killed_alone(long_run, tmp_path):
+    """kill -9 of the main process only, as the OOM killer does: its tokenizer processes must not outlive it,
+    or they would keep holding the out_dir lock and the rerun would be refused."""
+    args, clean = long_run
+    process = start_run(args, "orphaned", tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = children(process.pid)
+    try:
+        assert len(workers) == 2, "the pool of --num_proc 2 was not running when the main process was killed"
+        process.kill()
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 5
+        while still_running(workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not still_running(workers), "tokenizer processes outlived the main process by over 5 s"
+    finally:
+        for pid, _ in still_running(workers):  # a failed test leaves no orphans behind
+            os.kill(pid, signal.SIGKILL)
+    check_stopped_part_way(tmp_path / "orphaned")
+    assert_resumes_to_the_same_bytes(args, tmp_path / "orphaned", clean)
 
 
 def test_ctrl_c_stops_cleanly(long_run, tmp_path):
@@ -303,13 +421,30 @@ BAD_INPUTS = {
     "no processes": (["--num_proc", "0"], "--num_proc"),
     "data shorter than val": (["--data_files", "{corpus}/part-0.parquet", "--val_tokens", "10000000"],
                               "--val_tokens"),
+    "empty jsonl": (["--data_files", "empty.jsonl"], "empty.jsonl is empty"),
+    "blank jsonl": (["--data_files", "blank.jsonl"], "blank.jsonl holds only blank lines"),
+    "empty txt": (["--data_files", "empty.txt"], "empty.txt is empty"),
+    "empty parquet": (["--data_files", "empty.parquet"], "empty.parquet is empty"),
+    "parquet without rows": (["--data_files", "{corpus}/part-0.parquet,no_rows.parquet"], "without rows"),
+    "cut parquet": (["--data_files", "cut.parquet"], "cut.parquet is not a readable parquet file"),
+    "an empty file among others": (["--data_files", "{corpus}/docs.jsonl,empty.jsonl"], "empty.jsonl is empty"),
 }
+
+
+def write_bad_files(directory, corpus_root):
+    (directory / "notes.csv").write_text("text\nhello\n")
+    for name in ("empty.jsonl", "empty.txt", "empty.parquet"):
+        (directory / name).write_bytes(b"")
+    (directory / "blank.jsonl").write_text("\n  \n")
+    write_parquet(directory / "no_rows.parquet", [])
+    whole = (corpus_root / "part-0.parquet").read_bytes()
+    (directory / "cut.parquet").write_bytes(whole[:len(whole) // 2])  # a download that stopped half way
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_gives_one_line_error(case, corpus, tmp_path):
     args, needle = BAD_INPUTS[case]
-    (tmp_path / "notes.csv").write_text("text\nhello\n")
+    write_bad_files(tmp_path, corpus[0])
     args = [a.replace("{corpus}", str(corpus[0])) for a in args]
     # offline throughout: a case that reached for the Hub by mistake fails fast instead of retrying for minutes
     result = fineweb("--num_proc", "1", *args, cwd=tmp_path, env={**os.environ, **OFFLINE}, timeout=60)

@@ -289,6 +289,18 @@ def test_malformed_lines_are_reported_with_their_line_number_and_the_rest_kept(t
     assert load_examples(str(path), limit=2)[0] == examples[:2]
 
 
+def test_an_example_whose_endings_are_all_empty_is_skipped_not_scored(tmp_path):
+    good = random_items(2)
+    path = write_jsonl(tmp_path / "empty_endings.jsonl", [
+        {**good[0], "endings": ["", " ", "\t", ""], "label": 0},  # would tie, and ending 0 would count as correct
+        {**good[0], "endings": ["", "", "", ""], "label": 2},
+        {**good[1], "endings": ["", "an ending", "", ""]},  # one real ending is enough to score it
+    ])
+    examples, problems = load_examples(str(path))
+    assert [ex["endings"] for ex in examples] == [["", "an ending", "", ""]]
+    assert problems == [f"{path}:{n}: 'endings' are all empty; line skipped" for n in (1, 2)]
+
+
 def test_a_missing_file_is_an_error_that_names_it(tmp_path):
     with pytest.raises(HellaSwagError, match="nothing.jsonl: no such file"):
         load_examples(str(tmp_path / "nothing.jsonl"))
