@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from train_gpt2 import (GPT, DataLoader, GPTConfig, Prefetcher, TrainConfig, UserError, build_parser,
+from train_gpt2 import (GPT, GPTConfig, Prefetcher, ShardLoader, TrainConfig, UserError, build_parser,
                         device_peak_flops, estimate_mfu, flag, flops_per_token, get_lr, load_token_sources, make_autocast,
                         resolve_device, resolve_dtype, train_step)
 
@@ -75,8 +75,8 @@ def measure(config):
     step_model = torch.compile(model) if config.compile and not naive else model
     optimizer = model.configure_optimizer(config.weight_decay, config.learning_rate, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    loader = DataLoader(load_token_sources(config.data, "train"), config.batch_size, config.block_size,
-                        config.gradient_accumulation_steps, seed=config.seed)
+    loader = ShardLoader(load_token_sources(config.data, "train"), config.batch_size, config.block_size,
+                         config.gradient_accumulation_steps, seed=config.seed)
     if not naive:
         loader = Prefetcher(loader, device)
     autocast = make_autocast(device_type, dtype)

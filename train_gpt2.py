@@ -181,7 +181,7 @@ def check_unchanged(name, tokens):
                          f"regenerate the data and start a new run")
 
 
-class DataLoader:
+class ShardLoader:
     """Global batches of consecutive tokens: each optimizer step takes the next
     rows_per_step * block_size + 1 tokens of the current shard, so the batches depend only on the data,
     the seed and the global batch shape. Row block (micro_step * world_size + rank) of each global batch is
@@ -975,8 +975,8 @@ def run(config, explicit, dist_info):
     positions = val_batch_positions(val_sources, config.batch_size, model_args["block_size"], config.eval_iters)
     loader = None
     if not config.eval_only:
-        loader = DataLoader(load_token_sources(config.data, "train"), config.batch_size, model_args["block_size"],
-                            config.gradient_accumulation_steps, dist_info.rank, dist_info.world_size, config.seed)
+        loader = ShardLoader(load_token_sources(config.data, "train"), config.batch_size, model_args["block_size"],
+                             config.gradient_accumulation_steps, dist_info.rank, dist_info.world_size, config.seed)
     prepare_out_dir(config.out_dir, new_run=checkpoint is None and not config.eval_only)
     if checkpoint and not config.eval_only and checkpoint["iter_num"] > config.max_iters:
         raise UserError(f"{checkpoint_path} is at step {checkpoint['iter_num']}, past --max_iters {config.max_iters}: "

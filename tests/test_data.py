@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fineweb import HEADER_BYTES, MAGIC, ShardError, open_shard, read_shard_header, write_shard
-from train_gpt2 import DataLoader, UserError, load_token_sources, val_batch_positions
+from train_gpt2 import ShardLoader, UserError, load_token_sources, val_batch_positions
 from conftest import INPUT_TXT
 
 
@@ -53,7 +53,7 @@ def test_malformed_shards_are_refused_with_the_file_named(tmp_path, damage, mess
 
 def global_batches(sources, steps, batch_size, micro_steps, world_size, seed=0):
     """The global batches as the ranks see them together: (steps, rows, T) inputs."""
-    loaders = [DataLoader(sources, batch_size, 8, micro_steps, rank, world_size, seed) for rank in range(world_size)]
+    loaders = [ShardLoader(sources, batch_size, 8, micro_steps, rank, world_size, seed) for rank in range(world_size)]
     batches = []
     for _ in range(steps):
         parts = [loader.next_batch()[0] for loader in loaders]  # each (micro_steps, B, T)
@@ -75,8 +75,8 @@ def test_global_batches_do_not_depend_on_the_rank_and_micro_step_split(tmp_path)
 def test_each_rank_gets_a_different_part_and_targets_are_shifted_inputs(tmp_path):
     make_shards(tmp_path, [1000])
     sources = load_token_sources(tmp_path, "train")
-    x0, y0 = DataLoader(sources, 2, 8, 1, rank=0, world_size=2).next_batch()
-    x1, _ = DataLoader(sources, 2, 8, 1, rank=1, world_size=2).next_batch()
+    x0, y0 = ShardLoader(sources, 2, 8, 1, rank=0, world_size=2).next_batch()
+    x1, _ = ShardLoader(sources, 2, 8, 1, rank=1, world_size=2).next_batch()
     assert not torch.equal(x0, x1)
     tokens = torch.from_numpy(sources[0][1][:33].astype(np.int64))
     assert torch.equal(x0[0].flatten(), tokens[:16]) and torch.equal(y0[0].flatten(), tokens[1:17])
@@ -94,39 +94,39 @@ def shard_visits(loader, steps):
 def test_shards_are_visited_in_a_seeded_order_that_changes_every_epoch(tmp_path):
     make_shards(tmp_path, [33] * 6)  # one 32-token global batch per shard
     sources = load_token_sources(tmp_path, "train")
-    visits = shard_visits(DataLoader(sources, 4, 8, 1, seed=3), 18)
+    visits = shard_visits(ShardLoader(sources, 4, 8, 1, seed=3), 18)
     epochs = [[shard for epoch, shard in visits if epoch == e] for e in range(3)]
     assert all(sorted(order) == list(range(6)) for order in epochs)
     assert len({tuple(order) for order in epochs}) == 3
-    assert visits == shard_visits(DataLoader(sources, 4, 8, 1, seed=3), 18)
-    assert visits != shard_visits(DataLoader(sources, 4, 8, 1, seed=4), 18)
+    assert visits == shard_visits(ShardLoader(sources, 4, 8, 1, seed=3), 18)
+    assert visits != shard_visits(ShardLoader(sources, 4, 8, 1, seed=4), 18)
 
 
 def test_loader_state_resumes_the_same_batch_sequence(tmp_path):
     make_shards(tmp_path, [200, 150, 90])
     sources = load_token_sources(tmp_path, "train")
-    loader = DataLoader(sources, 2, 8, 2, seed=1)
+    loader = ShardLoader(sources, 2, 8, 2, seed=1)
     for _ in range(7):
         loader.next_batch()
     state = loader.state_dict()
     expected = [loader.next_batch()[0] for _ in range(10)]
-    resumed = DataLoader(sources, 2, 8, 2, seed=1)
+    resumed = ShardLoader(sources, 2, 8, 2, seed=1)
     resumed.load_state_dict(state)
     assert all(torch.equal(a, resumed.next_batch()[0]) for a in expected)
 
 
 def test_resuming_on_different_data_is_refused(tmp_path):
     make_shards(tmp_path, [200, 150])
-    state = DataLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).state_dict()
+    state = ShardLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).state_dict()
     make_shards(tmp_path, [200, 151])
     with pytest.raises(UserError, match="differs from the checkpoint"):
-        DataLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).load_state_dict(state)
+        ShardLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).load_state_dict(state)
 
 
 def test_data_shorter_than_one_global_batch_is_refused(tmp_path):
     make_shards(tmp_path, [64])
     with pytest.raises(UserError, match="shorter than one global batch"):
-        DataLoader(load_token_sources(tmp_path, "train"), 4, 8, 2)
+        ShardLoader(load_token_sources(tmp_path, "train"), 4, 8, 2)
 
 
 def test_val_batches_are_fixed_and_capped_by_the_data(tmp_path):
