@@ -76,7 +76,7 @@ def measure(config):
     optimizer = model.configure_optimizer(config.weight_decay, config.learning_rate, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     loader = ShardLoader(load_token_sources(config.data, "train"), config.batch_size, config.block_size,
-                         config.gradient_accumulation_steps, seed=config.seed)
+                         config.gradient_accumulation_steps, seed=config.seed, shuffle=config.shuffle)
     if not naive:
         loader = Prefetcher(loader, device)
     autocast = make_autocast(device_type, dtype)
