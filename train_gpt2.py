@@ -202,10 +202,11 @@ class ShardLoader:
     - sequential (shuffle=False, build-nanogpt's loader): each step takes the next
       rows_per_step * block_size + 1 consecutive tokens, so consecutive rows and steps read consecutive text.
 
-    Either way `position` counts the tokens of the current shard used so far this epoch, a shard with less than
-    one global batch left is left for the next, and row block (micro_step * world_size + rank) of each global
-    batch is this rank's micro-batch: the batches depend only on the data, the seed, the mode and the global
-    batch shape, not on how the global batch is split between ranks and micro-steps."""
+    Either way `position` counts the tokens of the current shard used so far this epoch (with shuffle, the
+    position // block_size windows of its permutation taken), a shard with less than one global batch left is
+    left for the next, and row block (micro_step * world_size + rank) of each global batch is this rank's
+    micro-batch: the batches depend only on the data, the seed, the mode and the global batch shape, not on how
+    the global batch is split between ranks and micro-steps."""
 
     def __init__(self, sources, batch_size, block_size, micro_steps, rank=0, world_size=1, seed=0, shuffle=True):
         self.names = [name for name, _ in sources]
