@@ -27,7 +27,7 @@ import torch
 
 from cli import UserError, build_parser, flag
 from device import device_peak_flops, resolve_device
-from train_gpt2 import (DataLoader, Distributed, RunLog, TrainConfig, Trainer, estimate_mfu, flops_per_token, get_lr,
+from train_gpt2 import (ShardLoader, Distributed, RunLog, TrainConfig, Trainer, estimate_mfu, flops_per_token, get_lr,
                         load_token_sources, model_args_for, new_model)
 
 # -----------------------------------------------------------------------------
@@ -90,8 +90,8 @@ def measure(config):
     dist_info = Distributed(device=device)
     model_args = model_args_for(config, set())
     sources = load_token_sources(config.data, "train")
-    make_loader = lambda: DataLoader(sources, config.batch_size, config.block_size, config.gradient_accumulation_steps,
-                                     seed=config.seed)
+    make_loader = lambda: ShardLoader(sources, config.batch_size, config.block_size, config.gradient_accumulation_steps,
+                                      seed=config.seed, shuffle=config.shuffle)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, dist_info, new_model(model_args, config.seed), RunLog(tmp, enabled=False),
                           loader=make_loader(), evaluation=None)

@@ -94,7 +94,10 @@ class TrainConfig:
                               "'float16' or 'float32'")
     compile: bool = flag(True, "torch.compile the model")
     gradient_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass")
-    seed: int = flag(1337, "seeds the initialization, the shard order and the samples")
+    shuffle: bool = flag(True, "read each shard's windows of block_size + 1 tokens in a seeded random order, new "
+                               "every epoch (False: front to back, as build-nanogpt); a resumed run reads the way "
+                               "its checkpoint's run did")
+    seed: int = flag(1337, "seeds the initialization, the shard and window order and the samples")
 
     def validate(self):
         """Raise UserError naming the problem and the fix; called before any work is done."""
@@ -186,23 +189,42 @@ def check_unchanged(name, tokens):
                          f"regenerate the data and start a new run")
 
 
-class DataLoader:
-    """Global batches of consecutive tokens: each optimizer step takes the next
-    rows_per_step * block_size + 1 tokens of the current shard, so the batches depend only on the data,
-    the seed and the global batch shape. Row block (micro_step * world_size + rank) of each global batch is
-    this rank's micro-batch for that micro-step. Shards are visited in a shuffled order, new every epoch."""
+def window_order(n_windows, seed, epoch, shard_index):
+    """The order in which one epoch reads a shard's windows: a permutation of range(n_windows), fixed by
+    the seed, the epoch and the shard's index in the sorted shard list, and different for each."""
+    return np.random.default_rng([seed, epoch, shard_index]).permutation(n_windows)
 
-    def __init__(self, sources, batch_size, block_size, micro_steps, rank=0, world_size=1, seed=0):
+
+class ShardLoader:
+    """Global batches of rows_per_step rows of block_size tokens, with targets one token on. Each epoch
+    visits the shards in a seeded order, new every epoch, and reads a shard in one of two ways:
+
+    - shuffle (the default): the shard is cut into (len - 1) // block_size windows of block_size + 1 tokens,
+      starting at multiples of block_size (a window's last token is the next window's first: a target in one,
+      an input in the other), and each step takes the next rows_per_step windows of a seeded permutation of
+      them, new for every shard and epoch. So each epoch reads every window once, in batches of unrelated text,
+      but for the last few of the permutation that do not fill a global batch (other windows every epoch);
+    - sequential (shuffle=False, build-nanogpt's loader): each step takes the next
+      rows_per_step * block_size + 1 consecutive tokens, so consecutive rows and steps read consecutive text.
+
+    Either way `position` counts the tokens of the current shard used so far this epoch (with shuffle, the
+    position // block_size windows of its permutation taken), a shard with less than one global batch left is
+    left for the next, and row block (micro_step * world_size + rank) of each global batch is this rank's
+    micro-batch: the batches depend only on the data, the seed, the mode and the global batch shape, not on how
+    the global batch is split between ranks and micro-steps."""
+
+    def __init__(self, sources, batch_size, block_size, micro_steps, rank=0, world_size=1, seed=0, shuffle=True):
         self.names = [name for name, _ in sources]
         self.shards = [tokens for _, tokens in sources]
         self.B, self.T, self.micro_steps = batch_size, block_size, micro_steps
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.rows_per_step = batch_size * micro_steps * world_size
         self.tokens_per_step = self.rows_per_step * block_size
         if not any(len(s) > self.tokens_per_step for s in self.shards):
             raise UserError(f"the train data ({max(map(len, self.shards))} tokens in the largest shard) is shorter "
                             f"than one global batch ({self.rows_per_step} rows x {block_size} tokens + 1): "
                             f"lower --batch_size, --gradient_accumulation_steps or --block_size")
+        self.windows, self.windows_of = None, None
         self.epoch, self.shard, self.position = 0, 0, 0
         self.order = self.shard_order(0)
         self.skip_short_shards()
@@ -211,6 +233,8 @@ class DataLoader:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
 
     def skip_short_shards(self):
+        """Move on, shard by shard and epoch by epoch, to the first place with a whole global batch left. With
+        shuffle the test reads the same in windows: position // T + rows_per_step <= (len - 1) // T."""
         while self.position + self.tokens_per_step + 1 > len(self.shards[self.order[self.shard]]):
             self.shard, self.position = self.shard + 1, 0
             if self.shard == len(self.shards):
@@ -219,8 +243,34 @@ class DataLoader:
             index = self.order[self.shard]
             check_unchanged(self.names[index], self.shards[index])
 
+    def shard_windows(self):
+        """The start offsets of the current shard's windows in this epoch's order, computed once per shard."""
+        index = self.order[self.shard]
+        if self.windows_of != (self.epoch, index):
+            n_windows = (len(self.shards[index]) - 1) // self.T
+            self.windows = window_order(n_windows, self.seed, self.epoch, index) * self.T
+            self.windows_of = (self.epoch, index)
+        return self.windows
+
     def next_batch(self):
         """This rank's inputs and targets for one optimizer step, each (micro_steps, B, T) int64."""
+        x, y = self.shuffled_batch() if self.shuffle else self.sequential_batch()
+        self.position += self.tokens_per_step
+        self.skip_short_shards()
+        return x, y
+
+    def shuffled_batch(self):
+        index = self.order[self.shard]
+        first = self.position // self.T
+        starts = self.shard_windows()[first:first + self.rows_per_step]  # the global batch's, (rows_per_step,)
+        mine = starts.reshape(self.micro_steps, self.world_size, self.B)[:, self.rank].flatten()  # (micro_steps * B,)
+        windows = [read_span(self.names[index], self.shards[index], start, self.T + 1) for start in mine]
+        windows = np.stack(windows).reshape(self.micro_steps, self.B, self.T + 1)
+        # numpy copies the inputs and targets out: torch's copy of these strided views went through its thread
+        # pool and took 16 ms for GPT-2's default step on a busy 2-core CPU, numpy's 0.01 ms (BENCHMARKS.md)
+        return torch.from_numpy(windows[..., :-1].copy()), torch.from_numpy(windows[..., 1:].copy())
+
+    def sequential_batch(self):
         index = self.order[self.shard]
         rows = self.B * self.T
         xs, ys = [], []
@@ -229,20 +279,22 @@ class DataLoader:
             chunk = torch.from_numpy(read_span(self.names[index], self.shards[index], start, rows + 1))
             xs.append(chunk[:-1].view(self.B, self.T))
             ys.append(chunk[1:].view(self.B, self.T))
-        self.position += self.tokens_per_step
-        self.skip_short_shards()
         return torch.stack(xs), torch.stack(ys)
 
     def state_dict(self):
         return {"epoch": self.epoch, "shard": self.shard, "position": self.position, "seed": self.seed,
+                "shuffle": self.shuffle,
                 "shards": [[name, len(tokens)] for name, tokens in zip(self.names, self.shards)]}
 
     def load_state_dict(self, state):
+        """Continue where the state left off, reading the way its run read: a checkpoint of the sequential
+        loader from before shuffling existed has no "shuffle" key, and goes on sequentially."""
         shards = [[name, len(tokens)] for name, tokens in zip(self.names, self.shards)]
         if [list(s) for s in state["shards"]] != shards:
             raise UserError("the train data differs from the checkpoint's (shard names or sizes changed): "
                             "resume with the same --data")
         self.seed, self.epoch, self.shard, self.position = state["seed"], state["epoch"], state["shard"], state["position"]
+        self.shuffle = state.get("shuffle", False)
         self.order = self.shard_order(self.epoch)
         self.skip_short_shards()
 
@@ -426,6 +478,11 @@ def run_config(flags, explicit, checkpoint):
     values.update({name: getattr(flags, name) for name in fields if name in explicit or name in COMMAND_FLAGS})
     if "out_dir" not in explicit:
         values["out_dir"] = str(Path(checkpoint["path"]).parent)
+    values.setdefault("shuffle", False)  # a run from before --shuffle existed read its data sequentially
+    if "shuffle" in explicit and flags.shuffle != saved.get("shuffle", False):
+        mode = "shuffled" if saved.get("shuffle", False) else "sequentially"
+        raise UserError(f"the run of {checkpoint['path']} reads its data {mode}: --shuffle {flags.shuffle} cannot "
+                        f"change that on resume; start a new run")
     try:
         config = TrainConfig(**values)
     except TypeError as e:
@@ -1074,8 +1131,9 @@ def train(config, explicit, changes, dist_info, model, checkpoint):
     # everything the user gave is checked before a model is built, a step taken or out_dir touched
     resolve_dtype(config.dtype, dist_info.device)
     evaluation = Evaluation(config, model_args["block_size"], dist_info, log)
-    loader = DataLoader(load_token_sources(config.data, "train"), config.batch_size, model_args["block_size"],
-                        config.gradient_accumulation_steps, dist_info.rank, dist_info.world_size, config.seed)
+    loader = ShardLoader(load_token_sources(config.data, "train"), config.batch_size, model_args["block_size"],
+                         config.gradient_accumulation_steps, dist_info.rank, dist_info.world_size, config.seed,
+                         config.shuffle)
     if model is None:
         check_model_fits(model_args, dist_info.device, bytes_per_param=16)
     continuing = checkpoint["path"] if checkpoint else None

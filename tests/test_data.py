@@ -6,7 +6,7 @@ import torch
 
 from fineweb import HEADER_BYTES, MAGIC, ShardError, open_shard, read_shard_header, write_shard
 from cli import UserError
-from train_gpt2 import DataLoader, load_token_sources, val_batch_positions
+from train_gpt2 import ShardLoader, load_token_sources, val_batch_positions
 from conftest import INPUT_TXT
 
 
@@ -52,9 +52,10 @@ def test_malformed_shards_are_refused_with_the_file_named(tmp_path, damage, mess
     assert str(path) in str(error.value)
 
 
-def global_batches(sources, steps, batch_size, micro_steps, world_size, seed=0):
+def global_batches(sources, steps, batch_size, micro_steps, world_size, seed=0, shuffle=True):
     """The global batches as the ranks see them together: (steps, rows, T) inputs."""
-    loaders = [DataLoader(sources, batch_size, 8, micro_steps, rank, world_size, seed) for rank in range(world_size)]
+    loaders = [ShardLoader(sources, batch_size, 8, micro_steps, rank, world_size, seed, shuffle)
+               for rank in range(world_size)]
     batches = []
     for _ in range(steps):
         parts = [loader.next_batch()[0] for loader in loaders]  # each (micro_steps, B, T)
@@ -63,25 +64,76 @@ def global_batches(sources, steps, batch_size, micro_steps, world_size, seed=0):
     return torch.stack(batches)
 
 
-def test_global_batches_do_not_depend_on_the_rank_and_micro_step_split(tmp_path):
-    make_shards(tmp_path, [500, 700, 300])
+@pytest.mark.parametrize("shuffle", [True, False], ids=["shuffled", "sequential"])
+def test_global_batches_do_not_depend_on_the_rank_and_micro_step_split(tmp_path, shuffle):
+    make_shards(tmp_path, [500, 700, 300])  # 45 steps of 4 rows x 8 tokens an epoch: 50 steps cross into the next
     sources = load_token_sources(tmp_path, "train")
-    one_process = global_batches(sources, 12, batch_size=2, micro_steps=2, world_size=1)
-    two_processes = global_batches(sources, 12, batch_size=2, micro_steps=1, world_size=2)
-    four_ranks = global_batches(sources, 12, batch_size=1, micro_steps=1, world_size=4)
+    one_process = global_batches(sources, 50, batch_size=2, micro_steps=2, world_size=1, shuffle=shuffle)
+    two_processes = global_batches(sources, 50, batch_size=2, micro_steps=1, world_size=2, shuffle=shuffle)
+    four_ranks = global_batches(sources, 50, batch_size=1, micro_steps=1, world_size=4, shuffle=shuffle)
+    two_by_two = global_batches(sources, 50, batch_size=1, micro_steps=2, world_size=2, shuffle=shuffle)
     assert torch.equal(one_process, two_processes)
     assert torch.equal(one_process, four_ranks)
+    assert torch.equal(one_process, two_by_two)
 
 
 def test_each_rank_gets_a_different_part_and_targets_are_shifted_inputs(tmp_path):
     make_shards(tmp_path, [1000])
     sources = load_token_sources(tmp_path, "train")
-    x0, y0 = DataLoader(sources, 2, 8, 1, rank=0, world_size=2).next_batch()
-    x1, _ = DataLoader(sources, 2, 8, 1, rank=1, world_size=2).next_batch()
+    x0, y0 = ShardLoader(sources, 2, 8, 1, rank=0, world_size=2, shuffle=False).next_batch()
+    x1, _ = ShardLoader(sources, 2, 8, 1, rank=1, world_size=2, shuffle=False).next_batch()
     assert not torch.equal(x0, x1)
     tokens = torch.from_numpy(sources[0][1][:33].astype(np.int64))
     assert torch.equal(x0[0].flatten(), tokens[:16]) and torch.equal(y0[0].flatten(), tokens[1:17])
     assert torch.equal(x1[0].flatten(), tokens[16:32])
+
+
+def counting_shards(directory, windows, block_size=8):
+    """Shards of (windows * block_size + 1) tokens counting up from shard * 1000: a row's first token names its
+    shard and window."""
+    for i, n in enumerate(windows):
+        write_shard(directory / f"test_train_{i:06d}.bin", np.arange(n * block_size + 1, dtype=np.uint16) + 1000 * i)
+    return load_token_sources(directory, "train")
+
+
+def epoch_rows(loader, steps):
+    """The rows (as their first input tokens) that `steps` steps read, in order; on counting shards each
+    target row is its input row one token on."""
+    rows = []
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        assert torch.equal(y, x + 1)
+        rows += x[..., 0].flatten().tolist()
+    return rows
+
+
+def test_an_epoch_reads_every_window_of_every_shard_once(tmp_path):
+    sources = counting_shards(tmp_path, [12, 8, 4])  # 3, 2 and 1 steps of 4 windows
+    loader = ShardLoader(sources, 2, 8, 2, seed=5)
+    every_window = sorted(1000 * shard + 8 * w for shard, n in enumerate([12, 8, 4]) for w in range(n))
+    for epoch in range(2):
+        assert loader.epoch == epoch
+        assert sorted(epoch_rows(loader, 6)) == every_window
+
+
+def test_window_order_changes_with_the_seed_and_the_epoch(tmp_path):
+    sources = counting_shards(tmp_path, [64])  # one shard, so only the order within it can change
+    seed_1, seed_2 = ShardLoader(sources, 4, 8, 1, seed=1), ShardLoader(sources, 4, 8, 1, seed=2)
+    epoch_0, epoch_1 = epoch_rows(seed_1, 16), epoch_rows(seed_1, 16)
+    assert sorted(epoch_0) == sorted(epoch_1) and epoch_0 != epoch_1
+    assert epoch_rows(seed_2, 16) != epoch_0
+    assert epoch_rows(ShardLoader(sources, 4, 8, 1, seed=1), 16) == epoch_0
+
+
+def test_sequential_mode_reads_each_shard_front_to_back(tmp_path):
+    make_shards(tmp_path, [300])
+    sources = load_token_sources(tmp_path, "train")
+    tokens = torch.from_numpy(sources[0][1].astype(np.int64))
+    loader = ShardLoader(sources, 2, 8, 2, shuffle=False)
+    for step in [0, 1, 2, 3, 4, 5, 6, 7, 8, 0]:  # 9 steps of 32 tokens (and the +1 target) fit; then a new epoch
+        x, y = loader.next_batch()
+        span = tokens[32 * step:32 * step + 33]
+        assert torch.equal(x.flatten(), span[:-1]) and torch.equal(y.flatten(), span[1:])
 
 
 def shard_visits(loader, steps):
@@ -95,39 +147,55 @@ def shard_visits(loader, steps):
 def test_shards_are_visited_in_a_seeded_order_that_changes_every_epoch(tmp_path):
     make_shards(tmp_path, [33] * 6)  # one 32-token global batch per shard
     sources = load_token_sources(tmp_path, "train")
-    visits = shard_visits(DataLoader(sources, 4, 8, 1, seed=3), 18)
+    visits = shard_visits(ShardLoader(sources, 4, 8, 1, seed=3), 18)
     epochs = [[shard for epoch, shard in visits if epoch == e] for e in range(3)]
     assert all(sorted(order) == list(range(6)) for order in epochs)
     assert len({tuple(order) for order in epochs}) == 3
-    assert visits == shard_visits(DataLoader(sources, 4, 8, 1, seed=3), 18)
-    assert visits != shard_visits(DataLoader(sources, 4, 8, 1, seed=4), 18)
+    assert visits == shard_visits(ShardLoader(sources, 4, 8, 1, seed=3), 18)
+    assert visits != shard_visits(ShardLoader(sources, 4, 8, 1, seed=4), 18)
 
 
-def test_loader_state_resumes_the_same_batch_sequence(tmp_path):
-    make_shards(tmp_path, [200, 150, 90])
+@pytest.mark.parametrize("shuffle", [True, False], ids=["shuffled", "sequential"])
+def test_loader_state_resumes_the_same_batches_across_an_epoch_boundary(tmp_path, shuffle):
+    make_shards(tmp_path, [200, 150, 90])  # 6 + 4 + 2 steps of 32 tokens an epoch
     sources = load_token_sources(tmp_path, "train")
-    loader = DataLoader(sources, 2, 8, 2, seed=1)
+    loader = ShardLoader(sources, 2, 8, 2, seed=1, shuffle=shuffle)
     for _ in range(7):
         loader.next_batch()
     state = loader.state_dict()
     expected = [loader.next_batch()[0] for _ in range(10)]
-    resumed = DataLoader(sources, 2, 8, 2, seed=1)
+    assert (state["epoch"], loader.epoch) == (0, 1)
+    resumed = ShardLoader(sources, 2, 8, 2, seed=1, shuffle=shuffle)
     resumed.load_state_dict(state)
     assert all(torch.equal(a, resumed.next_batch()[0]) for a in expected)
 
 
+def test_a_state_from_before_shuffling_resumes_sequentially(tmp_path):
+    make_shards(tmp_path, [200, 150, 90])
+    sources = load_token_sources(tmp_path, "train")
+    old = ShardLoader(sources, 2, 8, 2, seed=1, shuffle=False)
+    for _ in range(3):
+        old.next_batch()
+    state = old.state_dict()
+    del state["shuffle"]  # what the sequential loader's checkpoints hold
+    resumed = ShardLoader(sources, 2, 8, 2, seed=1)
+    resumed.load_state_dict(state)
+    assert not resumed.shuffle
+    assert all(torch.equal(old.next_batch()[0], resumed.next_batch()[0]) for _ in range(10))
+
+
 def test_resuming_on_different_data_is_refused(tmp_path):
     make_shards(tmp_path, [200, 150])
-    state = DataLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).state_dict()
+    state = ShardLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).state_dict()
     make_shards(tmp_path, [200, 151])
     with pytest.raises(UserError, match="differs from the checkpoint"):
-        DataLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).load_state_dict(state)
+        ShardLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).load_state_dict(state)
 
 
 def test_data_shorter_than_one_global_batch_is_refused(tmp_path):
     make_shards(tmp_path, [64])
     with pytest.raises(UserError, match="shorter than one global batch"):
-        DataLoader(load_token_sources(tmp_path, "train"), 4, 8, 2)
+        ShardLoader(load_token_sources(tmp_path, "train"), 4, 8, 2)
 
 
 def test_val_batches_are_fixed_and_capped_by_the_data(tmp_path):

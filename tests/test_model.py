@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fineweb import get_tokenizer
-from train_gpt2 import GPT, GPTConfig, DataLoader, load_token_sources
+from train_gpt2 import GPT, GPTConfig, ShardLoader, load_token_sources
 from conftest import INPUT_TXT
 
 
@@ -115,7 +115,7 @@ def test_a_few_steps_on_input_txt_lower_the_loss():
     torch.manual_seed(0)
     model = GPT(tiny_config())
     optimizer = model.configure_optimizer(0.1, 3e-3, "cpu")
-    loader = DataLoader(load_token_sources(INPUT_TXT, "train"), batch_size=8, block_size=32, micro_steps=1)
+    loader = ShardLoader(load_token_sources(INPUT_TXT, "train"), batch_size=8, block_size=32, micro_steps=1)
     losses = []
     for _ in range(30):
         x, y = loader.next_batch()

@@ -127,7 +127,7 @@ def test_checkpoint_holds_everything_a_restart_needs(trained_run):
     assert checkpoint["model_args"] == {"block_size": 32, "vocab_size": 50304, "n_layer": 2, "n_head": 2, "n_embd": 64}
     assert checkpoint["optimizer"]["state"]  # AdamW's moments
     assert checkpoint["scaler"] == {}  # float32 needs no GradScaler; its (empty) state is kept all the same
-    assert set(checkpoint["loader"]) >= {"epoch", "shard", "position", "seed"}
+    assert set(checkpoint["loader"]) >= {"epoch", "shard", "position", "seed", "shuffle"}
     assert "torch" in checkpoint["rng"] and checkpoint["config"]["max_iters"] == 8
     best = load_checkpoint(out_dir / "best_val_loss.pt")
     assert best["val_loss"] == min(m["val_loss"] for m in read_metrics(out_dir) if m.get("step", 0) > 0
