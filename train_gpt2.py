@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import math
 import os
@@ -189,6 +190,18 @@ def check_unchanged(name, tokens):
                          f"regenerate the data and start a new run")
 
 
+def fingerprint(tokens, samples=64, span=256):
+    """A cheap digest of a token source, to tell data that changed under the same name and size on resume:
+    all of it when it is small, else `samples` evenly spaced spans of `span` tokens (a few reads a shard)."""
+    digest = hashlib.blake2b(len(tokens).to_bytes(8, "little"), digest_size=8)
+    if len(tokens) <= 4 * samples * span:
+        digest.update(np.ascontiguousarray(tokens).tobytes())
+    else:
+        for start in np.linspace(0, len(tokens) - span, samples).astype(np.int64):
+            digest.update(np.asarray(tokens[start:start + span]).tobytes())
+    return digest.hexdigest()
+
+
 def window_order(n_windows, seed, epoch, shard_index):
     """The order in which one epoch reads a shard's windows: a permutation of range(n_windows), fixed by
     the seed, the epoch and the shard's index in the sorted shard list, and different for each."""
@@ -225,6 +238,7 @@ class ShardLoader:
                             f"than one global batch ({self.rows_per_step} rows x {block_size} tokens + 1): "
                             f"lower --batch_size, --gradient_accumulation_steps or --block_size")
         self.windows, self.windows_of = None, None
+        self.fingerprints = [fingerprint(tokens) for tokens in self.shards]
         self.epoch, self.shard, self.position = 0, 0, 0
         self.order = self.shard_order(0)
         self.skip_short_shards()
@@ -284,7 +298,8 @@ class ShardLoader:
     def state_dict(self):
         return {"epoch": self.epoch, "shard": self.shard, "position": self.position, "seed": self.seed,
                 "shuffle": self.shuffle,
-                "shards": [[name, len(tokens)] for name, tokens in zip(self.names, self.shards)]}
+                "shards": [[name, len(tokens)] for name, tokens in zip(self.names, self.shards)],
+                "fingerprints": self.fingerprints}
 
     def load_state_dict(self, state):
         """Continue where the state left off, reading the way its run read: a checkpoint of the sequential
@@ -293,6 +308,10 @@ class ShardLoader:
         if [list(s) for s in state["shards"]] != shards:
             raise UserError("the train data differs from the checkpoint's (shard names or sizes changed): "
                             "resume with the same --data")
+        if state.get("fingerprints", self.fingerprints) != self.fingerprints:  # older checkpoints have none
+            changed = next(n for n, a, b in zip(self.names, state["fingerprints"], self.fingerprints) if a != b)
+            raise UserError(f"the train data has the checkpoint's shard names and sizes but other contents ({changed} "
+                            f"differs): restore the data the run trained on, or start a new run")
         self.seed, self.epoch, self.shard, self.position = state["seed"], state["epoch"], state["shard"], state["position"]
         self.shuffle = state.get("shuffle", False)
         self.order = self.shard_order(self.epoch)

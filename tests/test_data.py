@@ -192,6 +192,17 @@ def test_resuming_on_different_data_is_refused(tmp_path):
         ShardLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).load_state_dict(state)
 
 
+@pytest.mark.parametrize("size", [300, 200_000])  # hashed whole, and sampled
+def test_resuming_on_data_of_the_same_size_but_other_contents_is_refused(tmp_path, size):
+    make_shards(tmp_path, [size, 150], seed=0)
+    state = ShardLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).state_dict()
+    tokens = open_shard(tmp_path / "test_train_000000.bin").copy()
+    tokens[size // 2:size // 2 + 4000] += 1  # cheap, not exhaustive: a change between two samples would pass
+    write_shard(tmp_path / "test_train_000000.bin", tokens)
+    with pytest.raises(UserError, match="test_train_000000.bin differs"):
+        ShardLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).load_state_dict(state)
+
+
 def test_data_shorter_than_one_global_batch_is_refused(tmp_path):
     make_shards(tmp_path, [64])
     with pytest.raises(UserError, match="shorter than one global batch"):
