@@ -390,7 +390,8 @@ def save_hf_tokenizer(folder, max_length):
 
 def export_hf(model, path):
     """Write model to the folder path as a transformers GPT-2 (config.json, model.safetensors,
-    generation_config.json and the tokenizer), which GPT2LMHeadModel.from_pretrained and pipelines load. The
+    generation_config.json and the tokenizer), which GPT2LMHeadModel.from_pretrained and pipelines load; both the
+    generation config (max_length) and the tokenizer (model_max_length) carry the context length. The
     padded vocabulary rows are dropped. Written to a temporary folder beside path and renamed into place, so
     path never holds a half-written export."""
     path = Path(path)
@@ -406,6 +407,10 @@ def export_hf(model, path):
                            bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN,
                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # this repo trains without dropout
     hf = GPT2LMHeadModel(hf_config)
+    # generation stops at the context length: the position embedding has block_size rows, and transformers'
+    # text-generation pipeline would otherwise ask for 256 new tokens and index past them
+    hf.generation_config.max_length = c.block_size
+    hf.generation_config.pad_token_id = EOT_TOKEN  # GPT-2 has no pad token; generate() warns on every call without
     hf_state = hf.state_dict()  # shares storage with hf's parameters
     with torch.no_grad():
         for name, value in model.state_dict().items():

@@ -76,6 +76,15 @@ def test_export_of_a_trained_checkpoint_loads_in_transformers(trained_run, tmp_p
         export_hf(load_model(str(checkpoint)), folder)  # a second export never overwrites the first
 
 
+def test_the_readmes_pipeline_line_generates_from_an_export_with_a_short_context(trained_run, tmp_path):
+    checkpoint = trained_run[0] / "best_val_loss.pt"
+    folder = export_hf(load_model(str(checkpoint)), tmp_path / "hf")  # a context of 32 tokens
+    # the README's line; unbounded, the pipeline's default of 256 new tokens indexed past the 32 positions
+    generated = transformers.pipeline("text-generation", str(folder))("Hello,")[0]["generated_text"]
+    assert generated.startswith("Hello,")
+    assert json.loads((folder / "generation_config.json").read_text())["max_length"] == 32
+
+
 def test_trainer_evaluates_and_fine_tunes_transformers_weights(hf_folder, tmp_path):
     common = [*TINY, "--block_size", "64", "--data", INPUT_TXT, "--init_from", hf_folder]
     result = run_train(*common, "--out_dir", tmp_path / "eval", "--eval_only", "True", env=ONE_THREAD)
