@@ -1,15 +1,16 @@
 """
 HellaSwag, zero-shot: which of four endings does the model find most likely after the context?
 
-    python hellaswag.py --model gpt2                              # OpenAI's GPT-2 through transformers
-    python hellaswag.py --checkpoint out/best_val_loss.pt         # a checkpoint of train_gpt2.py
-    python hellaswag.py --model gpt2-xl --data hellaswag_val.jsonl --limit 1000
+    python hellaswag.py --init_from gpt2                          # OpenAI's GPT-2, through transformers
+    python hellaswag.py --init_from out/best_val_loss.pt          # a checkpoint of train_gpt2.py
+    python hellaswag.py --init_from gpt2-xl --data hellaswag_val.jsonl --hellaswag_examples 1000
 
-The split is downloaded from the HellaSwag repository into --cache_dir on first use; without a network, pass a
-local copy with --data. Each ending is scored by the model's loss on its tokens after the context: `acc` picks
-the ending with the lowest total loss (the highest log-likelihood), `acc_norm` the lowest mean loss per token
-(it does not favour short endings). build-nanogpt reports acc 0.2859, acc_norm 0.2955 for GPT-2 124M on
-val, scored the same way.
+--init_from and --hellaswag_examples are spelled as in train_gpt2.py (and --init_from as in sample.py); the
+older --model, --checkpoint and --limit still work, with a note. The split is downloaded from the HellaSwag
+repository into --cache_dir on first use; without a network, pass a local copy with --data. Each ending is
+scored by the model's loss on its tokens after the context: `acc` picks the ending with the lowest total loss
+(the highest log-likelihood), `acc_norm` the lowest mean loss per token (it does not favour short endings).
+build-nanogpt reports acc 0.2859, acc_norm 0.2955 for GPT-2 124M on val, scored the same way.
 
 The trainer calls it on every rank at each evaluation, with the compiled model (not the DDP wrapper):
 
@@ -57,7 +58,7 @@ class HellaSwagError(ValueError):
 
 
 class HellaSwagUnavailable(HellaSwagError):
-    """A split that cannot be downloaded (no network): the message says to pass a local copy."""
+    """A split that cannot be downloaded (no network): the message says where to put a local copy."""
 
 
 def download(url, path):
@@ -74,9 +75,9 @@ def download(url, path):
         atomic_write(path, write)
     except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", None) or repr(e)
-        raise HellaSwagUnavailable(f"cannot download {path.name} from {url} ({reason}); without a network, pass "
-                                   f"a local copy: --data path/to/{path.name} (load_examples(path)), or put it "
-                                   f"at {path}") from None
+        # no flag named here: each script that loads HellaSwag adds its own (--data, --hellaswag_data)
+        raise HellaSwagUnavailable(f"cannot download {path.name} from {url} ({reason}); without a network, put a "
+                                   f"copy at {path}") from None
 
 
 def split_path(split, cache_dir=None):
@@ -291,14 +292,13 @@ def evaluate(model, examples, device="cpu", batch_size=16, block_size=1024, auto
 
 @dataclass
 class HellaSwagConfig:
-    model: str = flag("", "a transformers GPT-2 to score: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder "
-                          "saved by save_pretrained")
-    checkpoint: str = flag("", "a checkpoint of train_gpt2.py to score instead, such as out/best_val_loss.pt")
+    init_from: str = flag("", "the model to score: a checkpoint of train_gpt2.py (such as out/best_val_loss.pt), "
+                              "gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a transformers folder (save_pretrained)")
     split: str = flag("val", "the split to score, downloaded into --cache_dir on first use: train, val or test "
                              "(test has no labels)")
     data: str = flag("", "a local HellaSwag jsonl file, scored instead of --split")
     cache_dir: str = flag(DEFAULT_CACHE_DIR, "where downloaded splits are kept")
-    limit: int = flag(0, "score only the first N examples (0: all)")
+    hellaswag_examples: int = flag(0, "score only the first N examples (0: all)")
     batch_size: int = flag(16, "examples per forward pass, four rows each")
     device: str = flag("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'")
     dtype: str = flag("auto", "'auto' (as train_gpt2.py's), 'float32', 'bfloat16' or 'float16'")
@@ -306,19 +306,40 @@ class HellaSwagConfig:
 
     def validate(self):
         """Raise HellaSwagError naming the problem and the fix; called before any work is done."""
-        if bool(self.model) == bool(self.checkpoint):
-            raise HellaSwagError("pass exactly one of --model (e.g. --model gpt2) and --checkpoint "
-                                 "(e.g. --checkpoint out/best_val_loss.pt)")
+        if not self.init_from:
+            raise HellaSwagError("pass the model to score: --init_from gpt2, or --init_from out/best_val_loss.pt")
         if self.split not in SPLITS:
             raise HellaSwagError(f"--split {self.split!r} is not one of {', '.join(SPLITS)}; "
                                  f"pass a local file with --data")
-        if self.limit < 0 or self.batch_size <= 0:
-            raise HellaSwagError("--limit must be 0 or more and --batch_size positive")
+        if self.hellaswag_examples < 0 or self.batch_size <= 0:
+            raise HellaSwagError("--hellaswag_examples must be 0 or more and --batch_size positive")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise HellaSwagError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
 
 
+# the flags' older spellings, from before they were named as in the other scripts
+RENAMED = {"--model": "--init_from", "--checkpoint": "--init_from", "--limit": "--hellaswag_examples"}
+
+
+def modern_flags(argv):
+    """argv with the older spellings of RENAMED replaced, and a note on stderr for each. Two models (an old
+    --model beside --checkpoint, say) are refused rather than one silently dropped."""
+    argv, renamed = list(argv), []
+    for i, arg in enumerate(argv):
+        name, equals, value = arg.partition("=")
+        if name in RENAMED:
+            argv[i] = RENAMED[name] + equals + value
+            renamed.append(name)
+            print(f"note: {name} is now {RENAMED[name]}", file=sys.stderr)
+    models = [arg for arg in argv if arg.partition("=")[0] == "--init_from"]
+    if len(models) > 1:
+        raise HellaSwagError(f"pass one model to score: --init_from was given {len(models)} times"
+                             + (f" (as {', '.join(renamed)})" if renamed else ""))
+    return argv
+
+
 def parse_args(argv=None):
+    argv = modern_flags(sys.argv[1:] if argv is None else argv)
     args = build_parser(HellaSwagConfig, __doc__.strip().splitlines()[0]).parse_args(argv)
     return HellaSwagConfig(**vars(args))
 
@@ -334,18 +355,19 @@ def run(config):
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     source = config.data or config.split
-    examples, problems = load_examples(source, config.cache_dir, config.limit or None)
+    try:
+        examples, problems = load_examples(source, config.cache_dir, config.hellaswag_examples or None)
+    except HellaSwagUnavailable as e:
+        raise HellaSwagUnavailable(f"{e}, or pass a local copy: --data path/to/hellaswag_{source}.jsonl") from None
     report_problems(problems)
     if not examples:
         raise HellaSwagError(f"no example of {source} can be scored ({len(problems)} lines skipped); "
                              f"pass a file in HellaSwag's format, with labels")
-    if config.model and not is_hf_model(config.model):
-        raise HellaSwagError(f"--model {config.model} cannot be loaded: pass gpt2, gpt2-medium, gpt2-large or "
-                             f"gpt2-xl (with a network) or a folder saved by save_pretrained")
-    if config.checkpoint and not Path(config.checkpoint).is_file():
-        raise HellaSwagError(f"--checkpoint {config.checkpoint}: no such file; pass a checkpoint written by "
-                             f"train_gpt2.py, such as out/best_val_loss.pt")
-    model = load_model(config.model or config.checkpoint, device)
+    if not is_hf_model(config.init_from) and not Path(config.init_from).is_file():
+        raise HellaSwagError(f"--init_from {config.init_from} cannot be loaded: pass a checkpoint of train_gpt2.py "
+                             f"(such as out/best_val_loss.pt), gpt2, gpt2-medium, gpt2-large or gpt2-xl (with a "
+                             f"network), or a folder saved by save_pretrained")
+    model = load_model(config.init_from, device)
     if config.compile:
         model = torch.compile(model)
     start = time.perf_counter()
@@ -353,7 +375,7 @@ def run(config):
                       make_autocast(device.split(":")[0], dtype), progress=True)
     seconds = time.perf_counter() - start  # evaluate's final .tolist() has waited for the device
     print(f"acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | n {result['n']} | "
-          f"{config.model or config.checkpoint} on {source}, {dtype} on {device} | "
+          f"{config.init_from} on {source}, {dtype} on {device} | "
           f"{seconds:.1f} s, {result['n'] / seconds:.1f} examples/s")
 
 

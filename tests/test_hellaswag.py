@@ -319,10 +319,11 @@ def test_a_split_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
     assert load_examples("val", cache_dir=cache)[0] == examples
 
 
-def test_no_network_is_an_error_that_says_to_pass_a_local_file(tmp_path, monkeypatch):
+def test_no_network_is_an_error_that_says_where_to_put_a_local_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(hellaswag, "URL", "http://127.0.0.1:9/hellaswag_{split}.jsonl")  # refused at once
-    with pytest.raises(HellaSwagUnavailable, match="--data path/to/hellaswag_val.jsonl"):
+    with pytest.raises(HellaSwagUnavailable, match=f"put a copy at {tmp_path / 'hellaswag_val.jsonl'}") as error:
         load_examples("val", cache_dir=tmp_path)
+    assert "--" not in str(error.value)  # the flag that takes a file is the calling script's to name
     assert list(tmp_path.iterdir()) == []
 
 
@@ -364,7 +365,7 @@ def test_command_line_scores_a_checkpoint_of_this_repo(tmp_path):
     model, examples = tiny_gpt(), random_items(6)
     checkpoint = write_checkpoint(tmp_path / "best_val_loss.pt", model)
     data = write_jsonl(tmp_path / "data.jsonl", examples + ["oops"])
-    result = run_script(REPO / "hellaswag.py", "--checkpoint", checkpoint, "--data", data, "--batch_size", "4")
+    result = run_script(REPO / "hellaswag.py", "--init_from", checkpoint, "--data", data, "--batch_size", "4")
     assert result.returncode == 0, result.stderr
     expected = evaluate(model, examples, batch_size=4, block_size=64)
     assert parse_result(result.stdout) == {"acc": round(expected["acc"], 4),
@@ -377,14 +378,29 @@ def test_command_line_scores_a_transformers_gpt2_saved_in_a_folder(tmp_path):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(tmp_path / "hf")
     data = write_jsonl(tmp_path / "data.jsonl", random_items(5))
-    result = run_script(REPO / "hellaswag.py", "--model", tmp_path / "hf", "--data", data, "--limit", "4",
-                        "--dtype", "bfloat16")
+    result = run_script(REPO / "hellaswag.py", "--init_from", tmp_path / "hf", "--data", data,
+                        "--hellaswag_examples", "4", "--dtype", "bfloat16")
     assert result.returncode == 0, result.stderr
     assert parse_result(result.stdout)["n"] == 4
 
 
+def test_the_older_flag_spellings_still_work_with_a_note(tmp_path, capsys):
+    checkpoint = str(write_checkpoint(tmp_path / "ok.pt", tiny_gpt()))
+    data = str(write_jsonl(tmp_path / "data.jsonl", random_items(5)))
+    hellaswag.main(["--data", data, "--init_from", checkpoint, "--hellaswag_examples", "3"])
+    expected = parse_result(capsys.readouterr().out)
+    assert expected["n"] == 3
+    for old in (["--checkpoint", checkpoint, "--limit", "3"], [f"--model={checkpoint}", "--limit=3"]):
+        hellaswag.main(["--data", data, *old])
+        out, err = capsys.readouterr()
+        assert parse_result(out) == expected
+        notes = [line for line in err.splitlines() if line.startswith("note:")]  # the rest is the progress bar
+        assert notes == [f"note: {old[0].split('=')[0]} is now --init_from",
+                         "note: --limit is now --hellaswag_examples"]
+
+
 @pytest.mark.parametrize("case", ["missing data", "missing checkpoint", "corrupt checkpoint", "not a model folder",
-                                  "no network", "model and checkpoint", "nothing scorable"])
+                                  "no network", "model and checkpoint", "no model", "nothing scorable"])
 def test_bad_input_gets_one_error_line_and_exit_1(case, tmp_path, monkeypatch, capsys):
     checkpoint = write_checkpoint(tmp_path / "ok.pt", tiny_gpt())
     data = write_jsonl(tmp_path / "data.jsonl", random_items(2))
@@ -392,13 +408,15 @@ def test_bad_input_gets_one_error_line_and_exit_1(case, tmp_path, monkeypatch, c
     (tmp_path / "empty_folder").mkdir()
     monkeypatch.setattr(hellaswag, "URL", "http://127.0.0.1:9/hellaswag_{split}.jsonl")
     args, message = {
-        "missing data": (["--checkpoint", checkpoint, "--data", tmp_path / "no.jsonl"], "no.jsonl: no such file"),
-        "missing checkpoint": (["--checkpoint", tmp_path / "no.pt", "--data", data], "no.pt: no such file"),
-        "corrupt checkpoint": (["--checkpoint", tmp_path / "corrupt.pt", "--data", data], "is corrupt"),
-        "not a model folder": (["--model", tmp_path / "empty_folder", "--data", data], "cannot be loaded"),
-        "no network": (["--checkpoint", checkpoint, "--cache_dir", tmp_path / "cache"], "pass a local copy"),
-        "model and checkpoint": (["--model", "gpt2", "--checkpoint", checkpoint], "exactly one of"),
-        "nothing scorable": (["--checkpoint", checkpoint, "--data", write_jsonl(tmp_path / "bad.jsonl", ["{}"])],
+        "missing data": (["--init_from", checkpoint, "--data", tmp_path / "no.jsonl"], "no.jsonl: no such file"),
+        "missing checkpoint": (["--init_from", tmp_path / "no.pt", "--data", data], "no.pt cannot be loaded"),
+        "corrupt checkpoint": (["--init_from", tmp_path / "corrupt.pt", "--data", data], "is corrupt"),
+        "not a model folder": (["--init_from", tmp_path / "empty_folder", "--data", data], "cannot be loaded"),
+        "no network": (["--init_from", checkpoint, "--cache_dir", tmp_path / "cache"],
+                       "pass a local copy: --data path/to/hellaswag_val.jsonl"),
+        "model and checkpoint": (["--model", "gpt2", "--checkpoint", checkpoint], "pass one model to score"),
+        "no model": (["--data", data], "pass the model to score: --init_from gpt2"),
+        "nothing scorable": (["--init_from", checkpoint, "--data", write_jsonl(tmp_path / "bad.jsonl", ["{}"])],
                              "no example of"),
     }[case]
     with pytest.raises(SystemExit) as exit_info:
@@ -406,7 +424,7 @@ def test_bad_input_gets_one_error_line_and_exit_1(case, tmp_path, monkeypatch, c
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
-    assert all(line.startswith(("warning: ", "error: ")) for line in err)
+    assert all(line.startswith(("warning: ", "error: ", "note: ")) for line in err)
 
 
 def test_importing_does_nothing(tmp_path):
@@ -453,6 +471,17 @@ def test_the_trainer_warns_once_and_trains_on_without_hellaswag_data(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("warning: HellaSwag is off for this run") == 1
     assert hellaswag_records(tmp_path / "out") == [{"step": 0}, {"step": 2}]
+
+
+def test_the_trainers_offline_warning_names_the_trainers_flag(tmp_path, monkeypatch):
+    from train_gpt2 import Distributed, TrainConfig, load_hellaswag
+    monkeypatch.setattr(hellaswag, "URL", "http://127.0.0.1:9/hellaswag_{split}.jsonl")  # refused at once
+    monkeypatch.setattr(hellaswag, "DEFAULT_CACHE_DIR", str(tmp_path))  # an empty cache
+    printed = []
+    assert load_hellaswag(TrainConfig(), Distributed(), SimpleNamespace(print=printed.append)) is None
+    (warning,) = printed
+    # --data is the trainer's training data: naming it here would send the user to the wrong flag
+    assert "--hellaswag_data" in warning and "--data" not in warning.replace("--hellaswag_data", "")
 
 
 def test_eval_only_reports_hellaswag_for_a_checkpoint(tmp_path, trained_run):
