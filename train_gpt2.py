@@ -39,8 +39,8 @@ from checkpoint import (BEST_CHECKPOINT, CHECKPOINT_VERSION, checkpoint_name, lo
                         run_checkpoints, save_best, save_checkpoint)
 from cli import UserError, atomic_write, build_parser, flag
 from device import available_memory, device_peak_flops, make_autocast, resolve_device, resolve_dtype
-from fineweb import (VOCAB_SIZE, ShardError, check_open_shard, get_tokenizer, open_shard, shard_files,
-                     shard_valid)
+from fineweb import (EOT_TOKEN, VOCAB_SIZE, ShardError, check_open_shard, get_tokenizer, open_shard,
+                     shard_files, shard_valid)
 from model import GPT, GPTConfig, export_hf
 
 # -----------------------------------------------------------------------------
@@ -48,6 +48,7 @@ from model import GPT, GPTConfig, export_hf
 
 
 MAX_DDP_TIMEOUT = 24 * 3600
+SAMPLE_PROMPT = "Hello, I'm a language model,"
 
 
 @dataclass
@@ -84,6 +85,9 @@ class TrainConfig:
     hellaswag: bool = flag(True, "score zero-shot HellaSwag at every evaluation (downloaded on first use)")
     hellaswag_examples: int = flag(0, "score only the first N HellaSwag examples (0: all 10,042 of val)")
     hellaswag_data: str = flag("val", "the HellaSwag split to download, or a local jsonl file in its format")
+    sample_prompt: str = flag(SAMPLE_PROMPT, "the prompt of the samples printed at each evaluation; empty starts "
+                                             "a new document")
+    num_samples: int = flag(4, "samples printed at each evaluation, 32 tokens each (0: none)")
     log_interval: int = flag(10, "print and record training figures every this many steps")
     keep_last: int = flag(3, "keep only the newest N iter-*.pt checkpoints, and best_val_loss.pt (0 keeps all)")
     max_bad_steps: int = flag(3, "stop after this many consecutive steps with a non-finite loss or gradient")
@@ -107,7 +111,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ["max_iters", "warmup_iters", "keep_last", "hellaswag_examples"]:
+        for name in ["max_iters", "warmup_iters", "keep_last", "hellaswag_examples", "num_samples"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         if self.n_embd % self.n_head != 0:
@@ -757,9 +761,6 @@ class Plotter:
 # -----------------------------------------------------------------------------
 # Evaluation: the val loss over fixed batches, HellaSwag, samples
 
-SAMPLE_PROMPT = "Hello, I'm a language model,"
-
-
 def load_hellaswag(config, dist_info, log):
     """The HellaSwag examples scored at every evaluation, or None: a run that cannot have them (no network,
     no file) says so once and trains on."""
@@ -828,9 +829,13 @@ def describe_scores(scores):
     return text
 
 
-def sample_text(model, device, autocast, seed, num_samples=4, max_new_tokens=32):
+def sample_text(model, device, autocast, seed, prompt=SAMPLE_PROMPT, num_samples=4, max_new_tokens=32):
+    """num_samples continuations of prompt; an empty prompt starts a new document, as in training."""
+    if num_samples == 0:
+        return []
     enc = get_tokenizer()
-    idx = torch.tensor([enc.encode(SAMPLE_PROMPT)] * num_samples, dtype=torch.long, device=device)
+    ids = enc.encode(prompt, allowed_special="all") or [EOT_TOKEN]
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     model.eval()
     with autocast:
@@ -1021,7 +1026,8 @@ class Trainer:
         self.log.print(f"step {step}: {describe_scores(scores)}")
         self.log.record(step=step, **scores, tokens=self.tokens_seen)
         if self.dist_info.is_master:
-            for text in sample_text(self.model, self.device, self.autocast, self.config.seed + step):
+            for text in sample_text(self.model, self.device, self.autocast, self.config.seed + step,
+                                    self.config.sample_prompt, self.config.num_samples):
                 self.log.print(f"  sample: {text!r}")
         improved = scores["val_loss"] < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, scores["val_loss"])

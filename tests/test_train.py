@@ -16,7 +16,7 @@ import torch
 from fineweb import write_shard
 from checkpoint import load_checkpoint
 from cli import UserError
-from train_gpt2 import TrainConfig, estimate_mfu, flops_per_token, get_lr, parse_args
+from train_gpt2 import GPT, GPTConfig, TrainConfig, estimate_mfu, flops_per_token, get_lr, parse_args, sample_text
 from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_torchrun, run_train, snapshot, train_losses
 
 # -----------------------------------------------------------------------------
@@ -160,6 +160,26 @@ def test_eval_only_reports_the_checkpoints_val_loss_without_training(trained_run
     assert record["val_loss"] == expected and record["step"] == 8
     assert f"val loss {expected:.4f}" in result.stdout
     assert not list(out_dir.glob("*.pt"))
+
+
+def test_the_samples_continue_the_sample_prompt():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
+    samples = sample_text(model, "cpu", torch.autocast("cpu", enabled=False), 0, "ROMEO:", num_samples=3,
+                          max_new_tokens=5)
+    assert len(samples) == 3 and all(text.startswith("ROMEO:") for text in samples)
+    assert sample_text(model, "cpu", torch.autocast("cpu", enabled=False), 0, "ROMEO:", num_samples=0) == []
+    assert sample_text(model, "cpu", torch.autocast("cpu", enabled=False), 0, "")[0].startswith("<|endoftext|>")
+
+
+def test_the_trainer_prints_num_samples_from_sample_prompt(tmp_path):
+    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", tmp_path / "out", "--max_iters", "1",
+                       "--eval_interval", "1", "--sample_prompt", "ROMEO:", "--num_samples", "2",
+                       env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    samples = [line[len("  sample: "):] for line in result.stdout.splitlines() if line.startswith("  sample: ")]
+    assert len(samples) == 4  # two at step 0, two at step 1
+    assert all(text[1:].startswith("ROMEO:") for text in samples)  # text[0] is the quote of its repr
 
 
 @pytest.mark.parametrize("run", [run_train, run_torchrun], ids=["one_process", "torchrun"])
