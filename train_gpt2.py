@@ -932,6 +932,15 @@ def compile_and_wrap(model, config, dist_info):
     return forward_model, nn.parallel.DistributedDataParallel(forward_model, device_ids=device_ids)
 
 
+def pause_clock(progress, seconds):
+    """Take seconds off a tqdm bar's clock, so that its rate and ETA count training steps only: the step-0
+    evaluation (HellaSwag above all) would otherwise make the first steps look hours long. tqdm's own unpause()
+    moves the same two times, but from the last redraw, which can be a second of training before the pause."""
+    if not progress.disable:
+        progress.start_t += seconds
+        progress.last_print_t += seconds
+
+
 class Trainer:
     """What a run carries from step to step (model, optimizer, scaler, loader, step, tokens, best val loss):
     state_dict() is exactly what a checkpoint holds. The methods are the loop's phases.
@@ -1085,8 +1094,10 @@ class Trainer:
                 last_step = step == config.max_iters
                 if (step % config.eval_interval == 0 or last_step) and not (self.evaluated_at_start
                                                                             and step == first_step):
+                    eval_start = time.perf_counter()
                     self.evaluate_and_save(step)
                     interval_start, interval_steps = time.perf_counter(), 0  # evaluation is not training time
+                    pause_clock(progress, interval_start - eval_start)  # nor is it in the bar's rate and ETA
                 if last_step:
                     break
                 lr, loss, grad_norm = self.optimizer_step(step)

@@ -16,7 +16,8 @@ import torch
 from fineweb import write_shard
 from checkpoint import load_checkpoint
 from cli import UserError
-from train_gpt2 import GPT, GPTConfig, TrainConfig, estimate_mfu, flops_per_token, get_lr, parse_args, sample_text
+from train_gpt2 import (GPT, GPTConfig, TrainConfig, estimate_mfu, flops_per_token, get_lr, parse_args, pause_clock,
+                        sample_text)
 from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_torchrun, run_train, snapshot, train_losses
 
 # -----------------------------------------------------------------------------
@@ -180,6 +181,22 @@ def test_the_trainer_prints_num_samples_from_sample_prompt(tmp_path):
     samples = [line[len("  sample: "):] for line in result.stdout.splitlines() if line.startswith("  sample: ")]
     assert len(samples) == 4  # two at step 0, two at step 1
     assert all(text[1:].startswith("ROMEO:") for text in samples)  # text[0] is the quote of its repr
+
+
+def test_the_progress_bars_rate_and_eta_leave_out_evaluation_time(monkeypatch):
+    import io
+    import tqdm.std
+    now = [1000.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])  # tqdm's clock
+    progress = tqdm.std.tqdm(total=100, file=io.StringIO(), mininterval=0)
+    now[0] += 300  # the step-0 evaluation
+    pause_clock(progress, 300)
+    for _ in range(10):  # ten steps of 2 s
+        now[0] += 2
+        progress.update(1)
+    assert progress.format_dict["elapsed"] == 20
+    assert progress.format_dict["rate"] == pytest.approx(0.5)  # so the ETA is 90 steps x 2 s, not 90 x 32 s
+    progress.close()
 
 
 @pytest.mark.parametrize("run", [run_train, run_torchrun], ids=["one_process", "torchrun"])
