@@ -1113,6 +1113,23 @@ class Trainer:
                     raise RunStopped(f"stopped by {name} after step {step}: saved {self.last_checkpoint}; continue "
                                      f"with --init_from resume", code=128 + (stop.requested or signal.SIGTERM))
 
+    def summary(self, first_step, seconds):
+        """What a finished run did and where everything it wrote is, a line each."""
+        out_dir = Path(self.config.out_dir)
+        best, metrics = out_dir / BEST_CHECKPOINT, out_dir / "metrics.jsonl"
+        lines = [f"done: {self.iter_num:,} steps, {self.tokens_seen:,} tokens; "
+                 f"{datetime.timedelta(seconds=round(seconds))} in this process, from step {first_step:,}"]
+        row = lambda label, text: lines.append(f"  {label:<20} {text}")
+        if best.exists():
+            row(f"best val loss {self.best_val_loss:.4f}", best)
+        else:  # only the step-0 evaluation beat the later ones, and step 0 is never checkpointed
+            row(f"best val loss {self.best_val_loss:.4f}", "at step 0, before training: in no checkpoint")
+        if self.last_checkpoint is not None:
+            row("latest checkpoint", f"{self.last_checkpoint}  (to train on: --init_from resume --max_iters N)")
+        row("every figure", f"{metrics}  (python plot.py {metrics})")
+        row("every flag", out_dir / "config.json")
+        return lines
+
     def close(self):
         self.batches.close()
         if self.plotter:
@@ -1188,8 +1205,11 @@ def train(config, explicit, changes, dist_info, model, checkpoint):
                   f"{dist_info.world_size} process(es) on {dist_info.device} | {trainer.dtype} | "
                   f"{loader.tokens_per_step:,} tokens/step | torch {torch.__version__} | commit {git_commit()} | "
                   f"from step {trainer.iter_num}")
+        first_step, started = trainer.iter_num, time.perf_counter()
         with StopSignal(verbose=dist_info.is_master) as stop:
             trainer.train(stop)
+        for line in trainer.summary(first_step, time.perf_counter() - started):
+            log.print(line)
     finally:
         if trainer is not None:
             trainer.close()

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -161,6 +162,17 @@ def test_eval_only_reports_the_checkpoints_val_loss_without_training(trained_run
     assert record["val_loss"] == expected and record["step"] == 8
     assert f"val loss {expected:.4f}" in result.stdout
     assert not list(out_dir.glob("*.pt"))
+
+
+def test_a_run_ends_with_a_summary_of_where_everything_is(trained_run):
+    out_dir, result = trained_run
+    best = min(m["val_loss"] for m in read_metrics(out_dir) if "val_loss" in m)
+    summary = result.stdout.strip().splitlines()[-5:]
+    # 8 steps of 4 x 2 x 32 tokens
+    assert re.fullmatch(r"done: 8 steps, 2,048 tokens; \d+:\d\d:\d\d in this process, from step 0", summary[0])
+    assert summary[1].split() == ["best", "val", "loss", f"{best:.4f}", str(out_dir / "best_val_loss.pt")]
+    assert summary[2].split()[:3] == ["latest", "checkpoint", str(next(out_dir.glob("iter-8-*.pt")))]
+    assert str(out_dir / "metrics.jsonl") in summary[3] and str(out_dir / "config.json") in summary[4]
 
 
 def test_the_samples_continue_the_sample_prompt():
