@@ -1,12 +1,22 @@
 """
-Plot training runs from their metrics.jsonl: train and val loss against the step (tokens on the top axis), and
-HellaSwag accuracy where the run measured it, beside OpenAI's GPT-2 124M.
+Plot training runs from their metrics.jsonl files: losses and HellaSwag accuracy, beside OpenAI's GPT-2 124M.
 
     python plot.py out/metrics.jsonl                                   # writes plot.png
     python plot.py out-a/metrics.jsonl out-b/metrics.jsonl --out compare.png
 
-One line per run, labeled with the run's folder. Needs matplotlib (`pip install matplotlib`), which training does
-not: `python train_gpt2.py --plot True` redraws {out_dir}/plot.png at every evaluation when it is installed.
+Train and val loss are drawn against the step, with tokens on the top axis; runs whose steps hold different
+numbers of tokens (another batch, or a batch changed on resume) are drawn against tokens instead, the one scale
+they share. HellaSwag accuracy gets a panel of its own where a run measured it. One line per run, labeled with
+the run's folder.
+
+OpenAI's GPT-2 124M is drawn for comparison: its HellaSwag acc_norm always, its val loss on FineWeb-Edu only
+where a run trained on FineWeb (elsewhere the losses are of other text and do not compare). A run is on FineWeb
+when the `data` in its config.json (beside its metrics.jsonl) is a directory whose name contains "fineweb" (the
+trainer's default, edu_fineweb10B) or whose manifest.json, written by fineweb.py, names a FineWeb dataset. A
+relative `data` is read from the current directory, as the trainer read it.
+
+Needs matplotlib (in requirements.txt), which training does not: `python train_gpt2.py --plot True` redraws
+{out_dir}/plot.png at every evaluation when it is installed.
 """
 
 import argparse
@@ -14,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from cli import UserError, atomic_write
+from cli import OneLineParser, UserError, atomic_write
 
 # -----------------------------------------------------------------------------
 # Reading runs
@@ -47,18 +57,54 @@ def read_run(path):
     return records
 
 
-def series(records, key):
-    """(steps, values) of key, in step order; a step logged twice (a run resumed from an earlier checkpoint)
-    keeps its latest value."""
-    by_step = {r["step"]: r[key] for r in records if r.get(key) is not None}
+def series(records, key, x="step"):
+    """(xs, values) of key in step order, xs the records' steps (x="step") or tokens (x="tokens"); a step logged
+    twice (a run resumed from an earlier checkpoint) keeps its latest record."""
+    by_step = {r["step"]: r for r in records if r.get(key) is not None and r.get(x) is not None}
     steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
+    return [by_step[s][x] for s in steps], [by_step[s][key] for s in steps]
 
 
 def tokens_per_step(records):
     """From the train records, which hold the tokens seen after step + 1 steps; None if not logged."""
     ratios = {r["tokens"] / (r["step"] + 1) for r in records if "train_loss" in r and r.get("tokens")}
     return ratios.pop() if len(ratios) == 1 else None
+
+
+def run_data(metrics_path):
+    """The --data of the run whose metrics.jsonl this is, from the config.json beside it; None if unknown."""
+    try:
+        config = json.loads((Path(metrics_path).parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("data") if isinstance(config, dict) and isinstance(config.get("data"), str) else None
+
+
+def is_fineweb(data):
+    """Whether --data names FineWeb shards: a directory named *fineweb* (any case), or one whose manifest.json
+    (fineweb.py's) names a FineWeb dataset. A text file such as input.txt is not."""
+    if data is None or Path(data).is_file():
+        return False
+    if "fineweb" in Path(data).name.lower():
+        return True
+    try:
+        source = json.loads((Path(data) / "manifest.json").read_text())["source"]
+        return "fineweb" in str(source["dataset"]).lower()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def x_axis(runs):
+    """The scale the runs share: ("step", tokens per step) when every run logged one constant tokens per step,
+    ("tokens", None) when they differ (steps of different sizes do not compare) and every run logged its
+    tokens, else ("step", None): steps alone, for logs from before tokens were counted."""
+    ratios = {tokens_per_step(records) for _, records in runs}
+    if len(ratios) == 1 and None not in ratios:
+        return "step", ratios.pop()
+    logged = lambda records: all("tokens" in r for r in records if "train_loss" in r or "val_loss" in r)
+    if all(logged(records) for _, records in runs):
+        return "tokens", None
+    return "step", None
 
 
 def run_labels(paths):
@@ -73,9 +119,24 @@ def run_labels(paths):
 
 def plot_runs(paths, out):
     """Draw the runs of the metrics.jsonl files in paths into the PNG out, replacing it atomically."""
+    fig = figure(paths)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=DPI))  # a viewer never sees half a PNG
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def figure(paths):
+    """The matplotlib figure of the runs of the metrics.jsonl files in paths."""
     runs = [(label, read_run(path)) for label, path in zip(run_labels(paths), paths)]
     if not any(series(records, k)[0] for _, records in runs for k in ("train_loss", "val_loss")):
         raise UserError(f"no losses in {', '.join(map(str, paths))} yet: plot a run after its first log line")
+    return draw(runs, fineweb=any(is_fineweb(run_data(path)) for path in paths))
+
+
+def draw(runs, fineweb):
+    """A matplotlib figure of runs, [(label, records)]: a loss panel, and a HellaSwag panel where a run has
+    HellaSwag. fineweb: draw GPT-2 124M's FineWeb-Edu val loss."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only: no display needed
@@ -84,6 +145,7 @@ def plot_runs(paths, out):
     except ImportError:
         raise MatplotlibMissing("plot.py needs matplotlib: pip install matplotlib") from None
 
+    x, ratio = x_axis(runs)
     with_hellaswag = any(series(records, "hellaswag_acc_norm")[0] for _, records in runs)
     panels = 2 if with_hellaswag else 1
     fig, axes = plt.subplots(1, panels, figsize=(PANEL_INCHES[0] * panels, PANEL_INCHES[1]), dpi=DPI,
@@ -91,30 +153,31 @@ def plot_runs(paths, out):
     loss_ax = axes[0][0]
     for i, (label, records) in enumerate(runs):
         color = f"C{i % 10}"
-        loss_ax.plot(*series(records, "train_loss"), color=color, alpha=0.4, lw=1, label=f"{label} train")
-        loss_ax.plot(*series(records, "val_loss"), color=color, lw=2, marker=".", label=f"{label} val")
-    loss_ax.axhline(GPT2_124M_VAL_LOSS, color="r", ls="--", lw=1, label="OpenAI GPT-2 124M val (FineWeb-Edu)")
-    loss_ax.set(xlabel="step", ylabel="loss", title="loss")
-    # a tokens axis only when every run sees the same tokens per step, so that one scale fits them all
-    ratios = {tokens_per_step(records) for _, records in runs}
-    if len(ratios) == 1 and None not in ratios:
-        ratio = ratios.pop()
+        loss_ax.plot(*series(records, "train_loss", x), color=color, alpha=0.4, lw=1, label=f"{label} train")
+        loss_ax.plot(*series(records, "val_loss", x), color=color, lw=2, marker=".", label=f"{label} val")
+    if fineweb:
+        loss_ax.axhline(GPT2_124M_VAL_LOSS, color="r", ls="--", lw=1, label="OpenAI GPT-2 124M val (FineWeb-Edu)")
+    loss_ax.set(xlabel=x, ylabel="loss", title="loss")
+    if ratio is not None:
         top = loss_ax.secondary_xaxis("top", functions=(lambda s: s * ratio, lambda t: t / ratio))
         top.set_xlabel("tokens")
         top.xaxis.set_major_formatter(EngFormatter())
+    if x == "tokens":
+        loss_ax.xaxis.set_major_formatter(EngFormatter())
     if with_hellaswag:
         acc_ax = axes[0][1]
         for i, (label, records) in enumerate(runs):
-            acc_ax.plot(*series(records, "hellaswag_acc_norm"), color=f"C{i % 10}", lw=2, marker=".", label=label)
+            acc_ax.plot(*series(records, "hellaswag_acc_norm", x), color=f"C{i % 10}", lw=2, marker=".",
+                        label=label)
         acc_ax.axhline(GPT2_124M_HELLASWAG, color="r", ls="--", lw=1, label="OpenAI GPT-2 124M")
-        acc_ax.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
+        acc_ax.set(xlabel=x, ylabel="acc_norm", title="HellaSwag")
+        if x == "tokens":
+            acc_ax.xaxis.set_major_formatter(EngFormatter())
     for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=DPI))  # a viewer never sees half a PNG
-    plt.close(fig)
+    return fig
 
 
 # -----------------------------------------------------------------------------
@@ -122,9 +185,10 @@ def plot_runs(paths, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
+    parser = OneLineParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("metrics", nargs="+", help="metrics.jsonl files, one per run (each in its run's --out_dir)")
-    parser.add_argument("--out", default="plot.png", help="the PNG to write (default: plot.png)")
+    parser.add_argument("--out", default="plot.png", help="the PNG to write")
     args = parser.parse_args(argv)
     try:
         plot_runs(args.metrics, args.out)

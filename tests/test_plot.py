@@ -1,5 +1,6 @@
-"""plot.py: a real PNG of the expected size from one or more runs, the trainer's --plot, and a clear message
-without matplotlib (an optional dependency: the tests that draw are skipped without it)."""
+"""plot.py: a real PNG of the expected size from one or more runs, the scale runs are drawn against, GPT-2's
+FineWeb-Edu line only for FineWeb runs, the trainer's --plot, and a clear message without matplotlib (in
+requirements.txt, but training runs without it: the tests that draw are skipped where it is missing)."""
 
 import json
 import struct
@@ -18,15 +19,22 @@ def png_size(path):
     return struct.unpack(">II", head[16:24])
 
 
-def write_metrics(folder, hellaswag=False):
-    """A run's metrics.jsonl as the trainer writes it, with a half-written last line."""
+def write_metrics(folder, hellaswag=False, tokens_per_step=256, data=None):
+    """A run's metrics.jsonl as the trainer writes it, with a half-written last line, and its config.json's
+    --data when given."""
     folder.mkdir(parents=True)
-    lines = [{"step": s, "train_loss": 10 - s / 10, "tokens": (s + 1) * 256} for s in range(20)]
-    lines += [{"step": s, "val_loss": 10.5 - s / 10, "tokens": s * 256} for s in (0, 10, 20)]
-    lines += [{"step": s, "hellaswag_acc_norm": 0.25 + s / 1000} for s in (0, 10, 20)] if hellaswag else []
+    lines = [{"step": s, "train_loss": 10 - s / 10, "tokens": (s + 1) * tokens_per_step} for s in range(20)]
+    scores = lambda s: {"hellaswag_acc_norm": 0.25 + s / 1000} if hellaswag else {}
+    lines += [{"step": s, "val_loss": 10.5 - s / 10, **scores(s), "tokens": s * tokens_per_step} for s in (0, 10, 20)]
     lines += [{"step": 20, "val_loss": 8.0, "eval_only": True}]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines) + '{"step": 2')
+    if data is not None:
+        (folder / "config.json").write_text(json.dumps({"data": str(data), "n_layer": 2}))
     return folder / "metrics.jsonl"
+
+
+def legend(ax):
+    return [text.get_text() for text in ax.get_legend().get_texts()]
 
 
 def test_plot_command_draws_runs_side_by_side_with_hellaswag(tmp_path):
@@ -42,6 +50,50 @@ def test_a_run_without_hellaswag_gets_the_loss_panel_only(tmp_path):
     pytest.importorskip("matplotlib")
     plot.plot_runs([write_metrics(tmp_path / "run")], tmp_path / "plot.png")
     assert png_size(tmp_path / "plot.png") == (700, 500)
+
+
+GPT2_LINE = "OpenAI GPT-2 124M val (FineWeb-Edu)"
+
+
+def test_gpt2s_val_loss_is_drawn_only_beside_runs_on_fineweb(tmp_path):
+    pytest.importorskip("matplotlib")
+    shards = tmp_path / "shards"  # fineweb.py's output under a name of the user's
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({"source": {"dataset": "HuggingFaceFW/fineweb-edu"}}))
+    runs = {"shakespeare": write_metrics(tmp_path / "shakespeare", data=INPUT_TXT),
+            "no config": write_metrics(tmp_path / "no-config"),
+            "named": write_metrics(tmp_path / "named", data="edu_fineweb10B"),
+            "manifest": write_metrics(tmp_path / "manifest", data=shards)}
+    drawn = lambda *names: GPT2_LINE in legend(plot.figure([runs[n] for n in names]).axes[0])
+    assert not drawn("shakespeare") and not drawn("no config")
+    assert drawn("named") and drawn("manifest") and drawn("shakespeare", "named")
+
+
+def test_runs_with_different_tokens_per_step_are_drawn_against_tokens(tmp_path):
+    pytest.importorskip("matplotlib")
+    small = write_metrics(tmp_path / "small", hellaswag=True)
+    large = write_metrics(tmp_path / "large", hellaswag=True, tokens_per_step=1024)
+    loss_ax, acc_ax = plot.figure([small, large]).axes[:2]
+    assert loss_ax.get_xlabel() == acc_ax.get_xlabel() == "tokens"
+    assert max(loss_ax.get_lines()[-2].get_xdata()) == 20 * 1024  # the large run's val line, at its last step
+    # the same tokens per step: steps below, tokens on the axis above
+    loss_ax = plot.figure([small, write_metrics(tmp_path / "same")]).axes[0]
+    assert loss_ax.get_xlabel() == "step"
+    assert [child.get_xlabel() for child in loss_ax.child_axes] == ["tokens"]
+
+
+def test_help_describes_the_script_in_a_whole_sentence():
+    result = run_script("plot.py", "--help")
+    assert result.returncode == 0
+    description = " ".join(result.stdout.split("\n\n")[1].split())
+    assert description == plot.__doc__.strip().splitlines()[0] and description.endswith(".")
+
+
+def test_a_mistyped_flag_gets_one_line_naming_the_real_one(tmp_path):
+    result = run_script("plot.py", write_metrics(tmp_path / "run"), "--outt", tmp_path / "plot.png")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("plot.py: error: unrecognized arguments: --outt") and "(did you mean --out?)" in line
 
 
 def test_without_matplotlib_the_message_says_how_to_install_it(tmp_path):
