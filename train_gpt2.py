@@ -1,17 +1,18 @@
 """
-Pre-train GPT-2 from scratch: the sharded token loader, the LR schedule, the DDP training loop, checkpoints.
+Pre-train GPT-2 from scratch: the sharded token loader, the LR schedule, the DDP training loop, the run directory.
 
     python train_gpt2.py                                    # one GPU (or the CPU), FineWeb-Edu shards
     python train_gpt2.py --data input.txt --device cpu ...  # a text file, tokenized on the fly
     torchrun --standalone --nproc_per_node 8 train_gpt2.py  # DDP on one node
+    python train_gpt2.py --init_from resume                 # continue the run in --out_dir, with its own flags
     python train_gpt2.py --eval_only True --init_from out/best_val_loss.pt
 
 Every flag is a field of TrainConfig below; `python train_gpt2.py --help` lists them with their defaults.
-The model itself lives in model.py (as nanoGPT keeps model.py beside train.py) and is re-exported here.
-Importing this file only defines things: `from train_gpt2 import GPT, GPTConfig`.
+main() runs one of three programs: export (--export_hf), evaluate_only (--eval_only) or train. The model lives
+in model.py (as nanoGPT keeps model.py beside train.py) and is re-exported here; the checkpoint format in
+checkpoint.py. Importing this file only defines things: `from train_gpt2 import GPT, GPTConfig`.
 """
 
-import contextlib
 import dataclasses
 import datetime
 import functools
@@ -41,7 +42,7 @@ from cli import UserError, atomic_write, build_parser, flag
 from device import available_memory, device_peak_flops, make_autocast, resolve_device, resolve_dtype
 from fineweb import (VOCAB_SIZE, ShardError, check_open_shard, get_tokenizer, open_shard, shard_files,
                      shard_valid)
-from model import GPT, GPTConfig, export_hf
+from model import GPT, GPTConfig, export_hf  # GPT, GPTConfig: also re-exported
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass, whose fields are the command-line flags (parser: cli.build_parser)

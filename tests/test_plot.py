@@ -3,7 +3,6 @@ without matplotlib (an optional dependency: the tests that draw are skipped with
 
 import json
 import struct
-import sys
 
 import pytest
 
