@@ -18,9 +18,9 @@ The trainer calls it on every rank at each evaluation, with the compiled model (
     result = hellaswag.evaluate(model, examples, device, batch_size, block_size, autocast, rank, world_size)
     result["acc_norm"], result["acc"], result["n"]                  # the same on every rank (all-reduced)
 
-and turns hellaswag.HellaSwagError (a ValueError) into a warning: a run that cannot score HellaSwag trains on. Ranks may download the
-split at the same time: each writes its own temporary file and renames it into place. Importing this file
-only defines things.
+and turns hellaswag.HellaSwagError (a ValueError) into a warning: a run that cannot score HellaSwag trains on.
+Ranks may download the split at the same time: each writes its own temporary file and renames it into place.
+Importing this file only defines things.
 """
 
 import http.client

@@ -41,18 +41,18 @@ class MatplotlibMissing(ImportError):
 
 
 def read_run(path):
-    """The records of a run's metrics.jsonl. A line cut short (a run writing it as we read) is skipped, and so
-    are --eval_only records: they score a checkpoint, they are not a point of the run."""
+    """The records of a run's metrics.jsonl. A line cut short (a run writing it as we read) or damaged is
+    skipped, and so are --eval_only records: they score a checkpoint, they are not a point of the run."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found: pass the metrics.jsonl of a run (it is in the run's --out_dir)")
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except ValueError:  # cut short, damaged, not UTF-8
             continue
-        if isinstance(record, dict) and "step" in record and not record.get("eval_only"):
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and not record.get("eval_only"):
             records.append(record)
     return records
 

@@ -44,6 +44,8 @@ class SampleConfig:
             raise UserError(f"--num_samples must be a positive integer, got {self.num_samples}")
         if self.max_new_tokens < 0 or self.top_k < 0 or self.temperature < 0:
             raise UserError("--max_new_tokens, --top_k and --temperature must be 0 or more")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed must be from 0 to 2**63 - 1, got {self.seed}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
 

@@ -1,17 +1,18 @@
 """
-Pre-train GPT-2 from scratch: the sharded token loader, the LR schedule, the DDP training loop, checkpoints.
+Pre-train GPT-2 from scratch: the sharded token loader, the LR schedule, the DDP training loop, the run directory.
 
     python train_gpt2.py                                    # one GPU (or the CPU), FineWeb-Edu shards
     python train_gpt2.py --data input.txt --device cpu ...  # a text file, tokenized on the fly
     torchrun --standalone --nproc_per_node 8 train_gpt2.py  # DDP on one node
+    python train_gpt2.py --init_from resume                 # continue the run in --out_dir, with its own flags
     python train_gpt2.py --eval_only True --init_from out/best_val_loss.pt
 
 Every flag is a field of TrainConfig below; `python train_gpt2.py --help` lists them with their defaults.
-The model itself lives in model.py (as nanoGPT keeps model.py beside train.py) and is re-exported here.
-Importing this file only defines things: `from train_gpt2 import GPT, GPTConfig`.
+main() runs one of three programs: export (--export_hf), evaluate_only (--eval_only) or train. The model lives
+in model.py (as nanoGPT keeps model.py beside train.py) and is re-exported here; the checkpoint format in
+checkpoint.py. Importing this file only defines things: `from train_gpt2 import GPT, GPTConfig`.
 """
 
-import contextlib
 import dataclasses
 import datetime
 import functools
@@ -41,7 +42,7 @@ from cli import UserError, atomic_write, build_parser, flag
 from device import available_memory, device_peak_flops, make_autocast, resolve_device, resolve_dtype
 from fineweb import (EOT_TOKEN, VOCAB_SIZE, ShardError, check_open_shard, get_tokenizer, open_shard,
                      shard_files, shard_valid)
-from model import GPT, GPTConfig, export_hf
+from model import GPT, GPTConfig, export_hf  # GPT, GPTConfig: also re-exported
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass, whose fields are the command-line flags (parser: cli.build_parser)
@@ -290,11 +291,11 @@ class ShardLoader:
 
     def sequential_batch(self):
         index = self.order[self.shard]
-        rows = self.B * self.T
+        micro_batch_tokens = self.B * self.T
         xs, ys = [], []
         for micro_step in range(self.micro_steps):
-            start = self.position + (micro_step * self.world_size + self.rank) * rows
-            chunk = torch.from_numpy(read_span(self.names[index], self.shards[index], start, rows + 1))
+            start = self.position + (micro_step * self.world_size + self.rank) * micro_batch_tokens
+            chunk = torch.from_numpy(read_span(self.names[index], self.shards[index], start, micro_batch_tokens + 1))
             xs.append(chunk[:-1].view(self.B, self.T))
             ys.append(chunk[1:].view(self.B, self.T))
         return torch.stack(xs), torch.stack(ys)
@@ -316,7 +317,8 @@ class ShardLoader:
             changed = next(n for n, a, b in zip(self.names, state["fingerprints"], self.fingerprints) if a != b)
             raise UserError(f"the train data has the checkpoint's shard names and sizes but other contents ({changed} "
                             f"differs): restore the data the run trained on, or start a new run")
-        self.seed, self.epoch, self.shard, self.position = state["seed"], state["epoch"], state["shard"], state["position"]
+        self.seed, self.epoch = state["seed"], state["epoch"]
+        self.shard, self.position = state["shard"], state["position"]
         self.shuffle = state.get("shuffle", False)
         self.order = self.shard_order(self.epoch)
         self.skip_short_shards()
@@ -532,19 +534,20 @@ def model_args_for(config, explicit, model=None):
 
 def resume_warnings(saved, config, saved_world_size, world_size):
     """What a change of batch shape or data on resume costs, one warning each."""
-    warnings = []
-    rows = lambda c, w: c["batch_size"] * c["gradient_accumulation_steps"] * w
+    before = {**dataclasses.asdict(config), **saved}  # a flag the checkpoint lacks did not change
     now = dataclasses.asdict(config)
-    if rows(saved, saved_world_size) != rows(now, world_size):
-        warnings.append(f"warning: the global batch changes from {rows(saved, saved_world_size)} to "
-                        f"{rows(now, world_size)} sequences per step: from here on the data order is not an "
+    sequences = lambda c, w: c["batch_size"] * c["gradient_accumulation_steps"] * w  # per optimizer step
+    warnings = []
+    if sequences(before, saved_world_size) != sequences(now, world_size):
+        warnings.append(f"warning: the global batch changes from {sequences(before, saved_world_size)} to "
+                        f"{sequences(now, world_size)} sequences per step: from here on the data order is not an "
                         f"uninterrupted run's, so the resume is not exact")
-    if (saved["batch_size"], saved["eval_iters"]) != (config.batch_size, config.eval_iters):
+    if (before["batch_size"], before["eval_iters"]) != (config.batch_size, config.eval_iters):
         warnings.append("warning: --batch_size or --eval_iters changes the val batches: val losses from here on "
                         "do not compare exactly with the ones before")
-    if saved["data"] != config.data:
-        warnings.append(f"warning: --data changes from {saved['data']} to {config.data}: training goes on with the "
-                        f"new data from its first batch, and the val batches change")
+    if before["data"] != config.data:
+        warnings.append(f"warning: --data changes from {before['data']} to {config.data}: training goes on with "
+                        f"the new data from its first batch, and the val batches change")
     return warnings
 
 
@@ -697,7 +700,7 @@ class RunLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
 
-    def drop_after(self, iter_num, evaluated):
+    def drop_after(self, iter_num, evaluated_at_start):
         """Forget what an interrupted run logged past the point this run starts from (its checkpoint, or
         step 0): this run logs it again, so the file reads as if the run had never been interrupted. A line
         that is not a record (cut short by a kill, or damaged) goes too."""
@@ -713,7 +716,7 @@ class RunLog:
                 return False
             if not isinstance(step, int):
                 return False
-            return step < iter_num or (evaluated and step == iter_num and "val_loss" in record)
+            return step < iter_num or (evaluated_at_start and step == iter_num and "val_loss" in record)
         kept = [line for line in lines if before(line)]
         if len(kept) != len(lines):
             atomic_write(self.path, lambda f: f.write(b"".join(kept)))

@@ -4,7 +4,6 @@ requirements.txt, but training runs without it: the tests that draw are skipped 
 
 import json
 import struct
-import sys
 
 import pytest
 
@@ -132,3 +131,10 @@ def test_the_trainers_plot_warns_once_without_matplotlib(tmp_path):
     warnings = [line for line in result.stdout.splitlines() if "--plot True" in line]
     assert len(warnings) == 1 and "plot.py needs matplotlib: pip install matplotlib" in warnings[0]
     assert not (out_dir / "plot.png").exists()
+
+
+def test_damaged_lines_of_a_metrics_file_are_skipped(tmp_path):
+    path = write_metrics(tmp_path / "run")
+    with open(path, "ab") as f:
+        f.write(b'null\n{"val_loss": 1.0}\n\xff\xfe not text\n{"step": "x", "train_loss": 2.0}\n{"step": 9, "tr')
+    assert plot.read_run(path) == plot.read_run(write_metrics(tmp_path / "clean"))
