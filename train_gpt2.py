@@ -3,6 +3,7 @@ Pre-train GPT-2 from scratch: the sharded token loader, the LR schedule, the DDP
 
     python train_gpt2.py                                    # one GPU (or the CPU), FineWeb-Edu shards
     python train_gpt2.py --data input.txt --device cpu ...  # a text file, tokenized on the fly
+    python train_gpt2.py --config config/shakespeare_cpu.toml  # flags from a file (the command line's win)
     torchrun --standalone --nproc_per_node 8 train_gpt2.py  # DDP on one node
     python train_gpt2.py --eval_only True --init_from out/best_val_loss.pt
 
@@ -37,7 +38,7 @@ import torch.nn as nn
 import hellaswag
 from checkpoint import (BEST_CHECKPOINT, CHECKPOINT_VERSION, checkpoint_name, load_start, prune_checkpoints,
                         run_checkpoints, save_best, save_checkpoint)
-from cli import UserError, atomic_write, build_parser, flag
+from cli import UserError, atomic_write, build_parser, flag, parse_flags
 from device import available_memory, device_peak_flops, make_autocast, resolve_device, resolve_dtype
 from fineweb import (VOCAB_SIZE, ShardError, check_open_shard, get_tokenizer, open_shard, shard_files,
                      shard_valid)
@@ -135,10 +136,9 @@ class TrainConfig:
 
 
 def parse_args(argv=None):
-    """The config, and the names of the flags given explicitly on the command line."""
+    """The config, and the names of the flags given explicitly: on the command line or in its --config file."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(TrainConfig, __doc__.strip().splitlines()[0]).parse_args(argv)
-    explicit = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    args, explicit = parse_flags(build_parser(TrainConfig, __doc__.strip().splitlines()[0], config_file=True), argv)
     return TrainConfig(**vars(args)), explicit
 
 
