@@ -9,6 +9,9 @@ these directly.
     class Config:
         steps: int = flag(10, "how many steps")          # becomes --steps, its help shown by --help
     config = Config(**vars(build_parser(Config, "what the script does").parse_args()))
+
+A script whose parser is built with config_file=True also takes --config FILE.toml, flag values in a file, and
+parses with parse_flags, which says which flags were given (in the file or on the command line).
 """
 
 import argparse
@@ -73,16 +76,78 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser(config_class, description):
-    """An argparse parser with one --flag per dataclass field, its default and help shown by --help."""
+def build_parser(config_class, description, config_file=False):
+    """An argparse parser with one --flag per dataclass field, its default and help shown by --help; with
+    config_file, also --config FILE.toml (read by parse_flags)."""
     # no abbreviations: a mistyped --learning_rat must be an error, not silently --learning_rate
     parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                            allow_abbrev=False)
+    if config_file:
+        parser.add_argument("--config", default=None, metavar="FILE.toml",
+                            help="a TOML file of flag values (keys are the flag names); flags on the command line "
+                                 "override it")
+    parser.config_file = config_file
     for f in dataclasses.fields(config_class):
         kind = PARSERS.get(f.type, f.type)
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata.get("help", ""),
                             metavar=f.name.upper() if kind is not parse_bool else "{True,False}")
     return parser
+
+
+def parse_flags(parser, argv):
+    """(namespace of the flag values, names of the flags given) for argv, where --config FILE.toml gives flag
+    values that the rest of the command line overrides. Flags from the file count as given: they are as much
+    the user's choice as the ones typed. The namespace holds the flags only, not --config."""
+    args = parser.parse_args(argv)  # the command line alone first: its errors (and --help) come before the file's
+    words = []
+    if parser.config_file:
+        words = config_file_words(args.config, parser) if args.config is not None else []
+        args = parser.parse_args(words + list(argv))  # argparse keeps a flag's last value: the command line's
+        del args.config
+    given = {word[2:].split("=")[0] for word in words + list(argv) if word.startswith("--")}
+    return args, given - {"config"}
+
+
+# what a TOML value must be for each flag type, and how to say it
+TOML_TYPES = {parse_bool: ((bool,), "true or false"), int: ((int,), "an integer"),
+              parse_float: ((int, float), "a number"), str: ((str,), "a string in quotes")}
+
+
+def read_toml(path):
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser as a package (requirements.txt installs it)
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise UserError(f"--config {path}: {e.strerror or e}: pass an existing TOML file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"--config {path} is not valid TOML ({e}): fix the file") from None
+
+
+def config_file_words(path, parser):
+    """A TOML file of flag values as command-line words (["--max_iters=300", ...]), each value checked as the
+    command line checks it, so that a bad one is refused naming its key and file."""
+    flags = {action.dest: action for action in parser._actions if action.option_strings and action.dest != "help"}
+    flags.pop("config", None)
+    words = []
+    for key, value in read_toml(path).items():
+        if key not in flags:
+            nearest = difflib.get_close_matches(key, list(flags), n=1, cutoff=0.6)
+            hint = f"did you mean {nearest[0]}?" if nearest else "keys are the flag names without --, see --help"
+            raise UserError(f"{path}: unknown key {key!r} ({hint})")
+        kinds, expected = TOML_TYPES.get(flags[key].type, ((str,), "a string in quotes"))
+        if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
+            raise UserError(f"{path}: {key} = {value!r} should be {expected}")
+        text = str(value)  # True, 300, 0.0006 (a float's str reads back as the same float), or the string
+        try:
+            flags[key].type(text)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise UserError(f"{path}: {key} = {value!r}: {e}") from None
+        words.append(f"--{key}={text}")  # one word: a string value that starts with - stays a value
+    return words
 
 
 # -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ Pre-train GPT-2 from scratch: the sharded token loader, the LR schedule, the DDP
 
     python train_gpt2.py                                    # one GPU (or the CPU), FineWeb-Edu shards
     python train_gpt2.py --data input.txt --device cpu ...  # a text file, tokenized on the fly
+    python train_gpt2.py --config config/shakespeare_cpu.toml  # flags from a file (the command line's win)
     torchrun --standalone --nproc_per_node 8 train_gpt2.py  # DDP on one node
     python train_gpt2.py --init_from resume                 # continue the run in --out_dir, with its own flags
     python train_gpt2.py --eval_only True --init_from out/best_val_loss.pt
@@ -17,6 +18,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -38,7 +40,7 @@ import torch.nn as nn
 import hellaswag
 from checkpoint import (BEST_CHECKPOINT, CHECKPOINT_VERSION, checkpoint_name, load_start, prune_checkpoints,
                         run_checkpoints, save_best, save_checkpoint)
-from cli import UserError, atomic_write, build_parser, flag
+from cli import UserError, atomic_write, build_parser, flag, parse_flags
 from device import available_memory, device_peak_flops, make_autocast, resolve_device, resolve_dtype
 from fineweb import (EOT_TOKEN, VOCAB_SIZE, ShardError, check_open_shard, get_tokenizer, open_shard,
                      shard_files, shard_valid)
@@ -63,6 +65,12 @@ class TrainConfig:
                                      "transformers folder (written by save_pretrained)")
     export_hf: str = flag("", "write the --init_from model to this folder in transformers' GPT-2 format and exit")
     plot: bool = flag(False, "redraw out_dir/plot.png (losses, HellaSwag) at every evaluation; needs matplotlib")
+    tensorboard: bool = flag(False, "also write metrics.jsonl's figures to out_dir/tensorboard/, for `tensorboard "
+                                    "--logdir`; needs tensorboard")
+    wandb_log: bool = flag(False, "also send metrics.jsonl's figures and the config to Weights & Biases (its files "
+                                  "in out_dir/wandb/; WANDB_MODE=offline keeps them there); needs wandb")
+    wandb_project: str = flag("gpt2-pretrain", "the wandb project of --wandb_log")
+    wandb_run_name: str = flag("", "the wandb run's name ('': out_dir's folder name)")
     # model
     block_size: int = flag(1024, "context length in tokens")
     n_layer: int = flag(12, "transformer blocks")
@@ -137,13 +145,14 @@ class TrainConfig:
             raise UserError("--eval_only True needs a checkpoint: pass --init_from resume or --init_from PATH")
         if self.export_hf and self.init_from == "scratch":
             raise UserError("--export_hf needs a model to export: pass --init_from CHECKPOINT (or resume, gpt2, ...)")
+        if self.wandb_log and not self.wandb_project:
+            raise UserError("--wandb_log True needs a project: pass --wandb_project NAME")
 
 
 def parse_args(argv=None):
-    """The config, and the names of the flags given explicitly on the command line."""
+    """The config, and the names of the flags given explicitly: on the command line or in its --config file."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(TrainConfig, __doc__.strip().splitlines()[0]).parse_args(argv)
-    explicit = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    args, explicit = parse_flags(build_parser(TrainConfig, __doc__.strip().splitlines()[0], config_file=True), argv)
     return TrainConfig(**vars(args)), explicit
 
 
@@ -683,11 +692,13 @@ def remove_stale_temporaries(out_dir):
 
 
 class RunLog:
-    """Rank 0's output: printed lines (kept clear of the progress bar) and metrics.jsonl."""
+    """Rank 0's output: printed lines (kept clear of the progress bar) and metrics.jsonl, the run's record. The
+    trackers (TensorBoard, wandb: start_trackers) mirror metrics.jsonl: record() is the one place that feeds them."""
 
     def __init__(self, out_dir, enabled):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.trackers = []
 
     def print(self, text):
         if self.enabled:
@@ -699,6 +710,21 @@ class RunLog:
             metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
             with open(self.path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            for tracker in self.trackers:
+                tracker.log(metrics["step"], tracker_figures(metrics))
+
+    def records_from(self, step):
+        """The records of metrics.jsonl from `step` on; after drop_after, what a resumed run keeps there."""
+        if not self.enabled or not self.path.exists():
+            return []
+        records = [json.loads(line) for line in self.path.read_text().splitlines()]
+        return [record for record in records if record["step"] >= step]
+
+    def close(self, failed=False):
+        """Flush and close the trackers; failed marks the run as failed where a tracker keeps that (wandb)."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(failed)
 
     def drop_after(self, iter_num, evaluated_at_start):
         """Forget what an interrupted run logged past the point this run starts from (its checkpoint, or
@@ -759,6 +785,96 @@ class Plotter:
         self.warned = True
         reason = (self.process.stderr.read().strip().splitlines() or ["plot.py failed"])[-1]
         self.log.print(f"warning: --plot True: no plot ({reason.removeprefix('error: ')})")
+
+
+# -----------------------------------------------------------------------------
+# Trackers: TensorBoard and Weights & Biases, mirrors of metrics.jsonl on rank 0 (RunLog.record feeds them).
+# Optional packages, imported only when asked for: checked at start-up, imported in the classes.
+
+TRACKER_PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb_log": ("wandb", "wandb")}
+
+
+def check_tracker_packages(config, dist_info):
+    """Import the package of each tracker asked for, on rank 0 (the one that uses it): a missing one is
+    refused in one line before any work, not found by the first record."""
+    error = None
+    if dist_info.is_master:
+        for name, (module, package) in TRACKER_PACKAGES.items():
+            if getattr(config, name) and error is None:
+                try:
+                    importlib.import_module(module)
+                except ImportError:
+                    error = UserError(f"--{name} True needs {package}: pip install {package}")
+    if dist_info.any(error is not None):
+        raise error or UserError("rank 0 could not load a tracker's package: see its message")
+
+
+def tracker_figures(record):
+    """A metrics.jsonl record as the trackers take it: its numbers, without the step (their x axis), the flags
+    and texts (skipped, eval_only, checkpoint) and the non-finite figures, which are null in the record."""
+    return {key: value for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+class TensorBoardTracker:
+    """--tensorboard True: each figure a scalar in out_dir/tensorboard/ by step, so that `tensorboard --logdir`
+    on a folder of runs shows them side by side. A resumed run writes an event file of its own, from which
+    TensorBoard hides the earlier files' events at first_step and after (purge_step); the records metrics.jsonl
+    keeps there (the evaluation the checkpoint was saved after) are written again, so both show the same."""
+
+    def __init__(self, out_dir, first_step, kept_records):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=first_step or None)
+        for record in kept_records:
+            self.log(record["step"], tracker_figures(record))
+
+    def log(self, step, figures):
+        for name, value in figures.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self, failed=False):
+        self.writer.close()
+
+
+class WandbTracker:
+    """--wandb_log True: each record to a Weights & Biases run by step, with the run's config. The checkpoints
+    keep the wandb run's id, so that a resumed run continues the same wandb run."""
+
+    def __init__(self, config, run_id):
+        import wandb
+
+        name = config.wandb_run_name or Path(config.out_dir).resolve().name
+        try:
+            self.run = wandb.init(project=config.wandb_project, name=name, id=run_id, resume="allow",
+                                  dir=config.out_dir, config=dataclasses.asdict(config))
+        except wandb.errors.Error as e:
+            raise UserError(f"--wandb_log True: wandb could not start a run ({str(e).splitlines()[0]}): log in "
+                            f"with `wandb login`, or set WANDB_MODE=offline to keep the run on disk") from None
+        self.run_id = self.run.id
+        # a resumed wandb run goes on from the step after its last; it would refuse, with a warning each, the
+        # steps an interrupted run logged past its checkpoint, which the resumed run logs again
+        self.first_step = self.run.starting_step
+
+    def log(self, step, figures):
+        if step >= self.first_step:
+            self.run.log(figures, step=step)
+
+    def close(self, failed=False):
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+def start_trackers(config, trainer, log):
+    """Rank 0's trackers, asked for by --wandb_log and --tensorboard, starting where the run starts: called
+    after log.drop_after, so that a resumed run knows what metrics.jsonl keeps."""
+    trackers = []
+    if config.wandb_log:  # first: it can fail (not logged in) before any other file is written
+        wandb_tracker = WandbTracker(config, trainer.wandb_run_id)
+        trainer.wandb_run_id = wandb_tracker.run_id
+        trackers.append(wandb_tracker)
+    if config.tensorboard:
+        trackers.append(TensorBoardTracker(config.out_dir, trainer.iter_num, log.records_from(trainer.iter_num)))
+    return trackers
 
 
 # -----------------------------------------------------------------------------
@@ -967,6 +1083,7 @@ class Trainer:
         self.loader, self.evaluation = loader, evaluation
         self.iter_num, self.tokens_seen, self.best_val_loss = 0, 0, float("inf")
         self.bad_steps, self.skipped_steps, self.last_checkpoint = 0, 0, None
+        self.wandb_run_id = None  # kept from run to run, so that a resumed run continues its wandb run
         self.plotter = Plotter(log) if config.plot and dist_info.is_master else None
         # a checkpoint written after an evaluation is not evaluated again; a stopped run's checkpoint is
         self.evaluated_at_start = checkpoint is not None and checkpoint.get("val_loss") is not None
@@ -981,7 +1098,7 @@ class Trainer:
             "tokens": self.tokens_seen, "best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps,
             "loader": self.batches.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(self.config),
             "world_size": self.dist_info.world_size, "torch_version": str(torch.__version__),
-            "git_commit": git_commit(),
+            "git_commit": git_commit(), "wandb_run_id": self.wandb_run_id,
         }
 
     @property
@@ -1006,6 +1123,7 @@ class Trainer:
                             f"of the run") from None
         self.iter_num, self.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        self.wandb_run_id = checkpoint.get("wandb_run_id")  # None in checkpoints from before wandb
         # checkpoints from before token accounting: every step had the current global batch
         self.tokens_seen = checkpoint.get("tokens", self.iter_num * self.loader.tokens_per_step)
         self.last_checkpoint = path
@@ -1186,6 +1304,7 @@ def train(config, explicit, changes, dist_info, model, checkpoint):
                             f"{config.max_iters}: raise --max_iters to train on")
     # everything the user gave is checked before a model is built, a step taken or out_dir touched
     resolve_dtype(config.dtype, dist_info.device)
+    check_tracker_packages(config, dist_info)
     evaluation = Evaluation(config, model_args["block_size"], dist_info, log)
     loader = ShardLoader(load_token_sources(config.data, "train"), config.batch_size, model_args["block_size"],
                          config.gradient_accumulation_steps, dist_info.rank, dist_info.world_size, config.seed,
@@ -1194,7 +1313,7 @@ def train(config, explicit, changes, dist_info, model, checkpoint):
         check_model_fits(model_args, dist_info.device, bytes_per_param=16)
     continuing = checkpoint["path"] if checkpoint else None
     lock = claim_out_dir(config.out_dir, dist_info, check=lambda: check_run_files(config.out_dir, continuing))
-    trainer = None
+    trainer, failed = None, True
     try:
         if model is None:
             model = new_model(model_args, config.seed)
@@ -1202,6 +1321,7 @@ def train(config, explicit, changes, dist_info, model, checkpoint):
         if dist_info.is_master:
             remove_stale_temporaries(config.out_dir)
             log.drop_after(trainer.iter_num, trainer.evaluated_at_start)
+            log.trackers = start_trackers(config, trainer, log)
             atomic_write(Path(config.out_dir) / "config.json",
                          lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=2).encode()))
         log.print(f"GPT-2 {trainer.model.num_params(non_embedding=False) / 1e6:.2f}M parameters | "
@@ -1211,11 +1331,13 @@ def train(config, explicit, changes, dist_info, model, checkpoint):
         first_step, started = trainer.iter_num, time.perf_counter()
         with StopSignal(verbose=dist_info.is_master) as stop:
             trainer.train(stop)
+        failed = False
         for line in trainer.summary(first_step, time.perf_counter() - started):
             log.print(line)
     finally:
         if trainer is not None:
             trainer.close()
+        log.close(failed)
         if lock is not None:
             lock.release()
 
