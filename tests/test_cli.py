@@ -43,7 +43,7 @@ def test_a_mistyped_flag_names_the_nearest_one(capsys):
 @pytest.mark.parametrize("script, args", [
     ("train_gpt2.py", ["--min_lr", "nan"]), ("train_gpt2.py", ["--weight_decay", "inf"]),
     ("train_gpt2.py", ["--grad_clip", "nan"]), ("sample.py", ["--temperature", "nan"]),
-    ("hellaswag.py", ["--model", "gpt2", "--limt", "3"]), ("fineweb.py", ["--shard_sise", "3"]),
+    ("hellaswag.py", ["--init_from", "gpt2", "--hellaswag_exampels", "3"]), ("fineweb.py", ["--shard_sise", "3"]),
 ])
 def test_every_script_refuses_bad_flags_in_one_line(script, args):
     result = run_script(script, *args)
