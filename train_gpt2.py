@@ -1159,9 +1159,9 @@ class Trainer:
             for text in sample_text(self.model, self.device, self.autocast, self.config.seed + step,
                                     self.config.sample_prompt, self.config.num_samples):
                 self.log.print(f"  sample: {text!r}")
-        improved = scores["val_loss"] < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, scores["val_loss"])
-        if step > 0:
+        if step > 0:  # step 0 is never checkpointed, so it never counts as the best
+            improved = scores["val_loss"] < self.best_val_loss
+            self.best_val_loss = min(self.best_val_loss, scores["val_loss"])
             self.save(checkpoint_name(step, scores["val_loss"]), scores["val_loss"], best=improved)
         if self.plotter:
             self.plotter.redraw()
@@ -1243,8 +1243,6 @@ class Trainer:
         row = lambda label, text: lines.append(f"  {label:<20} {text}")
         if best.exists():
             row(f"best val loss {self.best_val_loss:.4f}", best)
-        else:  # only the step-0 evaluation beat the later ones, and step 0 is never checkpointed
-            row(f"best val loss {self.best_val_loss:.4f}", "at step 0, before training: in no checkpoint")
         if self.last_checkpoint is not None:
             row("latest checkpoint", f"{self.last_checkpoint}  (to train on: --init_from resume --max_iters N)")
         row("every figure", f"{metrics}  (python plot.py {metrics})")

@@ -41,8 +41,8 @@ def test_each_preset_parses_into_a_valid_config_and_says_how_to_run_it(path):
     assert config.out_dir != TrainConfig.out_dir and "out_dir" in explicit  # no two presets share ./out
 
 
-def test_the_shakespeare_preset_is_the_readme_quick_start():
-    assert preset("shakespeare_cpu.toml") == parse_args(QUICK_START)
+def test_the_shakespeare_preset_is_the_readme_quick_start_with_a_prompt_from_the_play():
+    assert preset("shakespeare_cpu.toml") == parse_args([*QUICK_START, "--sample_prompt", "ROMEO:"])
 
 
 def test_the_gpt2_124m_preset_is_the_defaults_at_batch_16_by_2():
