@@ -59,6 +59,19 @@ def test_fsdp_and_ddp_train_exactly_as_one_process_with_the_same_global_batch(tm
     assert fsdp.stdout.count("\n  sample: ") == 4 * 3
 
 
+def test_under_bfloat16_fsdp_trains_as_ddp_does_and_keeps_float32_weights_and_moments(tmp_path):
+    common = [*TINY, "--data", INPUT_TXT, "--max_iters", "4", "--eval_interval", "4", "--dtype", "bfloat16"]
+    ddp = run_torchrun(*common, "--out_dir", tmp_path / "ddp")
+    assert ddp.returncode == 0, ddp.stderr
+    fsdp = run_torchrun(*common, "--out_dir", tmp_path / "fsdp", "--fsdp", "True")
+    assert fsdp.returncode == 0, fsdp.stderr
+    # bfloat16 weights gathered and bfloat16 activations between blocks: DDP's losses to bfloat16's precision
+    assert_same_metrics(tmp_path / "ddp", tmp_path / "fsdp", rel=1e-3)
+    checkpoint = load_checkpoint(next((tmp_path / "fsdp").glob("iter-4-*.pt")))
+    assert {t.dtype for t in checkpoint["model"].values()} == {torch.float32}
+    assert {t.dtype for moments in checkpoint["optimizer"]["state"].values() for t in moments.values()} == {torch.float32}
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: the one format, resumed under FSDP, DDP or one process
 
@@ -116,6 +129,15 @@ def test_an_fsdp_checkpoint_is_a_plain_checkpoint_with_the_keys_and_shapes_of_an
         assert {k: v.shape for k, v in state["state"][i].items()} == {k: v.shape for k, v in moments.items()}
         torch.testing.assert_close(state["state"][i]["exp_avg"], moments["exp_avg"], rtol=1e-3, atol=1e-6)
     assert sharded["world_size"] == 2 and sharded["config"]["fsdp"] is True
+
+
+def test_eval_only_under_fsdp_scores_the_checkpoint_as_training_did(fsdp_run_to_4, tmp_path):
+    checkpoint = next(fsdp_run_to_4.glob("iter-4-*.pt"))
+    result = run_torchrun("--eval_only", "True", "--init_from", checkpoint, "--out_dir", tmp_path / "eval")
+    assert result.returncode == 0, result.stderr
+    (record,) = read_metrics(tmp_path / "eval")
+    logged = next(m for m in read_metrics(fsdp_run_to_4) if m["step"] == 4 and "val_loss" in m)
+    assert record["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-6)
 
 
 def test_optimizer_state_keyed_by_names_and_by_positions_convert_both_ways():
