@@ -131,6 +131,14 @@ def test_an_fsdp_checkpoint_is_a_plain_checkpoint_with_the_keys_and_shapes_of_an
     assert sharded["world_size"] == 2 and sharded["config"]["fsdp"] is True
 
 
+def test_fsdp_composes_with_compile_and_gradient_checkpointing(fsdp_run_to_4, tmp_path):
+    result = run_torchrun(*stopped_args(tmp_path / "out", "--max_iters", "4", "--gradient_accumulation_steps", "1",
+                                        "--fsdp", "True", "--compile", "True", "--gradient_checkpointing", "True"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n  sample: ") == 4 * 2
+    assert_same_metrics(fsdp_run_to_4, tmp_path / "out", rel=1e-4)  # compiled kernels may round differently
+
+
 def test_eval_only_under_fsdp_scores_the_checkpoint_as_training_did(fsdp_run_to_4, tmp_path):
     checkpoint = next(fsdp_run_to_4.glob("iter-4-*.pt"))
     result = run_torchrun("--eval_only", "True", "--init_from", checkpoint, "--out_dir", tmp_path / "eval")
