@@ -10,7 +10,9 @@ the odd slow step on a shared machine does not move it; the mean is in the JSON.
 the straightforward step (full float32 logits into F.cross_entropy, the loss read back every micro-step, no
 prefetch, no compile) from the same initialization on the same batches, each variant in its own process,
 and checks that both give the same losses. --rounds N alternates the two N times and pools their steps, so
-that a machine that slows down for a while slows both.
+that a machine that slows down for a while slows both. --fsdp True times the model sharded with FSDP2 over a
+process group of one: what FSDP's all-gathers, casts and float32 reductions cost on one GPU, and its peak memory
+(the state that N GPUs would split, plus what FSDP itself adds).
 """
 
 import json
@@ -24,11 +26,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from cli import UserError, build_parser, flag
 from device import device_peak_flops, resolve_device
 from train_gpt2 import (ShardLoader, Distributed, RunLog, TrainConfig, Trainer, estimate_mfu, flops_per_token, get_lr,
-                        load_token_sources, model_args_for, new_model)
+                        load_token_sources, model_args_for, new_model, setup_distributed)
 
 # -----------------------------------------------------------------------------
 # Configuration: the trainer's flags choose the model and batch, plus a few of the benchmark's own
@@ -87,7 +90,8 @@ def measure(config):
     device = resolve_device(config.device)
     naive = config.variant == "naive"
     config = replace(config, hellaswag=False, compile=config.compile and not naive)
-    dist_info = Distributed(device=device)
+    # --fsdp: a process group of one (bench.py is one process), as `python train_gpt2.py --fsdp True` makes
+    dist_info = setup_distributed(device, config.ddp_timeout, fsdp=True) if config.fsdp else Distributed(device=device)
     model_args = model_args_for(config, set())
     sources = load_token_sources(config.data, "train")
     make_loader = lambda: ShardLoader(sources, config.batch_size, config.block_size, config.gradient_accumulation_steps,
@@ -122,11 +126,14 @@ def measure(config):
     trainer.close()
     step_ms = [1000 * (end - start) for start, end in zip(step_ends, step_ends[1:])]
     result = {"variant": config.variant, "device": device, "dtype": trainer.dtype, "compile": config.compile,
+              "fsdp": config.fsdp,
               "step_ms": step_ms, "peak_memory_mb": peak_memory_bytes(device) / 2**20,
               "tokens_per_step": trainer.loader.tokens_per_step, "losses": [float(loss) for loss in losses],
               "flops_per_token": flops_per_token(trainer.model.num_params(), config.n_layer, config.n_embd,
                                                  config.block_size),
               "peak_flops": device_peak_flops(device, trainer.dtype)}
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return summarize(result)
 
 
@@ -172,12 +179,12 @@ def compare(config):
 
 
 def table(results):
-    lines = [f"{'variant':8} {'device':7} {'dtype':9} {'compile':7} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} "
-             f"{'peak MB':>8}"]
+    lines = [f"{'variant':8} {'device':7} {'dtype':9} {'compile':7} {'fsdp':5} {'ms/step':>9} {'tokens/s':>10} "
+             f"{'MFU':>6} {'peak MB':>8}"]
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        lines.append(f"{r['variant']:8} {r['device']:7} {r['dtype']:9} {str(r['compile']):7} {r['ms_per_step']:9.1f} "
-                     f"{r['tokens_per_sec']:10,.0f} {mfu:>6} {r['peak_memory_mb']:8.0f}")
+        lines.append(f"{r['variant']:8} {r['device']:7} {r['dtype']:9} {str(r['compile']):7} {str(r['fsdp']):5} "
+                     f"{r['ms_per_step']:9.1f} {r['tokens_per_sec']:10,.0f} {mfu:>6} {r['peak_memory_mb']:8.0f}")
     return "\n".join(lines)
 
 

@@ -6,8 +6,10 @@ The one owner of the checkpoint format, and the one way to turn any --init_from 
 
 A checkpoint is one file written by torch.save, readable with a bare torch.load(weights_only=True): a dict
 with the keys of CHECKPOINT_KEYS (the model's and the optimizer's state, the architecture in model_args, the
-step, the loader's position, the RNG, the run's whole config) and a format version. The trainer writes it
-from Trainer.state_dict(), always to a temporary file renamed into place. In a run directory the trainer
+step, the loader's position, the RNG, the run's whole config) and a format version. The model and optimizer
+states are those one process's state_dict() gives, whatever wrote them (one process, DDP or FSDP), so any
+checkpoint resumes under any of them. The trainer writes it from Trainer.state_dict(), always to a temporary file
+renamed into place. In a run directory the trainer
 names its checkpoints iter-{step}-loss-{val loss}.pt (after an evaluation) and iter-{step}-stopped.pt (on a
 stop request), and keeps a copy of the best one as best_val_loss.pt; it reads, prunes and resumes from files
 of exactly those names and no others.
@@ -32,6 +34,23 @@ CHECKPOINT_KEYS = ("version", "model", "model_args", "optimizer", "scaler", "ite
 
 def save_checkpoint(path, checkpoint):
     atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def optimizer_state_by_index(state):
+    """An optimizer state keyed by parameter names, as torch.distributed.checkpoint gathers it, in the form
+    optimizer.state_dict() gives: each parameter keyed by its position in the param groups."""
+    names = [name for group in state["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
+    return {"state": {index[name]: value for name, value in state["state"].items()},
+            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def optimizer_state_by_name(state, names):
+    """The other way: names[i] is the name of the parameter at position i of the optimizer's param groups."""
+    return {"state": {names[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}
 
 
 def load_checkpoint(path):

@@ -25,6 +25,7 @@ Importing this file only defines things.
 
 import http.client
 import json
+import math
 import shutil
 import sys
 import time
@@ -234,10 +235,11 @@ def token_losses(model, x, y, scored, autocast, vocab_limit):
 
 @torch.no_grad()
 def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024, autocast=None,
-                   vocab_limit=VOCAB_SIZE, progress=False):
+                   vocab_limit=VOCAB_SIZE, progress=False, passes=0):
     """(pred_sum, pred_norm) of each example, in the order given: a (len(examples), 2) long tensor.
     Examples go through the model longest first, batch_size at a time, so each batch pads little and the
-    longest (the most memory) comes first."""
+    longest (the most memory) comes first. passes: call the model at least this many times, the calls past
+    the examples on a batch of padding whose output is dropped (see evaluate's lockstep)."""
     enc = get_tokenizer()
     rendered = [render_example(example, enc, max_tokens=block_size + 1)[:2] for example in examples]
     order = sorted(range(len(rendered)), key=lambda i: -rendered[i][0].size(1))
@@ -255,6 +257,9 @@ def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024
             pred_sum, pred_norm = predict(losses.view(batch_size, 4, -1), scored.view(batch_size, 4, -1))
             predictions[torch.tensor(batch, device=device)] = torch.stack((pred_sum, pred_norm), 1)[:len(batch)]
             bar.update(len(batch))
+        for _ in range(passes - math.ceil(len(order) / batch_size)):
+            with autocast or nullcontext():
+                model(torch.zeros((4 * batch_size, padded_length(1, block_size)), dtype=torch.long, device=device))
     finally:
         bar.close()
         if was_training:
@@ -263,7 +268,7 @@ def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024
 
 
 def evaluate(model, examples, device="cpu", batch_size=16, block_size=1024, autocast=None, rank=0, world_size=1,
-             vocab_limit=VOCAB_SIZE, progress=False):
+             vocab_limit=VOCAB_SIZE, progress=False, lockstep=False):
     """Zero-shot HellaSwag accuracy: {"acc", "acc_norm", "n", "correct", "correct_norm"}.
 
     model maps tokens (B, T) to logits (B, T, V): a callable returning them, or a (logits, loss) tuple (this
@@ -272,10 +277,13 @@ def evaluate(model, examples, device="cpu", batch_size=16, block_size=1024, auto
     torch.autocast("cuda", torch.bfloat16)), or None; losses are computed in float32 either way.
     Rank r scores examples[r::world_size]; with a process group the counts are summed over the ranks, so
     every rank returns the figures for all examples. Without one (world_size > 1 only in tests) each call
-    returns its own share's counts. The model is put in eval mode and back in train mode if it was."""
+    returns its own share's counts. The model is put in eval mode and back in train mode if it was.
+    lockstep: every rank calls the model as many times as the largest share needs (a model sharded with FSDP,
+    whose every call is a collective of all the ranks)."""
     share = examples[rank::world_size]
+    passes = math.ceil(math.ceil(len(examples) / world_size) / batch_size) if lockstep else 0
     predictions = score_examples(model, share, device, batch_size, block_size, autocast, vocab_limit,
-                                 progress and rank == 0)
+                                 progress and rank == 0, passes)
     labels = torch.tensor([int(example["label"]) for example in share], dtype=torch.long)
     counts = torch.stack([(predictions[:, 0] == labels).sum(), (predictions[:, 1] == labels).sum(),
                           torch.tensor(len(share))]).to(device)

@@ -1,11 +1,12 @@
 """
-Pre-train GPT-2 from scratch: the sharded token loader, the LR schedule, the DDP training loop, the run directory.
+Pre-train GPT-2 from scratch: the sharded token loader, the LR schedule, the DDP or FSDP loop, the run directory.
 
     python train_gpt2.py                                    # one GPU (or the CPU), FineWeb-Edu shards
     python train_gpt2.py --data input.txt --device cpu ...  # a text file, tokenized on the fly
     python train_gpt2.py --config config/shakespeare_cpu.toml  # flags from a file (the command line's win)
     torchrun --standalone --nproc_per_node 8 train_gpt2.py  # DDP on one node
     python train_gpt2.py --init_from resume                 # continue the run in --out_dir, with its own flags
+    torchrun --standalone --nproc_per_node 8 train_gpt2.py --fsdp True --n_layer 48 --n_head 25 --n_embd 1600
     python train_gpt2.py --eval_only True --init_from out/best_val_loss.pt
 
 Every flag is a field of TrainConfig below; `python train_gpt2.py --help` lists them with their defaults.
@@ -38,8 +39,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import hellaswag
-from checkpoint import (BEST_CHECKPOINT, CHECKPOINT_VERSION, checkpoint_name, load_start, prune_checkpoints,
-                        run_checkpoints, save_best, save_checkpoint)
+from checkpoint import (BEST_CHECKPOINT, CHECKPOINT_VERSION, checkpoint_name, load_start, optimizer_state_by_index,
+                        optimizer_state_by_name, prune_checkpoints, run_checkpoints, save_best, save_checkpoint)
 from cli import UserError, atomic_write, build_parser, flag, parse_flags
 from device import available_memory, device_peak_flops, make_autocast, resolve_device, resolve_dtype
 from fineweb import (EOT_TOKEN, VOCAB_SIZE, ShardError, check_open_shard, get_tokenizer, open_shard,
@@ -101,6 +102,9 @@ class TrainConfig:
     keep_last: int = flag(3, "keep only the newest N iter-*.pt checkpoints, and best_val_loss.pt (0 keeps all)")
     max_bad_steps: int = flag(3, "stop after this many consecutive steps with a non-finite loss or gradient")
     ddp_timeout: int = flag(600, "seconds a rank waits in a collective for the others before giving up")
+    fsdp: bool = flag(False, "shard the weights, gradients and AdamW state over the processes with FSDP2 instead of "
+                             "keeping a full copy on each (DDP), for models past one GPU's memory; with one "
+                             "process, a process group of one")
     # system
     device: str = flag("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'")
     dtype: str = flag("auto", "'auto' (bfloat16 on GPUs that have it, else float16 with a GradScaler; on the "
@@ -418,6 +422,7 @@ class Distributed:
     world_size: int = 1
     device: str = "cpu"
     control: object = None  # a Gloo group for host-side agreement (stop requests, failures), no device sync
+    sharded: bool = False  # FSDP: each rank holds a shard of the weights, and every forward pass is a collective
 
     @property
     def is_master(self):
@@ -435,25 +440,35 @@ class Distributed:
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def setup_distributed(device, timeout_seconds=600):
+def setup_distributed(device, timeout_seconds=600, fsdp=False):
     """Join the process group when launched by torchrun (NCCL on CUDA, Gloo on the CPU). A collective
-    that waits longer than the timeout (a rank died or hangs) raises instead of waiting forever."""
+    that waits longer than the timeout (a rank died or hangs) raises instead of waiting forever. FSDP needs
+    a process group even for one process: without torchrun, fsdp makes one of a single rank (its store in
+    memory, so no port is opened), and `python train_gpt2.py --fsdp True` trains as torchrun with one
+    process would."""
     present = [v for v in TORCHRUN_VARIABLES if v in os.environ]
-    if not present:
+    if not present and not fsdp:
         return Distributed(device=resolve_device(device))
     missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
-    if missing:
+    if present and missing:
         raise UserError(f"{present[0]} is set but {missing[0]} is not: launch distributed runs with "
                         f"`torchrun --nproc_per_node N train_gpt2.py ...`")
-    rank, local_rank, world_size = (int(os.environ[v]) for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    rank, local_rank, world_size = (int(os.environ[v]) for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if present \
+        else (0, 0, 1)
     device = resolve_device(device)
+    if fsdp and device.split(":")[0] not in ("cuda", "cpu"):
+        raise UserError(f"--fsdp True runs on CUDA GPUs or the CPU, not on {device}: pass --fsdp False")
     if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
+        device = f"cuda:{local_rank}" if present else device
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_seconds)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=timeout)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if present:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout) if device.startswith("cuda") else None
-    return Distributed(rank, local_rank, world_size, device, control)
+    return Distributed(rank, local_rank, world_size, device, control, sharded=fsdp)
 
 
 def all_reduce_mean(tensor, world_size):
@@ -565,16 +580,36 @@ def new_model(model_args, seed):
     return GPT(GPTConfig(**model_args))
 
 
-def check_model_fits(model_args, device, bytes_per_param):
+BYTES_PER_PARAM = 16  # float32 weight, gradient and two AdamW moments
+
+
+def check_model_fits(model_args, dist_info):
     """Refuse, before allocating it, a model that cannot fit: an allocation far past the memory either fails
-    with a traceback or, on the CPU, summons the out-of-memory killer."""
+    with a traceback or, on the CPU, summons the out-of-memory killer. Under FSDP a device holds 1/world_size
+    of the state, but the host of rank 0 gathers the whole weights and AdamW state for every checkpoint."""
     C, L = model_args["n_embd"], model_args["n_layer"]
     n_params = 12 * L * C * C + (model_args["vocab_size"] + model_args["block_size"]) * C
-    needed, free = n_params * bytes_per_param, available_memory(device)
+    size, fsdp = f"a model of {n_params / 1e6:,.0f}M parameters needs about", dist_info.sharded
+    needed = n_params * BYTES_PER_PARAM / (dist_info.world_size if fsdp else 1)
+    free = available_memory(dist_info.device)
     if free is not None and needed > free:
-        raise UserError(f"a model of {n_params / 1e6:,.0f}M parameters needs about {needed / 2**30:,.1f} GiB for "
-                        f"its weights, gradients and AdamW state, more than the {free / 2**30:,.1f} GiB available "
-                        f"on {device}: choose a smaller --n_layer or --n_embd")
+        how = (f" per process (--fsdp True over {dist_info.world_size})" if fsdp else "")
+        fix = "" if fsdp else ", or shard it over several processes with --fsdp True"
+        raise UserError(f"{size} {needed / 2**30:,.1f} GiB for its weights, gradients and AdamW state{how}, more than "
+                        f"the {free / 2**30:,.1f} GiB available on {dist_info.device}: choose a smaller --n_layer or "
+                        f"--n_embd{fix}")
+    # every rank checks its own host, so that all stop together rather than rank 0 alone
+    needed, free = n_params * BYTES_PER_PARAM, available_memory("cpu")
+    if fsdp and free is not None and needed > free:
+        raise UserError(f"{size} {needed / 2**30:,.1f} GiB of host memory to gather its whole weights and AdamW "
+                        f"state into a checkpoint on rank 0 (--fsdp True), more than the {free / 2**30:,.1f} GiB "
+                        f"available: choose a smaller --n_layer or --n_embd, or run on hosts with more memory")
+
+
+def check_fsdp_dtype(dist_info, dtype):
+    if dist_info.sharded and dtype == "float16":
+        raise UserError("--fsdp True trains in bfloat16 or float32, not float16 (its GradScaler is not set up for "
+                        "sharded gradients): pass --dtype bfloat16 where the GPU has it, else --dtype float32")
 
 
 # -----------------------------------------------------------------------------
@@ -914,16 +949,22 @@ class Evaluation:
 
     @torch.no_grad()
     def val_loss(self, model, autocast):
-        """Mean loss over the fixed val batches; rank r takes batches r, r + world_size, ..."""
+        """Mean loss over the fixed val batches; rank r takes batches r, r + world_size, ... Under FSDP each
+        forward pass is a collective, so every rank makes as many: a rank with a batch fewer runs the first
+        batch once more and does not count it."""
         d, B, T = self.dist_info, self.batch_size, self.block_size
+        mine = self.positions[d.rank::d.world_size]
+        passes = math.ceil(len(self.positions) / d.world_size) if d.sharded else len(mine)
         model.eval()
         loss_sum = torch.zeros(2, device=d.device)  # (sum of batch losses, batch count)
-        for source, start in self.positions[d.rank::d.world_size]:
+        for i in range(passes):
+            source, start = mine[i] if i < len(mine) else self.positions[0]
             chunk = torch.from_numpy(read_span(*self.sources[source], start, B * T + 1))
             x, y = chunk[:-1].view(B, T).to(d.device), chunk[1:].view(B, T).to(d.device)
             with autocast:
                 _, loss = model(x, y, return_logits=False)  # the chunked loss: no full logits in memory
-            loss_sum += torch.stack([loss.float(), torch.ones((), device=d.device)])
+            counted = torch.tensor(float(i < len(mine)), device=d.device)
+            loss_sum += torch.stack([loss.float() * counted, counted])
         if d.world_size > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
         model.train()
@@ -935,7 +976,7 @@ class Evaluation:
         scores = {"val_loss": self.val_loss(model, autocast)}
         if self.hellaswag:
             result = hellaswag.evaluate(model, self.hellaswag, d.device, self.batch_size, self.block_size, autocast,
-                                        d.rank, d.world_size)
+                                        d.rank, d.world_size, lockstep=d.sharded)
             scores.update(hellaswag_acc_norm=result["acc_norm"], hellaswag_acc=result["acc"],
                           hellaswag_n=result["n"])
         return scores
@@ -967,16 +1008,25 @@ def sample_text(model, device, autocast, seed, prompt=SAMPLE_PROMPT, num_samples
 # Training: one optimizer step, the stop signal, the Trainer and its loop
 
 
-def train_step(model, optimizer, scaler, x, y, grad_clip, autocast, ddp):
+def set_gradient_sync(model, sync):
+    """Whether the next backward pass reduces the gradients over the ranks: DDP's flag (flipped rather than
+    entering no_sync(), so the loop stays flat; set before the forward pass, where DDP reads it) or FSDP's."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model.require_backward_grad_sync = sync
+    else:
+        model.set_requires_gradient_sync(sync)  # FSDP2; a compiled model passes it on to the module it wraps
+
+
+def train_step(model, optimizer, scaler, x, y, grad_clip, autocast, distributed):
     """One optimizer step over x, y of shape (micro_steps, B, T). Returns the mean loss and the gradient
     norm as device tensors, and whether the update was applied: a step whose loss or gradient norm is not
-    finite is skipped. Reading that one flag is the step's one wait for the device."""
+    finite is skipped. Reading that one flag is the step's one wait for the device. distributed: model is
+    DDP or FSDP over several ranks."""
     micro_steps = x.size(0)
     loss_sum = torch.zeros((), device=x.device)
     for micro_step in range(micro_steps):
-        if ddp:
-            # sync gradients on the last micro-step only; set before the forward pass, where DDP reads it
-            model.require_backward_grad_sync = micro_step == micro_steps - 1
+        if distributed:  # reduce the gradients on the last micro-step only
+            set_gradient_sync(model, micro_step == micro_steps - 1)
         with autocast:
             _, loss = model(x[micro_step], y[micro_step], return_logits=False)
         loss = loss / micro_steps
@@ -985,10 +1035,12 @@ def train_step(model, optimizer, scaler, x, y, grad_clip, autocast, ddp):
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor of the ranks' partial norms
+        grad_norm = grad_norm.full_tensor()
     finite = torch.isfinite(loss_sum)
     if not scaler.is_enabled():  # a GradScaler (float16) skips overflowing gradients itself, routinely
         finite &= torch.isfinite(grad_norm)
-    if ddp:  # the loss is this rank's own: agree, so that every rank skips or none does
+    if distributed:  # the loss is this rank's own: agree, so that every rank skips or none does
         finite = finite.float()
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     applied = bool(finite.item())
@@ -1037,10 +1089,81 @@ class StopSignal:
                   f"(Ctrl-C again stops at once)", file=sys.stderr, flush=True)
 
 
+def fsdp2():
+    """FSDP2's fully_shard and MixedPrecisionPolicy: public in torch.distributed.fsdp from torch 2.6, in
+    torch.distributed._composable.fsdp before."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return fully_shard, MixedPrecisionPolicy
+
+
+def shard_model(model, device, dtype):
+    """FSDP2 over every rank: each block is a group of its own, gathered whole just before it runs and freed
+    after, and the root holds the rest (wte, which is also lm_head, wpe and ln_f), so the tied weight stays one
+    parameter in one group. Each rank keeps its float32 shard of every weight, gradient and AdamW moment. With
+    bfloat16 the gathered weights are bfloat16 and the gradients are reduced in float32 (autocast still runs
+    layer norms, softmax and the loss in float32). The model may sit on the CPU: each shard is moved to device
+    as it is cut, so the whole model never is."""
+    from torch.distributed.device_mesh import init_device_mesh
+    fully_shard, MixedPrecisionPolicy = fsdp2()
+    mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy()  # float32: the weights as they are
+    if dtype == "bfloat16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def place_model(model, dist_info, dtype):
+    """The model on its device: whole, or under FSDP this rank's shards of it."""
+    if dist_info.sharded:
+        return shard_model(model, dist_info.device, dtype)
+    return model.to(dist_info.device)
+
+
+def full_state(model, optimizer, sharded):
+    """(model state, optimizer state) in the checkpoint's form, that of one process's state_dict(): under FSDP
+    gathered from every rank's shards into rank 0's CPU memory, one tensor at a time (a collective; the other
+    ranks get empty dicts), with the optimizer's state keyed by position as optimizer.state_dict() keys it."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if not model_state:
+        return {}, {}
+    # gathered one name at a time, a tied weight comes back as copies: one tensor under all its names again,
+    # as model.state_dict() gives it (and torch.save stores it once)
+    first_name = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        model_state[name] = model_state[first_name.setdefault(id(param), name)]
+    return model_state, optimizer_state_by_index(optimizer_state)
+
+
+def load_optimizer_state(model, optimizer, state, sharded):
+    """Load a checkpoint's optimizer state (keyed by position): under FSDP each rank keeps its shard of it."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    name_of = {id(param): name for name, param in model.named_parameters()}
+    names = [name_of[id(param)] for group in optimizer.param_groups for param in group["params"]]
+    # every rank has read the whole checkpoint, so each cuts its own shard: nothing is broadcast
+    set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(state, names),
+                             options=StateDictOptions(full_state_dict=True))
+
+
 def compile_and_wrap(model, config, dist_info):
     """(forward_model, train_model): the model compiled if --compile (what evaluation calls), and that wrapped
-    in DDP when there are several processes (what the training step calls)."""
-    ddp = dist_info.world_size > 1
+    in DDP when there are several processes (what the training step calls). A sharded model (FSDP) is its own
+    wrapper: both are the compiled model then."""
+    ddp = dist_info.world_size > 1 and not dist_info.sharded
     if ddp and config.compile and torch_version() < (2, 6):
         # before 2.6, DDP's graph splitting refused the loss's autograd.Function (a higher-order op)
         torch._dynamo.config.optimize_ddp = False
@@ -1063,21 +1186,23 @@ def pause_clock(progress, seconds):
 class Trainer:
     """What a run carries from step to step (model, optimizer, scaler, loader, step, tokens, best val loss):
     state_dict() is exactly what a checkpoint holds. The methods are the loop's phases.
-    self.model is the GPT itself (its weights are the checkpoint's); self.forward_model is it compiled (with
-    --compile), and self.train_model that under DDP (with several processes)."""
+    self.model is the GPT itself (its weights are the checkpoint's; under FSDP, sharded in place); self.forward_model
+    is it compiled (with --compile), and self.train_model that under DDP (with several processes)."""
 
     def __init__(self, config, dist_info, model, log, *, loader, evaluation, checkpoint=None):
         self.config, self.dist_info, self.log = config, dist_info, log
         self.device = dist_info.device
         self.dtype = resolve_dtype(config.dtype, self.device)
+        check_fsdp_dtype(dist_info, self.dtype)
         device_type = self.device.split(":")[0]
         if device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.model = model.to(self.device).train()
+        self.model = place_model(model.train(), dist_info, self.dtype)
         self.model.gradient_checkpointing = config.gradient_checkpointing
         self.forward_model, self.train_model = compile_and_wrap(self.model, config, dist_info)
-        self.optimizer = model.configure_optimizer(config.weight_decay, config.learning_rate, device_type)
+        # made after sharding: under FSDP its moments are shards too
+        self.optimizer = self.model.configure_optimizer(config.weight_decay, config.learning_rate, device_type)
         self.scaler = torch.amp.GradScaler(device_type, enabled=self.dtype == "float16")
         self.autocast = make_autocast(device_type, self.dtype)
         self.loader, self.evaluation = loader, evaluation
@@ -1092,9 +1217,14 @@ class Trainer:
         self.batches = Prefetcher(loader, self.device)  # after the state is loaded: it reads on from there
 
     def state_dict(self):
+        """The checkpoint, on rank 0; None on the other ranks. Every rank calls it: under FSDP the weights and
+        the optimizer state are gathered from all of them."""
+        model_state, optimizer_state = full_state(self.model, self.optimizer, self.dist_info.sharded)
+        if not self.dist_info.is_master:
+            return None
         return {
-            "version": CHECKPOINT_VERSION, "model": self.model.state_dict(), "model_args": self.model_args,
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "iter_num": self.iter_num,
+            "version": CHECKPOINT_VERSION, "model": model_state, "model_args": self.model_args,
+            "optimizer": optimizer_state, "scaler": self.scaler.state_dict(), "iter_num": self.iter_num,
             "tokens": self.tokens_seen, "best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps,
             "loader": self.batches.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(self.config),
             "world_size": self.dist_info.world_size, "torch_version": str(torch.__version__),
@@ -1109,7 +1239,7 @@ class Trainer:
         """Everything but the weights, which the model was built with. A new --data starts its loader afresh."""
         path = checkpoint.get("path")
         try:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            load_optimizer_state(self.model, self.optimizer, checkpoint["optimizer"], self.dist_info.sharded)
             if checkpoint["scaler"]:  # empty when the run trained without float16; the scaler starts fresh then
                 self.scaler.load_state_dict(checkpoint["scaler"])
             if checkpoint["config"].get("data") == self.config.data:
@@ -1132,10 +1262,10 @@ class Trainer:
         """Rank 0 writes the checkpoint, then every rank learns whether it worked: a failed write stops the
         run on all of them rather than let it train on without a safe point."""
         error = None
+        checkpoint = self.state_dict()
         if self.dist_info.is_master:
             out_dir = Path(self.config.out_dir)
             path = out_dir / name
-            checkpoint = self.state_dict()
             checkpoint["val_loss"] = val_loss
             try:
                 save_checkpoint(path, checkpoint)
@@ -1155,7 +1285,7 @@ class Trainer:
         scores = self.evaluation.scores(self.forward_model, self.autocast)
         self.log.print(f"step {step}: {describe_scores(scores)}")
         self.log.record(step=step, **scores, tokens=self.tokens_seen)
-        if self.dist_info.is_master:
+        if self.dist_info.is_master or self.dist_info.sharded:  # under FSDP every rank takes part in each forward
             for text in sample_text(self.model, self.device, self.autocast, self.config.seed + step,
                                     self.config.sample_prompt, self.config.num_samples):
                 self.log.print(f"  sample: {text!r}")
@@ -1274,9 +1404,10 @@ def evaluate_only(config, explicit, dist_info, model, checkpoint):
     model_args_for(config, explicit, model)
     evaluation = Evaluation(config, model.config.block_size, dist_info, log)
     dtype = resolve_dtype(config.dtype, dist_info.device)
+    check_fsdp_dtype(dist_info, dtype)
     lock = claim_out_dir(config.out_dir, dist_info)  # its one line goes to a directory no trainer is writing
     try:
-        model = model.to(dist_info.device)
+        model = place_model(model, dist_info, dtype)
         forward_model = torch.compile(model) if config.compile else model
         scores = evaluation.scores(forward_model, make_autocast(dist_info.device.split(":")[0], dtype))
         source, step = (checkpoint["path"], checkpoint["iter_num"]) if checkpoint else (config.init_from, 0)
@@ -1301,14 +1432,14 @@ def train(config, explicit, changes, dist_info, model, checkpoint):
             raise UserError(f"{checkpoint['path']} is at step {checkpoint['iter_num']}, past --max_iters "
                             f"{config.max_iters}: raise --max_iters to train on")
     # everything the user gave is checked before a model is built, a step taken or out_dir touched
-    resolve_dtype(config.dtype, dist_info.device)
+    check_fsdp_dtype(dist_info, resolve_dtype(config.dtype, dist_info.device))
     check_tracker_packages(config, dist_info)
     evaluation = Evaluation(config, model_args["block_size"], dist_info, log)
     loader = ShardLoader(load_token_sources(config.data, "train"), config.batch_size, model_args["block_size"],
                          config.gradient_accumulation_steps, dist_info.rank, dist_info.world_size, config.seed,
                          config.shuffle)
     if model is None:
-        check_model_fits(model_args, dist_info.device, bytes_per_param=16)
+        check_model_fits(model_args, dist_info)
     continuing = checkpoint["path"] if checkpoint else None
     lock = claim_out_dir(config.out_dir, dist_info, check=lambda: check_run_files(config.out_dir, continuing))
     trainer, failed = None, True
@@ -1370,7 +1501,7 @@ def main(argv=None):
     try:
         config, explicit, changes, model, checkpoint = start(argv)
         config.validate()
-        dist_info = setup_distributed(config.device, config.ddp_timeout)
+        dist_info = setup_distributed(config.device, config.ddp_timeout, config.fsdp and not config.export_hf)
         if config.export_hf:
             export(config, dist_info)
         elif config.eval_only:

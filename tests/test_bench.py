@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import run_script
 
 TINY_BENCH = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32",
@@ -25,6 +27,19 @@ def test_compare_times_both_steps_and_they_give_the_same_losses(tmp_path):
         assert result["tokens_per_step"] == 4 * 2 * 32
         assert result["ms_per_step"] > 0 and result["tokens_per_sec"] > 0 and result["peak_memory_mb"] > 0
         assert len(result["step_ms"]) == 2 * 2  # two rounds of two timed steps, pooled
+
+
+def test_fsdp_is_timed_on_a_process_group_of_one_with_the_same_losses(tmp_path):
+    reports = []
+    for fsdp in ("False", "True"):
+        result = run_script("bench.py", *TINY_BENCH, "--fsdp", fsdp, "--json_out", tmp_path / f"{fsdp}.json")
+        assert result.returncode == 0, result.stderr
+        reports.append(json.loads((tmp_path / f"{fsdp}.json").read_text())["results"][0])
+    whole, sharded = reports
+    assert (whole["fsdp"], sharded["fsdp"]) == (False, True)
+    assert sharded["peak_memory_mb"] > 0
+    for a, b in zip(whole["losses"], sharded["losses"]):
+        assert b == pytest.approx(a, rel=1e-5)
 
 
 def test_bad_flags_get_one_line(tmp_path):

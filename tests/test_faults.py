@@ -227,10 +227,11 @@ def test_keep_last_keeps_the_newest_checkpoints_and_the_best(tmp_path):
     assert best["val_loss"] == min(val.values())
 
 
-def test_a_killed_rank_does_not_leave_the_other_hanging(tmp_path):
+@pytest.mark.parametrize("fsdp", ["False", "True"], ids=["ddp", "fsdp"])
+def test_a_killed_rank_does_not_leave_the_other_hanging(tmp_path, fsdp):
     start = time.monotonic()
     process = start_with_fault("die_at_step:3@1", *run_args(tmp_path / "out", "--gradient_accumulation_steps", "1",
-                                                           "--ddp_timeout", "30"), torchrun=True)
+                                                           "--ddp_timeout", "30", "--fsdp", fsdp), torchrun=True)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0
     assert time.monotonic() - start < 100

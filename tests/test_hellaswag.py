@@ -243,6 +243,18 @@ class ShapeRecorder(nn.Module):
         return self.model(idx)
 
 
+def test_in_lockstep_every_rank_calls_the_model_as_often_and_scores_the_same():
+    examples = random_items(9)  # shares of 5 and 4: 2 and 1 batches of 4
+    calls, results = [], []
+    for rank in (0, 1):
+        model = ShapeRecorder(tiny_gpt())
+        results.append(evaluate(model, examples, batch_size=4, block_size=64, rank=rank, world_size=2, lockstep=True))
+        calls.append(len(model.calls))
+    assert calls == [2, 2]  # FSDP: each call is a collective that every rank must join
+    assert results == [evaluate(tiny_gpt(), examples, batch_size=4, block_size=64, rank=rank, world_size=2)
+                       for rank in (0, 1)]
+
+
 def test_few_input_shapes_reach_the_model_and_its_mode_is_restored():
     model = ShapeRecorder(tiny_gpt()).train()
     examples = random_items(40, ctx_words=(2, 40), ending_words=(1, 15))
