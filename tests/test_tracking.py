@@ -12,7 +12,7 @@ import pytest
 
 from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_train
 from checkpoint import load_checkpoint
-from train_gpt2 import RunLog
+from rundir import RunLog
 
 RUN = [*TINY, "--data", INPUT_TXT, "--max_iters", "6", "--eval_interval", "3", "--wandb_log", "True",
        "--tensorboard", "True"]
