@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 from cli import UserError, build_parser, flag
 from device import device_peak_flops, resolve_device
-from train_gpt2 import (ShardLoader, Distributed, RunLog, TrainConfig, Trainer, estimate_mfu, flops_per_token, get_lr,
+from rundir import RunLog
+from train_gpt2 import (ShardLoader, Distributed, TrainConfig, Trainer, estimate_mfu, flops_per_token, get_lr,
                         load_token_sources, model_args_for, new_model, setup_distributed)
 
 # -----------------------------------------------------------------------------
@@ -85,21 +86,31 @@ def naive_step(trainer, x, y):
 
 def measure(config):
     """Train warmup_steps + steps from a fixed init and return the timing of the last `steps`. The fast variant
-    is the trainer's own Trainer.optimizer_step (prefetching loader, compiled model, chunked loss); the naive one uses
-    the same model, optimizer and batches with naive_step, uncompiled."""
+    is the trainer's own Trainer.optimizer_step (prefetching loader, compiled model, chunked loss); the naive one
+    uses the same model, optimizer and batches with naive_step, uncompiled."""
     device = resolve_device(config.device)
-    naive = config.variant == "naive"
-    config = replace(config, hellaswag=False, compile=config.compile and not naive)
+    config = replace(config, hellaswag=False, compile=config.compile and config.variant != "naive")
     # --fsdp: a process group of one (bench.py is one process), as `python train_gpt2.py --fsdp True` makes
     dist_info = setup_distributed(device, config.ddp_timeout, fsdp=True) if config.fsdp else Distributed(device=device)
-    model_args = model_args_for(config, set())
-    sources = load_token_sources(config.data, "train")
-    make_loader = lambda: ShardLoader(sources, config.batch_size, config.block_size, config.gradient_accumulation_steps,
-                                      seed=config.seed, shuffle=config.shuffle)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(config, dist_info, new_model(model_args, config.seed), RunLog(tmp, enabled=False),
-                          loader=make_loader(), evaluation=None)
-    if naive:
+    try:
+        sources = load_token_sources(config.data, "train")
+        make_loader = lambda: ShardLoader(sources, config.batch_size, config.block_size,
+                                          config.gradient_accumulation_steps, seed=config.seed, shuffle=config.shuffle)
+        trainer = Trainer(config, dist_info, new_model(model_args_for(config, set()), config.seed),
+                          RunLog(".", enabled=False), loader=make_loader(), evaluation=None)
+        try:
+            return summarize(time_steps(config, trainer, make_loader))
+        finally:
+            trainer.close()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def time_steps(config, trainer, make_loader):
+    """The losses of warmup_steps + steps steps, and how long each of the last `steps` took."""
+    device = trainer.device
+    if config.variant == "naive":
         batches = make_loader()  # its own: the trainer's loader is being read ahead by its prefetcher
 
         def step(i):
@@ -123,18 +134,13 @@ def measure(config):
         if i == config.steps - 1:
             synchronize()
         step_ends.append(time.perf_counter())
-    trainer.close()
     step_ms = [1000 * (end - start) for start, end in zip(step_ends, step_ends[1:])]
-    result = {"variant": config.variant, "device": device, "dtype": trainer.dtype, "compile": config.compile,
-              "fsdp": config.fsdp,
-              "step_ms": step_ms, "peak_memory_mb": peak_memory_bytes(device) / 2**20,
-              "tokens_per_step": trainer.loader.tokens_per_step, "losses": [float(loss) for loss in losses],
-              "flops_per_token": flops_per_token(trainer.model.num_params(), config.n_layer, config.n_embd,
-                                                 config.block_size),
-              "peak_flops": device_peak_flops(device, trainer.dtype)}
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return summarize(result)
+    return {"variant": config.variant, "device": device, "dtype": trainer.dtype, "compile": config.compile,
+            "fsdp": config.fsdp, "step_ms": step_ms, "peak_memory_mb": peak_memory_bytes(device) / 2**20,
+            "tokens_per_step": trainer.loader.tokens_per_step, "losses": [float(loss) for loss in losses],
+            "flops_per_token": flops_per_token(trainer.model.num_params(), config.n_layer, config.n_embd,
+                                               config.block_size),
+            "peak_flops": device_peak_flops(device, trainer.dtype)}
 
 
 def summarize(result):

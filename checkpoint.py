@@ -1,8 +1,9 @@
 """
 The one owner of the checkpoint format, and the one way to turn any --init_from into a model.
 
-    from checkpoint import load_model
-    model, checkpoint = load_model("out/best_val_loss.pt")    # or "resume" (with out_dir), "gpt2", a folder
+    from checkpoint import load_model, load_start
+    model = load_model("out/best_val_loss.pt")                 # or "gpt2", a transformers folder
+    model, checkpoint = load_start("resume", out_dir="out")    # the model and the rest of the latest checkpoint
 
 A checkpoint is one file written by torch.save, readable with a bare torch.load(weights_only=True): a dict
 with the keys of CHECKPOINT_KEYS (the model's and the optimizer's state, the architecture in model_args, the
@@ -64,6 +65,9 @@ def load_checkpoint(path):
                         f"use another one, such as an earlier iter-*.pt of the same run") from None
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
         raise UserError(f"{path} is not a checkpoint of this trainer: pass a file written by train_gpt2.py")
+    if not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["iter_num"], int):
+        raise UserError(f"checkpoint {path} holds a malformed config or step: it is damaged; use another checkpoint "
+                        f"of the run")
     if checkpoint["version"] != CHECKPOINT_VERSION:
         raise UserError(f"checkpoint {path} has format version {checkpoint['version']}, this code reads "
                         f"{CHECKPOINT_VERSION}")

@@ -123,7 +123,7 @@ def read_toml(path):
             return tomllib.load(f)
     except OSError as e:
         raise UserError(f"--config {path}: {e.strerror or e}: pass an existing TOML file") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML must be UTF-8
         raise UserError(f"--config {path} is not valid TOML ({e}): fix the file") from None
 
 
@@ -176,3 +176,10 @@ def atomic_write(path, write):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_temporaries(directory):
+    """Delete the temporary files of atomic writes that a killed process left in directory. Only for a
+    directory this process holds the lock of: another writer's file would be mid-write."""
+    for path in Path(directory).glob(".*.tmp"):
+        path.unlink(missing_ok=True)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import UserError, atomic_write, build_parser, flag
+from cli import UserError, atomic_write, build_parser, flag, remove_temporaries
 
 # -----------------------------------------------------------------------------
 # The shard format
@@ -177,8 +177,8 @@ class FineWebConfig:
     name: str = flag("sample-10BT", "the dataset's configuration: sample-10BT (~10B tokens), sample-100BT, "
                                     "sample-350BT or default (all of it)")
     data_files: str = flag("", "read these local files instead of the Hub: .parquet, .jsonl/.json or .txt (one "
-                               "document per .txt file); paths or globs, separated by commas or spaces; empty: the "
-                               "Hub")
+                               "document per .txt file); paths or globs, separated by commas or given as separate "
+                               "words (as an unquoted glob gives them); empty: the Hub")
     text_column: str = flag("text", "the column holding each document's text")
     out_dir: str = flag("edu_fineweb10B", "where the shards and manifest.json are written")
     shard_size: int = flag(10**8, f"tokens per shard (2 bytes each), at least {MIN_SHARD_SIZE}; the trainer takes "
@@ -214,9 +214,9 @@ def parse_args(argv=None):
 
 def join_data_files(argv):
     """argv with the words that follow --data_files's value, up to the next flag, joined to it by commas: an
-    unquoted glob reaches the script as one word per file, and means what the quoted glob means. The script
-    takes no positional arguments, so those words were an error before; the flags stay one value each, as
-    the parser shared with train_gpt2.py makes them."""
+    unquoted glob reaches the script as one word per file, in the shell's order (the quoted glob is sorted by
+    Python, so the two can order files differently). The script takes no positional arguments, so those words
+    were an error before; the flags stay one value each, as cli.build_parser makes them."""
     joined = []
     for word in argv:
         if joined and takes_more_files(joined) and not word.startswith("-"):
@@ -431,8 +431,9 @@ def exit_with_parent(main_pid):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != main_pid:  # the main process died before the prctl, which then never fires
         os._exit(1)
-    # where there is no prctl (macOS), the parent pid changing (to init's or a subreaper's) is the only sign
-    threading.Thread(target=watch_parent, args=(main_pid,), name="watch_parent", daemon=True).start()
+    if sys.platform != "linux":
+        # without prctl (macOS), the parent pid changing (to init's or a subreaper's) is the only sign
+        threading.Thread(target=watch_parent, args=(main_pid,), name="watch_parent", daemon=True).start()
 
 
 def watch_parent(main_pid):
@@ -630,9 +631,9 @@ def settings_of(config, files):
 
 @contextlib.contextmanager
 def locked_out_dir(out_dir):
-    """Create out_dir and hold a lock on it while shards are written, clearing temporary files when it starts
-    (those a killed run left) and when it ends: two runs on one directory would delete each other's. A run
-    that fails before writing anything takes the directory it created away again."""
+    """Create out_dir and hold a lock on it while shards are written, clearing the temporary files a killed run
+    left when it starts: two runs on one directory would delete each other's. A run that fails before writing
+    anything takes the directory it created away again."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir {out_dir} is a file: pass a directory (it is created if missing)")
@@ -652,23 +653,13 @@ def locked_out_dir(out_dir):
             except BlockingIOError:
                 raise UserError(f"another fineweb.py is writing to {out_dir}: wait for it or pass another "
                                 f"--out_dir") from None
-            remove_temporary_files(out_dir)  # a killed run's
-            try:
-                yield out_dir
-            finally:
-                # an interrupt landing in atomic_write between the creation of its file and its try block
-                # leaves the file behind; while the lock is held, no other run has any here
-                remove_temporary_files(out_dir)
+            remove_temporaries(out_dir)  # a killed run's
+            yield out_dir
     except BaseException:
         if created and [p.name for p in out_dir.iterdir()] == [".lock"]:
             (out_dir / ".lock").unlink()
             out_dir.rmdir()
         raise
-
-
-def remove_temporary_files(out_dir):
-    for tmp in out_dir.glob(".*.tmp"):  # atomic_write's temporary names
-        tmp.unlink()
 
 
 def read_manifest(out_dir, settings):

@@ -120,10 +120,14 @@ def run_labels(paths):
 def plot_runs(paths, out):
     """Draw the runs of the metrics.jsonl files in paths into the PNG out, replacing it atomically."""
     fig = figure(paths)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=DPI))  # a viewer never sees half a PNG
     import matplotlib.pyplot as plt
-    plt.close(fig)
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=DPI))  # a viewer never sees half a PNG
+    except OSError as e:
+        raise UserError(f"--out {out} cannot be written ({e.strerror or e}): pick a writable .png path") from None
+    finally:
+        plt.close(fig)
 
 
 def figure(paths):

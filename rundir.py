@@ -110,13 +110,6 @@ def lock_out_dir(out_dir):
         return None
 
 
-def remove_stale_temporaries(out_dir):
-    """Temporary files of writes that a crash interrupted: never a checkpoint, safe to delete (this process
-    holds the directory's lock, so no other writer is mid-write)."""
-    for path in Path(out_dir).glob(".*.tmp"):
-        path.unlink(missing_ok=True)
-
-
 # -----------------------------------------------------------------------------
 # The run's record: metrics.jsonl, and the plot redrawn from it
 
@@ -197,7 +190,9 @@ class Plotter:
 
     def start(self):
         self.check()
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # its messages go to a file, not a pipe: a pipe nobody reads while the process runs could fill and stall it
+        self.errors = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=self.errors)
         self.behind = False
 
     def finish(self):
@@ -213,7 +208,8 @@ class Plotter:
         if self.process is None or self.process.returncode in (None, 0) or self.warned:
             return
         self.warned = True
-        reason = (self.process.stderr.read().strip().splitlines() or ["plot.py failed"])[-1]
+        self.errors.seek(0)
+        reason = (self.errors.read().decode(errors="replace").strip().splitlines() or ["plot.py failed"])[-1]
         self.log.print(f"warning: --plot True: no plot ({reason.removeprefix('error: ')})")
 
 

@@ -39,13 +39,13 @@ import torch.nn as nn
 import hellaswag
 from checkpoint import (BEST_CHECKPOINT, CHECKPOINT_VERSION, checkpoint_name, load_start, optimizer_state_by_index,
                         optimizer_state_by_name, prune_checkpoints, save_best, save_checkpoint)
-from cli import UserError, atomic_write, build_parser, flag, parse_flags
+from cli import UserError, atomic_write, build_parser, flag, parse_flags, remove_temporaries
 from device import available_memory, device_peak_flops, make_autocast, resolve_device, resolve_dtype
 from fineweb import (EOT_TOKEN, VOCAB_SIZE, ShardError, check_open_shard, get_tokenizer, open_shard,
                      shard_files, shard_valid)
 from model import GPT, GPTConfig, export_hf  # GPT, GPTConfig: also re-exported
 from rundir import (TRACKER_PACKAGES, Plotter, RunLog, TensorBoardTracker, WandbTracker, check_run_files,
-                    lock_out_dir, make_out_dir, remove_stale_temporaries)
+                    lock_out_dir, make_out_dir)
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass, whose fields are the command-line flags (parser: cli.build_parser)
@@ -521,7 +521,7 @@ def run_config(flags, explicit, checkpoint):
     GPT-2 weights) the flags as given."""
     if checkpoint is None:
         return flags, []
-    saved = checkpoint["config"] if isinstance(checkpoint["config"], dict) else {}
+    saved = checkpoint["config"]
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {name: value for name, value in saved.items() if name in fields and name not in COMMAND_FLAGS}
     values.update({name: getattr(flags, name) for name in fields if name in explicit or name in COMMAND_FLAGS})
@@ -625,8 +625,9 @@ def claim_out_dir(out_dir, dist_info, check=lambda: None):
             make_out_dir(out_dir)
             lock = lock_out_dir(out_dir)
             check()
-        except UserError as e:
-            error = e
+        except (UserError, OSError) as e:
+            error = e if isinstance(e, UserError) else UserError(f"cannot use --out_dir {out_dir} ({e.strerror or e}): "
+                                                                 f"fix its permissions or pick another directory")
             if lock is not None:
                 lock.release()
     if dist_info.any(error is not None):
@@ -651,15 +652,34 @@ def check_tracker_packages(config, dist_info):
 
 def start_trackers(config, trainer, log):
     """Rank 0's trackers, asked for by --wandb_log and --tensorboard, starting where the run starts: called
-    after log.drop_after, so that a resumed run knows what metrics.jsonl keeps."""
-    trackers = []
-    if config.wandb_log:  # first: it can fail (not logged in) before any other file is written
+    after log.drop_after, so that a resumed run knows what metrics.jsonl keeps. Each joins log.trackers as it
+    starts, so that log.close() closes it whatever fails after."""
+    if config.wandb_log:  # first: it is the one that can fail (not logged in)
         wandb_tracker = WandbTracker(config, trainer.wandb_run_id)
         trainer.wandb_run_id = wandb_tracker.run_id
-        trackers.append(wandb_tracker)
+        log.trackers.append(wandb_tracker)
     if config.tensorboard:
-        trackers.append(TensorBoardTracker(config.out_dir, trainer.iter_num, log.records_from(trainer.iter_num)))
-    return trackers
+        log.trackers.append(TensorBoardTracker(config.out_dir, trainer.iter_num, log.records_from(trainer.iter_num)))
+
+
+def prepare_run_files(config, trainer, log, dist_info):
+    """Rank 0 clears what a killed run left, cuts metrics.jsonl back to the checkpoint, starts the trackers and
+    writes config.json; every rank learns whether that worked, so that none goes on alone."""
+    error = None
+    if dist_info.is_master:
+        try:
+            remove_temporaries(config.out_dir)  # a killed run's, safe under the lock
+            log.drop_after(trainer.iter_num, trainer.evaluated_at_start)
+            start_trackers(config, trainer, log)
+            atomic_write(Path(config.out_dir) / "config.json",
+                         lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=2).encode()))
+        except UserError as e:
+            error = e
+        except OSError as e:
+            error = UserError(f"cannot write into --out_dir {config.out_dir} ({e.strerror or e}): fix its "
+                              f"permissions or free disk space, then run the same command again")
+    if dist_info.any(error is not None):
+        raise error or UserError("rank 0 could not prepare --out_dir: see its message")
 
 
 # -----------------------------------------------------------------------------
@@ -732,8 +752,8 @@ class Evaluation:
         return scores
 
 
-def describe_scores(scores):
-    text = f"val loss {scores['val_loss']:.4f}"
+def describe_scores(scores, batches=None):
+    text = f"val loss {scores['val_loss']:.4f}" + (f" over {batches} batches" if batches else "")
     if "hellaswag_n" in scores:
         text += f" | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f} ({scores['hellaswag_n']})"
     return text
@@ -869,7 +889,11 @@ def shard_model(model, device, dtype):
 
 
 def place_model(model, dist_info, dtype):
-    """The model on its device: whole, or under FSDP this rank's shards of it."""
+    """The model on its device: whole, or under FSDP this rank's shards of it. On CUDA, float32 matmuls run as
+    TF32 (training and evaluation alike, so that an evaluation repeats the one logged in training)."""
+    if dist_info.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if dist_info.sharded:
         return shard_model(model, dist_info.device, dtype)
     return model.to(dist_info.device)
@@ -945,9 +969,6 @@ class Trainer:
         self.dtype = resolve_dtype(config.dtype, self.device)
         check_fsdp_dtype(dist_info, self.dtype)
         device_type = self.device.split(":")[0]
-        if device_type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         self.model = place_model(model.train(), dist_info, self.dtype)
         self.model.gradient_checkpointing = config.gradient_checkpointing
         self.forward_model, self.train_model = compile_and_wrap(self.model, config, dist_info)
@@ -1161,7 +1182,7 @@ def evaluate_only(config, explicit, dist_info, model, checkpoint):
         forward_model = torch.compile(model) if config.compile else model
         scores = evaluation.scores(forward_model, make_autocast(dist_info.device.split(":")[0], dtype))
         source, step = (checkpoint["path"], checkpoint["iter_num"]) if checkpoint else (config.init_from, 0)
-        log.print(f"{source}: step {step} {describe_scores(scores)} over {len(evaluation.positions)} batches")
+        log.print(f"{source}: step {step} {describe_scores(scores, len(evaluation.positions))}")
         log.record(step=step, **scores, eval_only=True, checkpoint=str(source))
     finally:
         if lock is not None:
@@ -1197,19 +1218,18 @@ def train(config, explicit, changes, dist_info, model, checkpoint):
         if model is None:
             model = new_model(model_args, config.seed)
         trainer = Trainer(config, dist_info, model, log, loader=loader, evaluation=evaluation, checkpoint=checkpoint)
-        if dist_info.is_master:
-            remove_stale_temporaries(config.out_dir)
-            log.drop_after(trainer.iter_num, trainer.evaluated_at_start)
-            log.trackers = start_trackers(config, trainer, log)
-            atomic_write(Path(config.out_dir) / "config.json",
-                         lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=2).encode()))
+        prepare_run_files(config, trainer, log, dist_info)
         log.print(f"GPT-2 {trainer.model.num_params(non_embedding=False) / 1e6:.2f}M parameters | "
                   f"{dist_info.world_size} process(es) on {dist_info.device} | {trainer.dtype} | "
                   f"{loader.tokens_per_step:,} tokens/step | torch {torch.__version__} | commit {git_commit()} | "
                   f"from step {trainer.iter_num}")
         first_step, started = trainer.iter_num, time.perf_counter()
         with StopSignal(verbose=dist_info.is_master) as stop:
-            trainer.train(stop)
+            try:
+                trainer.train(stop)
+            except RunStopped as e:
+                failed = e.code == 1  # a stop on a signal saved a checkpoint to resume from: not a failure
+                raise
         failed = False
         for line in trainer.summary(first_step, time.perf_counter() - started):
             log.print(line)

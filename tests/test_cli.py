@@ -93,5 +93,8 @@ def test_a_bad_key_or_value_in_a_config_file_is_refused_naming_it_and_the_file(t
 def test_a_config_file_that_is_not_toml_or_not_there_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"run.toml is not valid TOML \(.*line 1"):
         parse_with_file(tmp_path, "max_iters: 3\n")
+    (tmp_path / "latin1.toml").write_bytes(b'data = "caf\xe9.txt"\n')
+    with pytest.raises(UserError, match="latin1.toml is not valid TOML"):
+        parse_flags(build_parser(Example, "an example", config_file=True), ["--config", str(tmp_path / "latin1.toml")])
     with pytest.raises(UserError, match="--config nowhere.toml: No such file or directory: pass an existing TOML"):
         parse_flags(build_parser(Example, "an example", config_file=True), ["--config", "nowhere.toml"])

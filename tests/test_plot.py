@@ -105,6 +105,15 @@ def test_without_matplotlib_the_message_says_how_to_install_it(tmp_path):
     assert not (tmp_path / "plot.png").exists()
 
 
+def test_an_out_path_that_cannot_be_written_gets_one_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "a_file").write_text("")
+    result = run_script("plot.py", write_metrics(tmp_path / "run"), "--out", tmp_path / "a_file" / "plot.png")
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: --out {tmp_path / 'a_file' / 'plot.png'} cannot be written")
+
+
 def test_a_missing_metrics_file_gets_one_line(tmp_path):
     result = run_script("plot.py", tmp_path / "metrics.jsonl")
     assert result.returncode == 1
