@@ -345,10 +345,12 @@ def load_stream(config, files, builder):
         ds = make()
     except Exception as e:
         raise UserError(describe_load_error(e, source, hub=not files)) from None
-    if ds.column_names is not None:
-        if config.text_column not in ds.column_names:
-            raise UserError(f"{source} has no column {config.text_column!r}, only {ds.column_names}: "
-                            f"pass --text_column NAME")
+    if ds.features is not None:
+        # checked before any document is read: pyarrow's parquet reader reads ahead in threads of its own through
+        # a Python file object, and a reader thread that lets go of that file while the interpreter shuts down
+        # (as it would at once after a bad column in the first batch) aborts the process with "terminate called
+        # without an active exception" after the one-line error, and exit status 134
+        check_text_column(ds.features.arrow_schema, source, config.text_column)
         ds = ds.select_columns([config.text_column])
     return ds.with_format("arrow"), source  # Arrow batches: no Python object per document in this process
 
@@ -367,8 +369,8 @@ def document_batches(ds, source, column, skip, hub):
         except Exception as e:
             raise UserError(describe_load_error(e, source, hub) + "; the shards written so far are kept: "
                             "rerun the same command to resume") from None
-        if not checked:
-            check_text_column(table, source, column)
+        if not checked:  # again, for a stream whose columns are unknown until read (.txt files)
+            check_text_column(table.schema, source, column)
             checked = True
         if table.num_rows <= skip:
             skip -= table.num_rows
@@ -379,11 +381,12 @@ def document_batches(ds, source, column, skip, hub):
         yield pa.concat_arrays(texts.chunks)
 
 
-def check_text_column(table, source, column):
+def check_text_column(schema, source, column):
+    """Refuse a --text_column that the Arrow schema lacks or that holds something other than strings."""
     import pyarrow as pa
-    if column not in table.column_names:
-        raise UserError(f"{source} has no column {column!r}, only {table.column_names}: pass --text_column NAME")
-    kind = table.schema.field(column).type
+    if column not in schema.names:
+        raise UserError(f"{source} has no column {column!r}, only {schema.names}: pass --text_column NAME")
+    kind = schema.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise UserError(f"column {column!r} of {source} holds {kind}, not text: pass --text_column NAME")
 

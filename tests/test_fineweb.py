@@ -457,6 +457,27 @@ def test_bad_input_gives_one_line_error(case, corpus, tmp_path):
     assert not list(tmp_path.rglob("*.bin")) and not (tmp_path / "edu_fineweb10B").exists()
 
 
+def test_a_bad_text_column_is_refused_before_any_document_is_read(corpus, tmp_path):
+    """By load_stream, from the files' schema: pyarrow's parquet reader reads ahead in threads of its own, and one
+    still running when the process exits on the error aborts it now and then ("terminate called without an active
+    exception" after the error line), which a loop over the whole script would take a minute to catch. In a
+    process of its own: load_stream sets USE_TORCH, which every later test's subprocess would inherit."""
+    code = ("import sys, fineweb\n"
+            "for column in ('id', 'body'):\n"
+            "    config = fineweb.parse_args(['--data_files', sys.argv[1], '--text_column', column])\n"
+            "    try:\n"
+            "        fineweb.load_stream(config, *fineweb.resolve_data_files(config.data_files))\n"
+            "    except fineweb.UserError as e:\n"
+            "        print(e)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(corpus[0] / "part-0.parquet")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **OFFLINE, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    refused = result.stdout.splitlines()
+    assert len(refused) == 2 and "'id'" in refused[0] and "not text" in refused[0], result.stdout
+    assert "no column 'body'" in refused[1], result.stdout
+
+
 @pytest.mark.parametrize("error_class, needle", [
     ("DatasetNotFoundError", "not found on the Hugging Face Hub"),
     ("ConnectionError", "cannot reach the Hugging Face Hub"),
