@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from cli import UserError, build_parser, flag
+from cross_entropy_kernel import kernel_runs_on
 from device import device_peak_flops, resolve_device
 from rundir import RunLog
 from train_gpt2 import (ShardLoader, Distributed, TrainConfig, Trainer, estimate_mfu, flops_per_token, get_lr,
@@ -46,6 +47,8 @@ class BenchConfig(TrainConfig):
     compare: bool = flag(False, "also time the straightforward step, each variant in its own process")
     rounds: int = flag(1, "with --compare: alternate naive and fast this many times, pooling their steps")
     variant: str = flag("fast", "'fast' (the trainer's step) or 'naive' (the straightforward step)")
+    loss_kernel: bool = flag(True, "the fast step's loss through cross_entropy_kernel.py's Triton kernel where it "
+                                   "runs (CUDA); False: its plain-torch reference, compiled with the model")
     json_out: str = flag("", "also write the results as JSON to this file")
 
 
@@ -96,8 +99,9 @@ def measure(config):
         sources = load_token_sources(config.data, "train")
         make_loader = lambda: ShardLoader(sources, config.batch_size, config.block_size,
                                           config.gradient_accumulation_steps, seed=config.seed, shuffle=config.shuffle)
-        trainer = Trainer(config, dist_info, new_model(model_args_for(config, set()), config.seed),
-                          RunLog(".", enabled=False), loader=make_loader(), evaluation=None)
+        model = new_model(model_args_for(config, set()), config.seed)
+        model.loss_kernel = config.loss_kernel
+        trainer = Trainer(config, dist_info, model, RunLog(".", enabled=False), loader=make_loader(), evaluation=None)
         try:
             return summarize(time_steps(config, trainer, make_loader))
         finally:
@@ -136,6 +140,7 @@ def time_steps(config, trainer, make_loader):
         step_ends.append(time.perf_counter())
     step_ms = [1000 * (end - start) for start, end in zip(step_ends, step_ends[1:])]
     return {"variant": config.variant, "device": device, "dtype": trainer.dtype, "compile": config.compile,
+            "loss_kernel": config.loss_kernel and config.variant == "fast" and kernel_runs_on(device),
             "fsdp": config.fsdp, "step_ms": step_ms, "peak_memory_mb": peak_memory_bytes(device) / 2**20,
             "tokens_per_step": trainer.loader.tokens_per_step, "losses": [float(loss) for loss in losses],
             "flops_per_token": flops_per_token(trainer.model.num_params(), config.n_layer, config.n_embd,
@@ -185,11 +190,12 @@ def compare(config):
 
 
 def table(results):
-    lines = [f"{'variant':8} {'device':7} {'dtype':9} {'compile':7} {'fsdp':5} {'ms/step':>9} {'tokens/s':>10} "
-             f"{'MFU':>6} {'peak MB':>8}"]
+    lines = [f"{'variant':8} {'device':7} {'dtype':9} {'compile':7} {'fsdp':5} {'kernel':6} {'ms/step':>9} "
+             f"{'tokens/s':>10} {'MFU':>6} {'peak MB':>8}"]
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         lines.append(f"{r['variant']:8} {r['device']:7} {r['dtype']:9} {str(r['compile']):7} {str(r['fsdp']):5} "
+                     f"{str(r['loss_kernel']):6} "
                      f"{r['ms_per_step']:9.1f} {r['tokens_per_sec']:10,.0f} {mfu:>6} {r['peak_memory_mb']:8.0f}")
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from cli import UserError, current_umask
+from cross_entropy_kernel import cross_entropy_and_grad_, kernel_runs_on
 from fineweb import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
 
 
@@ -94,10 +95,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     there, and their softmax is taken a few rows at a time, in the cache, into that same buffer. That is for
     the CPU, where every fresh tensor of this size is new memory from the operating system, paid for with a
     page fault on each 4 KiB touched: for GPT-2's vocabulary, nearly as long again as the matmul that fills
-    it (BENCHMARKS.md). A GPU's caching allocator already reuses its memory."""
+    it (BENCHMARKS.md). A GPU's caching allocator already reuses its memory; there each chunk's softmax and
+    gradient go through the Triton kernel of cross_entropy_kernel.py (use_kernel), two passes over the chunk's
+    logits where plain torch makes about eight."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_size, needs_grad, workspace):
+    def forward(ctx, x, weight, targets, chunk_size, needs_grad, workspace, use_kernel):
         n_rows, vocab_size = x.size(0), weight.size(0)
         # under autocast the matmuls run in the autocast dtype, as nn.Linear's would
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -112,22 +115,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, end)
             if workspace is None:
                 logits = x_c[rows] @ w_c.T  # (chunk, V)
-                block_rows = end - start
             else:
                 logits = torch.mm(x_c[rows], w_c.T, out=reusable_buffer(workspace, (end - start, vocab_size), dtype))
-                block_rows = 8  # 8 rows of float32 logits fit in L2
-            minus_one = torch.full((block_rows, 1), -1.0, device=x.device)
-            for block_start in range(0, end - start, block_rows):
-                block = logits[block_start:block_start + block_rows]
-                target = targets[start + block_start:start + block_start + block.size(0)].unsqueeze(1)
-                log_probs = torch.log_softmax(block.float(), dim=1)
-                loss -= log_probs.gather(1, target).sum()
-                if needs_grad:
-                    grad_logits = log_probs.exp_()  # the softmax, in place
-                    grad_logits.scatter_add_(1, target, minus_one[:block.size(0)])
-                    if grad_scale != 1.0:
-                        grad_logits.mul_(grad_scale)
-                    block.copy_(grad_logits)  # the logits are no longer needed: their gradient takes their place
+            # the chunk's loss, its logits overwritten by their gradient (in 8-row blocks that fit in L2 on the CPU)
+            loss += cross_entropy_and_grad_(logits, targets[rows], grad_scale, needs_grad, use_kernel,
+                                            block_rows=8 if workspace is not None else None)
             if needs_grad:
                 grad_x[rows] = logits @ w_c
                 if dtype == torch.float32:
@@ -144,7 +136,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         scale = grad_loss / ctx.divisor
         # scaled in place: they were made for this one use, and a copy of grad_w is another (vocab, C) array
-        return grad_x.mul_(scale), grad_w.mul_(scale), None, None, None, None
+        return grad_x.mul_(scale), grad_w.mul_(scale), None, None, None, None, None
 
 
 def reusable_buffer(workspace, shape, dtype):
@@ -156,12 +148,13 @@ def reusable_buffer(workspace, shape, dtype):
     return buffer[:size].view(shape)
 
 
-def linear_cross_entropy(x, weight, targets, chunk_size=4096, workspace=None):
+def linear_cross_entropy(x, weight, targets, chunk_size=4096, workspace=None, use_kernel=True):
     """F.cross_entropy(x @ weight.T, targets) without the full logits; x (N, C), weight (V, C), targets (N,).
-    workspace: a dict to keep the logits buffer in between calls (see LinearCrossEntropy)."""
+    workspace: a dict to keep the logits buffer in between calls (see LinearCrossEntropy). use_kernel: the
+    Triton kernel of cross_entropy_kernel.py for each chunk's softmax where it runs (CUDA), else plain torch."""
     # grad mode is off inside forward(), so it is read here: an evaluation must not pay for gradients
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return LinearCrossEntropy.apply(x, weight, targets, chunk_size, needs_grad, workspace)
+    return LinearCrossEntropy.apply(x, weight, targets, chunk_size, needs_grad, workspace, use_kernel)
 
 
 
@@ -171,6 +164,7 @@ class GPT(nn.Module):
         self.config = config
         self.gradient_checkpointing = False
         self.loss_workspace = {}  # the CPU loss's logits buffer, kept between steps
+        self.loss_kernel = True  # the loss's softmax through cross_entropy_kernel.py's Triton kernel, where it runs
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -192,9 +186,11 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, return_logits=True):
+    def forward(self, idx, targets=None, return_logits=True, positions=None):
         """(logits, loss). With return_logits=False the loss is computed chunk by chunk without ever
-        holding the (B, T, vocab_size) logits, and None is returned in their place: the training step's way."""
+        holding the (B, T, vocab_size) logits, and None is returned in their place: the training step's way.
+        positions: a (K,) index into the B * T flattened positions; the logits are computed there alone,
+        (K, vocab_size), with no loss (an evaluation that scores a few tokens of each row)."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than the block size {self.config.block_size}")
@@ -208,14 +204,18 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None and not return_logits:
             x, targets = x.view(B * T, -1), targets.view(-1)
-            if x.device.type != "cpu":
-                return None, linear_cross_entropy(x, self.lm_head.weight, targets)
-            # in place into a kept buffer, which a compiled graph would turn into copies: it runs eagerly.
-            # (wrapped here, not at import: torch.compiler.disable imports the compiler, a second and a half)
+            on_cpu = x.device.type == "cpu"
+            use_kernel = self.loss_kernel and kernel_runs_on(x.device)
             loss_fn = linear_cross_entropy
-            if torch.compiler.is_compiling():
+            if (on_cpu or use_kernel) and torch.compiler.is_compiling():
+                # in place into a kept buffer (the CPU), which a compiled graph would turn into copies, or a
+                # Triton kernel (a GPU): eager, the rest of the model compiled. (wrapped here, not at import:
+                # torch.compiler.disable imports the compiler, a second and a half)
                 loss_fn = torch.compiler.disable(loss_fn)
-            return None, loss_fn(x, self.lm_head.weight, targets, workspace=self.loss_workspace)
+            return None, loss_fn(x, self.lm_head.weight, targets, workspace=self.loss_workspace if on_cpu else None,
+                                 use_kernel=use_kernel)
+        if positions is not None:
+            return self.lm_head(x.view(B * T, -1)[positions]), None
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:

@@ -1,0 +1,128 @@
+"""
+The loss's inner step, in one pass: cross-entropy of rows of logits, and its gradient written over them.
+
+    loss_sum = cross_entropy_and_grad_(logits, targets)  # logits (N, V) become softmax - one_hot, in place
+
+model.py's chunked loss (LinearCrossEntropy) calls this on each (chunk, vocab) slice of the logits. Two
+versions compute the same thing:
+
+- `reference`: plain torch (log_softmax, gather, exp, scatter), for every device. On a GPU it makes about eight
+  passes over the chunk: bf16 logits read for the max and again for the sum, float32 log-probabilities written
+  and read back, the gradient written in float32, then cast back over the bf16 logits.
+- `triton`: one Triton program per row reads the row once for its running max and sum of exponentials, then
+  reads it again (a row of GPT-2's vocabulary is 100 KB, so the second read mostly comes from L2) to write the
+  gradient over it in the logits' dtype. About two passes over device memory instead of eight: for GPT-2 124M
+  at batch 32, tens of milliseconds a step (BENCHMARKS.md).
+
+The dispatcher uses the kernel on CUDA tensors when Triton is installed, the reference everywhere else.
+tests/test_cross_entropy_kernel.py checks the two against each other, on the CPU through Triton's interpreter
+(TRITON_INTERPRET=1, set before this file is imported), and on a GPU where there is one. Importing this file
+defines, and imports Triton where it can run; it launches nothing.
+"""
+
+import os
+
+import torch
+
+triton = None
+# Triton only where its kernel can run (a GPU build of torch, or Triton's CPU interpreter): elsewhere its import
+# would only slow down every script's start
+if torch.version.cuda or torch.version.hip or os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # a GPU build without Triton: the reference serves
+        triton = None
+
+
+# -----------------------------------------------------------------------------
+# The plain-torch reference
+
+
+def reference(logits, targets, grad_scale=1.0, needs_grad=True, block_rows=None):
+    """Sum over rows of -log softmax(logits)[row, target], as a float32 scalar. With needs_grad the logits
+    are overwritten by the gradient of that sum, (softmax - one_hot) * grad_scale, in their own dtype.
+    block_rows: take the float32 softmax this many rows at a time (the CPU keeps 8 rows in cache); the whole
+    (N, V) at once by default."""
+    n_rows = logits.size(0)
+    block_rows = block_rows or max(n_rows, 1)
+    loss = torch.zeros((), dtype=torch.float32, device=logits.device)
+    minus_one = torch.full((min(block_rows, n_rows), 1), -1.0, device=logits.device)
+    for start in range(0, n_rows, block_rows):
+        block = logits[start:start + block_rows]
+        target = targets[start:start + block.size(0)].unsqueeze(1)
+        log_probs = torch.log_softmax(block.float(), dim=1)
+        loss -= log_probs.gather(1, target).sum()
+        if needs_grad:
+            grad = log_probs.exp_()  # the softmax, in place
+            grad.scatter_add_(1, target, minus_one[:block.size(0)])
+            if grad_scale != 1.0:
+                grad.mul_(grad_scale)
+            block.copy_(grad)  # the logits are no longer needed: their gradient takes their place
+    return loss
+
+
+# -----------------------------------------------------------------------------
+# The Triton kernel
+
+
+if triton is not None:
+    @triton.jit
+    def _cross_entropy_rows(logits_ptr, targets_ptr, losses_ptr, row_stride, grad_scale,
+                            N_COLS: tl.constexpr, NEEDS_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        # N_COLS (the vocabulary) is a compile-time constant: one compilation per model, and static loop bounds
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * row_stride
+        target = tl.load(targets_ptr + row)
+        # pass 1: the running max and the sum of exp(logit - max), rescaled whenever the max grows
+        running_max = -float("inf")
+        sum_exp = 0.0
+        for start in range(0, N_COLS, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(row_ptr + cols, mask=cols < N_COLS, other=-float("inf")).to(tl.float32)
+            new_max = tl.maximum(running_max, tl.max(x, axis=0))
+            sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            running_max = new_max
+        log_sum_exp = running_max + tl.log(sum_exp)
+        target_logit = tl.load(row_ptr + target).to(tl.float32)
+        tl.store(losses_ptr + row, log_sum_exp - target_logit)
+        # pass 2: the gradient, softmax minus one-hot, over the logits (read before they are overwritten)
+        if NEEDS_GRAD:
+            for start in range(0, N_COLS, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                in_row = cols < N_COLS
+                x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+                grad = tl.exp(x - log_sum_exp) - tl.where(cols == target, 1.0, 0.0)
+                tl.store(row_ptr + cols, (grad * grad_scale).to(logits_ptr.dtype.element_ty), mask=in_row)
+
+
+def kernel(logits, targets, grad_scale=1.0, needs_grad=True):
+    """The Triton version of `reference` (same arguments, same result): one program per row."""
+    if triton is None:
+        raise RuntimeError("the cross-entropy kernel needs Triton: pip install triton")
+    if logits.stride(1) != 1:
+        raise ValueError("the cross-entropy kernel needs rows of contiguous logits")
+    n_rows, n_cols = logits.shape
+    losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows:
+        # 4,096 columns a trip: 8 warps each load 16 bf16 logits (two 16-byte loads) per thread
+        _cross_entropy_rows[(n_rows,)](logits, targets.contiguous(), losses, logits.stride(0), float(grad_scale),
+                                       N_COLS=n_cols, NEEDS_GRAD=needs_grad, BLOCK=4096, num_warps=8)
+    return losses.sum()
+
+
+# -----------------------------------------------------------------------------
+# The dispatcher
+
+
+def kernel_runs_on(device):
+    """Whether the Triton kernel runs on tensors of this device: CUDA GPUs, with Triton installed."""
+    return triton is not None and torch.device(device).type == "cuda"
+
+
+def cross_entropy_and_grad_(logits, targets, grad_scale=1.0, needs_grad=True, use_kernel=True, block_rows=None):
+    """Sum of the rows' cross-entropy (a float32 scalar), the logits overwritten by its gradient times
+    grad_scale when needs_grad. The Triton kernel where it runs and use_kernel is set, else the reference."""
+    if use_kernel and kernel_runs_on(logits.device):
+        return kernel(logits, targets, grad_scale, needs_grad)
+    return reference(logits, targets, grad_scale, needs_grad, block_rows)
