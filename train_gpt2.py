@@ -102,6 +102,8 @@ class TrainConfig:
     keep_last: int = flag(3, "keep only the newest N iter-*.pt checkpoints, and best_val_loss.pt (0 keeps all)")
     max_bad_steps: int = flag(3, "stop after this many consecutive steps with a non-finite loss or gradient")
     ddp_timeout: int = flag(600, "seconds a rank waits in a collective for the others before giving up")
+    backend: str = flag("auto", "torch.distributed backend: 'auto' (nccl on GPUs, gloo on the CPU), 'nccl', or "
+                                "'gloo' (on GPUs it lets several processes share one, to try torchrun on one GPU)")
     fsdp: bool = flag(False, "shard the weights, gradients and AdamW state over the processes with FSDP2 instead of "
                              "keeping a full copy on each (DDP), for models past one GPU's memory; with one "
                              "process, a process group of one")
@@ -145,6 +147,8 @@ class TrainConfig:
         if self.ddp_timeout > MAX_DDP_TIMEOUT:
             raise UserError(f"--ddp_timeout {self.ddp_timeout} is more than a day ({MAX_DDP_TIMEOUT} s): a rank "
                             f"that waits that long has died; pass at most {MAX_DDP_TIMEOUT}")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise UserError(f"--backend {self.backend!r} is not one of auto, nccl, gloo")
         if self.eval_only and self.init_from == "scratch":
             raise UserError("--eval_only True needs a checkpoint: pass --init_from resume or --init_from PATH")
         if self.export_hf and self.init_from == "scratch":
@@ -440,12 +444,12 @@ class Distributed:
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def setup_distributed(device, timeout_seconds=600, fsdp=False):
-    """Join the process group when launched by torchrun (NCCL on CUDA, Gloo on the CPU). A collective
-    that waits longer than the timeout (a rank died or hangs) raises instead of waiting forever. FSDP needs
-    a process group even for one process: without torchrun, fsdp makes one of a single rank (its store in
-    memory, so no port is opened), and `python train_gpt2.py --fsdp True` trains as torchrun with one
-    process would."""
+def setup_distributed(device, timeout_seconds=600, fsdp=False, backend="auto"):
+    """Join the process group when launched by torchrun (NCCL on CUDA, Gloo on the CPU, unless backend names
+    one). A collective that waits longer than the timeout (a rank died or hangs) raises instead of waiting
+    forever. FSDP needs a process group even for one process: without torchrun, fsdp makes one of a single rank
+    (its store in memory, so no port is opened), and `python train_gpt2.py --fsdp True` trains as torchrun with
+    one process would."""
     present = [v for v in TORCHRUN_VARIABLES if v in os.environ]
     if not present and not fsdp:
         return Distributed(device=resolve_device(device))
@@ -458,16 +462,25 @@ def setup_distributed(device, timeout_seconds=600, fsdp=False):
     device = resolve_device(device)
     if fsdp and device.split(":")[0] not in ("cuda", "cpu"):
         raise UserError(f"--fsdp True runs on CUDA GPUs or the CPU, not on {device}: pass --fsdp False")
+    if backend == "auto":
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl" and not device.startswith("cuda"):
+        raise UserError(f"--backend nccl needs CUDA GPUs, and this run is on {device}: pass --backend gloo")
+    if device.startswith("cuda") and present:
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus and backend == "nccl":
+            raise UserError(f"LOCAL_RANK {local_rank} has no GPU of its own on this machine of {gpus}: launch at "
+                            f"most {gpus} processes per node (--nproc_per_node {gpus}), or pass --backend gloo "
+                            f"to let processes share GPUs (slow, for trying the distributed path)")
+        device = f"cuda:{local_rank % gpus}"
     if device.startswith("cuda"):
-        device = f"cuda:{local_rank}" if present else device
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_seconds)
-    backend = "nccl" if device.startswith("cuda") else "gloo"
     if present:
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    control = dist.new_group(backend="gloo", timeout=timeout) if device.startswith("cuda") else None
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     return Distributed(rank, local_rank, world_size, device, control, sharded=fsdp)
 
 
@@ -716,6 +729,9 @@ class Evaluation:
         self.positions = val_batch_positions(self.sources, config.batch_size, block_size, config.eval_iters)
         self.batch_size, self.block_size, self.dist_info = config.batch_size, block_size, dist_info
         self.hellaswag = load_hellaswag(config, dist_info, log)
+        # an example is four rows of at most 128 tokens for nearly all of HellaSwag, and no gradients are kept:
+        # batches of about twice a micro-step's tokens, few enough passes that the GPU stays busy
+        self.hellaswag_batch_size = max(config.batch_size, config.batch_size * block_size // 256)
 
     @torch.no_grad()
     def val_loss(self, model, autocast):
@@ -745,8 +761,8 @@ class Evaluation:
         d = self.dist_info
         scores = {"val_loss": self.val_loss(model, autocast)}
         if self.hellaswag:
-            result = hellaswag.evaluate(model, self.hellaswag, d.device, self.batch_size, self.block_size, autocast,
-                                        d.rank, d.world_size, lockstep=d.sharded)
+            result = hellaswag.evaluate(model, self.hellaswag, d.device, self.hellaswag_batch_size, self.block_size,
+                                        autocast, d.rank, d.world_size, lockstep=d.sharded)
             scores.update(hellaswag_acc_norm=result["acc_norm"], hellaswag_acc=result["acc"],
                           hellaswag_n=result["n"])
         return scores
@@ -944,7 +960,7 @@ def compile_and_wrap(model, config, dist_info):
     forward_model = torch.compile(model) if config.compile else model
     if not ddp:
         return forward_model, forward_model
-    device_ids = [dist_info.local_rank] if dist_info.device.startswith("cuda") else None
+    device_ids = [torch.device(dist_info.device).index] if dist_info.device.startswith("cuda") else None
     return forward_model, nn.parallel.DistributedDataParallel(forward_model, device_ids=device_ids)
 
 
@@ -1053,9 +1069,11 @@ class Trainer:
             raise RunStopped(f"error: {error or 'rank 0 could not write a checkpoint'}", code=1)
 
     def evaluate_and_save(self, step):
-        scores = self.evaluation.scores(self.forward_model, self.autocast)
-        self.log.print(f"step {step}: {describe_scores(scores)}")
-        self.log.record(step=step, **scores, tokens=self.tokens_seen)
+        start = time.perf_counter()
+        scores = self.evaluation.scores(self.forward_model, self.autocast)  # ends in .item(): the device is done
+        eval_seconds = time.perf_counter() - start
+        self.log.print(f"step {step}: {describe_scores(scores)} | {eval_seconds:.1f} s")
+        self.log.record(step=step, **scores, eval_seconds=round(eval_seconds, 3), tokens=self.tokens_seen)
         if self.dist_info.is_master or self.dist_info.sharded:  # under FSDP every rank takes part in each forward
             for text in sample_text(self.model, self.device, self.autocast, self.config.seed + step,
                                     self.config.sample_prompt, self.config.num_samples):
@@ -1271,7 +1289,8 @@ def main(argv=None):
     try:
         config, explicit, changes, model, checkpoint = start(argv)
         config.validate()
-        dist_info = setup_distributed(config.device, config.ddp_timeout, config.fsdp and not config.export_hf)
+        dist_info = setup_distributed(config.device, config.ddp_timeout, config.fsdp and not config.export_hf,
+                                      config.backend)
         if config.export_hf:
             export(config, dist_info)
         elif config.eval_only:

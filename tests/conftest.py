@@ -41,6 +41,11 @@ def read_metrics(out_dir):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def eval_records(out_dir):
+    """The evaluations' records, without how long each took (the one figure a resumed run cannot repeat)."""
+    return [{k: v for k, v in m.items() if k != "eval_seconds"} for m in read_metrics(out_dir) if "val_loss" in m]
+
+
 def train_losses(out_dir):
     return {m["step"]: m["train_loss"] for m in read_metrics(out_dir) if "train_loss" in m}
 

@@ -14,7 +14,7 @@ import torch
 
 from fineweb import write_shard
 from checkpoint import load_checkpoint
-from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_script, run_torchrun, run_train, train_losses
+from conftest import INPUT_TXT, REPO, TINY, eval_records, read_metrics, run_script, run_torchrun, run_train, train_losses
 
 FAULTS = REPO / "tests" / "fault_injection.py"
 
@@ -73,8 +73,7 @@ def assert_resumes_to_the_uninterrupted_run(out_dir, reference_dir):
     resumed = run_train(*run_args(out_dir, "--init_from", "resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert train_losses(out_dir) == train_losses(reference_dir)
-    assert [m for m in read_metrics(out_dir) if "val_loss" in m] == \
-        [m for m in read_metrics(reference_dir) if "val_loss" in m]
+    assert eval_records(out_dir) == eval_records(reference_dir)
     final = load_checkpoint(next(out_dir.glob("iter-8-*.pt")))["model"]
     expected = load_checkpoint(next(reference_dir.glob("iter-8-*.pt")))["model"]
     assert all(torch.equal(final[name], expected[name]) for name in expected)

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +18,7 @@ import torch.nn as nn
 import hellaswag
 from fineweb import get_tokenizer
 from hellaswag import (HellaSwagError, HellaSwagUnavailable, collate, evaluate, load_examples, padded_length,
-                       predict, render_example, score_examples)
+                       predict, render_example, score_examples, scores_positions, token_losses)
 from train_gpt2 import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -196,6 +197,20 @@ def test_batched_unbatched_and_split_ranks_agree_with_one_example_at_a_time():
     assert [s["n"] for s in shares] == [4, 3]
     for key in ("n", "correct", "correct_norm"):
         assert sum(s[key] for s in shares) == whole[key]
+
+
+def test_this_repos_gpt_computes_logits_at_the_endings_alone_with_the_same_losses():
+    model, examples = tiny_gpt(), random_items(6)
+    rows_seen = []
+    full_logits = lambda x: rows_seen.append(model(x)[0].shape) or model(x)  # a plain callable: every position
+    with torch.no_grad():
+        x, y, scored = collate([render_example(ex, get_tokenizer(), 65)[:2] for ex in examples], 6, 64)
+        positions = scored.view(-1).nonzero().squeeze(1)
+        at_endings = token_losses(model, x, y, scored, nullcontext(), 50257, positions)
+        everywhere = token_losses(full_logits, x, y, scored, nullcontext(), 50257)
+    assert rows_seen == [(24, x.size(1), 50304)]
+    assert torch.allclose(at_endings, everywhere, atol=1e-5) and (at_endings[scored] > 0).all()
+    assert scores_positions(model) and scores_positions(torch.compile(model)) and not scores_positions(full_logits)
 
 
 DDP_SCRIPT = """

@@ -18,7 +18,7 @@ from fineweb import write_shard
 from checkpoint import load_checkpoint
 from cli import UserError
 from train_gpt2 import (GPT, GPTConfig, TrainConfig, estimate_mfu, flops_per_token, get_lr, parse_args, pause_clock,
-                        sample_text)
+                        sample_text, setup_distributed)
 from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_torchrun, run_train, snapshot, train_losses
 
 # -----------------------------------------------------------------------------
@@ -220,11 +220,22 @@ def test_compiled_model_trains_evaluates_and_samples(tmp_path, run):
     assert sorted(m["step"] for m in read_metrics(tmp_path / "out") if "val_loss" in m) == [0, 2]
 
 
+def test_a_backend_that_cannot_serve_the_device_is_refused_before_joining(monkeypatch):
+    with pytest.raises(UserError, match="--backend 'mpi' is not one of auto, nccl, gloo"):
+        TrainConfig(backend="mpi").validate()
+    for name, value in [("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "1")]:  # a port nothing listens on: joining would hang, not fail
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match="--backend nccl needs CUDA GPUs.*pass --backend gloo"):
+        setup_distributed("cpu", backend="nccl")
+
+
 def test_two_torchrun_processes_match_one_process_with_twice_the_accumulation(tmp_path):
     common = [*TINY, "--data", INPUT_TXT, "--max_iters", "4", "--eval_interval", "4"]
     single = run_train(*common, "--out_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
     assert single.returncode == 0, single.stderr
-    ddp = run_torchrun(*common, "--out_dir", tmp_path / "two", "--gradient_accumulation_steps", "1")
+    ddp = run_torchrun(*common, "--out_dir", tmp_path / "two", "--gradient_accumulation_steps", "1",
+                       "--backend", "gloo")  # what auto picks on the CPU, named
     assert ddp.returncode == 0, ddp.stderr
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in one] == [m["step"] for m in two]
@@ -385,6 +396,7 @@ def test_eval_only_with_nothing_else_scores_as_training_did_into_the_checkpoints
     logged = [m for m in read_metrics(run_dir) if m.get("step") == 8 and "val_loss" in m]
     assert len(logged) == 2 and logged[1]["eval_only"] is True
     assert logged[1]["val_loss"] == pytest.approx(logged[0]["val_loss"], rel=1e-6)
+    assert logged[0]["eval_seconds"] > 0  # the training run says what each evaluation cost it
     assert "over 2 batches" in result.stdout  # the run's --eval_iters, not the default 200
 
 
