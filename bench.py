@@ -47,8 +47,6 @@ class BenchConfig(TrainConfig):
     compare: bool = flag(False, "also time the straightforward step, each variant in its own process")
     rounds: int = flag(1, "with --compare: alternate naive and fast this many times, pooling their steps")
     variant: str = flag("fast", "'fast' (the trainer's step) or 'naive' (the straightforward step)")
-    loss_kernel: bool = flag(True, "the fast step's loss through cross_entropy_kernel.py's Triton kernel where it "
-                                   "runs (CUDA); False: its plain-torch reference, compiled with the model")
     json_out: str = flag("", "also write the results as JSON to this file")
 
 
@@ -99,9 +97,8 @@ def measure(config):
         sources = load_token_sources(config.data, "train")
         make_loader = lambda: ShardLoader(sources, config.batch_size, config.block_size,
                                           config.gradient_accumulation_steps, seed=config.seed, shuffle=config.shuffle)
-        model = new_model(model_args_for(config, set()), config.seed)
-        model.loss_kernel = config.loss_kernel
-        trainer = Trainer(config, dist_info, model, RunLog(".", enabled=False), loader=make_loader(), evaluation=None)
+        trainer = Trainer(config, dist_info, new_model(model_args_for(config, set()), config.seed),
+                          RunLog(".", enabled=False), loader=make_loader(), evaluation=None)
         try:
             return summarize(time_steps(config, trainer, make_loader))
         finally:

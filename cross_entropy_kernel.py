@@ -10,9 +10,9 @@ versions compute the same thing:
   passes over the chunk: bf16 logits read for the max and again for the sum, float32 log-probabilities written
   and read back, the gradient written in float32, then cast back over the bf16 logits.
 - `triton`: one Triton program per row reads the row once for its running max and sum of exponentials, then
-  reads it again (a row of GPT-2's vocabulary is 100 KB, so the second read mostly comes from L2) to write the
-  gradient over it in the logits' dtype. About two passes over device memory instead of eight: for GPT-2 124M
-  at batch 32, tens of milliseconds a step (BENCHMARKS.md).
+  reads it again (a row of GPT-2's vocabulary is 100 KB, so some of the second read may come from L2) to write
+  the gradient over it in the logits' dtype: two reads and a write instead of about eight passes. For GPT-2 124M
+  on an H100 that made the step 3% faster at batch 32 and 64, the same at batch 8 (BENCHMARKS.md).
 
 The dispatcher uses the kernel on CUDA tensors when Triton is installed, the reference everywhere else.
 tests/test_cross_entropy_kernel.py checks the two against each other, on the CPU through Triton's interpreter
@@ -20,6 +20,7 @@ tests/test_cross_entropy_kernel.py checks the two against each other, on the CPU
 defines, and imports Triton where it can run; it launches nothing.
 """
 
+import contextlib
 import os
 
 import torch
@@ -97,7 +98,8 @@ if triton is not None:
 
 
 def kernel(logits, targets, grad_scale=1.0, needs_grad=True):
-    """The Triton version of `reference` (same arguments, same result): one program per row."""
+    """The Triton version of `reference` (its arguments but block_rows, its result): one program per row. The
+    rows must be contiguous, and every target in [0, vocab): the kernel does not check (the reference does)."""
     if triton is None:
         raise RuntimeError("the cross-entropy kernel needs Triton: pip install triton")
     if logits.stride(1) != 1:
@@ -105,9 +107,12 @@ def kernel(logits, targets, grad_scale=1.0, needs_grad=True):
     n_rows, n_cols = logits.shape
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows:
-        # 4,096 columns a trip: 8 warps each load 16 bf16 logits (two 16-byte loads) per thread
-        _cross_entropy_rows[(n_rows,)](logits, targets.contiguous(), losses, logits.stride(0), float(grad_scale),
-                                       N_COLS=n_cols, NEEDS_GRAD=needs_grad, BLOCK=4096, num_warps=8)
+        # Triton launches on the current device, which need not be the tensors' (--device cuda:1)
+        with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+            # 4,096 columns a trip: 8 warps each load 16 bf16 logits (two 16-byte loads) per thread
+            _cross_entropy_rows[(n_rows,)](logits, targets.contiguous(), losses, logits.stride(0),
+                                           float(grad_scale), N_COLS=n_cols, NEEDS_GRAD=needs_grad, BLOCK=4096,
+                                           num_warps=8)
     return losses.sum()
 
 
@@ -116,13 +121,15 @@ def kernel(logits, targets, grad_scale=1.0, needs_grad=True):
 
 
 def kernel_runs_on(device):
-    """Whether the Triton kernel runs on tensors of this device: CUDA GPUs, with Triton installed."""
-    return triton is not None and torch.device(device).type == "cuda"
+    """Whether the Triton kernel runs on tensors of this device: CUDA GPUs that Triton compiles for (Volta,
+    compute capability 7.0, and later), with Triton installed."""
+    device = torch.device(device)
+    return triton is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 def cross_entropy_and_grad_(logits, targets, grad_scale=1.0, needs_grad=True, use_kernel=True, block_rows=None):
     """Sum of the rows' cross-entropy (a float32 scalar), the logits overwritten by its gradient times
     grad_scale when needs_grad. The Triton kernel where it runs and use_kernel is set, else the reference."""
-    if use_kernel and kernel_runs_on(logits.device):
+    if use_kernel and logits.stride(1) == 1 and kernel_runs_on(logits.device):
         return kernel(logits, targets, grad_scale, needs_grad)
     return reference(logits, targets, grad_scale, needs_grad, block_rows)

@@ -52,6 +52,7 @@ from model import GPT, is_hf_model
 SPLITS = ("train", "val", "test")
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 DEFAULT_CACHE_DIR = "~/.cache/hellaswag"
+BATCH_SIZE = 32  # examples per forward pass: 2,092 examples/s on an H100 against 1,988 at 64 (BENCHMARKS.md)
 
 
 class HellaSwagError(ValueError):
@@ -233,7 +234,7 @@ def logits_of(output):
 
 def scores_positions(model):
     """Whether the model computes logits at given positions alone: this repo's GPT, compiled or not. The
-    endings are about a quarter of HellaSwag's tokens, and the output layer is about half of GPT-2 124M's FLOPs."""
+    endings are about a quarter of HellaSwag's tokens, and the output layer a third of GPT-2 124M's matmul FLOPs."""
     return isinstance(getattr(model, "_orig_mod", model), GPT)
 
 
@@ -287,8 +288,9 @@ def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024
             batch_predictions.append(torch.stack((pred_sum, pred_norm), 1)[:len(batch)])
             bar.update(len(batch))
         for _ in range(passes - math.ceil(len(order) / batch_size)):
-            with autocast or nullcontext():
-                model(torch.zeros((4 * batch_size, padded_length(1, block_size)), dtype=torch.long, device=device))
+            padding = torch.zeros((4 * batch_size, padded_length(1, block_size)), dtype=torch.long, device=device)
+            with autocast or nullcontext():  # logits nowhere, where the model allows it: they are dropped
+                model(padding, positions=padding.new_zeros(0)) if by_position else model(padding)
     finally:
         bar.close()
         if was_training:
@@ -339,7 +341,7 @@ class HellaSwagConfig:
     data: str = flag("", "a local HellaSwag jsonl file, scored instead of --split")
     cache_dir: str = flag(DEFAULT_CACHE_DIR, "where downloaded splits are kept")
     hellaswag_examples: int = flag(0, "score only the first N examples (0: all)")
-    batch_size: int = flag(32, "examples per forward pass, four rows each")
+    batch_size: int = flag(BATCH_SIZE, "examples per forward pass, four rows each")
     device: str = flag("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'")
     dtype: str = flag("auto", "'auto' (as train_gpt2.py's), 'float32', 'bfloat16' or 'float16'")
     compile: bool = flag(False, "torch.compile the model (pays off on a GPU, for a whole split)")

@@ -192,6 +192,8 @@ class GPT(nn.Module):
         positions: a (K,) index into the B * T flattened positions; the logits are computed there alone,
         (K, vocab_size), with no loss (an evaluation that scores a few tokens of each row)."""
         B, T = idx.size()
+        if positions is not None and targets is not None:
+            raise ValueError("positions gives logits without a loss: pass targets or positions, not both")
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than the block size {self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)

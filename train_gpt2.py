@@ -113,6 +113,8 @@ class TrainConfig:
                               "CPU bfloat16 where it has bf16 instructions, else float32), 'bfloat16', "
                               "'float16' or 'float32'")
     compile: bool = flag(True, "torch.compile the model")
+    loss_kernel: bool = flag(True, "on CUDA, the loss's softmax and its gradient in one Triton kernel "
+                                   "(cross_entropy_kernel.py); False: plain torch, compiled with the model")
     gradient_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass")
     shuffle: bool = flag(True, "read each shard's windows of block_size + 1 tokens in a seeded random order, new "
                                "every epoch (False: front to back, as build-nanogpt); a resumed run reads the way "
@@ -452,7 +454,10 @@ def setup_distributed(device, timeout_seconds=600, fsdp=False, backend="auto"):
     one process would."""
     present = [v for v in TORCHRUN_VARIABLES if v in os.environ]
     if not present and not fsdp:
-        return Distributed(device=resolve_device(device))
+        device = resolve_device(device)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)  # what Triton's kernels and stray allocations land on: --device cuda:1
+        return Distributed(device=device)
     missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
     if present and missing:
         raise UserError(f"{present[0]} is set but {missing[0]} is not: launch distributed runs with "
@@ -466,6 +471,9 @@ def setup_distributed(device, timeout_seconds=600, fsdp=False, backend="auto"):
         backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl" and not device.startswith("cuda"):
         raise UserError(f"--backend nccl needs CUDA GPUs, and this run is on {device}: pass --backend gloo")
+    if backend == "gloo" and fsdp and device.startswith("cuda"):
+        raise UserError("--fsdp True on GPUs needs --backend nccl (FSDP's collectives on CUDA tensors are not "
+                        "Gloo's): pass --backend auto, or --fsdp False to try DDP on Gloo")
     if device.startswith("cuda") and present:
         gpus = torch.cuda.device_count()
         if local_rank >= gpus and backend == "nccl":
@@ -523,7 +531,7 @@ def git_commit():
 # A run from a checkpoint: its own settings, with the command line's on top
 
 # what a command asks for, not what the run is: never taken from the checkpoint
-COMMAND_FLAGS = ("init_from", "eval_only", "export_hf")
+COMMAND_FLAGS = ("init_from", "eval_only", "export_hf", "backend")  # this launch's, never the checkpoint's
 ARCHITECTURE = ("block_size", "n_layer", "n_head", "n_embd")
 
 
@@ -729,9 +737,9 @@ class Evaluation:
         self.positions = val_batch_positions(self.sources, config.batch_size, block_size, config.eval_iters)
         self.batch_size, self.block_size, self.dist_info = config.batch_size, block_size, dist_info
         self.hellaswag = load_hellaswag(config, dist_info, log)
-        # an example is four rows of at most 128 tokens for nearly all of HellaSwag, and no gradients are kept:
-        # batches of about twice a micro-step's tokens, few enough passes that the GPU stays busy
-        self.hellaswag_batch_size = max(config.batch_size, config.batch_size * block_size // 256)
+        # hellaswag.py's own batch, whatever the training batch: the fastest measured, and its logits at the
+        # endings (about 3,000 rows of the vocabulary) stay near a GB however large the micro-batch
+        self.hellaswag_batch_size = hellaswag.BATCH_SIZE
 
     @torch.no_grad()
     def val_loss(self, model, autocast):
@@ -904,9 +912,10 @@ def shard_model(model, device, dtype):
     return model
 
 
-def place_model(model, dist_info, dtype):
+def place_model(model, dist_info, dtype, loss_kernel=True):
     """The model on its device: whole, or under FSDP this rank's shards of it. On CUDA, float32 matmuls run as
     TF32 (training and evaluation alike, so that an evaluation repeats the one logged in training)."""
+    model.loss_kernel = loss_kernel
     if dist_info.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -985,7 +994,7 @@ class Trainer:
         self.dtype = resolve_dtype(config.dtype, self.device)
         check_fsdp_dtype(dist_info, self.dtype)
         device_type = self.device.split(":")[0]
-        self.model = place_model(model.train(), dist_info, self.dtype)
+        self.model = place_model(model.train(), dist_info, self.dtype, config.loss_kernel)
         self.model.gradient_checkpointing = config.gradient_checkpointing
         self.forward_model, self.train_model = compile_and_wrap(self.model, config, dist_info)
         # made after sharding: under FSDP its moments are shards too
@@ -1196,7 +1205,7 @@ def evaluate_only(config, explicit, dist_info, model, checkpoint):
     check_fsdp_dtype(dist_info, dtype)
     lock = claim_out_dir(config.out_dir, dist_info)  # its one line goes to a directory no trainer is writing
     try:
-        model = place_model(model, dist_info, dtype)
+        model = place_model(model, dist_info, dtype, config.loss_kernel)
         forward_model = torch.compile(model) if config.compile else model
         scores = evaluation.scores(forward_model, make_autocast(dist_info.device.split(":")[0], dtype))
         source, step = (checkpoint["path"], checkpoint["iter_num"]) if checkpoint else (config.init_from, 0)

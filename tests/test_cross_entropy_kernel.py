@@ -110,8 +110,12 @@ def test_kernel_matches_reference_on_gpu():
 
 @needs_cuda
 @needs_triton
-def test_model_loss_and_gradients_same_with_and_without_kernel_on_gpu():
+def test_model_loss_and_gradients_same_with_and_without_kernel_on_gpu(monkeypatch):
+    import cross_entropy_kernel as ck
     from model import GPT, GPTConfig
+    calls = []
+    kernel = ck.kernel
+    monkeypatch.setattr(ck, "kernel", lambda *args: calls.append(1) or kernel(*args))
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, n_layer=2, n_head=4, n_embd=128)).cuda()
     idx, targets = (torch.randint(0, 50257, (4, 128), device="cuda") for _ in range(2))
@@ -123,6 +127,7 @@ def test_model_loss_and_gradients_same_with_and_without_kernel_on_gpu():
             _, loss = model(idx, targets, return_logits=False)
         loss.backward()
         results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+        assert len(calls) == (1 if loss_kernel else 0)  # 512 rows: one chunk, through the kernel only when asked
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert abs(loss_a - loss_b) < 1e-3
     for a, b in zip(grads_a, grads_b):

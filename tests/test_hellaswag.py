@@ -268,6 +268,14 @@ def test_in_lockstep_every_rank_calls_the_model_as_often_and_scores_the_same():
     assert calls == [2, 2]  # FSDP: each call is a collective that every rank must join
     assert results == [evaluate(tiny_gpt(), examples, batch_size=4, block_size=64, rank=rank, world_size=2)
                        for rank in (0, 1)]
+    # this repo's GPT, scored at the endings' positions: its padding pass asks for no logits at all
+    for rank in (0, 1):
+        model, logit_rows = tiny_gpt(), []
+        model.register_forward_hook(lambda module, args, output: logit_rows.append(output[0].size(0)))
+        assert evaluate(model, examples, batch_size=4, block_size=64, rank=rank, world_size=2,
+                        lockstep=True) == results[rank]
+        assert len(logit_rows) == 2 and logit_rows[0] > 0
+        assert (logit_rows[1] == 0) == (rank == 1)  # rank 1 has one batch: its second call is the padding pass
 
 
 def test_few_input_shapes_reach_the_model_and_its_mode_is_restored():

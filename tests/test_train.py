@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+import train_gpt2
+
 from fineweb import write_shard
 from checkpoint import load_checkpoint
 from cli import UserError
@@ -223,11 +225,19 @@ def test_compiled_model_trains_evaluates_and_samples(tmp_path, run):
 def test_a_backend_that_cannot_serve_the_device_is_refused_before_joining(monkeypatch):
     with pytest.raises(UserError, match="--backend 'mpi' is not one of auto, nccl, gloo"):
         TrainConfig(backend="mpi").validate()
-    for name, value in [("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"),
-                        ("MASTER_PORT", "1")]:  # a port nothing listens on: joining would hang, not fail
+    for name, value in [("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "1")]:  # a port nothing listens on: joining would wait, not fail
         monkeypatch.setenv(name, value)
+    join = lambda device, **kwargs: setup_distributed(device, timeout_seconds=5, **kwargs)
     with pytest.raises(UserError, match="--backend nccl needs CUDA GPUs.*pass --backend gloo"):
-        setup_distributed("cpu", backend="nccl")
+        join("cpu", backend="nccl")
+    # a machine of one GPU, seen from the second rank, without touching CUDA
+    monkeypatch.setattr(train_gpt2, "resolve_device", lambda device: device)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="LOCAL_RANK 1 has no GPU of its own.*--nproc_per_node 1.*--backend gloo"):
+        join("cuda")
+    with pytest.raises(UserError, match="--fsdp True on GPUs needs --backend nccl"):
+        join("cuda", fsdp=True, backend="gloo")
 
 
 def test_two_torchrun_processes_match_one_process_with_twice_the_accumulation(tmp_path):
