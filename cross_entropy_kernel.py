@@ -120,6 +120,10 @@ def kernel(logits, targets, grad_scale=1.0, needs_grad=True):
 # The dispatcher
 
 
+def triton_installed():
+    return triton is not None
+
+
 def kernel_runs_on(device):
     """Whether the Triton kernel runs on tensors of this device: CUDA GPUs that Triton compiles for (Volta,
     compute capability 7.0, and later), with Triton installed."""

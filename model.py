@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from cli import UserError, current_umask
-from cross_entropy_kernel import cross_entropy_and_grad_, kernel_runs_on
+from cross_entropy_kernel import cross_entropy_and_grad_, triton_installed
 from fineweb import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
 
 
@@ -207,7 +207,8 @@ class GPT(nn.Module):
         if targets is not None and not return_logits:
             x, targets = x.view(B * T, -1), targets.view(-1)
             on_cpu = x.device.type == "cpu"
-            use_kernel = self.loss_kernel and kernel_runs_on(x.device)
+            # no device query here, inside the compiled region: the loss itself checks the GPU and falls back
+            use_kernel = self.loss_kernel and x.is_cuda and triton_installed()
             loss_fn = linear_cross_entropy
             if (on_cpu or use_kernel) and torch.compiler.is_compiling():
                 # in place into a kept buffer (the CPU), which a compiled graph would turn into copies, or a
