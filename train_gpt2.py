@@ -737,9 +737,6 @@ class Evaluation:
         self.positions = val_batch_positions(self.sources, config.batch_size, block_size, config.eval_iters)
         self.batch_size, self.block_size, self.dist_info = config.batch_size, block_size, dist_info
         self.hellaswag = load_hellaswag(config, dist_info, log)
-        # hellaswag.py's own batch, whatever the training batch: the fastest measured, and its logits at the
-        # endings (about 3,000 rows of the vocabulary) stay near a GB however large the micro-batch
-        self.hellaswag_batch_size = hellaswag.BATCH_SIZE
 
     @torch.no_grad()
     def val_loss(self, model, autocast):
@@ -769,7 +766,9 @@ class Evaluation:
         d = self.dist_info
         scores = {"val_loss": self.val_loss(model, autocast)}
         if self.hellaswag:
-            result = hellaswag.evaluate(model, self.hellaswag, d.device, self.hellaswag_batch_size, self.block_size,
+            # hellaswag.py's own batch, whatever the training batch: the fastest measured, and its logits at the
+            # endings (about 3,000 rows of the vocabulary) stay near a GB however large the micro-batch
+            result = hellaswag.evaluate(model, self.hellaswag, d.device, hellaswag.BATCH_SIZE, self.block_size,
                                         autocast, d.rank, d.world_size, lockstep=d.sharded)
             scores.update(hellaswag_acc_norm=result["acc_norm"], hellaswag_acc=result["acc"],
                           hellaswag_n=result["n"])
