@@ -1,8 +1,8 @@
 """
 Plot training runs from their metrics.jsonl files: losses and HellaSwag accuracy, beside OpenAI's GPT-2 124M.
 
-    python plot.py out/metrics.jsonl                                   # writes plot.png
-    python plot.py out-a/metrics.jsonl out-b/metrics.jsonl --out compare.png
+    python plot.py out/metrics.jsonl                          # writes out/plot.png, beside the run
+    python plot.py out-a/metrics.jsonl out-b/metrics.jsonl    # writes compare.png here
 
 Train and val loss are drawn against the step, with tokens on the top axis; runs whose steps hold different
 numbers of tokens (another batch, or a batch changed on resume) are drawn against tokens instead, the one scale
@@ -19,7 +19,6 @@ Needs matplotlib (in requirements.txt), which training does not: `python train_g
 {out_dir}/plot.png at every evaluation when it is installed.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -125,7 +124,8 @@ def plot_runs(paths, out):
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=DPI))  # a viewer never sees half a PNG
     except OSError as e:
-        raise UserError(f"--out {out} cannot be written ({e.strerror or e}): pick a writable .png path") from None
+        why = e.strerror or e
+        raise UserError(f"{out} cannot be written ({why}): pass a writable .png path to --out") from None
     finally:
         plt.close(fig)
 
@@ -188,18 +188,25 @@ def draw(runs, fineweb):
 # Entry point
 
 
+def default_out(paths):
+    """Where the picture goes without --out: one run's beside its metrics.jsonl, as the trainer's --plot
+    writes it; a comparison of several runs belongs to none of them, so it goes in the current folder."""
+    return Path(paths[0]).with_name("plot.png") if len(paths) == 1 else Path("compare.png")
+
+
 def main(argv=None):
-    parser = OneLineParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     parser.add_argument("metrics", nargs="+", help="metrics.jsonl files, one per run (each in its run's --out_dir)")
-    parser.add_argument("--out", default="plot.png", help="the PNG to write")
+    parser.add_argument("--out", help="the PNG to write (default: plot.png beside the metrics.jsonl of a single "
+                                      "run, compare.png in the current folder for several runs)")
     args = parser.parse_args(argv)
+    out = args.out or default_out(args.metrics)
     try:
-        plot_runs(args.metrics, args.out)
+        plot_runs(args.metrics, out)
     except (UserError, MatplotlibMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,20 @@ def test_plot_command_draws_runs_side_by_side_with_hellaswag(tmp_path):
     assert [p.name for p in (tmp_path / "plots").iterdir()] == ["compare.png"]  # no temporary file left
 
 
+def test_without_out_one_run_is_drawn_beside_it_and_several_in_the_current_folder(tmp_path):
+    pytest.importorskip("matplotlib")
+    run_a, run_b = write_metrics(tmp_path / "run-a"), write_metrics(tmp_path / "run-b")
+    (tmp_path / "here").mkdir()
+    result = run_script("plot.py", run_a, cwd=tmp_path / "here")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {tmp_path / 'run-a' / 'plot.png'}"
+    assert png_size(tmp_path / "run-a" / "plot.png") == (700, 500)
+    result = run_script("plot.py", run_a, run_b, cwd=tmp_path / "here")
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in (tmp_path / "here").iterdir()] == ["compare.png"]
+    assert not (tmp_path / "run-b" / "plot.png").exists()
+
+
 def test_a_run_without_hellaswag_gets_the_loss_panel_only(tmp_path):
     pytest.importorskip("matplotlib")
     plot.plot_runs([write_metrics(tmp_path / "run")], tmp_path / "plot.png")
@@ -111,7 +125,8 @@ def test_an_out_path_that_cannot_be_written_gets_one_line(tmp_path):
     result = run_script("plot.py", write_metrics(tmp_path / "run"), "--out", tmp_path / "a_file" / "plot.png")
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"error: --out {tmp_path / 'a_file' / 'plot.png'} cannot be written")
+    assert line.startswith(f"error: {tmp_path / 'a_file' / 'plot.png'} cannot be written")
+    assert line.endswith("pass a writable .png path to --out")
 
 
 def test_a_missing_metrics_file_gets_one_line(tmp_path):
