@@ -7,7 +7,8 @@ Plot training runs from their metrics.jsonl files: losses and HellaSwag accuracy
 Train and val loss are drawn against the step, with tokens on the top axis; runs whose steps hold different
 numbers of tokens (another batch, or a batch changed on resume) are drawn against tokens instead, the one scale
 they share. HellaSwag accuracy gets a panel of its own where a run measured it. One line per run, labeled with
-the run's folder.
+the run's folder. A damaged line of a metrics.jsonl (cut short, not JSON, a figure that is not a number)
+is skipped with one warning for the file; a run with no loss to draw is refused.
 
 OpenAI's GPT-2 124M is drawn for comparison: its HellaSwag acc_norm always, its val loss on FineWeb-Edu only
 where a run trained on FineWeb (elsewhere the losses are of other text and do not compare). A run is on FineWeb
@@ -20,6 +21,7 @@ Needs matplotlib (in requirements.txt), which training does not: `python train_g
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -40,20 +42,69 @@ class MatplotlibMissing(ImportError):
 
 
 def read_run(path):
-    """The records of a run's metrics.jsonl. A line cut short (a run writing it as we read) or damaged is
-    skipped, and so are --eval_only records: they score a checkpoint, they are not a point of the run."""
+    """The records of a run's metrics.jsonl, and the numbers of its damaged lines (skipped).
+    Skipped quietly: --eval_only records (they score a checkpoint, they are not a point of the run),
+    blank lines, and a last line cut short before its newline (a run writing it as we read)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found: pass the metrics.jsonl of a run (it is in the run's --out_dir)")
-    records = []
-    for line in path.read_bytes().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # cut short, damaged, not UTF-8
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and not record.get("eval_only"):
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as e:
+        why = e.strerror or e
+        raise UserError(f"{path} cannot be read ({why}): pass a readable metrics.jsonl") from None
+    records, damaged = [], []
+    for number, line in enumerate(lines, 1):
+        record = parse_record(line)
+        if record is None and line.strip() and number < len(lines):
+            damaged.append(number)
+        elif record is not None and not record.get("eval_only"):
             records.append(record)
-    return records
+    return records, damaged
+
+
+FIGURES = ("train_loss", "val_loss", "hellaswag_acc_norm")  # drawn; "tokens" may be the x axis too
+
+
+def parse_record(line):
+    """The record on a line of metrics.jsonl; None where there is none: not JSON (cut short, not
+    UTF-8), not an object, no whole step >= 0, or tokens or a figure neither a number nor null (null
+    is how the trainer writes a NaN loss: no point, but no damage)."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: brackets nested past Python's stack
+        return None
+    if not isinstance(record, dict):
+        return None
+    if not (isinstance(record.get("step"), int) and is_count(record["step"])):
+        return None
+    if record.get("tokens") is not None and not is_count(record["tokens"]):
+        return None
+    if any(record.get(key) is not None and not is_number(record[key]) for key in FIGURES):
+        return None
+    return record
+
+
+def is_number(value):
+    """A finite int or float that a plot can take: not a bool (JSON's true is no figure), not NaN or
+    infinity (which Python's json reads), not an int too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def is_count(value):
+    """A step or a number of tokens: a finite number >= 0 (tokens per step divides by step + 1)."""
+    return is_number(value) and value >= 0
+
+
+def skipped(damaged):
+    """The damaged lines of a file, as its warning or error says them."""
+    lines = "line" if len(damaged) == 1 else "lines"
+    return f"{len(damaged)} damaged {lines} skipped (first: line {damaged[0]})"
 
 
 def series(records, key, x="step"):
@@ -131,11 +182,25 @@ def plot_runs(paths, out):
 
 
 def figure(paths):
-    """The matplotlib figure of the runs of the metrics.jsonl files in paths."""
-    runs = [(label, read_run(path)) for label, path in zip(run_labels(paths), paths)]
-    if not any(series(records, k)[0] for _, records in runs for k in ("train_loss", "val_loss")):
-        raise UserError(f"no losses in {', '.join(map(str, paths))} yet: plot a run after its first log line")
+    """The matplotlib figure of the runs of the metrics.jsonl files in paths. A run with nothing to
+    draw is refused; one with damaged lines gets a warning and is drawn from the rest."""
+    reads = [read_run(path) for path in paths]
+    for path, (records, damaged) in zip(paths, reads):
+        if not any(series(records, key)[0] for key in ("train_loss", "val_loss")):
+            if damaged:
+                fix = "mend the file or leave the run out"
+                raise UserError(f"no losses in {path}, {skipped(damaged)}: {fix}")
+            fix = "plot a run after its first log line, or leave it out"
+            raise UserError(f"no losses in {path} yet: {fix}")
+    for path, (_, damaged) in zip(paths, reads):
+        if damaged:
+            warn(f"{path}: {skipped(damaged)}")
+    runs = list(zip(run_labels(paths), (records for records, _ in reads)))
     return draw(runs, fineweb=any(is_fineweb(run_data(path)) for path in paths))
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def draw(runs, fineweb):

@@ -157,8 +157,78 @@ def test_the_trainers_plot_warns_once_without_matplotlib(tmp_path):
     assert not (out_dir / "plot.png").exists()
 
 
-def test_damaged_lines_of_a_metrics_file_are_skipped(tmp_path):
+# Damaged lines of metrics.jsonl, a class of damage per case, followed by valid lines
+BIG = b"1" + b"0" * 400  # an int no float holds
+DAMAGED_LINES = {
+    "cut short": [b'{"step": 3, "train_lo', b'{"step": 4, "val_loss": 9.'],
+    "not JSON": [b"step=3 train_loss=2.0", b'{"step": 3,, }', b"[" * 100_000],
+    "not UTF-8": [b'\xff\xfe{"step": 3, "train_loss": 2.0}', b'{"step": 3, "x": "\xe9"}'],
+    "not an object": [b"null", b"[1, 2]", b'"step"', b"3"],
+    "no step": [b'{"train_loss": 2.0}', b"{}"],
+    "step not a whole number >= 0": [b'{"step": %s, "train_loss": 2.0}' % step for step in
+                                     (b'"3"', b"3.5", b"true", b"null", b"-1", b"[3]", BIG)],
+    "figure of the wrong type": [b'{"step": 3, "val_loss": "2.0"}', b'{"step": 3, "val_loss": [2]}',
+                                 b'{"step": 3, "hellaswag_acc_norm": {}}',
+                                 b'{"step": 3, "train_loss": true}'],
+    "figure not finite": [b'{"step": 3, "val_loss": %s}' % v
+                          for v in (b"NaN", b"Infinity", b"-Infinity", b"1e400", BIG)],
+    "tokens not a count": [b'{"step": 3, "train_loss": 2.0, "tokens": %s}' % v
+                           for v in (b'"768"', b"-5", b"NaN")],
+}
+
+
+def with_lines(path, lines, at=1):
+    """path's lines with lines inserted after its first `at` lines."""
+    old = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join(old[:at] + lines + old[at:]))
+
+
+@pytest.fixture(scope="module")
+def clean_png(tmp_path_factory):
+    """The picture of write_metrics' run, labeled "run", drawn by plot.py."""
+    pytest.importorskip("matplotlib")
+    path = write_metrics(tmp_path_factory.mktemp("clean") / "run")
+    assert run_script("plot.py", path).returncode == 0
+    return path.with_name("plot.png").read_bytes()
+
+
+@pytest.mark.parametrize("damage", DAMAGED_LINES)
+def test_damaged_lines_are_skipped_with_one_warning(tmp_path, damage, clean_png):
+    lines = DAMAGED_LINES[damage]
     path = write_metrics(tmp_path / "run")
-    with open(path, "ab") as f:
-        f.write(b'null\n{"val_loss": 1.0}\n\xff\xfe not text\n{"step": "x", "train_loss": 2.0}\n{"step": 9, "tr')
-    assert plot.read_run(path) == plot.read_run(write_metrics(tmp_path / "clean"))
+    with_lines(path, lines)
+    result = run_script("plot.py", path)
+    assert result.returncode == 0, result.stderr
+    assert len(lines) > 1  # so that the warning says "lines"
+    warning = f"warning: {path}: {len(lines)} damaged lines skipped (first: line 2)"
+    assert result.stderr.splitlines() == [warning]
+    assert path.with_name("plot.png").read_bytes() == clean_png  # drawn from the valid lines alone
+
+
+def test_null_figures_and_a_last_line_being_written_are_no_damage(tmp_path, clean_png):
+    """The trainer writes a NaN loss as null, and a run may be writing its last line as we read."""
+    path = write_metrics(tmp_path / "run")  # its last line is cut short, without a newline
+    null = b'{"step": 3, "val_loss": null, "hellaswag_acc_norm": null, "tokens": null}'
+    with_lines(path, [null, b"", b"  "])
+    result = run_script("plot.py", path)
+    assert result.returncode == 0 and result.stderr == ""
+    assert path.with_name("plot.png").read_bytes() == clean_png
+
+
+def test_a_run_with_nothing_to_draw_is_refused_in_one_line(tmp_path):
+    damaged = tmp_path / "damaged" / "metrics.jsonl"
+    damaged.parent.mkdir()
+    lines = DAMAGED_LINES["not an object"] + [b'{"step": 0, "val_loss": null}\n']
+    damaged.write_bytes(b"\n".join(lines))
+    result = run_script("plot.py", damaged)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [f"error: no losses in {damaged}, 4 damaged lines skipped "
+                                          f"(first: line 1): mend the file or leave the run out"]
+    empty = tmp_path / "empty" / "metrics.jsonl"
+    empty.parent.mkdir()
+    empty.write_bytes(b'{"step": 0, "train_lo')  # the first line, being written
+    result = run_script("plot.py", write_metrics(tmp_path / "run"), empty, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: no losses in {empty} yet: plot a run after its "
+                                          f"first log line, or leave it out"]
+    assert not (tmp_path / "run" / "plot.png").exists() and not (tmp_path / "compare.png").exists()
