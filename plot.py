@@ -121,27 +121,63 @@ def tokens_per_step(records):
     return ratios.pop() if len(ratios) == 1 else None
 
 
-def run_data(metrics_path):
-    """The --data of the run whose metrics.jsonl this is, from the config.json beside it; None if unknown."""
+def read_json(path):
+    """The JSON value in the file path, None where there is no such file; a damaged one (unreadable,
+    not JSON) is a ValueError saying so."""
     try:
-        config = json.loads((Path(metrics_path).parent / "config.json").read_text())
-    except (OSError, ValueError):
+        text = Path(path).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    return config.get("data") if isinstance(config, dict) and isinstance(config.get("data"), str) else None
+    except OSError as e:
+        raise ValueError(f"cannot be read ({e.strerror or e})") from None
+    except ValueError:  # from a --data that no path holds
+        raise ValueError("cannot be read (a NUL in its name)") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise ValueError("is not JSON") from None
+
+
+def run_data(metrics_path):
+    """The --data of the run whose metrics.jsonl this is, from the config.json beside it; None if
+    unknown: no config.json, or a damaged one, which gets a warning."""
+    path = Path(metrics_path).parent / "config.json"
+    try:
+        config = read_json(path)
+        if config is None:  # a run from before the trainer wrote it
+            return None
+        if isinstance(config, dict) and isinstance(config.get("data"), str):
+            return config["data"]
+        damage = "has no data string" if isinstance(config, dict) else "is not a JSON object"
+    except ValueError as e:
+        damage = str(e)
+    warn(f"{path} {damage}: the run's --data is unknown, so it is not taken for a FineWeb run")
+    return None
 
 
 def is_fineweb(data):
     """Whether --data names FineWeb shards: a directory named *fineweb* (any case), or one whose manifest.json
     (fineweb.py's) names a FineWeb dataset. A text file such as input.txt is not."""
-    if data is None or Path(data).is_file():
+    try:
+        if data is None or Path(data).is_file():
+            return False
+    except OSError:  # a name too long for a path
         return False
     if "fineweb" in Path(data).name.lower():
         return True
+    path = Path(data) / "manifest.json"
     try:
-        source = json.loads((Path(data) / "manifest.json").read_text())["source"]
-        return "fineweb" in str(source["dataset"]).lower()
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        manifest = read_json(path)
+        if manifest is None:  # shards not made by fineweb.py, or not on this machine
+            return False
+        source = manifest.get("source") if isinstance(manifest, dict) else None
+        if isinstance(source, dict) and isinstance(source.get("dataset"), str):
+            return "fineweb" in source["dataset"].lower()
+        damage = "names no source dataset"
+    except ValueError as e:
+        damage = str(e)
+    warn(f"{path} {damage}: {data} is not taken for FineWeb shards")
+    return False
 
 
 def x_axis(runs):
@@ -196,7 +232,8 @@ def figure(paths):
         if damaged:
             warn(f"{path}: {skipped(damaged)}")
     runs = list(zip(run_labels(paths), (records for records, _ in reads)))
-    return draw(runs, fineweb=any(is_fineweb(run_data(path)) for path in paths))
+    datas = dict.fromkeys(run_data(path) for path in paths)  # shared shards: read, warned of, once
+    return draw(runs, fineweb=any([is_fineweb(data) for data in datas]))
 
 
 def warn(message):

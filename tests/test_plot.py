@@ -232,3 +232,64 @@ def test_a_run_with_nothing_to_draw_is_refused_in_one_line(tmp_path):
     assert result.stderr.splitlines() == [f"error: no losses in {empty} yet: plot a run after its "
                                           f"first log line, or leave it out"]
     assert not (tmp_path / "run" / "plot.png").exists() and not (tmp_path / "compare.png").exists()
+
+
+DAMAGED_CONFIGS = {  # config.json as it is damaged, and what the warning says of it
+    "not JSON": (b'{"data": "edu_fineweb10B"', "is not JSON"),
+    "not UTF-8": (b'{"data": "edu_fineweb10B\xff"}', "is not JSON"),
+    "nested past Python's stack": (b"[" * 100_000, "is not JSON"),
+    "not an object": (b'["edu_fineweb10B"]', "is not a JSON object"),
+    "data not a string": (b'{"data": ["edu_fineweb10B"]}', "has no data string"),
+    "data null": (b'{"data": null}', "has no data string"),
+    "no data": (b'{"n_layer": 2}', "has no data string"),
+    "a folder": (None, "cannot be read (Is a directory)"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_CONFIGS)
+def test_a_damaged_config_json_gets_one_warning_and_no_fineweb_line(tmp_path, damage, clean_png):
+    text, says = DAMAGED_CONFIGS[damage]
+    path = write_metrics(tmp_path / "run")
+    config = path.with_name("config.json")
+    config.mkdir() if text is None else config.write_bytes(text)
+    result = run_script("plot.py", path)
+    assert result.returncode == 0, result.stderr
+    unknown = "the run's --data is unknown, so it is not taken for a FineWeb run"
+    assert result.stderr.splitlines() == [f"warning: {config} {says}: {unknown}"]
+    assert path.with_name("plot.png").read_bytes() == clean_png  # without GPT-2's FineWeb-Edu line
+
+
+DAMAGED_MANIFESTS = {  # the manifest.json of the shards --data names, and what the warning says
+    "not JSON": (b'{"source": {"dataset": "HuggingFaceFW/fineweb-edu"}', "is not JSON"),
+    "not UTF-8": (b"\xff\xfe", "is not JSON"),
+    "not an object": (b'"HuggingFaceFW/fineweb-edu"', "names no source dataset"),
+    "no source": (b'{"shards": []}', "names no source dataset"),
+    "source not an object": (b'{"source": "HuggingFaceFW/fineweb-edu"}', "names no source dataset"),
+    "dataset not a string": (b'{"source": {"dataset": ["HuggingFaceFW/fineweb-edu"]}}',
+                             "names no source dataset"),
+    "a folder": (None, "cannot be read (Is a directory)"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_MANIFESTS)
+def test_a_damaged_manifest_json_gets_one_warning_and_no_fineweb_line(tmp_path, damage, clean_png):
+    text, says = DAMAGED_MANIFESTS[damage]
+    manifest = tmp_path / "shards" / "manifest.json"  # no "fineweb" in the name: manifest decides
+    manifest.parent.mkdir()
+    manifest.mkdir() if text is None else manifest.write_bytes(text)
+    runs = [write_metrics(tmp_path / name / "run", data=manifest.parent) for name in ("a", "b")]
+    result = run_script("plot.py", runs[0], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    warning = f"warning: {manifest} {says}: {manifest.parent} is not taken for FineWeb shards"
+    assert result.stderr.splitlines() == [warning]
+    assert runs[0].with_name("plot.png").read_bytes() == clean_png
+    result = run_script("plot.py", *runs, cwd=tmp_path)  # two runs on the same shards: one warning
+    assert result.returncode == 0 and result.stderr.splitlines() == [warning]
+    assert (tmp_path / "compare.png").is_file()
+
+
+def test_a_data_too_long_for_a_path_is_no_fineweb_run(tmp_path, clean_png):
+    path = write_metrics(tmp_path / "run", data="x" * 5000)  # the trainer would refuse it; a hand edit
+    result = run_script("plot.py", path)
+    assert result.returncode == 0 and result.stderr == ""
+    assert path.with_name("plot.png").read_bytes() == clean_png
