@@ -205,6 +205,9 @@ def run_labels(paths):
 
 def plot_runs(paths, out):
     """Draw the runs of the metrics.jsonl files in paths into the PNG out, replacing it atomically."""
+    if not Path(out).name:  # "/" or ".": atomic_write needs a file name to put its temporary beside
+        example = Path(out) / "plot.png"
+        raise UserError(f"--out {out} names no file: pass a .png path, such as {example}")
     fig = figure(paths)
     import matplotlib.pyplot as plt
     try:

@@ -129,6 +129,13 @@ def test_an_out_path_that_cannot_be_written_gets_one_line(tmp_path):
     assert line.endswith("pass a writable .png path to --out")
 
 
+def test_an_out_path_without_a_file_name_gets_one_line(tmp_path):
+    result = run_script("plot.py", write_metrics(tmp_path / "run"), "--out", ".", cwd=tmp_path)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line == "error: --out . names no file: pass a .png path, such as plot.png"
+
+
 def test_a_missing_metrics_file_gets_one_line(tmp_path):
     result = run_script("plot.py", tmp_path / "metrics.jsonl")
     assert result.returncode == 1
