@@ -1,6 +1,8 @@
 """plot.py: a real PNG of the expected size from one or more runs, the scale runs are drawn against, GPT-2's
 FineWeb-Edu line only for FineWeb runs, the trainer's --plot, and a clear message without matplotlib (in
-requirements.txt, but training runs without it: the tests that draw are skipped where it is missing)."""
+requirements.txt, but training runs without it: the tests that draw are skipped where it is missing).
+Damaged files (metrics.jsonl, config.json, manifest.json) are written as a user could find them, and
+plot.py is run on them as a user would: a warning or one error line, never a traceback."""
 
 import json
 import struct
