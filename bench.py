@@ -32,8 +32,10 @@ from cli import UserError, build_parser, flag
 from cross_entropy_kernel import kernel_runs_on
 from device import device_peak_flops, resolve_device
 from rundir import RunLog
-from train_gpt2 import (ShardLoader, Distributed, TrainConfig, Trainer, estimate_mfu, flops_per_token, get_lr,
-                        load_token_sources, model_args_for, new_model, setup_distributed)
+from device import Distributed
+from settings import TrainConfig
+from train_gpt2 import (GPT, GPTConfig, ShardLoader, Trainer, estimate_mfu, flops_per_token, get_lr,
+                        load_token_sources, new_model_args, setup_distributed)
 
 # -----------------------------------------------------------------------------
 # Configuration: the trainer's flags choose the model and batch, plus a few of the benchmark's own
@@ -87,7 +89,7 @@ def naive_step(trainer, x, y):
 
 def measure(config):
     """Train warmup_steps + steps from a fixed init and return the timing of the last `steps`. The fast variant
-    is the trainer's own Trainer.optimizer_step (prefetching loader, compiled model, chunked loss); the naive one
+    is the trainer's own Trainer.train_step (prefetching loader, compiled model, chunked loss); the naive one
     uses the same model, optimizer and batches with naive_step, uncompiled."""
     device = resolve_device(config.device)
     config = replace(config, hellaswag=False, compile=config.compile and config.variant != "naive")
@@ -97,7 +99,8 @@ def measure(config):
         sources = load_token_sources(config.data, "train")
         make_loader = lambda: ShardLoader(sources, config.batch_size, config.block_size,
                                           config.gradient_accumulation_steps, seed=config.seed, shuffle=config.shuffle)
-        trainer = Trainer(config, dist_info, new_model(model_args_for(config, set()), config.seed),
+        torch.manual_seed(config.seed)
+        trainer = Trainer(config, dist_info, GPT(GPTConfig(**new_model_args(config))),
                           RunLog(".", enabled=False), loader=make_loader(), evaluation=None)
         try:
             return summarize(time_steps(config, trainer, make_loader))
@@ -121,7 +124,7 @@ def time_steps(config, trainer, make_loader):
             return naive_step(trainer, x.to(device), y.to(device))
     else:
         def step(i):
-            return trainer.optimizer_step(i)[1]
+            return trainer.train_step(i)[1]
 
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     losses = [step(i) for i in range(config.warmup_steps)]
@@ -139,7 +142,7 @@ def time_steps(config, trainer, make_loader):
     return {"variant": config.variant, "device": device, "dtype": trainer.dtype, "compile": config.compile,
             "loss_kernel": config.loss_kernel and config.variant == "fast" and kernel_runs_on(device),
             "fsdp": config.fsdp, "step_ms": step_ms, "peak_memory_mb": peak_memory_bytes(device) / 2**20,
-            "tokens_per_step": trainer.loader.tokens_per_step, "losses": [float(loss) for loss in losses],
+            "tokens_per_step": trainer.batches.tokens_per_step, "losses": [float(loss) for loss in losses],
             "flops_per_token": flops_per_token(trainer.model.num_params(), config.n_layer, config.n_embd,
                                                config.block_size),
             "peak_flops": device_peak_flops(device, trainer.dtype)}

@@ -1,40 +1,148 @@
 """
-The one owner of the checkpoint format, and the one way to turn any --init_from into a model.
+The one owner of the checkpoint format: what a checkpoint holds, how it is written, read, checked and
+upgraded, and the names of the checkpoints in a run directory. Nothing here needs the model class.
 
-    from checkpoint import load_model, load_start
-    model = load_model("out/best_val_loss.pt")                 # or "gpt2", a transformers folder
-    model, checkpoint = load_start("resume", out_dir="out")    # the model and the rest of the latest checkpoint
+    checkpoint = make_checkpoint(parts, model_args=..., config=..., ...)  # each part's state_dict()
+    save_checkpoint("out/iter-10-loss-5.0000.pt", checkpoint)
+    checkpoint = load_checkpoint("out/iter-10-loss-5.0000.pt")  # every field checked; version 1 upgraded
+    restore(checkpoint, parts)                                  # each part's load_state_dict()
 
-A checkpoint is one file written by torch.save, readable with a bare torch.load(weights_only=True): a dict
-with the keys of CHECKPOINT_KEYS (the model's and the optimizer's state, the architecture in model_args, the
-step, the loader's position, the RNG, the run's whole config) and a format version. The model and optimizer
+A checkpoint is one file written by torch.save, readable with a bare torch.load(weights_only=True): a dict of
+the parts' states under PARTS (the model, the optimizer, the GradScaler, the loader, the RNG, the run's
+counters) and what the run is under ABOUT (the format version, the architecture, the whole config, the number
+of processes, the torch version and git commit, the val loss it was saved after). The model and optimizer
 states are those one process's state_dict() gives, whatever wrote them (one process, DDP or FSDP), so any
-checkpoint resumes under any of them. The trainer writes it from Trainer.state_dict(), always to a temporary file
-renamed into place. In a run directory the trainer
-names its checkpoints iter-{step}-loss-{val loss}.pt (after an evaluation) and iter-{step}-stopped.pt (on a
-stop request), and keeps a copy of the best one as best_val_loss.pt; it reads, prunes and resumes from files
-of exactly those names and no others.
+checkpoint resumes under any of them. In a run directory the trainer names its checkpoints
+iter-{step}-loss-{val loss}.pt and iter-{step}-stopped.pt, keeps a copy of the best as best_val_loss.pt, and
+reads, prunes and resumes from files of exactly those names.
 """
 
+import dataclasses
+import math
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from cli import UserError, atomic_write
-from model import GPT, GPTConfig, is_hf_model
 
 # -----------------------------------------------------------------------------
-# The file: saved atomically, loaded with its keys and version checked
+# What a checkpoint holds
 
-CHECKPOINT_VERSION = 1
-CHECKPOINT_KEYS = ("version", "model", "model_args", "optimizer", "scaler", "iter_num", "best_val_loss",
-                   "loader", "rng", "config")
+CHECKPOINT_VERSION = 2
+PARTS = ("model", "optimizer", "scaler", "loader", "rng", "progress")
+ABOUT = ("version", "model_args", "config", "world_size", "torch_version", "git_commit", "val_loss")
 
 
-def save_checkpoint(path, checkpoint):
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
+@dataclass
+class Progress:
+    """The counters a run carries from step to step."""
+    iter_num: int = 0  # optimizer steps taken
+    tokens: int = 0  # tokens trained on, across any change of batch
+    best_val_loss: float = math.inf  # the lowest val loss of a checkpointed evaluation
+    best_step: Optional[int] = None  # the step whose checkpoint holds the best weights
+    skipped_steps: int = 0  # non-finite steps not applied
+    wandb_run_id: Optional[str] = None  # so that a resumed run continues its wandb run
+
+    def state_dict(self):
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+class RNGState:
+    """torch's random state, and each GPU's."""
+
+    def state_dict(self):
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def load_state_dict(self, state):
+        torch.set_rng_state(state["torch"])
+        if torch.cuda.is_available() and state["cuda"]:
+            torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])  # resumed on fewer GPUs
+
+
+def make_checkpoint(parts, **about):
+    """The checkpoint of parts ({name in PARTS: an object with state_dict()}) and about (the ABOUT fields but the
+    version). Every rank calls it: under FSDP the model's and optimizer's parts gather from all of them."""
+    return {"version": CHECKPOINT_VERSION, **about, **{name: part.state_dict() for name, part in parts.items()}}
+
+
+def restore(checkpoint, parts):
+    """Each part's load_state_dict() from the checkpoint. A part that had nothing to save (the GradScaler of a
+    run without float16) starts fresh. A state that the part refuses is a damaged checkpoint."""
+    for name, part in parts.items():
+        if checkpoint[name] == {}:
+            continue
+        try:
+            part.load_state_dict(checkpoint[name])
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
+            raise malformed(checkpoint.get("path"), f"{name}: {type(e).__name__}: "
+                                                    f"{(str(e).splitlines() or [''])[0]}") from None
+
+
+def malformed(path, reason):
+    return UserError(f"checkpoint {path} holds a malformed training state ({reason}): it is damaged; use another "
+                     f"checkpoint of the run")
+
+
+# -----------------------------------------------------------------------------
+# Under FSDP: the model's and optimizer's states as one process holds them
+
+
+class FullModelState:
+    """The model's state_dict() as one process gives it. Under FSDP gathered from every rank's shards into rank
+    0's CPU memory, one tensor at a time (a collective: the other ranks get an empty dict)."""
+
+    def __init__(self, model, sharded):
+        self.model, self.sharded = model, sharded
+
+    def state_dict(self):
+        if not self.sharded:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # gathered one name at a time, a tied weight comes back as copies: one tensor under all its names
+        # again, as model.state_dict() gives it (and torch.save stores it once)
+        first_name = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if state:
+                state[name] = state[first_name.setdefault(id(param), name)]
+        return state
+
+
+class FullOptimizerState:
+    """The optimizer's state_dict() as one process gives it, keyed by position in the param groups. Under FSDP
+    gathered as FullModelState is, and loaded by every rank cutting its own shard of it."""
+
+    def __init__(self, model, optimizer, sharded):
+        self.model, self.optimizer, self.sharded = model, optimizer, sharded
+
+    def state_dict(self):
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        return optimizer_state_by_index(state) if state else {}
+
+    def load_state_dict(self, state):
+        if not self.sharded:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        name_of = {id(param): name for name, param in self.model.named_parameters()}
+        names = [name_of[id(param)] for group in self.optimizer.param_groups for param in group["params"]]
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state_by_name(state, names),
+                                 options=StateDictOptions(full_state_dict=True))
 
 
 def optimizer_state_by_index(state):
@@ -54,7 +162,24 @@ def optimizer_state_by_name(state, names):
                              for group in state["param_groups"]]}
 
 
+# -----------------------------------------------------------------------------
+# The file: written whole, read with every field checked, version 1 upgraded
+
+
+def save_checkpoint(path, checkpoint):
+    """torch.save into path, atomically. torch's zip writer turns a failed write (a full disk) into a
+    RuntimeError, and so a KeyboardInterrupt in the middle of it: they are given back as what they were."""
+    checkpoint = {key: value for key, value in checkpoint.items() if key != "path"}  # where it was read from
+    try:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+    except RuntimeError as e:
+        if isinstance(e.__context__, (OSError, KeyboardInterrupt)):
+            raise e.__context__ from None
+        raise OSError(f"torch.save failed: {(str(e).splitlines() or [''])[0]}") from None
+
+
 def load_checkpoint(path):
+    """The checkpoint at path, with its "path"; every field checked, a version 1 file upgraded."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found: pass an existing file to --init_from")
@@ -63,37 +188,98 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}): "
                         f"use another one, such as an earlier iter-*.pt of the same run") from None
-    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
+    if not isinstance(checkpoint, dict) or not {"version", "model", "model_args", "config"} <= set(checkpoint):
         raise UserError(f"{path} is not a checkpoint of this trainer: pass a file written by train_gpt2.py")
-    if not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["iter_num"], int):
-        raise UserError(f"checkpoint {path} holds a malformed config or step: it is damaged; use another checkpoint "
-                        f"of the run")
+    if checkpoint["version"] == 1:
+        checkpoint = upgrade_version_1(checkpoint, path)
     if checkpoint["version"] != CHECKPOINT_VERSION:
-        raise UserError(f"checkpoint {path} has format version {checkpoint['version']}, this code reads "
-                        f"{CHECKPOINT_VERSION}")
+        raise UserError(f"checkpoint {path} has format version {checkpoint['version']!r}, this code reads "
+                        f"{CHECKPOINT_VERSION} (and 1)")
+    check_fields(checkpoint, path)
+    checkpoint["path"] = path
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint, path):
-    """The GPT whose weights the checkpoint holds; a damaged file (a tensor missing, extra or of the wrong
-    shape, an unknown architecture field) is a one-line error, not a traceback."""
+def upgrade_version_1(checkpoint, path):
+    """A version 1 checkpoint in version 2's form. Version 1 kept the counters at the top level, and files
+    from before a field existed lack it: tokens (every step had the last global batch), skipped_steps,
+    wandb_run_id, world_size, the loader's shuffle (it read sequentially) and fingerprints."""
+    c = dict(checkpoint)
+    missing = [key for key in ("iter_num", "best_val_loss", "loader", "optimizer", "scaler", "rng") if key not in c]
+    if missing or not isinstance(c["config"], dict) or not isinstance(c["loader"], dict):
+        raise malformed(path, f"version 1 without {', '.join(missing) or 'a config or loader'}")
+    world_size = c.get("world_size", 1)
     try:
-        model = GPT(GPTConfig(**checkpoint["model_args"]))
-    except TypeError as e:
-        raise UserError(f"checkpoint {path} has an unknown architecture ({e}): it is damaged or from another "
-                        f"program") from None
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()
-        reason = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else (first or [""])[0]
-        raise UserError(f"checkpoint {path} does not match its own architecture ({reason}): it is damaged; "
-                        f"use another checkpoint of the run") from None
-    return model
+        config, block_size = c["config"], c["model_args"]["block_size"]
+        tokens_per_step = config["batch_size"] * config["gradient_accumulation_steps"] * world_size * block_size
+        tokens = c.get("tokens", c["iter_num"] * tokens_per_step)
+    except (KeyError, TypeError) as e:
+        raise malformed(path, f"version 1 config: {e}") from None
+    c["progress"] = {"iter_num": c.pop("iter_num"), "tokens": tokens, "best_val_loss": c.pop("best_val_loss"),
+                     "best_step": None, "skipped_steps": c.pop("skipped_steps", 0),
+                     "wandb_run_id": c.pop("wandb_run_id", None)}
+    c.pop("tokens", None)
+    c["loader"] = {"shuffle": False, "fingerprints": None, **c["loader"]}
+    c["config"] = {"shuffle": False, **config}
+    for key, value in (("world_size", world_size), ("torch_version", None), ("git_commit", None),
+                       ("val_loss", None)):
+        c.setdefault(key, value)
+    c["version"] = 2
+    return c
+
+
+def is_int(value, low=0):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_fields(c, path):
+    """Every field of a checkpoint of the right type and in range, else the one-line malformed error. The
+    config's flags are checked where they become a TrainConfig; the tensors where the model and optimizer
+    load them."""
+    model_args, loader, progress, rng = c.get("model_args"), c.get("loader"), c.get("progress"), c.get("rng")
+    fields = {
+        "a field": all(key in c for key in PARTS + ABOUT),
+        "model": isinstance(c.get("model"), dict) and all(isinstance(v, torch.Tensor) for v in c["model"].values()),
+        "model_args": isinstance(model_args, dict)
+        and all(is_int(model_args.get(k), 1) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"))
+        and model_args["n_embd"] % model_args["n_head"] == 0,
+        "optimizer": isinstance(c.get("optimizer"), dict) and isinstance(c["optimizer"].get("state"), dict)
+        and isinstance(c["optimizer"].get("param_groups"), list),
+        "scaler": isinstance(c.get("scaler"), dict),
+        "loader": isinstance(loader, dict) and all(is_int(loader.get(k)) for k in ("epoch", "shard", "position"))
+        and is_int(loader.get("seed")) and isinstance(loader.get("shuffle"), bool)
+        and isinstance(loader.get("shards"), list) and loader["shard"] < max(len(loader["shards"]), 1)
+        and all(isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], str) and is_int(s[1])
+                for s in loader["shards"])
+        and (loader.get("fingerprints") is None or isinstance(loader["fingerprints"], list)
+             and all(isinstance(f, str) for f in loader["fingerprints"])),
+        "rng": isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+        and rng["torch"].dtype == torch.uint8 and isinstance(rng.get("cuda"), list)
+        and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in rng["cuda"]),
+        "progress": isinstance(progress, dict) and set(progress) == {f.name for f in dataclasses.fields(Progress)}
+        and is_int(progress["iter_num"]) and is_int(progress["tokens"]) and is_int(progress["skipped_steps"])
+        and is_number(progress["best_val_loss"]) and not math.isnan(progress["best_val_loss"])
+        and progress["best_val_loss"] >= 0
+        and (progress["best_step"] is None or is_int(progress["best_step"])
+             and progress["best_step"] <= progress["iter_num"])
+        and (progress["wandb_run_id"] is None or isinstance(progress["wandb_run_id"], str)),
+        "config": isinstance(c.get("config"), dict),
+        "world_size": is_int(c.get("world_size"), 1),
+        "torch_version": c.get("torch_version") is None or isinstance(c["torch_version"], str),
+        "git_commit": c.get("git_commit") is None or isinstance(c["git_commit"], str),
+        "val_loss": c.get("val_loss") is None or is_number(c["val_loss"]),
+    }
+    bad = [name for name, ok in fields.items() if not ok]
+    if bad:
+        raise malformed(path, f"{bad[0]} has a wrong type or value")
 
 
 # -----------------------------------------------------------------------------
-# The names in a run directory
+# The names in a run directory, the best copy and pruning
 
 BEST_CHECKPOINT = "best_val_loss.pt"
 CHECKPOINT_NAME = re.compile(r"iter-(\d+)-(?:loss-(?:\d+\.\d{4}|nan|inf)|stopped)\.pt")
@@ -115,6 +301,11 @@ def run_checkpoints(out_dir):
     return sorted((p for p in directory.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and p.is_file()), key=age)
 
 
+def evaluated_checkpoint(out_dir, step):
+    """The checkpoint that out_dir holds of the evaluation at step, or None."""
+    return next((p for p in run_checkpoints(out_dir) if p.name.startswith(f"iter-{step}-loss-")), None)
+
+
 def latest_checkpoint(out_dir):
     checkpoints = run_checkpoints(out_dir)
     if not checkpoints:
@@ -123,48 +314,37 @@ def latest_checkpoint(out_dir):
     return checkpoints[-1]
 
 
-def prune_checkpoints(out_dir, keep_last):
-    """Delete all but the newest keep_last checkpoints. Called only after the newest is safely on disk;
-    best_val_loss.pt is a copy of its own, so it survives its iter file."""
-    if keep_last > 0:
-        for path in run_checkpoints(out_dir)[:-keep_last]:
-            path.unlink(missing_ok=True)
-
-
-def save_best(source, out_dir):
-    """best_val_loss.pt as a copy of the checkpoint just written, swapped in atomically. A copy, not a hard
-    link: a link shares its bytes, so damage to one file (a truncation, an editor) would damage both."""
-    def copy(f):
-        with open(source, "rb") as src:
-            shutil.copyfileobj(src, f, 16 * 2**20)
-    atomic_write(Path(out_dir) / BEST_CHECKPOINT, copy)
-
-
-# -----------------------------------------------------------------------------
-# --init_from: any value to a model
-
-
 def checkpoint_path(init_from, out_dir):
     """The checkpoint file that --init_from names: `resume` is the latest in out_dir."""
     return latest_checkpoint(out_dir) if init_from == "resume" else Path(init_from)
 
 
-def load_start(init_from, out_dir="."):
-    """(model, checkpoint) for --init_from: a checkpoint of this trainer (a path, or `resume` for the latest
-    in out_dir) or GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl, a transformers folder), the model
-    on the CPU in eval mode. checkpoint is the file's dict without the weights (they are in the model), with
-    its path under "path"; None for GPT-2 weights. Training, evaluation, sampling, export and hellaswag.py
-    all load their models here (through load_model where only the model is wanted)."""
-    if init_from != "resume" and is_hf_model(init_from):
-        return GPT.from_pretrained(init_from).eval(), None
-    path = checkpoint_path(init_from, out_dir)
-    checkpoint = load_checkpoint(path)
-    model = model_from_checkpoint(checkpoint, path)
-    del checkpoint["model"]  # the model holds the weights now: one copy in memory, not two
-    checkpoint["path"] = path
-    return model.eval(), checkpoint
+def prune_checkpoints(out_dir, keep_last, keep=None):
+    """Delete all but the newest keep_last checkpoints, and never keep (the best weights, while their copy is
+    not written). Called only after the newest is safely on disk."""
+    if keep_last > 0:
+        for path in run_checkpoints(out_dir)[:-keep_last]:
+            if keep is None or path.resolve() != Path(keep).resolve():
+                path.unlink(missing_ok=True)
 
 
-def load_model(init_from, device="cpu", out_dir="."):
-    """The model alone, for sampling, scoring and export, in eval mode on device."""
-    return load_start(init_from, out_dir)[0].to(device)
+def best_copy_holds(out_dir, step):
+    """Whether out_dir's best_val_loss.pt is the checkpoint of step (read lazily: its tensors stay on disk)."""
+    path = Path(out_dir) / BEST_CHECKPOINT
+    if not path.is_file():
+        return False
+    try:
+        best = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        progress = best["progress"] if best.get("version") == CHECKPOINT_VERSION else {"iter_num": best["iter_num"]}
+        return progress["iter_num"] == step
+    except Exception:  # damaged, or of another format: not the copy
+        return False
+
+
+def save_best(source, out_dir):
+    """best_val_loss.pt as a copy of the checkpoint source, swapped in atomically. A copy, not a hard link: a
+    link shares its bytes, so damage to one file (a truncation, an editor) would damage both."""
+    def copy(f):
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, f, 16 * 2**20)
+    atomic_write(Path(out_dir) / BEST_CHECKPOINT, copy)

@@ -1,7 +1,7 @@
 """
 What every script here shares as a command-line program: the one-line error type, flags built from a config
-dataclass, and files written whole or not at all. Nobody's format and no script's logic: the scripts import
-these directly.
+dataclass, files written whole or not at all, the lock that keeps one writer on a directory, and the stop
+signal. Nobody's format and no script's logic: the scripts import these directly.
 
     from cli import UserError, atomic_write, build_parser, flag
 
@@ -20,6 +20,9 @@ import difflib
 import math
 import os
 import secrets
+import signal
+import socket
+import sys
 from pathlib import Path
 
 # -----------------------------------------------------------------------------
@@ -27,8 +30,13 @@ from pathlib import Path
 
 
 class UserError(ValueError):
-    """Bad input from the user: every script's main() prints the message (which names the fix) and exits
-    non-zero, without a traceback."""
+    """What stops a script with a message instead of a traceback: bad input (the message names the fix) or a
+    run stopped on purpose (a signal, a failed write: the message says how to continue). main() prints it and
+    exits with code."""
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
 
 
 # -----------------------------------------------------------------------------
@@ -183,3 +191,87 @@ def remove_temporaries(directory):
     directory this process holds the lock of: another writer's file would be mid-write."""
     for path in Path(directory).glob(".*.tmp"):
         path.unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# One writer per directory
+
+
+class DirectoryLock:
+    """directory/.lock, held while a process writes the directory, naming its holder: a second writer is
+    refused and told who holds it. The kernel drops the lock when the process ends, however it ends, so a
+    killed run never leaves a stale lock (only the file, which the next writer takes over). release() deletes
+    the file while still holding it; a writer that opened the file just before then finds, once it has the
+    lock, that the path names another file, and tries again."""
+
+    def __init__(self, directory, writer="process"):
+        import fcntl
+        self.path = Path(directory) / ".lock"
+        while True:
+            self.file = open(self.path, "a+")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.seek(0)
+                holder = self.file.read().strip() or "another process"
+                self.file.close()
+                raise UserError(f"{directory} is in use by another {writer} ({holder}): wait for it to end, or "
+                                f"pass another --out_dir") from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            self.file.close()  # released and deleted by its holder meanwhile: take the new one
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def release(self):
+        """Give the directory up; a directory that can no longer be written keeps its lock file."""
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        self.file.close()
+
+
+def lock_directory(directory, writer="process"):
+    """A DirectoryLock on directory; None where the system has no flock (Windows), which then runs unlocked."""
+    try:
+        return DirectoryLock(directory, writer)
+    except ImportError:
+        return None
+
+
+# -----------------------------------------------------------------------------
+# The stop signal
+
+
+class StopSignal:
+    """SIGINT or SIGTERM asks a long run to stop at the next safe point (the trainer: the end of the step,
+    after a checkpoint). A second SIGINT (Ctrl-C again) stops at once; a SIGTERM after the first request is
+    absorbed, since a launcher may send one on top of the signal it passes on."""
+
+    def __init__(self, verbose, what="saving a checkpoint at the end of this step"):
+        self.verbose, self.what = verbose, what
+        self.requested = None
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.requested is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.requested = signum
+        if self.verbose:
+            print(f"\n{signal.Signals(signum).name}: {self.what} (Ctrl-C again stops at once)", file=sys.stderr,
+                  flush=True)

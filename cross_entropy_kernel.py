@@ -1,10 +1,12 @@
 """
-The loss's inner step, in one pass: cross-entropy of rows of logits, and its gradient written over them.
+The training loss of GPT-2's output layer: the logits and their cross-entropy, chunk by chunk, with the
+gradient computed in the same pass, and the inner step of it as a Triton kernel beside its plain-torch reference.
 
+    loss = output_layer_loss(x, weight, targets)        # F.cross_entropy(x @ weight.T, targets), chunked
     loss_sum = cross_entropy_and_grad_(logits, targets)  # logits (N, V) become softmax - one_hot, in place
 
-model.py's chunked loss (LinearCrossEntropy) calls this on each (chunk, vocab) slice of the logits. Two
-versions compute the same thing:
+The chunked loss (LinearCrossEntropy) calls cross_entropy_and_grad_ on each (chunk, vocab) slice of the
+logits. Two versions of it compute the same thing:
 
 - `reference`: plain torch (log_softmax, gather, exp, scatter), for every device. On a GPU it makes about eight
   passes over the chunk: bf16 logits read for the max and again for the sum, float32 log-probabilities written
@@ -21,6 +23,7 @@ defines, and imports Triton where it can run; it launches nothing.
 """
 
 import contextlib
+import math
 import os
 
 import torch
@@ -137,3 +140,94 @@ def cross_entropy_and_grad_(logits, targets, grad_scale=1.0, needs_grad=True, us
     if use_kernel and logits.stride(1) == 1 and kernel_runs_on(logits.device):
         return kernel(logits, targets, grad_scale, needs_grad)
     return reference(logits, targets, grad_scale, needs_grad, block_rows)
+
+
+# -----------------------------------------------------------------------------
+# The chunked loss: the output layer's matmul and the cross-entropy, a chunk of rows at a time
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of softmax(x @ weight.T) against targets, computed over chunks of rows so that
+    only a (chunk, vocab) slice of the logits ever exists. The gradients are computed in the same pass
+    (softmax minus one-hot is the gradient of the summed loss with respect to the logits), so the backward
+    pass only scales them: the same matmuls as the plain loss, with a fraction of its memory and of its
+    passes over (rows, vocab) arrays. The 1/rows of the mean is applied to the small results, never to a
+    (rows, vocab) array.
+
+    With a workspace (a dict, kept by the caller between calls) the logits are written into a buffer kept
+    there, and their softmax is taken a few rows at a time, in the cache, into that same buffer. That is for
+    the CPU, where every fresh tensor of this size is new memory from the operating system, paid for with a
+    page fault on each 4 KiB touched: for GPT-2's vocabulary, nearly as long again as the matmul that fills
+    it (BENCHMARKS.md). A GPU's caching allocator already reuses its memory; there each chunk's softmax and
+    gradient go through the Triton kernel of cross_entropy_kernel.py (use_kernel), two passes over the chunk's
+    logits where plain torch makes about eight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_size, needs_grad, workspace, use_kernel):
+        n_rows, vocab_size = x.size(0), weight.size(0)
+        # under autocast the matmuls run in the autocast dtype, as nn.Linear's would
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x_c, w_c = x.to(dtype), weight.to(dtype)
+        # float16 has too little range for the logit gradients (probabilities ~1/vocab): carry them scaled up
+        grad_scale = 1024.0 if dtype == torch.float16 else 1.0
+        grad_x = torch.empty_like(x) if needs_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for start in range(0, n_rows, chunk_size):
+            end = min(start + chunk_size, n_rows)
+            rows = slice(start, end)
+            if workspace is None:
+                logits = x_c[rows] @ w_c.T  # (chunk, V)
+            else:
+                logits = torch.mm(x_c[rows], w_c.T, out=reusable_buffer(workspace, (end - start, vocab_size), dtype))
+            # the chunk's loss, its logits overwritten by their gradient (in 8-row blocks that fit in L2 on the CPU)
+            loss += cross_entropy_and_grad_(logits, targets[rows], grad_scale, needs_grad, use_kernel,
+                                            block_rows=8 if workspace is not None else None)
+            if needs_grad:
+                grad_x[rows] = logits @ w_c
+                if dtype == torch.float32:
+                    grad_w.addmm_(logits.T, x_c[rows])
+                else:  # accumulate the chunks' bf16/fp16 products in float32
+                    grad_w += (logits.T @ x_c[rows]).float()
+        if needs_grad:
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+            ctx.divisor = n_rows * grad_scale  # the mean's 1/rows, and the float16 scale-up undone
+        return loss / n_rows
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss / ctx.divisor
+        # scaled in place: they were made for this one use, and a copy of grad_w is another (vocab, C) array
+        return grad_x.mul_(scale), grad_w.mul_(scale), None, None, None, None, None
+
+
+def reusable_buffer(workspace, shape, dtype):
+    """An uninitialized CPU tensor of this shape, kept in workspace and reused while it is large enough."""
+    size = math.prod(shape)
+    buffer = workspace.get("logits")
+    if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
+        buffer = workspace["logits"] = torch.empty(size, dtype=dtype)
+    return buffer[:size].view(shape)
+
+
+def linear_cross_entropy(x, weight, targets, chunk_size=4096, workspace=None, use_kernel=True):
+    """F.cross_entropy(x @ weight.T, targets) without the full logits; x (N, C), weight (V, C), targets (N,).
+    workspace: a dict to keep the logits buffer in between calls (see LinearCrossEntropy). use_kernel: the
+    Triton kernel of cross_entropy_kernel.py for each chunk's softmax where it runs (CUDA), else plain torch."""
+    # grad mode is off inside forward(), so it is read here: an evaluation must not pay for gradients
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return LinearCrossEntropy.apply(x, weight, targets, chunk_size, needs_grad, workspace, use_kernel)
+
+
+def output_layer_loss(x, weight, targets, workspace=None, use_kernel=True):
+    """The model's training loss: linear_cross_entropy, with the kernel where it runs (CUDA with Triton) and the
+    workspace on the CPU. Inside a compiled model it runs eager, the rest of the model compiled: in place into a
+    kept buffer (the CPU), which a compiled graph would turn into copies, or a Triton kernel (a GPU). No device
+    query here, inside the compiled region: the loss itself checks the GPU and falls back."""
+    on_cpu = x.device.type == "cpu"
+    use_kernel = use_kernel and x.is_cuda and triton_installed()
+    loss_fn = linear_cross_entropy
+    if (on_cpu or use_kernel) and torch.compiler.is_compiling():
+        loss_fn = torch.compiler.disable(loss_fn)  # wrapped here, not at import: that imports the compiler
+    return loss_fn(x, weight, targets, workspace=workspace if on_cpu else None, use_kernel=use_kernel)

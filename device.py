@@ -1,14 +1,18 @@
 """
 Where and in what precision a script runs: --device and --dtype resolved against the machine, the autocast
-context for the dtype, and the device's peak FLOP/s for the MFU figure. Shared by training, evaluation,
-sampling and the benchmark.
+context for the dtype, the device's peak FLOP/s for the MFU figure, and a process's place among the ranks of
+a distributed run with the two rules every rank follows. Shared by training, evaluation, sampling and the
+benchmark.
 """
 
 import contextlib
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from cli import UserError
 
@@ -37,7 +41,29 @@ def make_autocast(device_type, dtype):
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
-def resolve_dtype(dtype, device):
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype):
+    """The --dtype flag names a dtype: checked by every script's config before any work."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def resolve_dtype(dtype, device, sharded=False):
+    """The dtype a run uses on device. sharded (FSDP): float16 is refused, since its GradScaler is not set up
+    for sharded gradients."""
+    check_dtype(dtype)
+    if not (sharded and dtype == "float16"):  # refused below whatever the device, before asking it
+        dtype = resolve_device_dtype(dtype, device)
+    if sharded and dtype == "float16":
+        raise UserError("--fsdp True trains in bfloat16 or float32, not float16 (its GradScaler is not set up for "
+                        "sharded gradients): pass --dtype bfloat16 where the GPU has it, else --dtype float32")
+    return dtype
+
+
+def resolve_device_dtype(dtype, device):
+    check_dtype(dtype)
     if device.startswith("cuda"):
         bf16 = torch.cuda.is_bf16_supported()
         if dtype == "auto":
@@ -104,3 +130,56 @@ def available_memory(device):
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     return None
+
+
+# -----------------------------------------------------------------------------
+# A process among the ranks: one process is world_size 1, not a separate code path
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    control: object = None  # a Gloo group for host-side agreement (stop requests, failures), no device sync
+    sharded: bool = False  # FSDP: each rank holds a shard of the weights, and every forward pass is a collective
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+    def any(self, condition):
+        """True on every rank when condition is true on any rank: how ranks agree to stop at the same step."""
+        if self.world_size == 1:
+            return bool(condition)
+        tensor = torch.tensor([int(bool(condition))])
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(tensor.item())
+
+    def on_rank0(self, action, what):
+        """Rank 0 runs action() and every rank learns whether it worked: its result on rank 0 (None on the
+        others), or a UserError raised on every rank, so that none goes on alone. what: what rank 0 does, for
+        the other ranks' message."""
+        result, error = None, None
+        if self.is_master:
+            try:
+                result = action()
+            except UserError as e:
+                error = e
+        if self.any(error is not None):
+            raise error or UserError(f"rank 0 could not {what}: see its message")
+        return result
+
+    def forward_passes(self, n_items, per_pass=1):
+        """How many forward passes this rank makes over its share of n_items (items rank, rank + world_size,
+        ...), per_pass at a time. Under FSDP every forward pass is a collective of all the ranks, so each
+        makes as many as the largest share (rank 0's) needs, the ones past its share on dummy input."""
+        share = len(range(0 if self.sharded else self.rank, n_items, self.world_size))
+        return math.ceil(share / per_pass)
+
+    def sum(self, tensor):
+        """tensor summed over the ranks, in place (Gloo has no AVG, so means are sums divided)."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor

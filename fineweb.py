@@ -53,10 +53,6 @@ HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50,257 ids fit in uint16
 
 
-class ShardError(ValueError):
-    """A shard that cannot be read: the message names the file and the fix."""
-
-
 def write_shard(path, tokens):
     """Write tokens to path as a shard, atomically."""
     tokens = np.asarray(tokens)
@@ -76,19 +72,19 @@ def read_shard_header(path):
     path = Path(path)
     size = path.stat().st_size
     if size < HEADER_BYTES:
-        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header; "
+        raise UserError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header; "
                          f"delete it and rerun `python fineweb.py`")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header[0] != MAGIC:
-        raise ShardError(f"{path}: not a token shard (magic {header[0]}, expected {MAGIC}); "
+        raise UserError(f"{path}: not a token shard (magic {header[0]}, expected {MAGIC}); "
                          f"regenerate it with `python fineweb.py`")
     if header[1] != VERSION:
-        raise ShardError(f"{path}: shard version {header[1]}, this code reads version {VERSION}; "
+        raise UserError(f"{path}: shard version {header[1]}, this code reads version {VERSION}; "
                          f"regenerate it with `python fineweb.py`")
     n_tokens = int(header[2])
     expected = HEADER_BYTES + n_tokens * TOKEN_DTYPE.itemsize
     if n_tokens <= 0 or size != expected:
-        raise ShardError(f"{path}: header says {n_tokens} tokens ({expected} bytes) but the file has {size} bytes; "
+        raise UserError(f"{path}: header says {n_tokens} tokens ({expected} bytes) but the file has {size} bytes; "
                          f"it is truncated or empty: delete it and rerun `python fineweb.py`")
     return n_tokens
 
@@ -103,7 +99,7 @@ def shard_valid(path, n_tokens):
     """Whether path is a readable shard of n_tokens tokens, by its header and size."""
     try:
         return read_shard_header(path) == n_tokens
-    except (OSError, ShardError):
+    except (OSError, UserError):
         return False
 
 
@@ -112,7 +108,7 @@ def check_open_shard(tokens):
     shrank crashes the process instead of raising. Token arrays that are not shards pass."""
     path = getattr(tokens, "filename", None)
     if path is not None and os.stat(path).st_size != HEADER_BYTES + tokens.nbytes:
-        raise ShardError(f"{path} changed size since the run began: restore it, or regenerate the data and "
+        raise UserError(f"{path} changed size since the run began: restore it, or regenerate the data and "
                          f"start a new run")
 
 

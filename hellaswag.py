@@ -5,21 +5,21 @@ HellaSwag, zero-shot: which of four endings does the model find most likely afte
     python hellaswag.py --init_from out/best_val_loss.pt          # a checkpoint of train_gpt2.py
     python hellaswag.py --init_from gpt2-xl --data hellaswag_val.jsonl --hellaswag_examples 1000
 
---init_from and --hellaswag_examples are spelled as in train_gpt2.py (and --init_from as in sample.py); the
-older --model, --checkpoint and --limit still work, with a note. The split is downloaded from the HellaSwag
-repository into --cache_dir on first use; without a network, pass a local copy with --data. Each ending is
-scored by the model's loss on its tokens after the context: `acc` picks the ending with the lowest total loss
-(the highest log-likelihood), `acc_norm` the lowest mean loss per token (it does not favour short endings).
-build-nanogpt reports acc 0.2859, acc_norm 0.2955 for GPT-2 124M on val, scored the same way.
+On its own it scores transformers' GPT2LMHeadModel, as build-nanogpt's does: OpenAI's weights, a folder,
+or a checkpoint of the trainer converted as the export converts it (hf_convert.py). The split is downloaded
+from the HellaSwag repository into --cache_dir on first use; without a network, pass a local copy with --data.
+Each ending is scored by the model's loss on its tokens after the context: `acc` picks the ending with the
+lowest total loss (the highest log-likelihood), `acc_norm` the lowest mean loss per token (it does not favour
+short endings). build-nanogpt reports acc 0.2859, acc_norm 0.2955 for GPT-2 124M on val, scored the same way.
 
-The trainer calls it on every rank at each evaluation, with the compiled model (not the DDP wrapper):
+The trainer calls it on every rank at each evaluation, with its own compiled GPT (not the DDP wrapper):
 
     examples, problems = hellaswag.load_examples("val", limit=N)   # once; problems: lines skipped, to print
-    result = hellaswag.evaluate(model, examples, device, batch_size, block_size, autocast, rank, world_size)
-    result["acc_norm"], result["acc"], result["n"]                  # the same on every rank (all-reduced)
+    result = hellaswag.evaluate(model, examples, batch_size, block_size, autocast, dist_info)
+    result["acc_norm"], result["acc"], result["n"]                  # the same on every rank (summed)
 
-and turns hellaswag.HellaSwagError (a ValueError) into a warning: a run that cannot score HellaSwag trains on.
-Ranks may download the split at the same time: each writes its own temporary file and renames it into place.
+and turns the UserError of a split it cannot have into a warning: a run without HellaSwag trains on. Ranks
+may download the split at the same time: each writes its own temporary file and renames it into place.
 Importing this file only defines things.
 """
 
@@ -36,15 +36,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import load_model
 from cli import UserError, atomic_write, build_parser, flag
-from device import make_autocast, resolve_device, resolve_dtype
+from device import Distributed, check_dtype, make_autocast, resolve_device, resolve_dtype
 from fineweb import VOCAB_SIZE, get_tokenizer
-from model import GPT, is_hf_model
+from hf_convert import is_hf_model, load_hf_model
 
 # -----------------------------------------------------------------------------
 # The data: the split files, downloaded once and cached, read line by line
@@ -55,16 +53,7 @@ DEFAULT_CACHE_DIR = "~/.cache/hellaswag"
 BATCH_SIZE = 32  # examples per forward pass: 2,092 examples/s on an H100 against 1,988 at 64 (BENCHMARKS.md)
 
 
-class HellaSwagError(ValueError):
-    """Bad HellaSwag input (a missing file, nothing to score, a model that cannot be loaded): the message
-    names the fix."""
-
-
-class HellaSwagUnavailable(HellaSwagError):
-    """A split that cannot be downloaded (no network): the message says where to put a local copy."""
-
-
-def download(url, path):
+def download(url, path, flag):
     """Fetch url into path. Written to a temporary file and renamed when complete, so an interrupted
     download leaves nothing behind to be mistaken for the data."""
     def write(f):
@@ -79,15 +68,15 @@ def download(url, path):
     except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", None) or repr(e)
         # no flag named here: each script that loads HellaSwag adds its own (--data, --hellaswag_data)
-        raise HellaSwagUnavailable(f"cannot download {path.name} from {url} ({reason}); without a network, put a "
-                                   f"copy at {path}") from None
+        raise UserError(f"cannot download {path.name} from {url} ({reason}); without a network, put a copy at "
+                        f"{path}, or pass a local copy: {flag} path/to/{path.name}") from None
 
 
-def split_path(split, cache_dir=None):
-    """The cached file of a split, downloaded on first use."""
+def split_path(split, cache_dir=None, flag="--data"):
+    """The cached file of a split, downloaded on first use. flag: the script's flag for a local copy."""
     path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / f"hellaswag_{split}.jsonl"
     if not path.is_file():
-        download(URL.format(split=split), path)
+        download(URL.format(split=split), path, flag)
     return path
 
 
@@ -118,14 +107,15 @@ def parse_example(line):
     return {**example, "label": label}
 
 
-def load_examples(source, cache_dir=None, limit=None):
+def load_examples(source, cache_dir=None, limit=None, flag="--data"):
     """HellaSwag examples from a split name ("train", "val", "test"; downloaded into cache_dir, by default
     ~/.cache/hellaswag, on first use) or the path of a jsonl file in the same format. Returns
     (examples, problems): the first `limit` (None: all) well-formed examples as dicts with ctx, endings and
-    an int label, and a message for every line skipped, naming the file and the line number."""
-    path = split_path(source, cache_dir) if source in SPLITS else Path(source)
+    an int label, and a message for every line skipped, naming the file and the line number. flag: the
+    script's flag for a local copy, named in the error when the split cannot be downloaded."""
+    path = split_path(source, cache_dir, flag) if source in SPLITS else Path(source)
     if not path.is_file():
-        raise HellaSwagError(f"{path}: no such file; pass a HellaSwag jsonl file or one of the splits "
+        raise UserError(f"{path}: no such file; pass a HellaSwag jsonl file or one of the splits "
                              f"{', '.join(SPLITS)}")
     examples, problems = [], []
     try:
@@ -140,7 +130,7 @@ def load_examples(source, cache_dir=None, limit=None):
                 except ValueError as e:  # UnicodeDecodeError is one too
                     problems.append(f"{path}:{number}: {e}; line skipped")
     except OSError as e:
-        raise HellaSwagError(f"{path}: cannot be read ({e.strerror}); pass a readable file") from None
+        raise UserError(f"{path}: cannot be read ({e.strerror}); pass a readable file") from None
     return examples, problems
 
 
@@ -148,22 +138,15 @@ def load_examples(source, cache_dir=None, limit=None):
 # Rendering: one example as four rows of tokens, and the mask of the tokens that are scored
 
 
-def render_example(example, enc, max_tokens=None):
-    """
-    Render one example as the model sees it: the context, then each ending as its continuation.
-    Returns
+def render_examples(examples, enc, max_tokens=None):
+    """Each example as the model sees it, a (tokens, mask, label) triple:
     - tokens (4, N) long: row i is enc(ctx) + enc(" " + endings[i]), zero-padded on the right to the longest
     - mask (4, N) bool: True on the ending's tokens, whose likelihood is scored
     - label: the index of the correct ending
-    The space goes with the ending because GPT-2's tokenizer folds a word's leading space into its token.
-    A row longer than max_tokens keeps its last max_tokens tokens: the context's start goes first, then the
-    ending's, so as much of the ending as fits is scored.
-    """
-    return render_examples([example], enc, max_tokens)[0]
-
-
-def render_examples(examples, enc, max_tokens=None):
-    """render_example of each example; numpy builds the rows, a few times faster than a tensor each."""
+    The space goes with the ending because GPT-2's tokenizer folds a word's leading space into its token. A
+    row longer than max_tokens keeps its last max_tokens tokens: the context's start goes first, then the
+    ending's, so as much of the ending as fits is scored. numpy builds the rows, a few times faster than a
+    tensor each."""
     # one at a time: tiktoken's encode_ordinary_batch was 6 times slower for these short texts
     encoded = [enc.encode_ordinary(text) for example in examples
                for text in [example["ctx"], *(" " + ending for ending in example["endings"])]]
@@ -233,9 +216,11 @@ def logits_of(output):
 
 
 def scores_positions(model):
-    """Whether the model computes logits at given positions alone: this repo's GPT, compiled or not. The
-    endings are about a quarter of HellaSwag's tokens, and the output layer a third of GPT-2 124M's matmul FLOPs."""
-    return isinstance(getattr(model, "_orig_mod", model), GPT)
+    """Whether the model computes logits at given positions alone (model(x, positions=...)): the trainer's GPT,
+    compiled or not (or under DDP), which says so with takes_positions. The endings are about a quarter of HellaSwag's
+    tokens, and the output layer a third of GPT-2 124M's matmul FLOPs."""
+    inner = getattr(model, "module", model)  # inside DDP
+    return getattr(getattr(inner, "_orig_mod", inner), "takes_positions", False)  # inside torch.compile
 
 
 def token_losses(model, x, y, scored, autocast, vocab_limit, positions=None):
@@ -263,7 +248,7 @@ def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024
     """(pred_sum, pred_norm) of each example, in the order given: a (len(examples), 2) long tensor.
     Examples go through the model longest first, batch_size at a time, so each batch pads little and the
     longest (the most memory) comes first. passes: call the model at least this many times, the calls past
-    the examples on a batch of padding whose output is dropped (see evaluate's lockstep)."""
+    the examples on a batch of padding whose output is dropped (FSDP's lockstep: Distributed.forward_passes)."""
     rendered = [(tokens, mask) for tokens, mask, _ in render_examples(examples, get_tokenizer(), block_size + 1)]
     order = sorted(range(len(rendered)), key=lambda i: -rendered[i][0].size(1))
     was_training = isinstance(model, nn.Module) and model.training
@@ -301,29 +286,27 @@ def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024
     return predictions
 
 
-def evaluate(model, examples, device="cpu", batch_size=16, block_size=1024, autocast=None, rank=0, world_size=1,
-             vocab_limit=VOCAB_SIZE, progress=False, lockstep=False):
+def evaluate(model, examples, batch_size=16, block_size=1024, autocast=None, dist_info=None,
+             vocab_limit=VOCAB_SIZE, progress=False):
     """Zero-shot HellaSwag accuracy: {"acc", "acc_norm", "n", "correct", "correct_norm"}.
 
-    model maps tokens (B, T) to logits (B, T, V): a callable returning them, or a (logits, loss) tuple (this
-    repo's GPT, compiled or not), or an object with .logits (transformers). It sees (4 * batch_size, T)
+    model maps tokens (B, T) to logits (B, T, V): a callable returning them, or a (logits, loss) tuple (the
+    trainer's GPT, compiled or not), or an object with .logits (transformers). It sees (4 * batch_size, T)
     inputs, T one of a few lengths up to block_size. autocast is a context manager to run it under (e.g.
     torch.autocast("cuda", torch.bfloat16)), or None; losses are computed in float32 either way.
-    Rank r scores examples[r::world_size]; with a process group the counts are summed over the ranks, so
-    every rank returns the figures for all examples. Without one (world_size > 1 only in tests) each call
-    returns its own share's counts. The model is put in eval mode and back in train mode if it was.
-    lockstep: every rank calls the model as many times as the largest share needs (a model sharded with FSDP,
-    whose every call is a collective of all the ranks)."""
-    share = examples[rank::world_size]
-    passes = math.ceil(math.ceil(len(examples) / world_size) / batch_size) if lockstep else 0
-    predictions = score_examples(model, share, device, batch_size, block_size, autocast, vocab_limit,
-                                 progress and rank == 0, passes)
+    dist_info (device.Distributed; by default one process on the CPU) says the device and the ranks: rank r
+    scores examples[r::world_size], as many forward passes as dist_info.forward_passes says, and with a
+    process group the counts are summed over the ranks, so every rank returns the figures for all examples.
+    The model is put in eval mode and back in train mode if it was."""
+    d = dist_info or Distributed()
+    share = examples[d.rank::d.world_size]
+    passes = d.forward_passes(len(examples), batch_size)
+    predictions = score_examples(model, share, d.device, batch_size, block_size, autocast, vocab_limit,
+                                 progress and d.is_master, passes)
     labels = torch.tensor([int(example["label"]) for example in share], dtype=torch.long)
     counts = torch.stack([(predictions[:, 0] == labels).sum(), (predictions[:, 1] == labels).sum(),
-                          torch.tensor(len(share))]).to(device)
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # a sum, not an average: Gloo has no AVG
-    correct, correct_norm, n = counts.tolist()
+                          torch.tensor(len(share))]).to(d.device)
+    correct, correct_norm, n = d.sum(counts).tolist()
     return {"acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1), "n": n,
             "correct": correct, "correct_norm": correct_norm}
 
@@ -347,41 +330,19 @@ class HellaSwagConfig:
     compile: bool = flag(False, "torch.compile the model (pays off on a GPU, for a whole split)")
 
     def validate(self):
-        """Raise HellaSwagError naming the problem and the fix; called before any work is done."""
+        """Raise UserError naming the problem and the fix; called before any work is done."""
         if not self.init_from:
-            raise HellaSwagError("pass the model to score: --init_from gpt2, or --init_from out/best_val_loss.pt")
+            raise UserError("pass the model to score: --init_from gpt2, or --init_from out/best_val_loss.pt")
         if self.split not in SPLITS:
-            raise HellaSwagError(f"--split {self.split!r} is not one of {', '.join(SPLITS)}; "
+            raise UserError(f"--split {self.split!r} is not one of {', '.join(SPLITS)}; "
                                  f"pass a local file with --data")
         if self.hellaswag_examples < 0 or self.batch_size <= 0:
-            raise HellaSwagError("--hellaswag_examples must be 0 or more and --batch_size positive")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise HellaSwagError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
-
-
-# the flags' older spellings, from before they were named as in the other scripts
-RENAMED = {"--model": "--init_from", "--checkpoint": "--init_from", "--limit": "--hellaswag_examples"}
-
-
-def modern_flags(argv):
-    """argv with the older spellings of RENAMED replaced, and a note on stderr for each. Two models (an old
-    --model beside --checkpoint, say) are refused rather than one silently dropped."""
-    argv, renamed = list(argv), []
-    for i, arg in enumerate(argv):
-        name, equals, value = arg.partition("=")
-        if name in RENAMED:
-            argv[i] = RENAMED[name] + equals + value
-            renamed.append(name)
-            print(f"note: {name} is now {RENAMED[name]}", file=sys.stderr)
-    models = [arg for arg in argv if arg.partition("=")[0] == "--init_from"]
-    if len(models) > 1:
-        raise HellaSwagError(f"pass one model to score: --init_from was given {len(models)} times"
-                             + (f" (as {', '.join(renamed)})" if renamed else ""))
-    return argv
+            raise UserError("--hellaswag_examples must be 0 or more and --batch_size positive")
+        check_dtype(self.dtype)
 
 
 def parse_args(argv=None):
-    argv = modern_flags(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser(HellaSwagConfig, __doc__.strip().splitlines()[0]).parse_args(argv)
     return HellaSwagConfig(**vars(args))
 
@@ -397,24 +358,22 @@ def run(config):
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     source = config.data or config.split
-    try:
-        examples, problems = load_examples(source, config.cache_dir, config.hellaswag_examples or None)
-    except HellaSwagUnavailable as e:
-        raise HellaSwagUnavailable(f"{e}, or pass a local copy: --data path/to/hellaswag_{source}.jsonl") from None
+    examples, problems = load_examples(source, config.cache_dir, config.hellaswag_examples or None)
     report_problems(problems)
     if not examples:
-        raise HellaSwagError(f"no example of {source} can be scored ({len(problems)} lines skipped); "
-                             f"pass a file in HellaSwag's format, with labels")
+        raise UserError(f"no example of {source} can be scored ({len(problems)} lines skipped); "
+                        f"pass a file in HellaSwag's format, with labels")
     if not is_hf_model(config.init_from) and not Path(config.init_from).is_file():
-        raise HellaSwagError(f"--init_from {config.init_from} cannot be loaded: pass a checkpoint of train_gpt2.py "
-                             f"(such as out/best_val_loss.pt), gpt2, gpt2-medium, gpt2-large or gpt2-xl (with a "
-                             f"network), or a folder saved by save_pretrained")
-    model = load_model(config.init_from, device)
+        raise UserError(f"--init_from {config.init_from} cannot be loaded: pass a checkpoint of train_gpt2.py "
+                        f"(such as out/best_val_loss.pt), gpt2, gpt2-medium, gpt2-large or gpt2-xl (with a "
+                        f"network), or a folder saved by save_pretrained")
+    model = load_hf_model(config.init_from).to(device)
+    block_size = model.config.n_positions
     if config.compile:
         model = torch.compile(model)
     start = time.perf_counter()
-    result = evaluate(model, examples, device, config.batch_size, model.config.block_size,
-                      make_autocast(device.split(":")[0], dtype), progress=True)
+    result = evaluate(model, examples, config.batch_size, block_size, make_autocast(device.split(":")[0], dtype),
+                      Distributed(device=device), progress=True)
     seconds = time.perf_counter() - start  # evaluate's final .tolist() has waited for the device
     print(f"acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | n {result['n']} | "
           f"{config.init_from} on {source}, {dtype} on {device} | "
@@ -426,9 +385,9 @@ def main(argv=None):
         config = parse_args(argv)
         config.validate()
         run(config)
-    except (HellaSwagError, UserError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(e.code)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,26 @@
 """
-A run directory (--out_dir): one run, one writer, and only the trainer's own files touched. Its lock, the rules
-for which directory a run may write, the run's record (metrics.jsonl, the source of truth) and what mirrors it
-(the plot, TensorBoard, Weights & Biases). The checkpoints' own format and names are checkpoint.py's.
+A run directory (--out_dir): one run, one writer, and only the trainer's own files touched. Its lock, the
+rules for which directory a run may write, the run's record (metrics.jsonl, the source of truth) and what
+mirrors it (the plot, TensorBoard, Weights & Biases). The checkpoints' own format and names are
+checkpoint.py's. Everything here is rank 0's: the trainer has every rank agree on the outcome.
 
-    lock = OutDirLock(out_dir)          # refused, naming the holder, while another trainer writes out_dir
+    lock = claim_out_dir(out_dir)                   # refused, naming the holder, while another trainer has it
     log = RunLog(out_dir, enabled=True)
-    log.record(step=0, val_loss=10.9)   # a line of metrics.jsonl, and a point in every tracker
+    log.record(step=0, val_loss=10.9)               # a line of metrics.jsonl, and a point in every tracker
 """
 
 import dataclasses
+import datetime
+import importlib
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from checkpoint import BEST_CHECKPOINT, run_checkpoints
-from cli import UserError, atomic_write
+from checkpoint import BEST_CHECKPOINT, best_copy_holds, evaluated_checkpoint, run_checkpoints, save_best
+from cli import UserError, atomic_write, lock_directory, remove_temporaries
 
 # -----------------------------------------------------------------------------
 # The directory: one run, one writer, and only the trainer's own files touched
@@ -66,57 +67,44 @@ def check_run_files(out_dir, continuing):
                         f"branch from {continuing} with a new --out_dir")
 
 
-class OutDirLock:
-    """out_dir/.lock, held for as long as a trainer writes out_dir, with the holder's process id written in it:
-    a second trainer on the same directory is refused and told who holds it. The kernel drops the lock when
-    the process ends, however it ends, so a killed run never leaves a stale lock (only the file, which the
-    next run takes over). release() deletes the file while still holding it; a trainer that opened the file
-    just before then finds, once it has the lock, that the path names another file, and tries again."""
-
-    def __init__(self, out_dir):
-        import fcntl
-        self.path = Path(out_dir) / ".lock"
-        while True:
-            self.file = open(self.path, "a+")
-            try:
-                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.file.seek(0)
-                holder = self.file.read().strip() or "another process"
-                self.file.close()
-                raise UserError(f"{out_dir} is in use by another trainer ({holder}): wait for it to end, or pass "
-                                f"another --out_dir") from None
-            try:
-                if os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            self.file.close()  # released and deleted by its holder meanwhile: take the new one
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        self.file.flush()
-
-    def release(self):
-        self.path.unlink(missing_ok=True)
-        self.file.close()
-
-
-def lock_out_dir(out_dir):
-    """An OutDirLock on out_dir; None where the system has no flock (Windows), which then runs unlocked."""
+def claim_out_dir(out_dir, check=lambda: None):
+    """Create out_dir, take its lock and run check() under it (check_run_files, say). Returns the lock, which
+    the caller releases; on failure the lock is released and a UserError raised."""
+    lock = None
     try:
-        return OutDirLock(out_dir)
-    except ImportError:
-        return None
+        make_out_dir(out_dir)
+        lock = lock_directory(out_dir, "trainer")
+        check()
+        return lock
+    except (UserError, OSError) as e:
+        if lock is not None:
+            lock.release()
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"cannot use --out_dir {out_dir} ({e.strerror or e}): fix its permissions or pick "
+                        f"another directory") from None
 
 
 # -----------------------------------------------------------------------------
 # The run's record: metrics.jsonl, and the plot redrawn from it
 
 
+def parse_record(line):
+    """A line of metrics.jsonl as a record (a dict with an int step), or None for a line that is not one: cut
+    short by a kill or a full disk, not JSON, not UTF-8."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+        return None
+    return record
+
+
 class RunLog:
-    """Rank 0's output: printed lines (kept clear of the progress bar) and metrics.jsonl, the run's record. The
-    trackers (TensorBoard, wandb: start_trackers) mirror metrics.jsonl: record() is the one place that feeds them."""
+    """Rank 0's output: printed lines (kept clear of the progress bar) and metrics.jsonl, the run's record.
+    The trackers (TensorBoard, wandb: start_trackers) mirror metrics.jsonl: record() is the one place that
+    feeds them. A tracker never ends a run: one that fails is dropped with a warning, and training goes on."""
 
     def __init__(self, out_dir, enabled):
         self.path = Path(out_dir) / "metrics.jsonl"
@@ -129,25 +117,44 @@ class RunLog:
             tqdm.write(text)
 
     def record(self, **metrics):
-        if self.enabled:
-            metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            for tracker in self.trackers:
-                tracker.log(metrics["step"], tracker_figures(metrics))
+        if not self.enabled:
+            return
+        metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+        line = (json.dumps(metrics) + "\n").encode()
+        with open(self.path, "ab") as f:
+            size = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError as e:
+                f.truncate(size)  # no line cut mid-way
+                raise UserError(f"cannot append to {self.path} ({e.strerror or e}): free disk space, then "
+                                f"continue with --init_from resume") from None
+        for tracker in list(self.trackers):
+            self.use(tracker, lambda: tracker.log(metrics["step"], tracker_figures(metrics)))
+
+    def use(self, tracker, action):
+        """action() on a tracker; one that fails is dropped, with a warning saying so."""
+        try:
+            action()
+        except Exception as e:  # a tracker's package, its service or its files: any of them can fail
+            self.trackers.remove(tracker)
+            reason = (str(e).strip().splitlines() or [""])[0]
+            self.print(f"warning: {tracker.name} failed ({type(e).__name__}: {reason}); the run goes on without "
+                       f"it, and {self.path} keeps every figure")
 
     def records_from(self, step):
         """The records of metrics.jsonl from `step` on; after drop_after, what a resumed run keeps there."""
         if not self.enabled or not self.path.exists():
             return []
-        records = [json.loads(line) for line in self.path.read_text().splitlines()]
-        return [record for record in records if record["step"] >= step]
+        records = [parse_record(line) for line in self.path.read_bytes().splitlines()]
+        return [record for record in records if record is not None and record["step"] >= step]
 
     def close(self, failed=False):
         """Flush and close the trackers; failed marks the run as failed where a tracker keeps that (wandb)."""
-        trackers, self.trackers = self.trackers, []
-        for tracker in trackers:
-            tracker.close(failed)
+        for tracker in list(self.trackers):
+            self.use(tracker, lambda: tracker.close(failed))
+        self.trackers = []
 
     def drop_after(self, iter_num, evaluated_at_start):
         """Forget what an interrupted run logged past the point this run starts from (its checkpoint, or
@@ -158,13 +165,10 @@ class RunLog:
         lines = self.path.read_bytes().splitlines(keepends=True)
 
         def before(line):  # a run does not redo the evaluation its checkpoint was saved after
-            try:
-                record = json.loads(line)
-                step = record["step"]
-            except (ValueError, TypeError, KeyError):  # cut short, not JSON, not UTF-8, not a record
+            record = parse_record(line)
+            if record is None:
                 return False
-            if not isinstance(step, int):
-                return False
+            step = record["step"]
             return step < iter_num or (evaluated_at_start and step == iter_num and "val_loss" in record)
         kept = [line for line in lines if before(line)]
         if len(kept) != len(lines):
@@ -220,6 +224,15 @@ class Plotter:
 TRACKER_PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb_log": ("wandb", "wandb")}
 
 
+def tracker_folder(out_dir, name, flag):
+    """out_dir/name, the folder a tracker keeps its files in, refused in one line where it cannot be one."""
+    folder = Path(out_dir) / name
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} True writes into the folder {folder}, which is a file: move it away, or pass "
+                        f"{flag} False")
+    return folder
+
+
 def tracker_figures(record):
     """A metrics.jsonl record as the trackers take it: its numbers, without the step (their x axis), the flags
     and texts (skipped, eval_only, checkpoint) and the non-finite figures, which are null in the record."""
@@ -233,10 +246,13 @@ class TensorBoardTracker:
     TensorBoard hides the earlier files' events at first_step and after (purge_step); the records metrics.jsonl
     keeps there (the evaluation the checkpoint was saved after) are written again, so both show the same."""
 
+    name = "--tensorboard"
+
     def __init__(self, out_dir, first_step, kept_records):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=first_step or None)
+        folder = tracker_folder(out_dir, "tensorboard", "--tensorboard")
+        self.writer = SummaryWriter(str(folder), purge_step=first_step or None)
         for record in kept_records:
             self.log(record["step"], tracker_figures(record))
 
@@ -252,9 +268,12 @@ class WandbTracker:
     """--wandb_log True: each record to a Weights & Biases run by step, with the run's config. The checkpoints
     keep the wandb run's id, so that a resumed run continues the same wandb run."""
 
+    name = "--wandb_log"
+
     def __init__(self, config, run_id):
         import wandb
 
+        tracker_folder(config.out_dir, "wandb", "--wandb_log")
         name = config.wandb_run_name or Path(config.out_dir).resolve().name
         try:
             self.run = wandb.init(project=config.wandb_project, name=name, id=run_id, resume="allow",
@@ -273,3 +292,72 @@ class WandbTracker:
 
     def close(self, failed=False):
         self.run.finish(exit_code=1 if failed else 0)
+
+
+# -----------------------------------------------------------------------------
+# Rank 0's set-up of a run's files, and its summary
+
+
+def check_tracker_packages(config):
+    """Import the package of each tracker asked for: a missing one is refused in one line before any work,
+    not found by the first record."""
+    for name, (module, package) in TRACKER_PACKAGES.items():
+        if getattr(config, name):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise UserError(f"--{name} True needs {package}: pip install {package}") from None
+
+
+def start_trackers(config, progress, log):
+    """The trackers asked for by --wandb_log and --tensorboard, starting where the run starts: called after
+    log.drop_after, so that a resumed run knows what metrics.jsonl keeps. Each joins log.trackers as it
+    starts, so that log.close() closes it whatever fails after."""
+    if config.wandb_log:  # first: it is the one that can fail (not logged in)
+        wandb_tracker = WandbTracker(config, progress.wandb_run_id)
+        progress.wandb_run_id = wandb_tracker.run_id
+        log.trackers.append(wandb_tracker)
+    if config.tensorboard:
+        records = log.records_from(progress.iter_num)
+        log.trackers.append(TensorBoardTracker(config.out_dir, progress.iter_num, records))
+
+
+def prepare_run_files(config, progress, evaluated_at_start, log):
+    """Clear what a killed run left, cut metrics.jsonl back to the checkpoint, write a best copy that is
+    pending (best_val_loss.pt could not be written when its checkpoint was), start the trackers and write
+    config.json."""
+    out_dir = Path(config.out_dir)
+    try:
+        remove_temporaries(out_dir)  # a killed run's, safe under the lock
+        log.drop_after(progress.iter_num, evaluated_at_start)
+        write_pending_best(out_dir, progress.best_step, log)
+        start_trackers(config, progress, log)
+        atomic_write(out_dir / "config.json",
+                     lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=2).encode()))
+    except OSError as e:
+        raise UserError(f"cannot write into --out_dir {out_dir} ({e.strerror or e}): fix its permissions or "
+                        f"free disk space, then run the same command again") from None
+
+
+def write_pending_best(out_dir, best_step, log):
+    """Copy the checkpoint of the best evaluation to best_val_loss.pt where the copy is not there yet."""
+    source = evaluated_checkpoint(out_dir, best_step) if best_step is not None else None
+    if source is not None and not best_copy_holds(out_dir, best_step):
+        save_best(source, out_dir)
+        log.print(f"wrote {out_dir / BEST_CHECKPOINT}, the copy of {source} that could not be written before")
+
+
+def summary(out_dir, progress, last_checkpoint, first_step, seconds):
+    """What a finished run did and where everything it wrote is, a line each."""
+    out_dir = Path(out_dir)
+    best, metrics = out_dir / BEST_CHECKPOINT, out_dir / "metrics.jsonl"
+    lines = [f"done: {progress.iter_num:,} steps, {progress.tokens:,} tokens; "
+             f"{datetime.timedelta(seconds=round(seconds))} in this process, from step {first_step:,}"]
+    row = lambda label, text: lines.append(f"  {label:<20} {text}")
+    if best.exists():
+        row(f"best val loss {progress.best_val_loss:.4f}", best)
+    if last_checkpoint is not None:
+        row("latest checkpoint", f"{last_checkpoint}  (to train on: --init_from resume --max_iters N)")
+    row("every figure", f"{metrics}  (python plot.py {metrics})")
+    row("every flag", out_dir / "config.json")
+    return lines

@@ -1,5 +1,6 @@
 """
-Sample text from a GPT-2: a checkpoint of train_gpt2.py, OpenAI's GPT-2 or a transformers folder.
+Sample text from a GPT-2: a checkpoint of train_gpt2.py, OpenAI's GPT-2 or a transformers folder, all run as
+transformers' GPT2LMHeadModel (a checkpoint converted as the export converts it, hf_convert.py).
 
     python sample.py --init_from out/best_val_loss.pt --start "Hello, I'm a language model,"
     python sample.py --init_from out/best_val_loss.pt --start FILE:prompt.txt --num_samples 2 --max_new_tokens 200
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_model
 from cli import UserError, build_parser, flag
-from device import make_autocast, resolve_device, resolve_dtype
+from device import check_dtype, make_autocast, resolve_device, resolve_dtype
 from fineweb import EOT_TOKEN, get_tokenizer
+from hf_convert import load_hf_model
+from sampling import generate_tokens
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -27,7 +29,7 @@ from fineweb import EOT_TOKEN, get_tokenizer
 
 @dataclass
 class SampleConfig:
-    init_from: str = flag("out/best_val_loss.pt", "a checkpoint of train_gpt2.py, gpt2 (or gpt2-medium, gpt2-large, "
+    init_from: str = flag("out-shakespeare/best_val_loss.pt", "a checkpoint of train_gpt2.py, gpt2 (or gpt2-medium, gpt2-large, "
                                                   "gpt2-xl) or a transformers folder (written by save_pretrained)")
     start: str = flag("", "the prompt, or FILE:path to read it from a file; empty starts a new document")
     num_samples: int = flag(4, "samples to draw, one after another")
@@ -46,8 +48,7 @@ class SampleConfig:
             raise UserError("--max_new_tokens, --top_k and --temperature must be 0 or more")
         if not 0 <= self.seed < 2**63:
             raise UserError(f"--seed must be from 0 to 2**63 - 1, got {self.seed}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UserError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        check_dtype(self.dtype)
 
 
 def read_prompt(start):
@@ -77,8 +78,9 @@ def stream_sample(model, prompt, config, device, autocast, generator, out):
     new_ids = []
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     with autocast:
-        for token in model.generate_tokens(idx, config.max_new_tokens, config.temperature, config.top_k or None,
-                                           vocab_limit=enc.n_vocab, generator=generator):
+        for token in generate_tokens(lambda context: model(context).logits, idx, config.max_new_tokens,
+                                     model.config.n_positions, config.temperature, config.top_k or None,
+                                     vocab_limit=enc.n_vocab, generator=generator):
             new_ids.append(token.item())
             out.write(decoder.decode(enc.decode_single_token_bytes(new_ids[-1])))
             out.flush()
@@ -90,7 +92,7 @@ def sample(config, out=sys.stdout):
     prompt = read_prompt(config.start)  # before the model is loaded: a missing file fails fast
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    model = load_model(config.init_from, device)
+    model = load_hf_model(config.init_from).to(device)
     autocast = make_autocast(device.split(":")[0], dtype)
     generator = torch.Generator(device=device).manual_seed(config.seed)  # one stream for all the samples
     for _ in range(config.num_samples):
@@ -112,7 +114,7 @@ def main(argv=None):
         sample(config)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(e.code)
     except KeyboardInterrupt:
         sys.exit(130)
 

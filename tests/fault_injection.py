@@ -43,14 +43,14 @@ def kill_self():
 
 
 def patch_step(after_step):
-    original = train_gpt2.Trainer.optimizer_step
+    original = train_gpt2.Trainer.train_step
 
-    def optimizer_step(self, step):
+    def train_step(self, step):
         current_step[0] = step
         result = original(self, step)
         after_step(step)
         return result
-    train_gpt2.Trainer.optimizer_step = optimizer_step
+    train_gpt2.Trainer.train_step = train_step
 
 
 def patch_save(write):

@@ -7,9 +7,10 @@ import shutil
 import pytest
 import torch
 
-from checkpoint import (BEST_CHECKPOINT, checkpoint_name, latest_checkpoint, load_checkpoint, load_start,
-                        prune_checkpoints, run_checkpoints, save_best, save_checkpoint)
+from checkpoint import (BEST_CHECKPOINT, checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                        run_checkpoints, save_best, save_checkpoint)
 from cli import UserError
+from train_gpt2 import load_start
 
 
 def touch(directory, *names):
@@ -41,7 +42,7 @@ def test_the_best_checkpoint_survives_damage_to_the_file_it_was_copied_from(trai
     shutil.copyfile(next(trained_run[0].glob("iter-8-*.pt")), source)
     save_best(source, tmp_path)
     os.truncate(source, 100)
-    assert load_checkpoint(tmp_path / BEST_CHECKPOINT)["iter_num"] == 8
+    assert load_checkpoint(tmp_path / BEST_CHECKPOINT)["progress"]["iter_num"] == 8
 
 
 def damaged(checkpoint, kind):
@@ -68,13 +69,13 @@ def test_a_damaged_checkpoint_is_one_line(kind, message, trained_run, tmp_path):
     path = tmp_path / "iter-8-loss-1.0000.pt"
     save_checkpoint(path, damaged(checkpoint, kind))
     with pytest.raises(UserError, match=message) as error:
-        load_start(str(path))
+        load_start(str(path), ".")
     assert "\n" not in str(error.value)
 
 
 def test_loading_keeps_one_copy_of_the_weights_and_names_the_file(trained_run):
     path = next(trained_run[0].glob("iter-8-*.pt"))
-    model, checkpoint = load_start(str(path))
+    model, checkpoint = load_start(str(path), ".")
     assert "model" not in checkpoint and checkpoint["path"] == path and not model.training
     model, checkpoint = load_start("resume", trained_run[0])
     assert checkpoint["path"] == latest_checkpoint(trained_run[0])

@@ -69,7 +69,7 @@ def test_chunked_loss_through_kernel_matches_cross_entropy_on_cpu_interpreter():
     script = """
 import torch, torch.nn.functional as F
 import cross_entropy_kernel as ck
-from model import linear_cross_entropy
+from cross_entropy_kernel import linear_cross_entropy
 ck.kernel_runs_on = lambda device: True  # the interpreter runs the kernel on CPU tensors
 calls = []
 kernel = ck.kernel
@@ -112,7 +112,7 @@ def test_kernel_matches_reference_on_gpu():
 @needs_triton
 def test_model_loss_and_gradients_same_with_and_without_kernel_on_gpu(monkeypatch):
     import cross_entropy_kernel as ck
-    from model import GPT, GPTConfig
+    from train_gpt2 import GPT, GPTConfig
     calls = []
     kernel = ck.kernel
     monkeypatch.setattr(ck, "kernel", lambda *args: calls.append(1) or kernel(*args))

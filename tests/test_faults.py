@@ -134,7 +134,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path, traine
     assert process.returncode == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in stderr and "--init_from resume" in stderr and "Traceback" not in stderr
     (stopped,) = out_dir.glob("iter-*-stopped.pt")
-    assert load_checkpoint(stopped)["iter_num"] >= 6
+    assert load_checkpoint(stopped)["progress"]["iter_num"] >= 6
     assert_resumes_to_the_uninterrupted_run(out_dir, trained_run[0])
 
 
@@ -172,7 +172,7 @@ def test_sigterm_to_a_torchrun_job_stops_every_rank_with_a_checkpoint(tmp_path):
     assert process.returncode != 0
     assert "stopped by SIGTERM" in stderr
     (stopped,) = out_dir.glob("iter-*-stopped.pt")
-    iter_num = load_checkpoint(stopped)["iter_num"]
+    iter_num = load_checkpoint(stopped)["progress"]["iter_num"]
     resumed = run_torchrun(*run_args(out_dir, "--gradient_accumulation_steps", "1", "--init_from", "resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert f"from step {iter_num}" in resumed.stdout
@@ -190,7 +190,7 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
     assert "step 3: non-finite loss or gradient norm, update skipped (1 in a row)" in result.stdout
     assert any(m.get("skipped") and m["step"] == 3 for m in read_metrics(out_dir))
     checkpoint = load_checkpoint(next(out_dir.glob("iter-8-*.pt")))
-    assert checkpoint["skipped_steps"] == 1
+    assert checkpoint["progress"]["skipped_steps"] == 1
     assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
 
 
@@ -212,8 +212,8 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoints(tmp_path):
     assert "could not write checkpoint" in line and "No space left on device" in line
     assert "--init_from resume" in line
     assert not list(out_dir.glob("iter-8-*")) and not list(out_dir.glob(".*.tmp"))
-    assert load_checkpoint(next(out_dir.glob("iter-4-*.pt")))["iter_num"] == 4
-    assert load_checkpoint(out_dir / "best_val_loss.pt")["iter_num"] == 4
+    assert load_checkpoint(next(out_dir.glob("iter-4-*.pt")))["progress"]["iter_num"] == 4
+    assert load_checkpoint(out_dir / "best_val_loss.pt")["progress"]["iter_num"] == 4
 
 
 def test_keep_last_keeps_the_newest_checkpoints_and_the_best(tmp_path):

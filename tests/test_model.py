@@ -153,7 +153,7 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients():
 
 
 def test_chunked_loss_matches_over_several_chunks_and_without_grad():
-    from model import linear_cross_entropy
+    from cross_entropy_kernel import linear_cross_entropy
     torch.manual_seed(0)
     x, weight, targets = torch.randn(50, 8), torch.randn(100, 8), torch.randint(0, 100, (50,))
     expected = torch.nn.functional.cross_entropy(x @ weight.T, targets)
@@ -178,7 +178,7 @@ def assert_same_loss_and_gradients(loss, expected, inputs):
 
 
 def test_chunked_loss_in_a_workspace_matches_and_reuses_its_buffer():
-    from model import linear_cross_entropy
+    from cross_entropy_kernel import linear_cross_entropy
     x, weight, targets = loss_problem()
     expected = torch.nn.functional.cross_entropy(x @ weight.T, targets)
     workspace = {}
@@ -191,7 +191,7 @@ def test_chunked_loss_in_a_workspace_matches_and_reuses_its_buffer():
 
 
 def test_chunked_loss_in_a_workspace_under_bfloat16_autocast_matches_without():
-    from model import linear_cross_entropy
+    from cross_entropy_kernel import linear_cross_entropy
     x, weight, targets = loss_problem()
     with torch.autocast("cpu", torch.bfloat16):
         without = linear_cross_entropy(x, weight, targets, chunk_size=13)
@@ -200,7 +200,7 @@ def test_chunked_loss_in_a_workspace_under_bfloat16_autocast_matches_without():
 
 
 def test_chunked_loss_without_a_workspace_compiles_to_the_same_loss_and_gradients():
-    from model import linear_cross_entropy
+    from cross_entropy_kernel import linear_cross_entropy
     x, weight, targets = loss_problem()
     expected = torch.nn.functional.cross_entropy(x @ weight.T, targets)
     # no workspace: the path a GPU takes, which runs inside the compiled model's graph

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import REPO, run_train
-from train_gpt2 import TrainConfig, parse_args
+from settings import TrainConfig, parse_args
 
 PRESETS = sorted((REPO / "config").glob("*.toml"))
 

@@ -1,4 +1,5 @@
-"""sample.py: reproducible under a seed, streams the text GPT.generate makes, FILE: prompts, bad input."""
+"""sample.py: reproducible under a seed, streams the text the sampling loop draws from the checkpoint run as a
+transformers model, FILE: prompts, bad input."""
 
 import io
 
@@ -8,8 +9,9 @@ import torch
 import sample
 
 from fineweb import get_tokenizer
-from checkpoint import load_model
 from conftest import run_script
+from hf_convert import load_hf_model
+from sampling import generate_tokens
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a 64-wide model runs faster on one thread, and the CPU is shared
 
@@ -32,15 +34,17 @@ def test_samples_are_reproducible_under_a_seed_and_are_what_generate_makes(train
     sample.sample(sample.SampleConfig(init_from=str(checkpoint), start=prompt, num_samples=2, max_new_tokens=16,
                                       seed=7, device="cpu", dtype="float32"), out=other_seed)
     assert other_seed.getvalue().startswith(prompt) and other_seed.getvalue() != first.stdout
-    # the streamed text is GPT.generate's, decoded in one go at the end
-    enc, model = get_tokenizer(), load_model(str(checkpoint))
+    # the streamed text is the sampling loop's over the converted checkpoint, decoded in one go at the end
+    enc, model = get_tokenizer(), load_hf_model(str(checkpoint))
     generator, expected = torch.Generator().manual_seed(42), ""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocess ran: the same sums in the same order, so the same draws
     try:
         for _ in range(2):
-            out = model.generate(torch.tensor([enc.encode(prompt)]), 16, temperature=0.8, top_k=50,
-                                 vocab_limit=50257, generator=generator)
+            idx = torch.tensor([enc.encode(prompt)])
+            tokens = generate_tokens(lambda context: model(context).logits, idx, 16, 32, temperature=0.8,
+                                     top_k=50, vocab_limit=50257, generator=generator)
+            out = torch.cat([idx, *tokens], dim=1)
             expected += enc.decode(out[0].tolist()) + "\n---------------\n"
     finally:
         torch.set_num_threads(threads)

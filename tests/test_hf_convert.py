@@ -1,6 +1,8 @@
-"""GPT-2 interop against transformers: weights in (from_pretrained, --init_from), weights out (--export_hf).
-Offline: a randomly initialized transformers GPT-2 saved to a temporary folder stands in for OpenAI's."""
+"""hf_convert.py: GPT-2 weights between our GPT and transformers': in (from_pretrained, --init_from), out
+(--export_hf, and the transformers model that sample.py and hellaswag.py run a checkpoint as). Offline: a
+randomly initialized transformers GPT-2 saved to a temporary folder stands in for OpenAI's."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,10 +10,9 @@ import pytest
 import torch
 
 from fineweb import get_tokenizer
-from checkpoint import load_model
 from cli import UserError
-from model import GPT, export_hf
-from train_gpt2 import load_token_sources, val_batch_positions
+from hf_convert import export_hf, load_hf_model
+from train_gpt2 import GPT, load_start, load_token_sources, val_batch_positions
 from conftest import INPUT_TXT, TINY, read_metrics, run_train
 
 transformers = pytest.importorskip("transformers")
@@ -32,6 +33,15 @@ def hf_folder(tmp_path_factory):
 
 def hf_model(folder):
     return transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+
+
+def our_model(checkpoint):
+    return load_start(str(checkpoint), ".")[0]
+
+
+def export(checkpoint, folder):
+    model = our_model(checkpoint)
+    return export_hf(dataclasses.asdict(model.config), model.state_dict(), folder)
 
 
 @torch.no_grad()
@@ -68,21 +78,27 @@ def test_export_of_a_trained_checkpoint_loads_in_transformers(trained_run, tmp_p
     config = json.loads((folder / "config.json").read_text())
     assert (config["vocab_size"], config["n_positions"], config["n_layer"]) == (N_VOCAB, 32, 2)
     assert config["tie_word_embeddings"] and config["activation_function"] == "gelu_new"
-    assert_same_logits(load_model(str(checkpoint)), hf_model(folder), 32)
+    assert_same_logits(our_model(checkpoint), hf_model(folder), 32)
     text = INPUT_TXT.read_text()[:3000] + " caf\u00e9 \u65e5\u672c \U0001f916<|endoftext|>"
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     assert tokenizer(text)["input_ids"] == get_tokenizer().encode(text, allowed_special="all")
     with pytest.raises(UserError, match="already exists: remove it or pass a new folder"):
-        export_hf(load_model(str(checkpoint)), folder)  # a second export never overwrites the first
+        export(checkpoint, folder)  # a second export never overwrites the first
 
 
 def test_the_readmes_pipeline_line_generates_from_an_export_with_a_short_context(trained_run, tmp_path):
     checkpoint = trained_run[0] / "best_val_loss.pt"
-    folder = export_hf(load_model(str(checkpoint)), tmp_path / "hf")  # a context of 32 tokens
+    folder = export(checkpoint, tmp_path / "hf")  # a context of 32 tokens
     # the README's line; unbounded, the pipeline's default of 256 new tokens indexed past the 32 positions
     generated = transformers.pipeline("text-generation", str(folder))("Hello,")[0]["generated_text"]
     assert generated.startswith("Hello,")
     assert json.loads((folder / "generation_config.json").read_text())["max_length"] == 32
+
+
+def test_a_checkpoint_runs_in_transformers_as_the_tools_load_it(trained_run):
+    checkpoint = trained_run[0] / "best_val_loss.pt"
+    assert_same_logits(our_model(checkpoint), load_hf_model(str(checkpoint)), 32)
+    assert_same_logits(our_model(checkpoint), load_hf_model("resume", trained_run[0]), 32)
 
 
 def test_trainer_evaluates_and_fine_tunes_transformers_weights(hf_folder, tmp_path):

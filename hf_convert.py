@@ -1,0 +1,256 @@
+"""
+GPT-2's weights between this repo's GPT and transformers' GPT2LMHeadModel, as state dicts: nothing here needs
+the model class. The trainer builds its GPT from them; hellaswag.py and sample.py score and sample with
+transformers' model, our checkpoints converted the same way as the export.
+
+    model_args, state = load_gpt2_weights("gpt2")         # OpenAI's GPT-2 (or a save_pretrained folder)
+    hf = hf_model(model_args, state)                      # our weights in a GPT2LMHeadModel
+    export_hf(model_args, state, "out/hf")                # a folder that transformers loads
+
+Names are the same on both sides (transformer.h.0.attn.c_attn.weight, ...); transformers keeps four of the
+matrices transposed (HF_TRANSPOSED), and its vocabulary is GPT-2's 50,257 where ours may be padded.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from checkpoint import checkpoint_path, load_checkpoint
+from cli import UserError, current_umask
+from fineweb import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
+
+# -----------------------------------------------------------------------------
+# Loading transformers' GPT-2
+
+HF_GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# transformers' GPT-2 holds these in Conv1D modules, whose weight is nn.Linear's transposed: (in, out)
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def is_hf_model(init_from):
+    """--init_from names transformers weights: one of OpenAI's GPT-2 sizes, or a folder with a config.json.
+    Anything else is a checkpoint of this trainer."""
+    return init_from in HF_GPT2_MODELS or (Path(init_from) / "config.json").is_file()
+
+
+@contextlib.contextmanager
+def quiet_hf_logs():
+    """Silence transformers' and the hub client's warnings (offline, the client logs every retry), so a
+    failure ends in our one-line error."""
+    import logging
+    loggers = [logging.getLogger(name) for name in ("transformers", "huggingface_hub")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def hub_reachable(timeout=5):
+    """Whether the Hugging Face hub answers at all: without a network, transformers retries for most of a
+    minute before it gives up, where this fails in a moment."""
+    import socket
+    from urllib.parse import urlparse
+    try:
+        from huggingface_hub import constants
+        endpoint = urlparse(constants.ENDPOINT)
+    except (ImportError, AttributeError):
+        return True  # not knowing the endpoint, let transformers try
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def from_cache_or_hub(model_class, name_or_path):
+    """model_class.from_pretrained: a folder as it is; a hub name from the local cache if it is there, else
+    from the hub, once the hub is known to answer."""
+    if name_or_path not in HF_GPT2_MODELS:
+        return model_class.from_pretrained(name_or_path)
+    try:
+        return model_class.from_pretrained(name_or_path, local_files_only=True)
+    except OSError:
+        if not hub_reachable():
+            raise
+    return model_class.from_pretrained(name_or_path)
+
+
+def load_hf_gpt2(name_or_path):
+    """transformers' GPT2LMHeadModel for a hub name or a save_pretrained folder, checked to be the
+    architecture that this repo's GPT implements."""
+    folder = Path(name_or_path)
+    if name_or_path not in HF_GPT2_MODELS:
+        try:
+            model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError) as e:
+            raise UserError(f"{folder}/config.json cannot be read ({e}): pass a folder written by "
+                            f"save_pretrained") from None
+        if model_type != "gpt2":
+            raise UserError(f"{folder} holds a {model_type!r} model, not GPT-2: pass a GPT-2 folder to --init_from")
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        raise UserError("loading GPT-2 weights needs transformers: pip install transformers") from None
+    try:
+        with quiet_hf_logs():
+            hf = from_cache_or_hub(GPT2LMHeadModel, name_or_path)
+    except Exception as e:  # the hub, the files and their formats all raise their own types
+        if name_or_path in HF_GPT2_MODELS:
+            raise UserError(f"could not load {name_or_path} from the Hugging Face hub (no network?): download it "
+                            f"elsewhere and pass its folder to --init_from") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"could not load a transformers GPT-2 from {folder} ({reason}): pass a folder written by "
+                        f"save_pretrained") from None
+    c, n_vocab = hf.config, VOCAB_SIZE
+    supported = {  # what GPT hard-codes: the tanh GELU, a 4x MLP, LayerNorm's default eps, SDPA's 1/sqrt(hs)
+        "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
+        "n_inner": c.n_inner in (None, 4 * c.n_embd),
+        "layer_norm_epsilon": c.layer_norm_epsilon == 1e-5,
+        "scale_attn_weights": c.scale_attn_weights,
+        "scale_attn_by_inverse_layer_idx": not c.scale_attn_by_inverse_layer_idx,
+        "vocab_size": c.vocab_size >= n_vocab,  # GPT-2's tokenizer
+    }
+    for name, ok in supported.items():
+        if not ok:
+            raise UserError(f"{name_or_path} has {name}={getattr(c, name)}, which this repo's GPT does not "
+                            f"implement (GPT-2's tokenizer and architecture): pass a standard GPT-2")
+    return hf
+
+
+# -----------------------------------------------------------------------------
+# The conversion, both ways
+
+
+def model_args_of(hf_config):
+    """The architecture (GPTConfig's fields) of a transformers GPT2Config."""
+    c = hf_config
+    return {"block_size": c.n_positions, "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head,
+            "n_embd": c.n_embd}
+
+
+def load_gpt2_weights(name_or_path):
+    """(model_args, state dict in our names) of transformers' GPT-2 weights: a hub name or a folder. The
+    vocabulary stays unpadded (50,257): padded rows would take part in the softmax and change the loss."""
+    hf = load_hf_gpt2(name_or_path)
+    state = {}
+    for name, value in hf.state_dict().items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # older transformers keep the causal mask as a buffer; ours is in the SDPA call
+        state[name] = value.t() if name.endswith(HF_TRANSPOSED) else value
+    return model_args_of(hf.config), state
+
+
+def hf_model(model_args, state):
+    """transformers' GPT2LMHeadModel holding our weights (a state dict of our GPT), in eval mode. The padded
+    vocabulary rows are dropped, so its logits are over GPT-2's 50,257 tokens alone."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        raise UserError("a model in transformers' format needs transformers: pip install transformers") from None
+    a = model_args
+    hf_config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=a["block_size"], n_embd=a["n_embd"],
+                           n_layer=a["n_layer"], n_head=a["n_head"], activation_function="gelu_new",
+                           tie_word_embeddings=True, bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # this repo trains without dropout
+    with quiet_hf_logs():
+        hf = GPT2LMHeadModel(hf_config)
+    hf_state = hf.state_dict()  # shares storage with hf's parameters: copying into it loads them
+    with torch.no_grad():
+        for name, value in state.items():
+            value = value.t() if name.endswith(HF_TRANSPOSED) else value
+            hf_state[name].copy_(value[:VOCAB_SIZE] if name.endswith(("wte.weight", "lm_head.weight")) else value)
+    return hf.eval()
+
+
+def load_hf_model(init_from, out_dir="."):
+    """transformers' GPT-2 for any --init_from of the tools (sample.py, hellaswag.py): GPT-2 weights by hub name or
+    folder as they are, or a checkpoint of the trainer (a path, or `resume`: the latest in out_dir) converted."""
+    if init_from != "resume" and is_hf_model(init_from):
+        with quiet_hf_logs():
+            return load_hf_gpt2(init_from).eval()
+    checkpoint = load_checkpoint(checkpoint_path(init_from, out_dir))
+    return hf_model(checkpoint["model_args"], checkpoint["model"])
+
+
+# -----------------------------------------------------------------------------
+# Export: a folder that transformers loads
+
+
+def gpt2_vocab_and_merges():
+    """GPT-2's tokenizer in transformers' terms, rebuilt from the tiktoken ranks that fineweb.py loads (the
+    repo vendors gpt2.tiktoken, not vocab.json and merges.txt): the vocab maps each token, its bytes
+    spelled in GPT-2's printable byte alphabet, to its id; merge k makes token 256 + k from two others."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # bytes that print as themselves
+    others = [b for b in range(256) if b not in printable]
+    alphabet = {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+    spell = lambda token: "".join(alphabet[b] for b in token)
+    enc = get_tokenizer()
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(EOT_TOKEN)}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:  # byte-pair encode the token with the merges before it: two parts remain
+            _, i = min((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append((spell(parts[0]), spell(parts[1])))
+    vocab = {spell(token): rank for token, rank in ranks.items()}
+    vocab["<|endoftext|>"] = EOT_TOKEN
+    return vocab, merges
+
+
+def save_hf_tokenizer(folder, max_length):
+    """vocab.json and merges.txt (as OpenAI's GPT-2 folder has them), and tokenizer.json through transformers."""
+    from transformers import GPT2Tokenizer
+    vocab, merges = gpt2_vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                       encoding="utf-8")
+    tokenizer = GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+
+
+def export_hf(model_args, state, path):
+    """Write our weights (model_args and a state dict) to the folder path as a transformers GPT-2
+    (config.json, model.safetensors, generation_config.json and the tokenizer), which GPT2LMHeadModel and
+    pipelines load; both the generation config (max_length) and the tokenizer (model_max_length) carry the
+    context length. Written to a temporary folder beside path and renamed into place, so path never holds a
+    half-written export."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"--export_hf {path} already exists: remove it or pass a new folder")
+    hf = hf_model(model_args, state)
+    block_size = model_args["block_size"]
+    # generation stops at the context length: the position embedding has block_size rows, and transformers'
+    # text-generation pipeline would otherwise ask for 256 new tokens and index past them
+    hf.generation_config.max_length = block_size
+    hf.generation_config.pad_token_id = EOT_TOKEN  # GPT-2 has no pad token; generate() warns on every call without
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise UserError(f"--export_hf {path} cannot be written ({e.strerror or e}): pick a folder in a writable "
+                        f"place") from None
+    try:
+        with quiet_hf_logs():
+            hf.save_pretrained(tmp, safe_serialization=True)
+            save_hf_tokenizer(tmp, block_size)
+        # mkdtemp makes the folder 0700 and transformers writes the weights 0600: both would hide the export
+        # from other users
+        os.chmod(tmp, 0o777 & ~current_umask())
+        for file in tmp.iterdir():
+            os.chmod(file, 0o666 & ~current_umask())
+        os.replace(tmp, path)  # replaces an empty folder, never a full one (checked above)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

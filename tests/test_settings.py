@@ -1,0 +1,43 @@
+"""settings.py: the flags (TrainConfig, parsed from the command line), their checks, and a resumed run's
+settings taken back from its checkpoint."""
+
+import dataclasses
+
+import pytest
+
+from cli import UserError
+from conftest import run_train
+from settings import TrainConfig, parse_args
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+def test_help_lists_every_flag_with_its_default():
+    result = run_train("--help")
+    assert result.returncode == 0
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name}" in result.stdout
+    for default in ("6e-05", "600000", "edu_fineweb10B", "./out", "scratch"):
+        assert default in result.stdout
+
+
+def test_defaults_match_the_readme_training_command():
+    config, _ = parse_args([])
+    assert (config.batch_size, config.block_size, config.n_layer, config.n_head, config.n_embd) == (8, 1024, 12, 12, 768)
+    assert (config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters) == (6e-4, 6e-5, 2000, 600000)
+    assert (config.max_iters, config.eval_interval, config.eval_iters) == (600000, 2000, 200)
+    assert (config.gradient_accumulation_steps, config.compile, config.eval_only) == (5, True, False)
+    assert (config.out_dir, config.weight_decay, config.grad_clip) == ("./out", 0.1, 1.0)
+
+
+def test_booleans_parse_true_and_false():
+    config, explicit = parse_args(["--compile", "False", "--eval_only", "True", "--gradient_checkpointing=True"])
+    assert config.compile is False and config.eval_only is True and config.gradient_checkpointing is True
+    assert explicit == {"compile", "eval_only", "gradient_checkpointing"}
+
+
+def test_validation_names_the_problem():
+    with pytest.raises(UserError, match="not divisible"):
+        TrainConfig(n_embd=100, n_head=3).validate()
