@@ -21,12 +21,16 @@ Shard format (the same as llm.c's, so shards are interchangeable with it):
 manifest.json beside the shards names the source and the settings, and lists every shard with its tokens,
 the documents that start in it, and the stream position where it ends ("end": [index of the next document,
 its tokens already written]), from which a rerun resumes. "complete" turns true when the run has finished.
+For local files it also records each one's size, modification time and fingerprint ("inputs"):
+a rerun over changed files is refused rather than mixing shards of the old and the new text, and
+--restart True starts afresh.
 """
 
 import base64
 import collections
 import contextlib
 import glob
+import hashlib
 import itertools
 import json
 import os
@@ -188,6 +192,9 @@ class FineWebConfig:
     max_tokens: int = flag(0, "stop after this many tokens, val included, for a quick subset; 0 for all")
     num_proc: int = flag(max(1, (os.cpu_count() or 1) // 2),
                          "tokenizer processes; the default is half this machine's cores")
+    restart: bool = flag(False, "delete the shards and manifest.json that fineweb.py wrote in "
+                                "--out_dir and tokenize afresh, as when the inputs or the settings "
+                                "changed; other files stay")
 
     def validate(self):
         """Raise UserError naming the problem and the fix; called before any work is done."""
@@ -298,6 +305,32 @@ def only_whitespace(path, chunk=1 << 20):
             if block.strip():
                 return False
     return True
+
+
+FINGERPRINT_WHOLE = 1 << 22  # files up to 4 MiB are hashed whole
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 64, 1 << 16  # larger ones: 4 MiB spread over the file
+
+
+def input_record(path):
+    """What tells whether a local file changed since its shards were made: its size, modification
+    time and a cheap fingerprint of its content (blake2b of the whole file when small, else of
+    evenly spaced blocks, the first and the last among them): a rerun over 20 GB reads megabytes."""
+    try:
+        stat = os.stat(path)
+        digest = hashlib.blake2b(stat.st_size.to_bytes(8, "little"), digest_size=16)
+        with open(path, "rb") as f:
+            if stat.st_size <= FINGERPRINT_WHOLE:
+                digest.update(f.read())
+            else:
+                last = stat.st_size - FINGERPRINT_BLOCK
+                for start in np.linspace(0, last, FINGERPRINT_BLOCKS).astype(np.int64):
+                    f.seek(int(start))
+                    digest.update(f.read(FINGERPRINT_BLOCK))
+    except OSError as e:
+        raise UserError(f"--data_files: {path} cannot be read ({e.strerror or e}): fix its "
+                        f"permissions or leave it out") from None
+    return {"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "fingerprint": digest.hexdigest()}
 
 
 def describe_load_error(error, source, hub):
@@ -623,13 +656,14 @@ MANIFEST = "manifest.json"
 SETTINGS = ("source", "text_column", "tokenizer", "shard_size", "val_tokens", "shard_format")
 
 
-def settings_of(config, files):
-    """What decides the shards' contents: a rerun resumes only into a directory made with the same."""
+def settings_of(config, files, inputs):
+    """What decides the shards' contents: a rerun resumes only into a directory made with the same.
+    The inputs (input_record of each local file, None for the Hub) are compared by check_inputs."""
     source = ({"dataset": config.dataset, "name": None, "data_files": files} if files
               else {"dataset": config.dataset, "name": config.name, "data_files": None})
     return {"source": source, "text_column": config.text_column, "tokenizer": "gpt2 (tiktoken), <|endoftext|> "
             "before each document", "shard_size": config.shard_size, "val_tokens": config.val_tokens,
-            "shard_format": [MAGIC, VERSION]}
+            "shard_format": [MAGIC, VERSION], "inputs": inputs}
 
 
 @contextlib.contextmanager
@@ -666,7 +700,8 @@ def locked_out_dir(out_dir):
 
 
 def read_manifest(out_dir, settings):
-    """The manifest of an earlier run into out_dir, None if there is none; made with other settings, an error."""
+    """The manifest of an earlier run into out_dir, None if there is none; made from other inputs or
+    with other settings, an error."""
     path = out_dir / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -674,12 +709,63 @@ def read_manifest(out_dir, settings):
         return None
     except (OSError, ValueError) as e:
         raise UserError(f"{path} cannot be read ({e}): delete it and rerun") from None
+    check_inputs(manifest, settings["inputs"], out_dir)  # first: it names the file that changed
     for key in SETTINGS:
         if manifest.get(key) != settings[key]:
             there, now = (json.dumps(v)[:100] for v in (manifest.get(key), settings[key]))  # file lists run long
             raise UserError(f"{out_dir} holds shards made with other settings ({key} {there} there, {now} now): "
-                            f"pass the same flags, another --out_dir, or delete {out_dir}")
+                            f"pass the same flags or another --out_dir, or {restart_fix(out_dir)}")
     return manifest
+
+
+def restart_fix(out_dir):
+    return f"pass --restart True to tokenize afresh (deletes the shards of {out_dir})"
+
+
+INPUT_FIELDS = {"size": "size", "mtime_ns": "modification time", "fingerprint": "content"}
+
+
+def check_inputs(manifest, inputs, out_dir):
+    """Refuse a manifest whose local input files changed since (added, removed, other size,
+    modification time or content): resuming would put shards of the new text after those of the
+    old. A manifest without input records (an older fineweb.py's) cannot tell, so it is refused
+    too. Shards from the Hub have no inputs: their dataset and configuration are settings."""
+    before = manifest.get("inputs")
+    if not inputs or (before is None and not manifest.get("source", {}).get("data_files")):
+        return
+    if before is None:
+        raise UserError(f"{out_dir / MANIFEST} records no sizes or fingerprints of its input files "
+                        f"(an older fineweb.py wrote it), so whether they changed is unknown: "
+                        f"{restart_fix(out_dir)}")
+    fix = f"restore the inputs, or {restart_fix(out_dir)}"
+    before, now = ({r["path"]: r for r in records} for records in (before, inputs))
+    added, removed = [p for p in now if p not in before], [p for p in before if p not in now]
+    if added:
+        raise UserError(f"--data_files: {added[0]} is not among the files that the shards in "
+                        f"{out_dir} were made from: {fix}")
+    if removed:
+        raise UserError(f"--data_files: {removed[0]}, from which the shards in {out_dir} were "
+                        f"made, is no longer among them: {fix}")
+    for path, record in now.items():
+        was = before[path]
+        changed = [what for key, what in INPUT_FIELDS.items() if was.get(key) != record[key]]
+        if changed:
+            raise UserError(f"--data_files: {path} changed ({' and '.join(changed)}) since the "
+                            f"shards in {out_dir} were made from it: {fix}")
+
+
+SHARD_NAME = re.compile(r"[a-z0-9]+_(train|val)_[0-9]{6,}\.bin")  # ShardPlan.name's, any prefix
+
+
+def remove_our_files(out_dir):
+    """--restart: delete the shards (by ShardPlan's naming) and the manifest that fineweb.py wrote
+    in out_dir, and no other file; the manifest last, so that a restart killed half way is refused
+    again by check_inputs. How many shards it deleted."""
+    shards = [p for p in out_dir.iterdir() if SHARD_NAME.fullmatch(p.name) and p.is_file()]
+    for path in shards:
+        path.unlink()
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    return len(shards)
 
 
 def resumable_records(manifest, out_dir, plan, limit):
@@ -721,9 +807,12 @@ def run(config):
     files, builder = resolve_data_files(config.data_files)
     check_has_documents(files, builder)
     plan = ShardPlan(shard_prefix(config.dataset), config.shard_size, config.val_tokens)
-    settings = settings_of(config, files)
+    settings = settings_of(config, files, [input_record(f) for f in files] if files else None)
     limit = config.max_tokens or sys.maxsize
     with locked_out_dir(config.out_dir) as out_dir:
+        if config.restart:
+            print(f"--restart: deleted {remove_our_files(out_dir)} shards and any {MANIFEST} from "
+                  f"{out_dir}; should this run stop, rerun it without --restart to resume")
         manifest = read_manifest(out_dir, settings)
         if is_up_to_date(manifest, out_dir, config.max_tokens):
             print(f"{out_dir} is complete ({len(manifest['shards'])} shards, {manifest['tokens']['total']:,} "
@@ -776,6 +865,7 @@ def write_shards(batches, out_dir, plan, limit, records, save, num_proc, skip, t
 
 def main(argv=None):
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill cleans up like Ctrl-C
+    config = None
     try:
         config = parse_args(argv)
         config.validate()
@@ -784,7 +874,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: no partial shard was left; rerun the same command to resume", file=sys.stderr)
+        again = " without --restart" if config is not None and config.restart else ""
+        print(f"interrupted: no partial shard was left; rerun the same command{again} to resume",
+              file=sys.stderr)
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)

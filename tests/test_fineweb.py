@@ -1,7 +1,8 @@
 """
 Tests of fineweb.py, on the CPU and offline: the tokenizer, shards made from local parquet/jsonl/txt files
-decoding back to the documents, a killed run resumed into the same bytes, the trainer reading the result, and
-one-line errors for bad input. The corpus is input.txt (tiny Shakespeare) cut into documents at blank lines.
+decoding back to the documents, a killed run resumed into the same bytes, a rerun over changed input
+files refused, the trainer reading the result, and one-line errors for bad input. The corpus is
+input.txt (tiny Shakespeare) cut into documents at blank lines.
 
     python -m pytest -q tests/test_fineweb.py
 """
@@ -24,6 +25,7 @@ from fineweb import (EOT_TOKEN, ShardPlan, ShardWriter, describe_load_error,  # 
                      get_tokenizer, open_shard, parse_args, read_shard_header, tokenize_document)
 
 SMALL = ["--shard_size", "20000", "--val_tokens", "20000", "--num_proc", "2"]
+TINY = ["--shard_size", "2000", "--val_tokens", "2000", "--num_proc", "1"]
 
 
 def shakespeare_documents():
@@ -99,7 +101,7 @@ def test_help_lists_every_flag_with_its_default(tmp_path):
     result = fineweb("--help", cwd=tmp_path)
     assert result.returncode == 0
     for name in ("dataset", "name", "data_files", "text_column", "out_dir", "shard_size", "val_tokens",
-                 "max_tokens", "num_proc"):
+                 "max_tokens", "num_proc", "restart"):
         assert f"--{name}" in result.stdout
     assert "(default: HuggingFaceFW/fineweb-edu)" in result.stdout and "(default: 100000000)" in result.stdout
 
@@ -383,6 +385,106 @@ def test_ctrl_c_stops_cleanly(long_run, tmp_path):
     assert returncode == 130 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted: no partial shard")
     assert not [p.name for p in (tmp_path / "stopped").iterdir() if p.name.endswith(".tmp")]
+
+
+# -----------------------------------------------------------------------------
+# Changed inputs: a rerun refuses them rather than mixing shards of old and new text
+
+
+def one_line_error(result):
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_manifest_records_each_input_file(parquet_shards, corpus):
+    root, _ = corpus
+    inputs = json.loads((parquet_shards / "manifest.json").read_text())["inputs"]
+    assert [Path(r["path"]).name for r in inputs] == ["part-0.parquet", "part-1.parquet"]
+    for record in inputs:
+        stat = os.stat(record["path"])
+        assert (record["size"], record["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
+        assert len(record["fingerprint"]) == 32 and int(record["fingerprint"], 16) >= 0
+
+
+def test_killed_run_over_a_rewritten_input_is_refused_and_restart_starts_afresh(long_run, tmp_path):
+    (tmp_path / "input.parquet").write_bytes((long_run[1].parent / "long.parquet").read_bytes())
+    args = ["--data_files", "input.parquet", *SMALL]
+    start_and_stop(args, "killed", tmp_path, signal.SIGKILL)
+    new_docs = shakespeare_documents()[::-1][:2000]
+    write_parquet(tmp_path / "input.parquet", new_docs)
+
+    refused = one_line_error(fineweb(*args, "--out_dir", "killed", cwd=tmp_path))
+    assert "input.parquet changed" in refused and "--restart True" in refused
+    out_dir = tmp_path / "killed"
+    (out_dir / "notes.txt").write_text("not fineweb.py's: kept")
+    restarted = fineweb(*args, "--out_dir", "killed", "--restart", "True", cwd=tmp_path)
+    assert restarted.returncode == 0, restarted.stderr
+    expected = np.concatenate([tokenize_document(d) for d in new_docs])
+    assert np.array_equal(all_tokens(out_dir), expected)  # none of the old text's shards is left
+    shards = [r["name"] for r in json.loads((out_dir / "manifest.json").read_text())["shards"]]
+    kept = [".lock", "manifest.json", "notes.txt"]
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(kept + shards)
+    again = fineweb(*args, "--out_dir", "killed", cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
+
+
+def touch(path):
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def rewrite_keeping_size_and_time(path):
+    stat = os.stat(path)
+    path.write_text(path.read_text().replace("e", "a", 1))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def append_document(path):
+    with open(path, "a") as f:
+        f.write(json.dumps({"text": "one more"}) + "\n")
+
+
+INPUT_CHANGES = {
+    "rewritten in place": (lambda d: rewrite_keeping_size_and_time(d / "a.jsonl"),
+                           "a.jsonl changed (content)"),
+    "touched": (lambda d: touch(d / "a.jsonl"), "a.jsonl changed (modification time)"),
+    "grown": (lambda d: append_document(d / "b.jsonl"), "b.jsonl changed (size and"),
+    "file added": (lambda d: write_jsonl(d / "c.jsonl", ["new"]), "c.jsonl is not among the files"),
+    "file removed": (lambda d: (d / "b.jsonl").unlink(), "b.jsonl, from which the shards"),
+}
+
+
+@pytest.mark.parametrize("change", INPUT_CHANGES)
+def test_rerun_over_changed_input_files_is_refused(change, tmp_path):
+    docs = shakespeare_documents()[:400]
+    write_jsonl(tmp_path / "a.jsonl", docs[:200])
+    write_jsonl(tmp_path / "b.jsonl", docs[200:])
+    args = ["--data_files", "*.jsonl", "--out_dir", "shards", *TINY]
+    assert fineweb(*args, cwd=tmp_path).returncode == 0
+    before = {p.name: p.read_bytes() for p in shard_paths(tmp_path / "shards")}
+    make_change, needle = INPUT_CHANGES[change]
+    make_change(tmp_path)
+    refused = one_line_error(fineweb(*args, cwd=tmp_path))
+    assert needle in refused and "restore the inputs, or pass --restart True" in refused, refused
+    assert {p.name: p.read_bytes() for p in shard_paths(tmp_path / "shards")} == before
+
+
+def test_manifest_without_input_records_is_refused_until_restart(tmp_path):
+    write_jsonl(tmp_path / "docs.jsonl", shakespeare_documents()[:200])
+    args = ["--data_files", "docs.jsonl", "--out_dir", "shards", *TINY]
+    assert fineweb(*args, cwd=tmp_path).returncode == 0
+    manifest_path = tmp_path / "shards" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["inputs"]  # as an older fineweb.py wrote it
+    manifest_path.write_text(json.dumps(manifest))
+    refused = one_line_error(fineweb(*args, cwd=tmp_path))
+    assert "records no sizes or fingerprints" in refused and "--restart True" in refused
+    restarted = fineweb(*args, "--restart", "True", cwd=tmp_path)
+    assert restarted.returncode == 0, restarted.stderr
+    assert f"deleted {len(manifest['shards'])} shards" in restarted.stdout
+    assert json.loads(manifest_path.read_text())["inputs"][0]["path"] == "docs.jsonl"
 
 
 # -----------------------------------------------------------------------------
