@@ -176,8 +176,9 @@ MAX_SHARD_SIZE = 2**31 - 1  # the header's int32 token count
 
 @dataclass
 class FineWebConfig:
-    dataset: str = flag("HuggingFaceFW/fineweb-edu", "Hugging Face dataset to stream (HuggingFaceFW/fineweb works "
-                                                     "too); it also names the shards: edufineweb_*, fineweb_*")
+    dataset: str = flag("HuggingFaceFW/fineweb-edu",
+                        "Hugging Face dataset to stream (HuggingFaceFW/fineweb works too); it "
+                        "also names the shards: edufineweb_*, fineweb_* (--data_files: local_*)")
     name: str = flag("sample-10BT", "the dataset's configuration: sample-10BT (~10B tokens), sample-100BT, "
                                     "sample-350BT or default (all of it)")
     data_files: str = flag("", "read these local files instead of the Hub: .parquet, .jsonl/.json or .txt (one "
@@ -187,8 +188,11 @@ class FineWebConfig:
     out_dir: str = flag("edu_fineweb10B", "where the shards and manifest.json are written")
     shard_size: int = flag(10**8, f"tokens per shard (2 bytes each), at least {MIN_SHARD_SIZE}; the trainer takes "
                                   f"each batch from within one shard, so keep it far above a batch")
-    val_tokens: int = flag(10**8, "tokens in the val split, taken first from the stream: a fixed amount whatever "
-                                  "the dataset's size; 0 for none")
+    val_tokens: int = flag(None, "tokens in the val split, taken first from the stream: a fixed "
+                                 "amount whatever the dataset's size; 0 for none. Unset: 100000000 "
+                                 "from the Hub; from --data_files a tenth of their tokens (as "
+                                 "estimated from their sizes) up to that, and on a rerun what "
+                                 "manifest.json records")
     max_tokens: int = flag(0, "stop after this many tokens, val included, for a quick subset; 0 for all")
     num_proc: int = flag(max(1, (os.cpu_count() or 1) // 2),
                          "tokenizer processes; the default is half this machine's cores")
@@ -201,17 +205,62 @@ class FineWebConfig:
         if not MIN_SHARD_SIZE <= self.shard_size <= MAX_SHARD_SIZE:
             raise UserError(f"--shard_size {self.shard_size} is out of range: pass {MIN_SHARD_SIZE} to "
                             f"{MAX_SHARD_SIZE} tokens (the default 100000000 makes 200 MB shards)")
-        if self.val_tokens < 0:
+        if self.val_tokens is not None and self.val_tokens < 0:
             raise UserError(f"--val_tokens must be 0 or more, got {self.val_tokens}")
         if self.max_tokens < 0:
             raise UserError(f"--max_tokens must be 0 (no limit) or more, got {self.max_tokens}")
-        if 0 < self.max_tokens <= self.val_tokens:
-            raise UserError(f"--max_tokens {self.max_tokens} leaves nothing for training after --val_tokens "
-                            f"{self.val_tokens}: raise --max_tokens or lower --val_tokens")
+        if self.val_tokens is not None:
+            check_leaves_training(self.max_tokens, self.val_tokens)
         if self.num_proc < 1:
             raise UserError(f"--num_proc must be 1 or more, got {self.num_proc}")
         if not self.text_column:
             raise UserError("--text_column is empty: name the column that holds the text, such as text")
+
+
+DEFAULT_VAL_TOKENS = 10**8
+VAL_SHARE = 10  # from local files, a tenth of their tokens makes the val split (up to the default)
+BYTES_PER_TOKEN = 4  # GPT-2 takes 3.3 bytes of Shakespeare a token, about 4.5 of English web text
+
+
+def check_leaves_training(max_tokens, val_tokens):
+    if 0 < max_tokens <= val_tokens:
+        raise UserError(f"--max_tokens {max_tokens} leaves nothing for training after --val_tokens "
+                        f"{val_tokens}: raise --max_tokens or lower --val_tokens")
+
+
+def choose_val_tokens(config, files, builder, manifest):
+    """--val_tokens, or when it is not given: 100M from the Hub; from local files, which 100M would
+    overrun unless they are big, the value the manifest of an earlier run records (a resumed run
+    must split where it did), else a tenth of their estimated tokens (or of --max_tokens) up to
+    100M. Returns the value and how it was chosen for local files, to print (else None)."""
+    if config.val_tokens is not None or not files:
+        val, how = DEFAULT_VAL_TOKENS if config.val_tokens is None else config.val_tokens, None
+    elif manifest is not None and isinstance(manifest.get("val_tokens"), int):
+        val, how = manifest["val_tokens"], f"as {MANIFEST} records"
+    else:
+        tokens = estimated_tokens(files, builder, config.text_column)
+        if 0 < config.max_tokens < tokens:
+            tokens, of = config.max_tokens, "--max_tokens"
+        else:
+            of = f"the ~{tokens:,} tokens estimated from the files' sizes"
+        val, how = min(DEFAULT_VAL_TOKENS, tokens // VAL_SHARE), f"a tenth of {of}"
+    check_leaves_training(config.max_tokens, val)
+    return val, how
+
+
+def estimated_tokens(files, builder, column):
+    """Roughly the tokens in the local files, from their sizes at BYTES_PER_TOKEN: a parquet file's
+    text column uncompressed (its footer says), any other file whole."""
+    if builder != "parquet":
+        return sum(os.path.getsize(path) for path in files) // BYTES_PER_TOKEN
+    import pyarrow.parquet as pq
+    size = 0
+    for path in files:
+        meta = pq.read_metadata(path)  # readable: check_has_documents read it
+        for group in map(meta.row_group, range(meta.num_row_groups)):
+            chunks = map(group.column, range(group.num_columns))
+            size += sum(c.total_uncompressed_size for c in chunks if c.path_in_schema == column)
+    return size // BYTES_PER_TOKEN
 
 
 def parse_args(argv=None):
@@ -568,8 +617,11 @@ class ShardPlan:
         return self.shard_size
 
 
-def shard_prefix(dataset):
-    """edufineweb for FineWeb-Edu, fineweb for FineWeb, else the dataset's name in letters and digits."""
+def shard_prefix(dataset, files):
+    """local for local files (whatever --dataset says: they need not be FineWeb's); from the Hub,
+    edufineweb for FineWeb-Edu, fineweb for FineWeb, else the dataset's name in letters, digits."""
+    if files:
+        return "local"
     base = dataset.rstrip("/").split("/")[-1].lower()
     prefix = "edufineweb" if base == "fineweb-edu" else re.sub(r"[^a-z0-9]", "", base)
     return "data" if not prefix or any(split in prefix for split in SPLITS) else prefix  # see shard_split
@@ -656,13 +708,13 @@ MANIFEST = "manifest.json"
 SETTINGS = ("source", "text_column", "tokenizer", "shard_size", "val_tokens", "shard_format")
 
 
-def settings_of(config, files, inputs):
+def settings_of(config, files, inputs, val_tokens):
     """What decides the shards' contents: a rerun resumes only into a directory made with the same.
     The inputs (input_record of each local file, None for the Hub) are compared by check_inputs."""
-    source = ({"dataset": config.dataset, "name": None, "data_files": files} if files
+    source = ({"dataset": None, "name": None, "data_files": files} if files
               else {"dataset": config.dataset, "name": config.name, "data_files": None})
     return {"source": source, "text_column": config.text_column, "tokenizer": "gpt2 (tiktoken), <|endoftext|> "
-            "before each document", "shard_size": config.shard_size, "val_tokens": config.val_tokens,
+            "before each document", "shard_size": config.shard_size, "val_tokens": val_tokens,
             "shard_format": [MAGIC, VERSION], "inputs": inputs}
 
 
@@ -699,23 +751,27 @@ def locked_out_dir(out_dir):
         raise
 
 
-def read_manifest(out_dir, settings):
-    """The manifest of an earlier run into out_dir, None if there is none; made from other inputs or
-    with other settings, an error."""
+def read_manifest(out_dir):
+    """The manifest of an earlier run into out_dir, None if there is none."""
     path = out_dir / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         raise UserError(f"{path} cannot be read ({e}): delete it and rerun") from None
+
+
+def check_manifest(manifest, settings, out_dir):
+    """Refuse the manifest of an earlier run made from other inputs or with other settings."""
+    if manifest is None:
+        return
     check_inputs(manifest, settings["inputs"], out_dir)  # first: it names the file that changed
     for key in SETTINGS:
         if manifest.get(key) != settings[key]:
             there, now = (json.dumps(v)[:100] for v in (manifest.get(key), settings[key]))  # file lists run long
             raise UserError(f"{out_dir} holds shards made with other settings ({key} {there} there, {now} now): "
                             f"pass the same flags or another --out_dir, or {restart_fix(out_dir)}")
-    return manifest
 
 
 def restart_fix(out_dir):
@@ -806,18 +862,23 @@ def stray_shards(out_dir, records):
 def run(config):
     files, builder = resolve_data_files(config.data_files)
     check_has_documents(files, builder)
-    plan = ShardPlan(shard_prefix(config.dataset), config.shard_size, config.val_tokens)
-    settings = settings_of(config, files, [input_record(f) for f in files] if files else None)
+    inputs = [input_record(f) for f in files] if files else None
     limit = config.max_tokens or sys.maxsize
     with locked_out_dir(config.out_dir) as out_dir:
         if config.restart:
             print(f"--restart: deleted {remove_our_files(out_dir)} shards and any {MANIFEST} from "
                   f"{out_dir}; should this run stop, rerun it without --restart to resume")
-        manifest = read_manifest(out_dir, settings)
+        manifest = read_manifest(out_dir)
+        val_tokens, chosen = choose_val_tokens(config, files, builder, manifest)
+        settings = settings_of(config, files, inputs, val_tokens)
+        check_manifest(manifest, settings, out_dir)
         if is_up_to_date(manifest, out_dir, config.max_tokens):
             print(f"{out_dir} is complete ({len(manifest['shards'])} shards, {manifest['tokens']['total']:,} "
                   f"tokens): nothing to do")
             return
+        if chosen:
+            print(f"val split: {val_tokens:,} tokens, {chosen} (pass --val_tokens N to choose)")
+        plan = ShardPlan(shard_prefix(config.dataset, files), config.shard_size, val_tokens)
         records = resumable_records(manifest, out_dir, plan, limit)
         skip = records[-1]["end"][0] if records else 0
         if records:

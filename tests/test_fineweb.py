@@ -103,7 +103,8 @@ def test_help_lists_every_flag_with_its_default(tmp_path):
     for name in ("dataset", "name", "data_files", "text_column", "out_dir", "shard_size", "val_tokens",
                  "max_tokens", "num_proc", "restart"):
         assert f"--{name}" in result.stdout
-    assert "(default: HuggingFaceFW/fineweb-edu)" in result.stdout and "(default: 100000000)" in result.stdout
+    text = " ".join(result.stdout.split())  # as argparse wraps it at any word
+    assert "(default: HuggingFaceFW/fineweb-edu)" in text and "(default: 100000000)" in text
 
 
 # -----------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def test_help_lists_every_flag_with_its_default(tmp_path):
 def test_shards_decode_to_the_documents(parquet_shards, corpus):
     _, docs = corpus
     paths = shard_paths(parquet_shards)
-    assert [p.name for p in paths[:2]] == ["edufineweb_val_000000.bin", "edufineweb_train_000001.bin"]
+    assert [p.name for p in paths[:2]] == ["local_val_000000.bin", "local_train_000001.bin"]
     assert [int(p.stem.split("_")[-1]) for p in paths] == list(range(len(paths)))
 
     tokens = all_tokens(parquet_shards)
@@ -175,11 +176,41 @@ def test_each_txt_file_is_one_document(tmp_path):
     for i, text in enumerate(texts):
         (tmp_path / f"doc{i}.txt").write_text(text, encoding="utf-8")
     result = fineweb("--data_files", "doc*.txt", "--out_dir", "shards", "--shard_size", "2000", "--val_tokens", "2000",
-                     "--num_proc", "1", "--dataset", "HuggingFaceFW/fineweb", cwd=tmp_path)
+                     "--num_proc", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert shard_paths(tmp_path / "shards")[0].name == "fineweb_val_000000.bin"
     tokens = all_tokens(tmp_path / "shards")
     assert np.array_equal(tokens, np.concatenate([tokenize_document(t) for t in texts]))
+
+
+def test_local_files_get_a_tenth_of_their_tokens_as_val_split(tmp_path):
+    """The Hub's default of 100M val tokens would overrun any small file."""
+    docs = shakespeare_documents()[:1000]
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    result = fineweb("--data_files", "docs.jsonl", "--out_dir", "shards", "--shard_size", "2000",
+                     "--num_proc", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    val, total = manifest["val_tokens"], sum(len(tokenize_document(d)) for d in docs)
+    assert f"val split: {val:,} tokens, a tenth of the ~" in result.stdout
+    assert manifest["tokens"]["val"] == val and 0.05 < val / total < 0.15
+    assert shard_paths(tmp_path / "shards")[0].name == "local_val_000000.bin"
+
+
+def test_a_rerun_keeps_the_val_split_it_chose(tmp_path):
+    """Chosen from --max_tokens 20000 at first, the split stays when a rerun goes on to all of it."""
+    docs = shakespeare_documents()[:1000]
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    args = ["--data_files", "docs.jsonl", "--out_dir", "shards", "--shard_size", "2000", "--num_proc", "1"]
+    first = fineweb(*args, "--max_tokens", "20000", cwd=tmp_path)
+    assert first.returncode == 0 and "val split: 2,000 tokens, a tenth of --max_tokens" in first.stdout
+    again = fineweb(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "val split: 2,000 tokens, as manifest.json records" in again.stdout
+    assert "resuming after 10 shards" in again.stdout
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["val_tokens"] == manifest["tokens"]["val"] == 2000
+    assert np.array_equal(all_tokens(tmp_path / "shards"),
+                          np.concatenate([tokenize_document(d) for d in docs]))
 
 
 def test_max_tokens_takes_a_prefix(parquet_shards, corpus, tmp_path):
@@ -296,7 +327,7 @@ def start_run(args, out_dir, cwd, **popen):
     """fineweb.py started in its own process group, returned once the second shard exists."""
     process = subprocess.Popen([sys.executable, str(REPO / "fineweb.py"), *map(str, args), "--out_dir", out_dir],
                                cwd=cwd, start_new_session=True, **popen)
-    second = cwd / out_dir / "edufineweb_train_000001.bin"
+    second = cwd / out_dir / "local_train_000001.bin"
     deadline = time.monotonic() + 60
     while not second.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -520,6 +551,7 @@ BAD_INPUTS = {
     "shard_size not a number": (["--shard_size", "many"], "--shard_size"),
     "negative val_tokens": (["--val_tokens", "-1"], "--val_tokens"),
     "max_tokens within val": (["--max_tokens", "1000", "--val_tokens", "1000"], "--max_tokens"),
+    "max_tokens within the Hub's val": (["--max_tokens", "1000"], "after --val_tokens 100000000"),
     "no processes": (["--num_proc", "0"], "--num_proc"),
     "data shorter than val": (["--data_files", "{corpus}/part-0.parquet", "--val_tokens", "10000000"],
                               "--val_tokens"),
