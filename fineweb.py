@@ -413,7 +413,8 @@ def load_stream(config, files, builder):
     import datasets
     import huggingface_hub
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # its readers log an error before raising it, and the exception is reported here in one line
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     huggingface_hub.utils.logging.set_verbosity_error()  # retry warnings would bury the one-line error
     if files:
         source = f"--data_files {config.data_files}"
@@ -437,30 +438,102 @@ def load_stream(config, files, builder):
     return ds.with_format("arrow"), source  # Arrow batches: no Python object per document in this process
 
 
-def document_batches(ds, source, column, skip, hub):
+def document_batches(ds, source, column, skip, files):
     """The texts as Arrow string arrays of up to BATCH_DOCS documents, less the first `skip` documents,
     which a resumed run has already written. Skipping costs reading them, not tokenizing them."""
     import pyarrow as pa
     batches = iter(ds.iter(batch_size=BATCH_DOCS))
-    checked = False
+    checked, position = False, 0  # position: the stream's index of the next table's first document
     while True:
         try:
             table = next(batches)
         except StopIteration:
             return
         except Exception as e:
-            raise UserError(describe_load_error(e, source, hub) + "; the shards written so far are kept: "
-                            "rerun the same command to resume") from None
+            damaged = failing_file(e, files)
+            if damaged is not None:
+                raise UserError(describe_damaged_file(damaged, e)) from None
+            kept = "; the shards written so far are kept: rerun the same command to resume"
+            raise UserError(describe_load_error(e, source, hub=not files) + kept) from None
         if not checked:  # again, for a stream whose columns are unknown until read (.txt files)
             check_text_column(table.schema, source, column)
             checked = True
         if table.num_rows <= skip:
-            skip -= table.num_rows
+            skip, position = skip - table.num_rows, position + table.num_rows
             continue
-        texts = table.column(column).slice(skip)
-        skip = 0
         # a compact copy: a pickled slice would carry its whole parent buffer to the worker
-        yield pa.concat_arrays(texts.chunks)
+        texts = pa.concat_arrays(table.column(column).slice(skip).chunks)
+        check_utf8(texts, position + skip, ds, files, source)
+        skip, position = 0, position + table.num_rows
+        yield texts
+
+
+def failing_file(error, files):
+    """Which of the local files `datasets` was reading when it raised error, None if it cannot tell.
+    Its errors seldom name the file, but its readers (_generate_tables of its json, parquet and text
+    builders) hold it in a variable `file`, which the traceback keeps."""
+    ours = {os.path.realpath(f): f for f in files}
+    found, tb = None, error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        file = frame.f_locals.get("file") if frame.f_code.co_name == "_generate_tables" else None
+        if isinstance(file, str):
+            found = ours.get(os.path.realpath(file), found)
+        tb = tb.tb_next
+    return found
+
+
+def describe_damaged_file(path, error):
+    """One line for a local file that `datasets` failed to read: a .jsonl line that is not JSON, a
+    .txt file that is not UTF-8, a parquet page that does not decode."""
+    if isinstance(error, UnicodeDecodeError):
+        return (f"--data_files: {path} is not UTF-8 text: convert it to UTF-8 or leave it out, "
+                f"then rerun")
+    message = str(error).strip().splitlines()[0] if str(error).strip() else "no message"
+    return (f"--data_files: {path} cannot be read ({type(error).__name__}: {message}): replace it "
+            f"with a sound copy or leave it out, then rerun")
+
+
+def check_utf8(texts, first, ds, files, source):
+    """Refuse texts (an Arrow string array, the stream's documents from `first` on) that are not
+    valid UTF-8, which pyarrow's JSON and parquet readers pass on unchecked and the tokenizer fails
+    on."""
+    import pyarrow as pa
+    try:
+        texts.validate(full=True)  # at ~10 GB/s, a few percent of the main process's time
+        return
+    except pa.ArrowInvalid:
+        pass
+    document = first + next((i for i in range(len(texts)) if not decodes(texts, i)), 0)
+    found = file_of_document(ds, files, document) if files else None
+    if found is None:
+        raise UserError(f"{source}: document {document:,} (from 0) is not UTF-8 text: repair the "
+                        f"data")
+    path, index = found
+    raise UserError(f"--data_files: {path} holds text that is not UTF-8 (its document {index:,}, "
+                    f"from 0): repair or replace it, or leave it out, then rerun")
+
+
+def decodes(texts, i):
+    try:
+        texts[i].as_py()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def file_of_document(ds, files, document):
+    """(the local file that holds the stream's document `document`, its index there), None if
+    unknown. Counts each file's documents by reading it alone: slow, but only for error messages."""
+    if ds.n_shards != len(files):  # a stream that does not read one file a shard
+        return None
+    for i, path in enumerate(files):
+        alone = ds.shard(num_shards=len(files), index=i, contiguous=True)
+        count = sum(table.num_rows for table in alone.iter(batch_size=BATCH_DOCS))
+        if document < count:
+            return path, document
+        document -= count
+    return None
 
 
 def check_text_column(schema, source, column):
@@ -477,7 +550,7 @@ def open_documents(config, files, builder, skip):
     """(batches of texts, their source's name, its document count or None), the first batch already read so
     that a wrong column or an unreachable Hub is reported before any work starts."""
     ds, source = load_stream(config, files, builder)
-    batches = document_batches(ds, source, config.text_column, skip, hub=not files)
+    batches = document_batches(ds, source, config.text_column, skip, files)
     first = next(batches, None)
     try:
         total = ds.info.splits["train"].num_examples
@@ -876,8 +949,6 @@ def run(config):
             print(f"{out_dir} is complete ({len(manifest['shards'])} shards, {manifest['tokens']['total']:,} "
                   f"tokens): nothing to do")
             return
-        if chosen:
-            print(f"val split: {val_tokens:,} tokens, {chosen} (pass --val_tokens N to choose)")
         plan = ShardPlan(shard_prefix(config.dataset, files), config.shard_size, val_tokens)
         records = resumable_records(manifest, out_dir, plan, limit)
         skip = records[-1]["end"][0] if records else 0
@@ -886,6 +957,8 @@ def run(config):
         start, tokens_before = time.perf_counter(), sum(r["tokens"] for r in records)
         get_tokenizer()  # built once, before the pool forks, so the workers inherit it
         batches, source, total_docs = open_documents(config, files, builder, skip)
+        if chosen:
+            print(f"val split: {val_tokens:,} tokens, {chosen} (pass --val_tokens N to choose)")
         save = lambda recs: write_manifest(out_dir, settings, recs, config.max_tokens, complete=False)
         records, null_documents = write_shards(batches, out_dir, plan, limit, records, save, config.num_proc, skip,
                                                total_docs)

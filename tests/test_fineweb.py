@@ -562,6 +562,18 @@ BAD_INPUTS = {
     "parquet without rows": (["--data_files", "{corpus}/part-0.parquet,no_rows.parquet"], "without rows"),
     "cut parquet": (["--data_files", "cut.parquet"], "cut.parquet is not a readable parquet file"),
     "an empty file among others": (["--data_files", "{corpus}/docs.jsonl,empty.jsonl"], "empty.jsonl is empty"),
+    # damaged files, most after a sound one: the error names the damaged one
+    "jsonl with a bad line": (["--data_files", "few.jsonl,bad_line.jsonl"],
+                              "bad_line.jsonl cannot be read"),
+    "jsonl cut mid-line": (["--data_files", "few.jsonl,cut_line.jsonl"],
+                           "cut_line.jsonl cannot be read"),
+    "jsonl text not UTF-8": (["--data_files", "few.jsonl,latin1.jsonl"],
+                             "latin1.jsonl holds text that is not UTF-8 (its document 5, from 0)"),
+    "txt not UTF-8": (["--data_files", "few.txt,latin1.txt"], "latin1.txt is not UTF-8 text"),
+    "parquet with a damaged page": (["--data_files", "damaged.parquet"],
+                                    "damaged.parquet cannot be read"),
+    "parquet text not UTF-8": (["--data_files", "few.parquet,latin1.parquet"],
+                               "latin1.parquet holds text that is not UTF-8 (its document 2,"),
 }
 
 
@@ -573,6 +585,24 @@ def write_bad_files(directory, corpus_root):
     write_parquet(directory / "no_rows.parquet", [])
     whole = (corpus_root / "part-0.parquet").read_bytes()
     (directory / "cut.parquet").write_bytes(whole[:len(whole) // 2])  # a download that stopped half way
+    # the first data page overwritten, the footer intact: the file opens but does not decode
+    (directory / "damaged.parquet").write_bytes(whole[:60] + b"U" * 1000 + whole[1060:])
+    docs = shakespeare_documents()[:20]
+    write_jsonl(directory / "few.jsonl", docs)
+    write_parquet(directory / "few.parquet", docs)
+    (directory / "few.txt").write_text(docs[0], encoding="utf-8")
+    lines = [json.dumps({"text": doc}) for doc in docs]
+    bad_line = '{"text": "no end'
+    (directory / "bad_line.jsonl").write_text("\n".join(lines[:10] + [bad_line] + lines[10:]))
+    (directory / "cut_line.jsonl").write_text("\n".join(lines)[:-10])  # a download cut short
+    latin1 = "café".encode("latin-1")  # é as one byte, which is not UTF-8
+    (directory / "latin1.jsonl").write_bytes("".join(line + "\n" for line in lines[:5]).encode()
+                                             + b'{"text": "' + latin1 + b'"}\n')
+    (directory / "latin1.txt").write_bytes(latin1)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    texts = pa.array([docs[0].encode(), docs[1].encode(), latin1], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": texts}), directory / "latin1.parquet")
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -589,6 +619,25 @@ def test_bad_input_gives_one_line_error(case, corpus, tmp_path):
     if case != "data shorter than val":  # that one is found after the progress bars started
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not list(tmp_path.rglob("*.bin")) and not (tmp_path / "edu_fineweb10B").exists()
+
+
+def test_a_file_damaged_past_the_first_shards_is_named_and_its_repair_needs_a_restart(tmp_path):
+    docs = shakespeare_documents()[:1200]
+    write_jsonl(tmp_path / "a.jsonl", docs[:1000])  # a batch of documents, and more, before it
+    lines = [json.dumps({"text": doc}) for doc in docs[1000:]]
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[:50] + ['{"text": "no end'] + lines[50:]))
+    args = ["--data_files", "a.jsonl,b.jsonl", "--out_dir", "shards", *TINY]
+    damaged = fineweb(*args, cwd=tmp_path)
+    assert damaged.returncode == 1 and "Traceback" not in damaged.stderr
+    last = damaged.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --data_files: b.jsonl cannot be read"), damaged.stderr
+    assert shard_paths(tmp_path / "shards")  # the shards of a.jsonl's first batch
+    write_jsonl(tmp_path / "b.jsonl", docs[1000:])
+    assert "b.jsonl changed" in one_line_error(fineweb(*args, cwd=tmp_path))
+    restarted = fineweb(*args, "--restart", "True", cwd=tmp_path)
+    assert restarted.returncode == 0, restarted.stderr
+    expected = np.concatenate([tokenize_document(d) for d in docs])
+    assert np.array_equal(all_tokens(tmp_path / "shards"), expected)
 
 
 def test_a_bad_text_column_is_refused_before_any_document_is_read(corpus, tmp_path):
