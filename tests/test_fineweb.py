@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fineweb import (EOT_TOKEN, ShardPlan, ShardWriter, describe_load_error,  # noqa: E402
-                     get_tokenizer, open_shard, parse_args, read_shard_header, tokenize_document)
+                     get_tokenizer, input_record, open_shard, parse_args, read_shard_header,
+                     tokenize_document)
 
 SMALL = ["--shard_size", "20000", "--val_tokens", "20000", "--num_proc", "2"]
 TINY = ["--shard_size", "2000", "--val_tokens", "2000", "--num_proc", "1"]
@@ -437,6 +438,20 @@ def test_manifest_records_each_input_file(parquet_shards, corpus):
         stat = os.stat(record["path"])
         assert (record["size"], record["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
         assert len(record["fingerprint"]) == 32 and int(record["fingerprint"], 16) >= 0
+
+
+def test_a_large_file_is_fingerprinted_by_blocks_that_include_its_ends(tmp_path):
+    """Over 4 MiB, 64 blocks spread over the file are hashed: a change at either end shows."""
+    path = tmp_path / "big.jsonl"
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 6 << 20, dtype=np.uint8).tobytes())
+    path.write_bytes(data)
+    first = input_record(str(path))
+    assert first["size"] == 6 << 20 and first == input_record(str(path))
+    for at in (0, len(data) - 1):
+        changed = bytearray(data)
+        changed[at] ^= 1
+        path.write_bytes(changed)
+        assert input_record(str(path))["fingerprint"] != first["fingerprint"]
 
 
 def test_killed_run_over_a_rewritten_input_is_refused_and_restart_starts_afresh(long_run, tmp_path):
