@@ -21,12 +21,16 @@ Shard format (the same as llm.c's, so shards are interchangeable with it):
 manifest.json beside the shards names the source and the settings, and lists every shard with its tokens,
 the documents that start in it, and the stream position where it ends ("end": [index of the next document,
 its tokens already written]), from which a rerun resumes. "complete" turns true when the run has finished.
+For local files it also records each one's size, modification time and fingerprint ("inputs"):
+a rerun over changed files is refused rather than mixing shards of the old and the new text, and
+--restart True starts afresh.
 """
 
 import base64
 import collections
 import contextlib
 import glob
+import hashlib
 import itertools
 import json
 import os
@@ -168,8 +172,9 @@ MAX_SHARD_SIZE = 2**31 - 1  # the header's int32 token count
 
 @dataclass
 class FineWebConfig:
-    dataset: str = flag("HuggingFaceFW/fineweb-edu", "Hugging Face dataset to stream (HuggingFaceFW/fineweb works "
-                                                     "too); it also names the shards: edufineweb_*, fineweb_*")
+    dataset: str = flag("HuggingFaceFW/fineweb-edu",
+                        "Hugging Face dataset to stream (HuggingFaceFW/fineweb works too); it "
+                        "also names the shards: edufineweb_*, fineweb_* (--data_files: local_*)")
     name: str = flag("sample-10BT", "the dataset's configuration: sample-10BT (~10B tokens), sample-100BT, "
                                     "sample-350BT or default (all of it)")
     data_files: str = flag("", "read these local files instead of the Hub: .parquet, .jsonl/.json or .txt (one "
@@ -179,28 +184,79 @@ class FineWebConfig:
     out_dir: str = flag("edu_fineweb10B", "where the shards and manifest.json are written")
     shard_size: int = flag(10**8, f"tokens per shard (2 bytes each), at least {MIN_SHARD_SIZE}; the trainer takes "
                                   f"each batch from within one shard, so keep it far above a batch")
-    val_tokens: int = flag(10**8, "tokens in the val split, taken first from the stream: a fixed amount whatever "
-                                  "the dataset's size; 0 for none")
+    val_tokens: int = flag(None, "tokens in the val split, taken first from the stream: a fixed "
+                                 "amount whatever the dataset's size; 0 for none. Unset: 100000000 "
+                                 "from the Hub; from --data_files a tenth of their tokens (as "
+                                 "estimated from their sizes) up to that, and on a rerun what "
+                                 "manifest.json records")
     max_tokens: int = flag(0, "stop after this many tokens, val included, for a quick subset; 0 for all")
     num_proc: int = flag(max(1, (os.cpu_count() or 1) // 2),
                          "tokenizer processes; the default is half this machine's cores")
+    restart: bool = flag(False, "delete the shards and manifest.json that fineweb.py wrote in "
+                                "--out_dir and tokenize afresh, as when the inputs or the settings "
+                                "changed; other files stay")
 
     def validate(self):
         """Raise UserError naming the problem and the fix; called before any work is done."""
         if not MIN_SHARD_SIZE <= self.shard_size <= MAX_SHARD_SIZE:
             raise UserError(f"--shard_size {self.shard_size} is out of range: pass {MIN_SHARD_SIZE} to "
                             f"{MAX_SHARD_SIZE} tokens (the default 100000000 makes 200 MB shards)")
-        if self.val_tokens < 0:
+        if self.val_tokens is not None and self.val_tokens < 0:
             raise UserError(f"--val_tokens must be 0 or more, got {self.val_tokens}")
         if self.max_tokens < 0:
             raise UserError(f"--max_tokens must be 0 (no limit) or more, got {self.max_tokens}")
-        if 0 < self.max_tokens <= self.val_tokens:
-            raise UserError(f"--max_tokens {self.max_tokens} leaves nothing for training after --val_tokens "
-                            f"{self.val_tokens}: raise --max_tokens or lower --val_tokens")
+        if self.val_tokens is not None:
+            check_leaves_training(self.max_tokens, self.val_tokens)
         if self.num_proc < 1:
             raise UserError(f"--num_proc must be 1 or more, got {self.num_proc}")
         if not self.text_column:
             raise UserError("--text_column is empty: name the column that holds the text, such as text")
+
+
+DEFAULT_VAL_TOKENS = 10**8
+VAL_SHARE = 10  # from local files, a tenth of their tokens makes the val split (up to the default)
+BYTES_PER_TOKEN = 4  # GPT-2 takes 3.3 bytes of Shakespeare a token, about 4.5 of English web text
+
+
+def check_leaves_training(max_tokens, val_tokens):
+    if 0 < max_tokens <= val_tokens:
+        raise UserError(f"--max_tokens {max_tokens} leaves nothing for training after --val_tokens "
+                        f"{val_tokens}: raise --max_tokens or lower --val_tokens")
+
+
+def choose_val_tokens(config, files, builder, manifest):
+    """--val_tokens, or when it is not given: 100M from the Hub; from local files, which 100M would
+    overrun unless they are big, the value the manifest of an earlier run records (a resumed run
+    must split where it did), else a tenth of their estimated tokens (or of --max_tokens) up to
+    100M. Returns the value and how it was chosen for local files, to print (else None)."""
+    if config.val_tokens is not None or not files:
+        val, how = DEFAULT_VAL_TOKENS if config.val_tokens is None else config.val_tokens, None
+    elif manifest is not None and isinstance(manifest.get("val_tokens"), int):
+        val, how = manifest["val_tokens"], f"as {MANIFEST} records"
+    else:
+        tokens = estimated_tokens(files, builder, config.text_column)
+        if 0 < config.max_tokens < tokens:
+            tokens, of = config.max_tokens, "--max_tokens"
+        else:
+            of = f"the ~{tokens:,} tokens estimated from the files' sizes"
+        val, how = min(DEFAULT_VAL_TOKENS, tokens // VAL_SHARE), f"a tenth of {of}"
+    check_leaves_training(config.max_tokens, val)
+    return val, how
+
+
+def estimated_tokens(files, builder, column):
+    """Roughly the tokens in the local files, from their sizes at BYTES_PER_TOKEN: a parquet file's
+    text column uncompressed (its footer says), any other file whole."""
+    if builder != "parquet":
+        return sum(os.path.getsize(path) for path in files) // BYTES_PER_TOKEN
+    import pyarrow.parquet as pq
+    size = 0
+    for path in files:
+        meta = pq.read_metadata(path)  # readable: check_has_documents read it
+        for group in map(meta.row_group, range(meta.num_row_groups)):
+            chunks = map(group.column, range(group.num_columns))
+            size += sum(c.total_uncompressed_size for c in chunks if c.path_in_schema == column)
+    return size // BYTES_PER_TOKEN
 
 
 def parse_args(argv=None):
@@ -296,6 +352,32 @@ def only_whitespace(path, chunk=1 << 20):
     return True
 
 
+FINGERPRINT_WHOLE = 1 << 22  # files up to 4 MiB are hashed whole
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 64, 1 << 16  # larger ones: 4 MiB spread over the file
+
+
+def input_record(path):
+    """What tells whether a local file changed since its shards were made: its size, modification
+    time and a cheap fingerprint of its content (blake2b of the whole file when small, else of
+    evenly spaced blocks, the first and the last among them): a rerun over 20 GB reads megabytes."""
+    try:
+        stat = os.stat(path)
+        digest = hashlib.blake2b(stat.st_size.to_bytes(8, "little"), digest_size=16)
+        with open(path, "rb") as f:
+            if stat.st_size <= FINGERPRINT_WHOLE:
+                digest.update(f.read())
+            else:
+                last = stat.st_size - FINGERPRINT_BLOCK
+                for start in np.linspace(0, last, FINGERPRINT_BLOCKS).astype(np.int64):
+                    f.seek(int(start))
+                    digest.update(f.read(FINGERPRINT_BLOCK))
+    except OSError as e:
+        raise UserError(f"--data_files: {path} cannot be read ({e.strerror or e}): fix its "
+                        f"permissions or leave it out") from None
+    return {"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "fingerprint": digest.hexdigest()}
+
+
 def describe_load_error(error, source, hub):
     """One line for an exception from `datasets` or the Hub, naming the problem and the fix. The Hub's
     exception classes are matched by name: which ones get raised varies with the library versions."""
@@ -327,7 +409,8 @@ def load_stream(config, files, builder):
     import datasets
     import huggingface_hub
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # its readers log an error before raising it, and the exception is reported here in one line
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     huggingface_hub.utils.logging.set_verbosity_error()  # retry warnings would bury the one-line error
     if files:
         source = f"--data_files {config.data_files}"
@@ -351,30 +434,102 @@ def load_stream(config, files, builder):
     return ds.with_format("arrow"), source  # Arrow batches: no Python object per document in this process
 
 
-def document_batches(ds, source, column, skip, hub):
+def document_batches(ds, source, column, skip, files):
     """The texts as Arrow string arrays of up to BATCH_DOCS documents, less the first `skip` documents,
     which a resumed run has already written. Skipping costs reading them, not tokenizing them."""
     import pyarrow as pa
     batches = iter(ds.iter(batch_size=BATCH_DOCS))
-    checked = False
+    checked, position = False, 0  # position: the stream's index of the next table's first document
     while True:
         try:
             table = next(batches)
         except StopIteration:
             return
         except Exception as e:
-            raise UserError(describe_load_error(e, source, hub) + "; the shards written so far are kept: "
-                            "rerun the same command to resume") from None
+            damaged = failing_file(e, files)
+            if damaged is not None:
+                raise UserError(describe_damaged_file(damaged, e)) from None
+            kept = "; the shards written so far are kept: rerun the same command to resume"
+            raise UserError(describe_load_error(e, source, hub=not files) + kept) from None
         if not checked:  # again, for a stream whose columns are unknown until read (.txt files)
             check_text_column(table.schema, source, column)
             checked = True
         if table.num_rows <= skip:
-            skip -= table.num_rows
+            skip, position = skip - table.num_rows, position + table.num_rows
             continue
-        texts = table.column(column).slice(skip)
-        skip = 0
         # a compact copy: a pickled slice would carry its whole parent buffer to the worker
-        yield pa.concat_arrays(texts.chunks)
+        texts = pa.concat_arrays(table.column(column).slice(skip).chunks)
+        check_utf8(texts, position + skip, ds, files, source)
+        skip, position = 0, position + table.num_rows
+        yield texts
+
+
+def failing_file(error, files):
+    """Which of the local files `datasets` was reading when it raised error, None if it cannot tell.
+    Its errors seldom name the file, but its readers (_generate_tables of its json, parquet and text
+    builders) hold it in a variable `file`, which the traceback keeps."""
+    ours = {os.path.realpath(f): f for f in files}
+    found, tb = None, error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        file = frame.f_locals.get("file") if frame.f_code.co_name == "_generate_tables" else None
+        if isinstance(file, str):
+            found = ours.get(os.path.realpath(file), found)
+        tb = tb.tb_next
+    return found
+
+
+def describe_damaged_file(path, error):
+    """One line for a local file that `datasets` failed to read: a .jsonl line that is not JSON, a
+    .txt file that is not UTF-8, a parquet page that does not decode."""
+    if isinstance(error, UnicodeDecodeError):
+        return (f"--data_files: {path} is not UTF-8 text: convert it to UTF-8 or leave it out, "
+                f"then rerun")
+    message = str(error).strip().splitlines()[0] if str(error).strip() else "no message"
+    return (f"--data_files: {path} cannot be read ({type(error).__name__}: {message}): replace it "
+            f"with a sound copy or leave it out, then rerun")
+
+
+def check_utf8(texts, first, ds, files, source):
+    """Refuse texts (an Arrow string array, the stream's documents from `first` on) that are not
+    valid UTF-8, which pyarrow's JSON and parquet readers pass on unchecked and the tokenizer fails
+    on."""
+    import pyarrow as pa
+    try:
+        texts.validate(full=True)  # at ~10 GB/s, a few percent of the main process's time
+        return
+    except pa.ArrowInvalid:
+        pass
+    document = first + next((i for i in range(len(texts)) if not decodes(texts, i)), 0)
+    found = file_of_document(ds, files, document) if files else None
+    if found is None:
+        raise UserError(f"{source}: document {document:,} (from 0) is not UTF-8 text: repair the "
+                        f"data")
+    path, index = found
+    raise UserError(f"--data_files: {path} holds text that is not UTF-8 (its document {index:,}, "
+                    f"from 0): repair or replace it, or leave it out, then rerun")
+
+
+def decodes(texts, i):
+    try:
+        texts[i].as_py()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def file_of_document(ds, files, document):
+    """(the local file that holds the stream's document `document`, its index there), None if
+    unknown. Counts each file's documents by reading it alone: slow, but only for error messages."""
+    if ds.n_shards != len(files):  # a stream that does not read one file a shard
+        return None
+    for i, path in enumerate(files):
+        alone = ds.shard(num_shards=len(files), index=i, contiguous=True)
+        count = sum(table.num_rows for table in alone.iter(batch_size=BATCH_DOCS))
+        if document < count:
+            return path, document
+        document -= count
+    return None
 
 
 def check_text_column(schema, source, column):
@@ -391,7 +546,7 @@ def open_documents(config, files, builder, skip):
     """(batches of texts, their source's name, its document count or None), the first batch already read so
     that a wrong column or an unreachable Hub is reported before any work starts."""
     ds, source = load_stream(config, files, builder)
-    batches = document_batches(ds, source, config.text_column, skip, hub=not files)
+    batches = document_batches(ds, source, config.text_column, skip, files)
     first = next(batches, None)
     try:
         total = ds.info.splits["train"].num_examples
@@ -531,8 +686,11 @@ class ShardPlan:
         return self.shard_size
 
 
-def shard_prefix(dataset):
-    """edufineweb for FineWeb-Edu, fineweb for FineWeb, else the dataset's name in letters and digits."""
+def shard_prefix(dataset, files):
+    """local for local files (whatever --dataset says: they need not be FineWeb's); from the Hub,
+    edufineweb for FineWeb-Edu, fineweb for FineWeb, else the dataset's name in letters, digits."""
+    if files:
+        return "local"
     base = dataset.rstrip("/").split("/")[-1].lower()
     prefix = "edufineweb" if base == "fineweb-edu" else re.sub(r"[^a-z0-9]", "", base)
     return "data" if not prefix or any(split in prefix for split in SPLITS) else prefix  # see shard_split
@@ -619,13 +777,14 @@ MANIFEST = "manifest.json"
 SETTINGS = ("source", "text_column", "tokenizer", "shard_size", "val_tokens", "shard_format")
 
 
-def settings_of(config, files):
-    """What decides the shards' contents: a rerun resumes only into a directory made with the same."""
-    source = ({"dataset": config.dataset, "name": None, "data_files": files} if files
+def settings_of(config, files, inputs, val_tokens):
+    """What decides the shards' contents: a rerun resumes only into a directory made with the same.
+    The inputs (input_record of each local file, None for the Hub) are compared by check_inputs."""
+    source = ({"dataset": None, "name": None, "data_files": files} if files
               else {"dataset": config.dataset, "name": config.name, "data_files": None})
     return {"source": source, "text_column": config.text_column, "tokenizer": "gpt2 (tiktoken), <|endoftext|> "
-            "before each document", "shard_size": config.shard_size, "val_tokens": config.val_tokens,
-            "shard_format": [MAGIC, VERSION]}
+            "before each document", "shard_size": config.shard_size, "val_tokens": val_tokens,
+            "shard_format": [MAGIC, VERSION], "inputs": inputs}
 
 
 @contextlib.contextmanager
@@ -661,21 +820,77 @@ def locked_out_dir(out_dir):
         raise
 
 
-def read_manifest(out_dir, settings):
-    """The manifest of an earlier run into out_dir, None if there is none; made with other settings, an error."""
+def read_manifest(out_dir):
+    """The manifest of an earlier run into out_dir, None if there is none."""
     path = out_dir / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         raise UserError(f"{path} cannot be read ({e}): delete it and rerun") from None
+
+
+def check_manifest(manifest, settings, out_dir):
+    """Refuse the manifest of an earlier run made from other inputs or with other settings."""
+    if manifest is None:
+        return
+    check_inputs(manifest, settings["inputs"], out_dir)  # first: it names the file that changed
     for key in SETTINGS:
         if manifest.get(key) != settings[key]:
             there, now = (json.dumps(v)[:100] for v in (manifest.get(key), settings[key]))  # file lists run long
             raise UserError(f"{out_dir} holds shards made with other settings ({key} {there} there, {now} now): "
-                            f"pass the same flags, another --out_dir, or delete {out_dir}")
-    return manifest
+                            f"pass the same flags or another --out_dir, or {restart_fix(out_dir)}")
+
+
+def restart_fix(out_dir):
+    return f"pass --restart True to tokenize afresh (deletes the shards of {out_dir})"
+
+
+INPUT_FIELDS = {"size": "size", "mtime_ns": "modification time", "fingerprint": "content"}
+
+
+def check_inputs(manifest, inputs, out_dir):
+    """Refuse a manifest whose local input files changed since (added, removed, other size,
+    modification time or content): resuming would put shards of the new text after those of the
+    old. A manifest without input records (an older fineweb.py's) cannot tell, so it is refused
+    too. Shards from the Hub have no inputs: their dataset and configuration are settings."""
+    before = manifest.get("inputs")
+    if not inputs or (before is None and not manifest.get("source", {}).get("data_files")):
+        return
+    if before is None:
+        raise UserError(f"{out_dir / MANIFEST} records no sizes or fingerprints of its input files "
+                        f"(an older fineweb.py wrote it), so whether they changed is unknown: "
+                        f"{restart_fix(out_dir)}")
+    fix = f"restore the inputs, or {restart_fix(out_dir)}"
+    before, now = ({r["path"]: r for r in records} for records in (before, inputs))
+    added, removed = [p for p in now if p not in before], [p for p in before if p not in now]
+    if added:
+        raise UserError(f"--data_files: {added[0]} is not among the files that the shards in "
+                        f"{out_dir} were made from: {fix}")
+    if removed:
+        raise UserError(f"--data_files: {removed[0]}, from which the shards in {out_dir} were "
+                        f"made, is no longer among them: {fix}")
+    for path, record in now.items():
+        was = before[path]
+        changed = [what for key, what in INPUT_FIELDS.items() if was.get(key) != record[key]]
+        if changed:
+            raise UserError(f"--data_files: {path} changed ({' and '.join(changed)}) since the "
+                            f"shards in {out_dir} were made from it: {fix}")
+
+
+SHARD_NAME = re.compile(r"[a-z0-9]+_(train|val)_[0-9]{6,}\.bin")  # ShardPlan.name's, any prefix
+
+
+def remove_our_files(out_dir):
+    """--restart: delete the shards (by ShardPlan's naming) and the manifest that fineweb.py wrote
+    in out_dir, and no other file; the manifest last, so that a restart killed half way is refused
+    again by check_inputs. How many shards it deleted."""
+    shards = [p for p in out_dir.iterdir() if SHARD_NAME.fullmatch(p.name) and p.is_file()]
+    for path in shards:
+        path.unlink()
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    return len(shards)
 
 
 def resumable_records(manifest, out_dir, plan, limit):
@@ -716,15 +931,21 @@ def stray_shards(out_dir, records):
 def run(config):
     files, builder = resolve_data_files(config.data_files)
     check_has_documents(files, builder)
-    plan = ShardPlan(shard_prefix(config.dataset), config.shard_size, config.val_tokens)
-    settings = settings_of(config, files)
+    inputs = [input_record(f) for f in files] if files else None
     limit = config.max_tokens or sys.maxsize
     with locked_out_dir(config.out_dir) as out_dir:
-        manifest = read_manifest(out_dir, settings)
+        if config.restart:
+            print(f"--restart: deleted {remove_our_files(out_dir)} shards and any {MANIFEST} from "
+                  f"{out_dir}; should this run stop, rerun it without --restart to resume")
+        manifest = read_manifest(out_dir)
+        val_tokens, chosen = choose_val_tokens(config, files, builder, manifest)
+        settings = settings_of(config, files, inputs, val_tokens)
+        check_manifest(manifest, settings, out_dir)
         if is_up_to_date(manifest, out_dir, config.max_tokens):
             print(f"{out_dir} is complete ({len(manifest['shards'])} shards, {manifest['tokens']['total']:,} "
                   f"tokens): nothing to do")
             return
+        plan = ShardPlan(shard_prefix(config.dataset, files), config.shard_size, val_tokens)
         records = resumable_records(manifest, out_dir, plan, limit)
         skip = records[-1]["end"][0] if records else 0
         if records:
@@ -732,6 +953,8 @@ def run(config):
         start, tokens_before = time.perf_counter(), sum(r["tokens"] for r in records)
         get_tokenizer()  # built once, before the pool forks, so the workers inherit it
         batches, source, total_docs = open_documents(config, files, builder, skip)
+        if chosen:
+            print(f"val split: {val_tokens:,} tokens, {chosen} (pass --val_tokens N to choose)")
         save = lambda recs: write_manifest(out_dir, settings, recs, config.max_tokens, complete=False)
         records, null_documents = write_shards(batches, out_dir, plan, limit, records, save, config.num_proc, skip,
                                                total_docs)
@@ -772,6 +995,7 @@ def write_shards(batches, out_dir, plan, limit, records, save, num_proc, skip, t
 
 def main(argv=None):
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill cleans up like Ctrl-C
+    config = None
     try:
         config = parse_args(argv)
         config.validate()
@@ -780,7 +1004,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: no partial shard was left; rerun the same command to resume", file=sys.stderr)
+        again = " without --restart" if config is not None and config.restart else ""
+        print(f"interrupted: no partial shard was left; rerun the same command{again} to resume",
+              file=sys.stderr)
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -1,7 +1,8 @@
 """
 Tests of fineweb.py, on the CPU and offline: the tokenizer, shards made from local parquet/jsonl/txt files
-decoding back to the documents, a killed run resumed into the same bytes, the trainer reading the result, and
-one-line errors for bad input. The corpus is input.txt (tiny Shakespeare) cut into documents at blank lines.
+decoding back to the documents, a killed run resumed into the same bytes, a rerun over changed input
+files refused, the trainer reading the result, and one-line errors for bad input. The corpus is
+input.txt (tiny Shakespeare) cut into documents at blank lines.
 
     python -m pytest -q tests/test_fineweb.py
 """
@@ -21,9 +22,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fineweb import (EOT_TOKEN, ShardPlan, ShardWriter, describe_load_error,  # noqa: E402
-                     get_tokenizer, open_shard, parse_args, read_shard_header, tokenize_document)
+                     get_tokenizer, input_record, open_shard, parse_args, read_shard_header,
+                     tokenize_document)
 
 SMALL = ["--shard_size", "20000", "--val_tokens", "20000", "--num_proc", "2"]
+TINY = ["--shard_size", "2000", "--val_tokens", "2000", "--num_proc", "1"]
 
 
 def shakespeare_documents():
@@ -99,9 +102,10 @@ def test_help_lists_every_flag_with_its_default(tmp_path):
     result = fineweb("--help", cwd=tmp_path)
     assert result.returncode == 0
     for name in ("dataset", "name", "data_files", "text_column", "out_dir", "shard_size", "val_tokens",
-                 "max_tokens", "num_proc"):
+                 "max_tokens", "num_proc", "restart"):
         assert f"--{name}" in result.stdout
-    assert "(default: HuggingFaceFW/fineweb-edu)" in result.stdout and "(default: 100000000)" in result.stdout
+    text = " ".join(result.stdout.split())  # as argparse wraps it at any word
+    assert "(default: HuggingFaceFW/fineweb-edu)" in text and "(default: 100000000)" in text
 
 
 # -----------------------------------------------------------------------------
@@ -111,7 +115,7 @@ def test_help_lists_every_flag_with_its_default(tmp_path):
 def test_shards_decode_to_the_documents(parquet_shards, corpus):
     _, docs = corpus
     paths = shard_paths(parquet_shards)
-    assert [p.name for p in paths[:2]] == ["edufineweb_val_000000.bin", "edufineweb_train_000001.bin"]
+    assert [p.name for p in paths[:2]] == ["local_val_000000.bin", "local_train_000001.bin"]
     assert [int(p.stem.split("_")[-1]) for p in paths] == list(range(len(paths)))
 
     tokens = all_tokens(parquet_shards)
@@ -173,11 +177,41 @@ def test_each_txt_file_is_one_document(tmp_path):
     for i, text in enumerate(texts):
         (tmp_path / f"doc{i}.txt").write_text(text, encoding="utf-8")
     result = fineweb("--data_files", "doc*.txt", "--out_dir", "shards", "--shard_size", "2000", "--val_tokens", "2000",
-                     "--num_proc", "1", "--dataset", "HuggingFaceFW/fineweb", cwd=tmp_path)
+                     "--num_proc", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert shard_paths(tmp_path / "shards")[0].name == "fineweb_val_000000.bin"
     tokens = all_tokens(tmp_path / "shards")
     assert np.array_equal(tokens, np.concatenate([tokenize_document(t) for t in texts]))
+
+
+def test_local_files_get_a_tenth_of_their_tokens_as_val_split(tmp_path):
+    """The Hub's default of 100M val tokens would overrun any small file."""
+    docs = shakespeare_documents()[:1000]
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    result = fineweb("--data_files", "docs.jsonl", "--out_dir", "shards", "--shard_size", "2000",
+                     "--num_proc", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    val, total = manifest["val_tokens"], sum(len(tokenize_document(d)) for d in docs)
+    assert f"val split: {val:,} tokens, a tenth of the ~" in result.stdout
+    assert manifest["tokens"]["val"] == val and 0.05 < val / total < 0.15
+    assert shard_paths(tmp_path / "shards")[0].name == "local_val_000000.bin"
+
+
+def test_a_rerun_keeps_the_val_split_it_chose(tmp_path):
+    """Chosen from --max_tokens 20000 at first, the split stays when a rerun goes on to all of it."""
+    docs = shakespeare_documents()[:1000]
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    args = ["--data_files", "docs.jsonl", "--out_dir", "shards", "--shard_size", "2000", "--num_proc", "1"]
+    first = fineweb(*args, "--max_tokens", "20000", cwd=tmp_path)
+    assert first.returncode == 0 and "val split: 2,000 tokens, a tenth of --max_tokens" in first.stdout
+    again = fineweb(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "val split: 2,000 tokens, as manifest.json records" in again.stdout
+    assert "resuming after 10 shards" in again.stdout
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["val_tokens"] == manifest["tokens"]["val"] == 2000
+    assert np.array_equal(all_tokens(tmp_path / "shards"),
+                          np.concatenate([tokenize_document(d) for d in docs]))
 
 
 def test_max_tokens_takes_a_prefix(parquet_shards, corpus, tmp_path):
@@ -294,7 +328,7 @@ def start_run(args, out_dir, cwd, **popen):
     """fineweb.py started in its own process group, returned once the second shard exists."""
     process = subprocess.Popen([sys.executable, str(REPO / "fineweb.py"), *map(str, args), "--out_dir", out_dir],
                                cwd=cwd, start_new_session=True, **popen)
-    second = cwd / out_dir / "edufineweb_train_000001.bin"
+    second = cwd / out_dir / "local_train_000001.bin"
     deadline = time.monotonic() + 60
     while not second.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -386,6 +420,120 @@ def test_ctrl_c_stops_cleanly(long_run, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# Changed inputs: a rerun refuses them rather than mixing shards of old and new text
+
+
+def one_line_error(result):
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_manifest_records_each_input_file(parquet_shards, corpus):
+    root, _ = corpus
+    inputs = json.loads((parquet_shards / "manifest.json").read_text())["inputs"]
+    assert [Path(r["path"]).name for r in inputs] == ["part-0.parquet", "part-1.parquet"]
+    for record in inputs:
+        stat = os.stat(record["path"])
+        assert (record["size"], record["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
+        assert len(record["fingerprint"]) == 32 and int(record["fingerprint"], 16) >= 0
+
+
+def test_a_large_file_is_fingerprinted_by_blocks_that_include_its_ends(tmp_path):
+    """Over 4 MiB, 64 blocks spread over the file are hashed: a change at either end shows."""
+    path = tmp_path / "big.jsonl"
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 6 << 20, dtype=np.uint8).tobytes())
+    path.write_bytes(data)
+    first = input_record(str(path))
+    assert first["size"] == 6 << 20 and first == input_record(str(path))
+    for at in (0, len(data) - 1):
+        changed = bytearray(data)
+        changed[at] ^= 1
+        path.write_bytes(changed)
+        assert input_record(str(path))["fingerprint"] != first["fingerprint"]
+
+
+def test_killed_run_over_a_rewritten_input_is_refused_and_restart_starts_afresh(long_run, tmp_path):
+    (tmp_path / "input.parquet").write_bytes((long_run[1].parent / "long.parquet").read_bytes())
+    args = ["--data_files", "input.parquet", *SMALL]
+    start_and_stop(args, "killed", tmp_path, signal.SIGKILL)
+    new_docs = shakespeare_documents()[::-1][:2000]
+    write_parquet(tmp_path / "input.parquet", new_docs)
+
+    refused = one_line_error(fineweb(*args, "--out_dir", "killed", cwd=tmp_path))
+    assert "input.parquet changed" in refused and "--restart True" in refused
+    out_dir = tmp_path / "killed"
+    (out_dir / "notes.txt").write_text("not fineweb.py's: kept")
+    restarted = fineweb(*args, "--out_dir", "killed", "--restart", "True", cwd=tmp_path)
+    assert restarted.returncode == 0, restarted.stderr
+    expected = np.concatenate([tokenize_document(d) for d in new_docs])
+    assert np.array_equal(all_tokens(out_dir), expected)  # none of the old text's shards is left
+    shards = [r["name"] for r in json.loads((out_dir / "manifest.json").read_text())["shards"]]
+    kept = [".lock", "manifest.json", "notes.txt"]
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(kept + shards)
+    again = fineweb(*args, "--out_dir", "killed", cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
+
+
+def touch(path):
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def rewrite_keeping_size_and_time(path):
+    stat = os.stat(path)
+    path.write_text(path.read_text().replace("e", "a", 1))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def append_document(path):
+    with open(path, "a") as f:
+        f.write(json.dumps({"text": "one more"}) + "\n")
+
+
+INPUT_CHANGES = {
+    "rewritten in place": (lambda d: rewrite_keeping_size_and_time(d / "a.jsonl"),
+                           "a.jsonl changed (content)"),
+    "touched": (lambda d: touch(d / "a.jsonl"), "a.jsonl changed (modification time)"),
+    "grown": (lambda d: append_document(d / "b.jsonl"), "b.jsonl changed (size and"),
+    "file added": (lambda d: write_jsonl(d / "c.jsonl", ["new"]), "c.jsonl is not among the files"),
+    "file removed": (lambda d: (d / "b.jsonl").unlink(), "b.jsonl, from which the shards"),
+}
+
+
+@pytest.mark.parametrize("change", INPUT_CHANGES)
+def test_rerun_over_changed_input_files_is_refused(change, tmp_path):
+    docs = shakespeare_documents()[:400]
+    write_jsonl(tmp_path / "a.jsonl", docs[:200])
+    write_jsonl(tmp_path / "b.jsonl", docs[200:])
+    args = ["--data_files", "*.jsonl", "--out_dir", "shards", *TINY]
+    assert fineweb(*args, cwd=tmp_path).returncode == 0
+    before = {p.name: p.read_bytes() for p in shard_paths(tmp_path / "shards")}
+    make_change, needle = INPUT_CHANGES[change]
+    make_change(tmp_path)
+    refused = one_line_error(fineweb(*args, cwd=tmp_path))
+    assert needle in refused and "restore the inputs, or pass --restart True" in refused, refused
+    assert {p.name: p.read_bytes() for p in shard_paths(tmp_path / "shards")} == before
+
+
+def test_manifest_without_input_records_is_refused_until_restart(tmp_path):
+    write_jsonl(tmp_path / "docs.jsonl", shakespeare_documents()[:200])
+    args = ["--data_files", "docs.jsonl", "--out_dir", "shards", *TINY]
+    assert fineweb(*args, cwd=tmp_path).returncode == 0
+    manifest_path = tmp_path / "shards" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["inputs"]  # as an older fineweb.py wrote it
+    manifest_path.write_text(json.dumps(manifest))
+    refused = one_line_error(fineweb(*args, cwd=tmp_path))
+    assert "records no sizes or fingerprints" in refused and "--restart True" in refused
+    restarted = fineweb(*args, "--restart", "True", cwd=tmp_path)
+    assert restarted.returncode == 0, restarted.stderr
+    assert f"deleted {len(manifest['shards'])} shards" in restarted.stdout
+    assert json.loads(manifest_path.read_text())["inputs"][0]["path"] == "docs.jsonl"
+
+
+# -----------------------------------------------------------------------------
 # The trainer reads the shards
 
 
@@ -418,6 +566,7 @@ BAD_INPUTS = {
     "shard_size not a number": (["--shard_size", "many"], "--shard_size"),
     "negative val_tokens": (["--val_tokens", "-1"], "--val_tokens"),
     "max_tokens within val": (["--max_tokens", "1000", "--val_tokens", "1000"], "--max_tokens"),
+    "max_tokens within the Hub's val": (["--max_tokens", "1000"], "after --val_tokens 100000000"),
     "no processes": (["--num_proc", "0"], "--num_proc"),
     "data shorter than val": (["--data_files", "{corpus}/part-0.parquet", "--val_tokens", "10000000"],
                               "--val_tokens"),
@@ -428,6 +577,18 @@ BAD_INPUTS = {
     "parquet without rows": (["--data_files", "{corpus}/part-0.parquet,no_rows.parquet"], "without rows"),
     "cut parquet": (["--data_files", "cut.parquet"], "cut.parquet is not a readable parquet file"),
     "an empty file among others": (["--data_files", "{corpus}/docs.jsonl,empty.jsonl"], "empty.jsonl is empty"),
+    # damaged files, most after a sound one: the error names the damaged one
+    "jsonl with a bad line": (["--data_files", "few.jsonl,bad_line.jsonl"],
+                              "bad_line.jsonl cannot be read"),
+    "jsonl cut mid-line": (["--data_files", "few.jsonl,cut_line.jsonl"],
+                           "cut_line.jsonl cannot be read"),
+    "jsonl text not UTF-8": (["--data_files", "few.jsonl,latin1.jsonl"],
+                             "latin1.jsonl holds text that is not UTF-8 (its document 5, from 0)"),
+    "txt not UTF-8": (["--data_files", "few.txt,latin1.txt"], "latin1.txt is not UTF-8 text"),
+    "parquet with a damaged page": (["--data_files", "damaged.parquet"],
+                                    "damaged.parquet cannot be read"),
+    "parquet text not UTF-8": (["--data_files", "few.parquet,latin1.parquet"],
+                               "latin1.parquet holds text that is not UTF-8 (its document 2,"),
 }
 
 
@@ -439,6 +600,24 @@ def write_bad_files(directory, corpus_root):
     write_parquet(directory / "no_rows.parquet", [])
     whole = (corpus_root / "part-0.parquet").read_bytes()
     (directory / "cut.parquet").write_bytes(whole[:len(whole) // 2])  # a download that stopped half way
+    # the first data page overwritten, the footer intact: the file opens but does not decode
+    (directory / "damaged.parquet").write_bytes(whole[:60] + b"U" * 1000 + whole[1060:])
+    docs = shakespeare_documents()[:20]
+    write_jsonl(directory / "few.jsonl", docs)
+    write_parquet(directory / "few.parquet", docs)
+    (directory / "few.txt").write_text(docs[0], encoding="utf-8")
+    lines = [json.dumps({"text": doc}) for doc in docs]
+    bad_line = '{"text": "no end'
+    (directory / "bad_line.jsonl").write_text("\n".join(lines[:10] + [bad_line] + lines[10:]))
+    (directory / "cut_line.jsonl").write_text("\n".join(lines)[:-10])  # a download cut short
+    latin1 = "café".encode("latin-1")  # é as one byte, which is not UTF-8
+    (directory / "latin1.jsonl").write_bytes("".join(line + "\n" for line in lines[:5]).encode()
+                                             + b'{"text": "' + latin1 + b'"}\n')
+    (directory / "latin1.txt").write_bytes(latin1)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    texts = pa.array([docs[0].encode(), docs[1].encode(), latin1], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": texts}), directory / "latin1.parquet")
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -455,6 +634,25 @@ def test_bad_input_gives_one_line_error(case, corpus, tmp_path):
     if case != "data shorter than val":  # that one is found after the progress bars started
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not list(tmp_path.rglob("*.bin")) and not (tmp_path / "edu_fineweb10B").exists()
+
+
+def test_a_file_damaged_past_the_first_shards_is_named_and_its_repair_needs_a_restart(tmp_path):
+    docs = shakespeare_documents()[:1200]
+    write_jsonl(tmp_path / "a.jsonl", docs[:1000])  # a batch of documents, and more, before it
+    lines = [json.dumps({"text": doc}) for doc in docs[1000:]]
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[:50] + ['{"text": "no end'] + lines[50:]))
+    args = ["--data_files", "a.jsonl,b.jsonl", "--out_dir", "shards", *TINY]
+    damaged = fineweb(*args, cwd=tmp_path)
+    assert damaged.returncode == 1 and "Traceback" not in damaged.stderr
+    last = damaged.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --data_files: b.jsonl cannot be read"), damaged.stderr
+    assert shard_paths(tmp_path / "shards")  # the shards of a.jsonl's first batch
+    write_jsonl(tmp_path / "b.jsonl", docs[1000:])
+    assert "b.jsonl changed" in one_line_error(fineweb(*args, cwd=tmp_path))
+    restarted = fineweb(*args, "--restart", "True", cwd=tmp_path)
+    assert restarted.returncode == 0, restarted.stderr
+    expected = np.concatenate([tokenize_document(d) for d in docs])
+    assert np.array_equal(all_tokens(tmp_path / "shards"), expected)
 
 
 def test_a_bad_text_column_is_refused_before_any_document_is_read(corpus, tmp_path):
