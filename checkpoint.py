@@ -21,6 +21,7 @@ import dataclasses
 import math
 import re
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -66,6 +67,15 @@ class RNGState:
         torch.set_rng_state(state["torch"])
         if torch.cuda.is_available() and state["cuda"]:
             torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])  # resumed on fewer GPUs
+
+
+def git_commit():
+    """The short commit of the code running, for ABOUT; None outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def make_checkpoint(parts, **about):
@@ -319,13 +329,12 @@ def checkpoint_path(init_from, out_dir):
     return latest_checkpoint(out_dir) if init_from == "resume" else Path(init_from)
 
 
-def prune_checkpoints(out_dir, keep_last, keep=None):
-    """Delete all but the newest keep_last checkpoints, and never keep (the best weights, while their copy is
-    not written). Called only after the newest is safely on disk."""
+def prune_checkpoints(out_dir, keep_last):
+    """Delete all but the newest keep_last checkpoints. Called only after the newest is safely on disk and
+    the best weights are in best_val_loss.pt (RunCheckpoints.write)."""
     if keep_last > 0:
         for path in run_checkpoints(out_dir)[:-keep_last]:
-            if keep is None or path.resolve() != Path(keep).resolve():
-                path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
 
 
 def best_copy_holds(out_dir, step):
@@ -348,3 +357,36 @@ def save_best(source, out_dir):
         with open(source, "rb") as src:
             shutil.copyfileobj(src, f, 16 * 2**20)
     atomic_write(Path(out_dir) / BEST_CHECKPOINT, copy)
+
+
+class RunCheckpoints:
+    """The checkpoints a run writes into out_dir: each written whole, the best copied to best_val_loss.pt,
+    then the oldest pruned to keep_last, so the best weights are never pruned before their copy is written.
+    latest: the newest checkpoint written or resumed from. best_pending: the best evaluation's checkpoint
+    is not copied yet (just written, or its copy failed: a resumed run writes it first)."""
+
+    def __init__(self, out_dir, keep_last):
+        self.out_dir, self.keep_last = Path(out_dir), keep_last
+        self.latest, self.best_pending = None, False
+
+    def write(self, name, checkpoint, best_step, log):
+        """Write checkpoint as out_dir/name, then the best copy if pending, then prune; log: a print."""
+        path = self.out_dir / name
+        try:
+            save_checkpoint(path, checkpoint)
+        except OSError as e:
+            raise UserError(f"could not write checkpoint {path} ({e.strerror or e}); the checkpoints already in "
+                            f"{self.out_dir} are intact (latest: {self.latest}); free disk space or fix "
+                            f"permissions, then continue with --init_from resume") from None
+        self.latest = path
+        log(f"saved {path}")
+        best = evaluated_checkpoint(self.out_dir, best_step) if self.best_pending else None
+        if best is not None:
+            try:
+                save_best(best, self.out_dir)
+                self.best_pending = False
+            except OSError as e:
+                raise UserError(f"wrote {path}, but not its copy {self.out_dir / BEST_CHECKPOINT} "
+                                f"({e.strerror or e}): {best.name} holds the best weights and is kept until the "
+                                f"copy is written; free disk space, then continue with --init_from resume") from None
+        prune_checkpoints(self.out_dir, self.keep_last)

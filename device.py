@@ -79,6 +79,29 @@ def resolve_device_dtype(dtype, device):
     return dtype
 
 
+def rank_device_and_backend(device, backend, fsdp, local_rank=None):
+    """(device, backend) of a process of a distributed run: under torchrun (local_rank given) each process
+    takes a GPU of its node, and the backend is NCCL on GPUs, Gloo on the CPU, unless backend names one.
+    A combination that cannot work is refused with the fix."""
+    if fsdp and device.split(":")[0] not in ("cuda", "cpu"):
+        raise UserError(f"--fsdp True runs on CUDA GPUs or the CPU, not on {device}: pass --fsdp False")
+    if backend == "auto":
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl" and not device.startswith("cuda"):
+        raise UserError(f"--backend nccl needs CUDA GPUs, and this run is on {device}: pass --backend gloo")
+    if backend == "gloo" and fsdp and device.startswith("cuda"):
+        raise UserError("--fsdp True on GPUs needs --backend nccl (FSDP's collectives on CUDA tensors are "
+                        "not Gloo's): pass --backend auto, or --fsdp False to try DDP on Gloo")
+    if device.startswith("cuda") and local_rank is not None:
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus and backend == "nccl":
+            raise UserError(f"LOCAL_RANK {local_rank} has no GPU of its own on this machine of {gpus}: "
+                            f"launch at most {gpus} processes per node (--nproc_per_node {gpus}), or pass "
+                            f"--backend gloo to let processes share GPUs (slow, for trying the path)")
+        device = f"cuda:{local_rank % gpus}"
+    return device, backend
+
+
 # -----------------------------------------------------------------------------
 # The device's peak, for MFU
 
@@ -130,6 +153,33 @@ def available_memory(device):
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     return None
+
+
+BYTES_PER_PARAM = 16  # float32 weight, gradient and two AdamW moments
+
+
+def check_model_fits(model_args, dist_info):
+    """Refuse, before allocating it, a model that cannot fit: an allocation far past the memory fails with a
+    traceback or, on the CPU, summons the out-of-memory killer. Under FSDP a device holds 1/world_size of
+    the state, but the host of rank 0 gathers the whole weights and AdamW state for every checkpoint."""
+    C, L = model_args["n_embd"], model_args["n_layer"]
+    n_params = 12 * L * C * C + (model_args["vocab_size"] + model_args["block_size"]) * C
+    size, fsdp = f"a model of {n_params / 1e6:,.0f}M parameters needs about", dist_info.sharded
+    needed = n_params * BYTES_PER_PARAM / (dist_info.world_size if fsdp else 1)
+    free = available_memory(dist_info.device)
+    if free is not None and needed > free:
+        how = f" per process (--fsdp True over {dist_info.world_size})" if fsdp else ""
+        fix = "" if fsdp else ", or shard it over several processes with --fsdp True"
+        raise UserError(f"{size} {needed / 2**30:,.1f} GiB for its weights, gradients and AdamW state{how}, "
+                        f"more than the {free / 2**30:,.1f} GiB available on {dist_info.device}: choose a "
+                        f"smaller --n_layer or --n_embd{fix}")
+    # every rank checks its own host, so that all stop together rather than rank 0 alone
+    needed, free = n_params * BYTES_PER_PARAM, available_memory("cpu")
+    if fsdp and free is not None and needed > free:
+        raise UserError(f"{size} {needed / 2**30:,.1f} GiB of host memory to gather its whole weights and "
+                        f"AdamW state into a checkpoint on rank 0 (--fsdp True), more than the "
+                        f"{free / 2**30:,.1f} GiB available: choose a smaller --n_layer or --n_embd, or "
+                        f"run on hosts with more memory")
 
 
 # -----------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import UserError, atomic_write, build_parser, flag, remove_temporaries
+from cli import UserError, atomic_write, build_parser, flag, lock_directory, remove_temporaries
 
 # -----------------------------------------------------------------------------
 # The shard format
@@ -77,19 +77,19 @@ def read_shard_header(path):
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise UserError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header; "
-                         f"delete it and rerun `python fineweb.py`")
+                        f"delete it and rerun `python fineweb.py`")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header[0] != MAGIC:
         raise UserError(f"{path}: not a token shard (magic {header[0]}, expected {MAGIC}); "
-                         f"regenerate it with `python fineweb.py`")
+                        f"regenerate it with `python fineweb.py`")
     if header[1] != VERSION:
         raise UserError(f"{path}: shard version {header[1]}, this code reads version {VERSION}; "
-                         f"regenerate it with `python fineweb.py`")
+                        f"regenerate it with `python fineweb.py`")
     n_tokens = int(header[2])
     expected = HEADER_BYTES + n_tokens * TOKEN_DTYPE.itemsize
     if n_tokens <= 0 or size != expected:
         raise UserError(f"{path}: header says {n_tokens} tokens ({expected} bytes) but the file has {size} bytes; "
-                         f"it is truncated or empty: delete it and rerun `python fineweb.py`")
+                        f"it is truncated or empty: delete it and rerun `python fineweb.py`")
     return n_tokens
 
 
@@ -113,7 +113,7 @@ def check_open_shard(tokens):
     path = getattr(tokens, "filename", None)
     if path is not None and os.stat(path).st_size != HEADER_BYTES + tokens.nbytes:
         raise UserError(f"{path} changed size since the run began: restore it, or regenerate the data and "
-                         f"start a new run")
+                        f"start a new run")
 
 
 # The naming rule that tells the splits apart: a shard of split S is a .bin file with S in its name (the
@@ -161,6 +161,73 @@ def tokenize_document(text):
     tokens = [EOT_TOKEN]
     tokens.extend(get_tokenizer().encode_ordinary(text))
     return np.array(tokens, dtype=TOKEN_DTYPE)
+
+
+# -----------------------------------------------------------------------------
+# Reading a split of the trainer's --data: shards, or a text file tokenized on the fly
+
+
+@lru_cache(maxsize=2)
+def tokenize_text_file(path):
+    """A whole text file as uint16 tokens, read once for both splits. A binary file (a token shard, say:
+    its header holds zero bytes) or an empty one is refused."""
+    raw = Path(path).read_bytes()
+    if not raw.strip():
+        raise UserError(f"--data {path} is empty: pass a text file with text in it, or a directory of shards")
+    if b"\0" in raw:
+        raise UserError(f"--data {path} is a binary file, not text (a token shard?): pass the directory that "
+                        f"holds the shards (--data DIR), or a text file")
+    tokens = get_tokenizer().encode_ordinary(raw.decode("utf-8", errors="replace"))
+    return np.array(tokens, dtype=np.uint16)
+
+
+def load_token_sources(data, split):
+    """[(name, tokens)] for one split: the shards of a directory, or 90/10 of a text file."""
+    path = Path(data)
+    if path.is_file():
+        tokens = tokenize_text_file(str(path.resolve()))
+        n_train = int(0.9 * len(tokens))
+        part = tokens[:n_train] if split == "train" else tokens[n_train:]
+        return [(f"{path.name}[{split}]", part)]
+    if not path.is_dir():
+        raise UserError(f"--data {data}: no such file or directory; make shards with `python fineweb.py` "
+                        f"or pass a text file such as --data input.txt")
+    shards = shard_files(path, split)
+    if not shards:
+        raise UserError(f"no {split} shards (*{split}*.bin) in {data}/: run `python fineweb.py` to make them")
+    return [(shard.name, open_shard(shard)) for shard in shards]
+
+
+def read_span(name, tokens, start, length, vocab_size=VOCAB_SIZE):
+    """tokens[start:start + length] as int64, checked on the way: a shard file that shrank since it was
+    opened would crash the memmap read, and an id past the vocabulary would index past the embedding."""
+    check_open_shard(tokens)
+    span = np.array(tokens[start:start + length], dtype=np.int64)
+    if span.size and span.max() >= vocab_size:
+        raise UserError(f"{name}: token id {span.max()} near offset {start} is outside GPT-2's vocabulary "
+                        f"of {vocab_size}: the shard is corrupt or from another tokenizer; regenerate it "
+                        f"with `python fineweb.py`")
+    return span
+
+
+def check_unchanged(tokens):
+    """A shard's header still says what it said when the run opened it."""
+    path = getattr(tokens, "filename", None)
+    if path is not None and not shard_valid(path, len(tokens)):
+        raise UserError(f"{path} changed since the run began (its header or size differs): restore it, or "
+                        f"regenerate the data and start a new run")
+
+
+def fingerprint(tokens, samples=64, span=256):
+    """A cheap digest of a token source, to tell data that changed under the same name and size on
+    resume: all of it when it is small, else `samples` evenly spaced spans of `span` tokens."""
+    digest = hashlib.blake2b(len(tokens).to_bytes(8, "little"), digest_size=8)
+    if len(tokens) <= 4 * samples * span:
+        digest.update(np.ascontiguousarray(tokens).tobytes())
+    else:
+        for start in np.linspace(0, len(tokens) - span, samples).astype(np.int64):
+            digest.update(np.asarray(tokens[start:start + span]).tobytes())
+    return digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -789,35 +856,31 @@ def settings_of(config, files, inputs, val_tokens):
 
 @contextlib.contextmanager
 def locked_out_dir(out_dir):
-    """Create out_dir and hold a lock on it while shards are written, clearing the temporary files a killed run
-    left when it starts: two runs on one directory would delete each other's. A run that fails before writing
-    anything takes the directory it created away again."""
+    """Create out_dir and hold its lock (cli.DirectoryLock) while shards are written, clearing the temporary
+    files a killed run left when it starts: two runs on one directory would delete each other's. A run that
+    fails before writing anything takes the directory it created away again."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir {out_dir} is a file: pass a directory (it is created if missing)")
     created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(out_dir / ".lock", "a")
+        lock = lock_directory(out_dir, "fineweb.py")
     except OSError as e:
         raise UserError(f"--out_dir {out_dir} cannot be written ({e.strerror}): pick a writable directory") from None
     try:
-        with lock:
-            try:
-                import fcntl
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except ImportError:
-                pass  # Windows: no lock
-            except BlockingIOError:
-                raise UserError(f"another fineweb.py is writing to {out_dir}: wait for it or pass another "
-                                f"--out_dir") from None
-            remove_temporaries(out_dir)  # a killed run's
-            yield out_dir
+        remove_temporaries(out_dir)  # a killed run's
+        yield out_dir
     except BaseException:
-        if created and [p.name for p in out_dir.iterdir()] == [".lock"]:
-            (out_dir / ".lock").unlink()
+        if lock is not None:
+            lock.release()
+            lock = None
+        if created and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def read_manifest(out_dir):

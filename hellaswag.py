@@ -311,6 +311,28 @@ def evaluate(model, examples, batch_size=16, block_size=1024, autocast=None, dis
             "correct": correct, "correct_norm": correct_norm}
 
 
+def load_for_training(config, dist_info, log):
+    """The HellaSwag examples scored at every evaluation, or None: a run that cannot have them (no network,
+    no file) says so once and trains on."""
+    if not config.hellaswag:
+        return None
+    examples, problems, error = None, [], None
+    try:
+        examples, problems = load_examples(config.hellaswag_data, flag="--hellaswag_data",
+                                                     limit=config.hellaswag_examples or None)
+        if not examples:
+            error = f"no example in {config.hellaswag_data} can be scored"
+    except UserError as e:
+        error = str(e)
+    if dist_info.any(error is not None):  # every rank scores its share, or none does
+        log.print(f"warning: HellaSwag is off for this run: {error or 'another rank could not load it'}; "
+                  f"pass --hellaswag_data FILE, or --hellaswag False")
+        return None
+    for problem in problems[:5]:
+        log.print(f"warning: {problem}")
+    return examples
+
+
 # -----------------------------------------------------------------------------
 # The command line: one dataclass whose fields are the flags
 

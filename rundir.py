@@ -11,9 +11,11 @@ checkpoint.py's. Everything here is rank 0's: the trainer has every rank agree o
 
 import dataclasses
 import datetime
+import errno
 import importlib
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -121,11 +123,11 @@ class RunLog:
             return
         metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
         line = (json.dumps(metrics) + "\n").encode()
-        with open(self.path, "ab") as f:
+        with open(self.path, "ab", buffering=0) as f:  # unbuffered: a failed write fails here, not at close
             size = f.tell()
             try:
-                f.write(line)
-                f.flush()
+                if f.write(line) != len(line):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             except OSError as e:
                 f.truncate(size)  # no line cut mid-way
                 raise UserError(f"cannot append to {self.path} ({e.strerror or e}): free disk space, then "
@@ -133,8 +135,8 @@ class RunLog:
         for tracker in list(self.trackers):
             self.use(tracker, lambda: tracker.log(metrics["step"], tracker_figures(metrics)))
 
-    def use(self, tracker, action):
-        """action() on a tracker; one that fails is dropped, with a warning saying so."""
+    def use(self, tracker, action, closing=False):
+        """action() on a tracker; one that fails is dropped (closed as well as it can be) with a warning."""
         try:
             action()
         except Exception as e:  # a tracker's package, its service or its files: any of them can fail
@@ -142,6 +144,11 @@ class RunLog:
             reason = (str(e).strip().splitlines() or [""])[0]
             self.print(f"warning: {tracker.name} failed ({type(e).__name__}: {reason}); the run goes on without "
                        f"it, and {self.path} keeps every figure")
+            if not closing:
+                try:
+                    tracker.close(failed=True)
+                except Exception:
+                    pass  # it has failed once already, and said so
 
     def records_from(self, step):
         """The records of metrics.jsonl from `step` on; after drop_after, what a resumed run keeps there."""
@@ -153,7 +160,7 @@ class RunLog:
     def close(self, failed=False):
         """Flush and close the trackers; failed marks the run as failed where a tracker keeps that (wandb)."""
         for tracker in list(self.trackers):
-            self.use(tracker, lambda: tracker.close(failed))
+            self.use(tracker, lambda: tracker.close(failed), closing=True)
         self.trackers = []
 
     def drop_after(self, iter_num, evaluated_at_start):
@@ -215,6 +222,14 @@ class Plotter:
         self.errors.seek(0)
         reason = (self.errors.read().decode(errors="replace").strip().splitlines() or ["plot.py failed"])[-1]
         self.log.print(f"warning: --plot True: no plot ({reason.removeprefix('error: ')})")
+
+
+def pause_clock(progress, seconds):
+    """Take seconds off a tqdm bar's clock, so that its rate and ETA count training steps only. tqdm's own
+    unpause() moves the same two times, but from the last redraw, up to a second of training before."""
+    if not progress.disable:
+        progress.start_t += seconds
+        progress.last_print_t += seconds
 
 
 # -----------------------------------------------------------------------------
@@ -291,7 +306,13 @@ class WandbTracker:
             self.run.log(figures, step=step)
 
     def close(self, failed=False):
-        self.run.finish(exit_code=1 if failed else 0)
+        import wandb
+        try:
+            self.run.finish(exit_code=1 if failed else 0)
+        finally:
+            # the service's own exit hook, left to run at exit, prints a traceback if the service is gone;
+            # teardown unregisters it before it talks to the service
+            wandb.teardown()
 
 
 # -----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+import checkpoint  # noqa: E402
 import train_gpt2  # noqa: E402
 from cli import atomic_write  # noqa: E402
 
@@ -54,14 +55,14 @@ def patch_step(after_step):
 
 
 def patch_save(write):
-    """write(file, data, n) replaces the write of the n-th checkpoint's bytes (the trainer's save_checkpoint,
-    imported from checkpoint.py, is looked up in train_gpt2's namespace)."""
+    """write(file, data, n) replaces the write of the n-th checkpoint's bytes (checkpoint.py's
+    save_checkpoint, which RunCheckpoints.write looks up in its module)."""
     def save_checkpoint(path, checkpoint):
         counts["save"] += 1
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write(path, lambda f: write(f, buffer.getvalue(), counts["save"]))
-    train_gpt2.save_checkpoint = save_checkpoint
+    checkpoint.save_checkpoint = save_checkpoint
 
 
 def install(fault):

@@ -6,7 +6,9 @@ import torch
 
 from fineweb import HEADER_BYTES, MAGIC, open_shard, read_shard_header, write_shard
 from cli import UserError
-from train_gpt2 import ShardLoader, load_token_sources, val_batch_positions
+from evaluation import val_batch_positions
+from fineweb import load_token_sources
+from train_gpt2 import ShardLoader
 from conftest import INPUT_TXT
 
 

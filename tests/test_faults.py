@@ -216,6 +216,74 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoints(tmp_path):
     assert load_checkpoint(out_dir / "best_val_loss.pt")["progress"]["iter_num"] == 4
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs of 60 MB (one tiny checkpoint is 40 MB), and a function that resizes it; skipped where
+    this process may not mount one (not root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    resize = lambda size: subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+    yield mount, resize
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_best_copy_that_did_not_fit_is_written_on_resume_and_its_checkpoint_never_pruned(small_disk):
+    mount, resize = small_disk
+    out_dir = mount / "out"
+    args = [*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--eval_interval", "10"]
+    result = run_train(*args, "--max_iters", "10")  # iter-10 fits; its copy best_val_loss.pt does not
+    assert result.returncode == 1
+    line = last_line(result.stderr)
+    assert "but not its copy" in line and "iter-10-loss-" in line and "No space left" in line, result.stderr
+    assert "Traceback" not in result.stderr and not list(out_dir.glob(".*.tmp"))
+    assert not (out_dir / "best_val_loss.pt").exists()
+    resize("400m")
+    resumed = run_train("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "12", "--keep_last", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "wrote " in resumed.stdout and "could not be written before" in resumed.stdout
+    best = load_checkpoint(out_dir / "best_val_loss.pt")
+    val = {m["step"]: m["val_loss"] for m in read_metrics(out_dir) if "val_loss" in m and m["step"] > 0}
+    assert best["val_loss"] == min(val.values()) and best["progress"]["best_step"] == min(val, key=val.get)
+
+
+def test_a_best_copy_that_still_does_not_fit_stops_the_resume_and_keeps_the_checkpoint(small_disk):
+    mount, _ = small_disk
+    out_dir = mount / "out"
+    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--eval_interval", "10",
+                       "--max_iters", "10")
+    assert result.returncode == 1 and not (out_dir / "best_val_loss.pt").exists()
+    for _ in range(2):  # the disk is still full: the copy fails again, before any step or pruning
+        resumed = run_train("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "20",
+                            "--keep_last", "1")
+        assert resumed.returncode == 1
+        assert "No space left on device" in last_line(resumed.stderr)
+        assert load_checkpoint(next(out_dir.glob("iter-10-*.pt")))["progress"]["best_step"] == 10
+
+
+def test_a_full_disk_while_logging_stops_in_one_line_without_a_cut_line(small_disk, tmp_path):
+    mount, resize = small_disk
+    out_dir = mount / "out"
+    filler = mount / "filler"
+    process = start_with_fault("slow_steps:0.3", *TINY, "--data", INPUT_TXT, "--out_dir", out_dir,
+                               "--max_iters", "400", "--eval_interval", "1000")
+    wait_for(lambda: (out_dir / "metrics.jsonl").exists())
+    with open(filler, "wb", buffering=0) as f:  # fill the disk to its last byte
+        for size in (65536, 1):
+            try:
+                while True:
+                    f.write(b"x" * size)
+            except OSError:
+                pass
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    assert "cannot append to" in last_line(stderr) and "Traceback" not in stderr
+    filler.unlink()
+    assert (out_dir / "metrics.jsonl").read_bytes().endswith(b"\n")  # no line cut mid-way
+
+
 def test_keep_last_keeps_the_newest_checkpoints_and_the_best(tmp_path):
     out_dir = tmp_path / "out"
     result = run_train(*run_args(out_dir, "--eval_interval", "2", "--keep_last", "2"))

@@ -470,7 +470,7 @@ def test_killed_run_over_a_rewritten_input_is_refused_and_restart_starts_afresh(
     expected = np.concatenate([tokenize_document(d) for d in new_docs])
     assert np.array_equal(all_tokens(out_dir), expected)  # none of the old text's shards is left
     shards = [r["name"] for r in json.loads((out_dir / "manifest.json").read_text())["shards"]]
-    kept = [".lock", "manifest.json", "notes.txt"]
+    kept = ["manifest.json", "notes.txt"]
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(kept + shards)
     again = fineweb(*args, "--out_dir", "killed", cwd=tmp_path)
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr

@@ -11,9 +11,10 @@ import train_gpt2
 from checkpoint import load_checkpoint, optimizer_state_by_index, optimizer_state_by_name
 from cli import UserError
 from conftest import INPUT_TXT, TINY, read_metrics, run_torchrun, run_train, train_losses
-from device import Distributed, resolve_dtype
+import device
+from device import Distributed, check_model_fits, resolve_dtype
 from settings import parse_args
-from train_gpt2 import GPT, GPTConfig, check_model_fits, new_model_args
+from train_gpt2 import GPT, GPTConfig, new_model_args
 
 
 def assert_same_metrics(a_dir, b_dir, rel=1e-5):
@@ -174,7 +175,7 @@ def test_optimizer_state_keyed_by_names_and_by_positions_convert_both_ways():
 
 def test_a_model_whose_whole_state_overflows_the_host_is_refused_under_fsdp_though_its_shards_fit(monkeypatch):
     model_args = new_model_args(parse_args([])[0])  # GPT-2 124M: 2.0 GB of state, 1.0 GB per rank of 2
-    monkeypatch.setattr(train_gpt2, "available_memory", lambda device: 1.5 * 2**30)
+    monkeypatch.setattr(device, "available_memory", lambda device: 1.5 * 2**30)
     with pytest.raises(UserError, match="GiB of host memory to gather its whole weights and AdamW state"):
         check_model_fits(model_args, Distributed(world_size=2, sharded=True))
     with pytest.raises(UserError, match="for its weights, gradients and AdamW state, more than"):

@@ -513,11 +513,11 @@ def test_the_trainer_warns_once_and_trains_on_without_hellaswag_data(tmp_path):
 
 
 def test_the_trainers_offline_warning_names_the_trainers_flag(tmp_path, monkeypatch):
-    from train_gpt2 import load_hellaswag
     monkeypatch.setattr(hellaswag, "URL", "http://127.0.0.1:9/hellaswag_{split}.jsonl")  # refused at once
     monkeypatch.setattr(hellaswag, "DEFAULT_CACHE_DIR", str(tmp_path))  # an empty cache
     printed = []
-    assert load_hellaswag(TrainConfig(), Distributed(), SimpleNamespace(print=printed.append)) is None
+    log = SimpleNamespace(print=printed.append)
+    assert hellaswag.load_for_training(TrainConfig(), Distributed(), log) is None
     (warning,) = printed
     # --data is the trainer's training data: naming it here would send the user to the wrong flag
     assert "--hellaswag_data" in warning and "--data" not in warning.replace("--hellaswag_data", "")

@@ -12,7 +12,9 @@ import torch
 from fineweb import get_tokenizer
 from cli import UserError
 from hf_convert import export_hf, load_hf_model
-from train_gpt2 import GPT, load_start, load_token_sources, val_batch_positions
+from evaluation import val_batch_positions
+from fineweb import load_token_sources
+from train_gpt2 import GPT, load_start
 from conftest import INPUT_TXT, TINY, read_metrics, run_train
 
 transformers = pytest.importorskip("transformers")

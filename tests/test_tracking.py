@@ -150,7 +150,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl_step_by_step(tracked_run):
 def test_a_resumed_run_continues_the_same_wandb_run(tracked_run, resumed_run):
     (first_id, _, first), (resumed_id, _, resumed) = wandb_runs(resumed_run)
     assert resumed_id == first_id
-    assert load_checkpoint(next(resumed_run.glob("iter-6-*.pt"))).get("wandb_run_id") == first_id
+    assert load_checkpoint(next(resumed_run.glob("iter-6-*.pt")))["progress"]["wandb_run_id"] == first_id
     assert sorted(resumed) == [3, 4, 5, 6]  # the resumed run's steps: from the checkpoint at step 3 on
     assert by_step(read_metrics(resumed_run))[6] == resumed[6]
 
@@ -215,3 +215,65 @@ def test_importing_the_trainer_loads_no_tracker_package():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("flag, folder", [("--tensorboard", "tensorboard"), ("--wandb_log", "wandb")])
+def test_a_tracker_folder_that_is_a_file_is_named_at_start_up(flag, folder, tmp_path):
+    pytest.importorskip({"tensorboard": "tensorboard", "wandb": "wandb"}[folder])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / folder).write_text("a file of the user's")
+    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2", flag, "True",
+                       env=offline_wandb(tmp_path))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert f"{out_dir / folder}, which is a file" in line and f"{flag} False" in line
+    assert (out_dir / folder).read_text() == "a file of the user's"
+
+
+class Failing(Recorder):
+    def log(self, step, figures):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+def test_a_failing_tracker_is_dropped_with_one_warning_and_the_record_kept(tmp_path):
+    log = RunLog(tmp_path, enabled=True)
+    printed = []
+    log.print = printed.append
+    failing, working = Failing(), Recorder()
+    failing.name, working.name = "--wandb_log", "--tensorboard"
+    log.trackers = [failing, working]
+    log.record(step=1, val_loss=2.5)
+    log.record(step=2, val_loss=2.4)
+    assert log.trackers == [working] and len(working.logged) == 2
+    (warning,) = printed
+    assert warning.startswith("warning: --wandb_log failed (ConnectionResetError") and "goes on" in warning
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_a_run_whose_wandb_service_dies_trains_on_to_the_end(tmp_path):
+    pytest.importorskip("wandb")
+    import os
+    import signal
+    import time
+    out_dir = tmp_path / "out"
+    command = [sys.executable, str(REPO / "tests" / "fault_injection.py"), *TINY, "--data", INPUT_TXT,
+               "--out_dir", out_dir, "--max_iters", "30", "--eval_interval", "1000", "--wandb_log", "True"]
+    env = {**os.environ, **offline_wandb(tmp_path), "FAULT": "slow_steps:0.2", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    services = []
+    while not services and time.monotonic() < deadline:  # wandb's service: a child process of the trainer
+        time.sleep(0.2)
+        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout
+        services = [int(pid) for pid in children.split()]
+    assert services, "wandb started no service process"
+    metrics = out_dir / "metrics.jsonl"
+    while not (metrics.exists() and "train_loss" in metrics.read_text()):  # the tracker is in use
+        time.sleep(0.2)
+    for pid in services:
+        os.kill(pid, signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "warning: --wandb_log failed" in stdout and "Traceback" not in stderr
+    assert [r["step"] for r in read_metrics(out_dir) if "train_loss" in r] == list(range(30))

@@ -21,8 +21,9 @@ from checkpoint import load_checkpoint, save_checkpoint
 from cli import UserError
 from device import Distributed
 from settings import TrainConfig, parse_args
-from train_gpt2 import (GPT, GPTConfig, estimate_mfu, flops_per_token, get_lr, pause_clock, sample_text,
-                        setup_distributed)
+from evaluation import sample_text
+from rundir import pause_clock
+from train_gpt2 import GPT, GPTConfig, estimate_mfu, flops_per_token, get_lr, setup_distributed
 from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_torchrun, run_train, snapshot, train_losses
 
 # -----------------------------------------------------------------------------
@@ -246,6 +247,8 @@ def write_bad_shards(directory, kind):
         write_shard(train, np.zeros(0, dtype=np.uint16))
     elif kind == "none":
         train.unlink()
+    elif kind == "one":
+        return train
     return directory
 
 
@@ -287,6 +290,12 @@ BAD_INPUTS = {
     "damaged loader state": (["--init_from", "{bad_loader}", "--out_dir", "{tmp}/branch", "--max_iters", "8"],
                              "holds a malformed training state"),
     "export under a file": (["--init_from", "{checkpoint}", "--export_hf", "{file}/hf"], "cannot be written"),
+    "empty text file": (["--data", "{file}"], "is empty: pass a text file with text in it"),
+    "a shard given as text": (["--data", "{shards:one}"], "is a binary file, not text (a token shard?)"),
+    "a checkpoint given as text": (["--data", "{checkpoint}"], "is a binary file, not text"),
+    "too many samples": (["--num_samples", "1000000"], "--num_samples 1000000 is more than 64"),
+    "a step past the host's memory": (["--batch_size", "100000", "--gradient_accumulation_steps", "100000"],
+                                      "of host memory, more than half"),
 }
 
 
@@ -425,3 +434,16 @@ def test_resume_forgets_damaged_lines_of_the_metrics_log(tmp_path):
     resumed = run_train("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "6")
     assert resumed.returncode == 0, resumed.stderr
     assert [m["step"] for m in read_metrics(out_dir) if "train_loss" in m] == list(range(6))
+
+
+def test_a_run_records_its_data_path_so_eval_only_works_from_another_directory(tmp_path):
+    out_dir = tmp_path / "out"
+    result = run_train(*TINY, "--data", "input.txt", "--out_dir", out_dir, "--max_iters", "2",
+                       "--eval_interval", "2", cwd=REPO)  # --data relative to the repo
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out_dir / "config.json").read_text())["data"] == str(INPUT_TXT)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    scored = run_train("--eval_only", "True", "--init_from", next(out_dir.glob("iter-2-*.pt")), cwd=elsewhere)
+    assert scored.returncode == 0, scored.stderr
+    assert read_metrics(out_dir)[-1]["eval_only"] is True

@@ -1,0 +1,116 @@
+"""
+What the trainer scores at every evaluation: the val loss over fixed batches, zero-shot HellaSwag
+(hellaswag.py), and a few samples printed to see. It is handed the model; under several processes
+each rank scores its share and every rank returns the figures for all of them.
+
+    evaluation = Evaluation(config, block_size, dist_info, log)  # the val batches, HellaSwag's data
+    scores = evaluation.scores(model, autocast)                  # {"val_loss": ..., "hellaswag_...": ...}
+"""
+
+import torch
+
+import hellaswag
+from cli import UserError
+from fineweb import EOT_TOKEN, get_tokenizer, load_token_sources, read_span
+
+# -----------------------------------------------------------------------------
+# The val batches: the same at every evaluation, so that losses compare
+
+
+def val_batch_positions(sources, batch_size, block_size, eval_iters):
+    """The fixed validation batches: [(source index, start)] of the first eval_iters consecutive
+    batch_size * block_size + 1 token spans of the val data. The same at every evaluation."""
+    span = batch_size * block_size
+    positions = []
+    for i, (_, tokens) in enumerate(sources):
+        for start in range(0, len(tokens) - span, span):
+            if len(positions) == eval_iters:
+                return positions
+            positions.append((i, start))
+    if not positions:
+        raise UserError(f"the val data ({sum(len(t) for _, t in sources)} tokens) is shorter than "
+                        f"one batch ({batch_size} x {block_size} tokens + 1): lower --batch_size "
+                        "or --block_size")
+    return positions
+
+
+# -----------------------------------------------------------------------------
+# The evaluations, and the samples
+
+
+
+class Evaluation:
+    """What every evaluation scores: the fixed val batches (the same each time, so that losses
+    compare) and the HellaSwag examples (None when off or unavailable). Built before the model, so
+    that bad data fails before any work."""
+
+    def __init__(self, config, block_size, dist_info, log):
+        self.sources = load_token_sources(config.data, "val")
+        self.positions = val_batch_positions(self.sources, config.batch_size, block_size,
+                                             config.eval_iters)
+        self.batch_size, self.block_size, self.dist_info = config.batch_size, block_size, dist_info
+        self.hellaswag = hellaswag.load_for_training(config, dist_info, log)
+
+    @torch.no_grad()
+    def val_loss(self, model, autocast):
+        """The mean loss over the fixed val batches; rank r takes batches r, r + world_size, ... (a
+        lockstep pass past its share, under FSDP, runs the first batch again and is not counted)."""
+        d, B, T = self.dist_info, self.batch_size, self.block_size
+        mine = self.positions[d.rank::d.world_size]
+        model.eval()
+        loss_sum = torch.zeros(2, device=d.device)  # (sum of batch losses, batch count)
+        for i in range(d.forward_passes(len(self.positions))):
+            source, start = mine[i] if i < len(mine) else self.positions[0]
+            chunk = torch.from_numpy(read_span(*self.sources[source], start, B * T + 1))
+            x, y = chunk[:-1].view(B, T).to(d.device), chunk[1:].view(B, T).to(d.device)
+            with autocast:
+                _, loss = model(x, y, return_logits=False)  # chunked: never the full logits
+            counted = torch.tensor(float(i < len(mine)), device=d.device)
+            loss_sum += torch.stack([loss.float() * counted, counted])
+        model.train()
+        loss_sum = d.sum(loss_sum)
+        return {"val_loss": (loss_sum[0] / loss_sum[1]).item()}
+
+    def scores(self, model, autocast):
+        """Every evaluation's figures, the same on all ranks: {val_loss, and with HellaSwag
+        hellaswag_acc_norm, hellaswag_acc, hellaswag_n}. An evaluation is a method that returns a
+        dict of figures, listed here."""
+        scores = {}
+        for evaluation in (self.val_loss, self.hellaswag_scores):
+            scores.update(evaluation(model, autocast))
+        return scores
+
+    def hellaswag_scores(self, model, autocast):
+        if not self.hellaswag:
+            return {}
+        # hellaswag.py's own batch, whatever the training batch: its logits at the endings stay near
+        # a GB however large the micro-batch
+        result = hellaswag.evaluate(model, self.hellaswag, hellaswag.BATCH_SIZE, self.block_size,
+                                    autocast, self.dist_info)
+        return {"hellaswag_acc_norm": result["acc_norm"], "hellaswag_acc": result["acc"],
+                "hellaswag_n": result["n"]}
+
+
+def describe_scores(scores, batches=None):
+    text = f"val loss {scores['val_loss']:.4f}" + (f" over {batches} batches" if batches else "")
+    if "hellaswag_n" in scores:
+        text += (f" | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f} "
+                 f"({scores['hellaswag_n']})")
+    return text
+
+
+def sample_text(model, dist_info, autocast, seed, prompt, num_samples=4, max_new_tokens=32):
+    """num_samples continuations of prompt, on rank 0 (on every rank under FSDP, whose forward
+    passes every rank makes: the same text); an empty prompt starts a new document."""
+    if dist_info.forward_passes(int(num_samples > 0)) == 0:
+        return []
+    enc = get_tokenizer()
+    ids = enc.encode(prompt, allowed_special="all") or [EOT_TOKEN]
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dist_info.device)
+    generator = torch.Generator(device=dist_info.device).manual_seed(seed)
+    model.eval()
+    with autocast:
+        out = model.generate(idx, max_new_tokens, top_k=50, vocab_limit=enc.n_vocab,
+                             generator=generator)
+    model.train()
+    return [enc.decode(row.tolist()) for row in out]
