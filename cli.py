@@ -39,6 +39,15 @@ class UserError(ValueError):
         self.code = code
 
 
+def run_command(command):
+    """Run a script's command(): a UserError ends it with its one line on stderr and its exit code."""
+    try:
+        command()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.code)
+
+
 # -----------------------------------------------------------------------------
 # Flags from a dataclass: each field is a flag, its help in the field's metadata
 

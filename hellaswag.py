@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError, atomic_write, build_parser, flag
+from cli import UserError, atomic_write, build_parser, flag, run_command
 from device import Distributed, check_dtype, make_autocast, resolve_device, resolve_dtype
 from fineweb import VOCAB_SIZE, get_tokenizer
 from hf_convert import is_hf_model, load_hf_model
@@ -403,13 +403,11 @@ def run(config):
 
 
 def main(argv=None):
-    try:
+    def command():
         config = parse_args(argv)
         config.validate()
         run(config)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.code)
+    run_command(command)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from sampling import generate_tokens
 
 @dataclass
 class SampleConfig:
-    init_from: str = flag("out-shakespeare/best_val_loss.pt", "a checkpoint of train_gpt2.py, gpt2 (or gpt2-medium, gpt2-large, "
-                                                  "gpt2-xl) or a transformers folder (written by save_pretrained)")
+    init_from: str = flag("out-shakespeare/best_val_loss.pt", "a checkpoint of train_gpt2.py (the quick start's by "
+                          "default), gpt2 (or gpt2-medium, gpt2-large, gpt2-xl) or a transformers folder")
     start: str = flag("", "the prompt, or FILE:path to read it from a file; empty starts a new document")
     num_samples: int = flag(4, "samples to draw, one after another")
     max_new_tokens: int = flag(100, "tokens to generate for each sample")

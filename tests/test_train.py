@@ -391,9 +391,11 @@ def test_eval_only_with_nothing_else_scores_as_training_did_into_the_checkpoints
 def test_a_second_trainer_on_the_same_out_dir_is_refused_and_the_first_is_unaffected(tmp_path):
     out_dir = tmp_path / "out"
     command = [sys.executable, str(REPO / "tests" / "fault_injection.py"), *TINY, "--data", str(INPUT_TXT),
-               "--out_dir", str(out_dir), "--max_iters", "6", "--eval_interval", "3"]
+               "--out_dir", str(out_dir), "--max_iters", "9", "--eval_interval", "3"]
+    # slow enough that the first is still training while the two others start and are refused, on a
+    # busy machine too
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "FAULT": "slow_steps:0.5", "PYTHONUNBUFFERED": "1"})
+                             env={**os.environ, "FAULT": "slow_steps:1.5", "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
     while not ((out_dir / ".lock").exists() and (out_dir / ".lock").read_text().strip()):
         assert time.monotonic() < deadline and first.poll() is None, first.communicate()
@@ -408,7 +410,7 @@ def test_a_second_trainer_on_the_same_out_dir_is_refused_and_the_first_is_unaffe
         assert f"is in use by another trainer (pid {first.pid} on" in line
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
-    assert next(out_dir.glob("iter-6-*.pt"))
+    assert next(out_dir.glob("iter-9-*.pt"))
 
 
 def test_a_users_file_named_like_a_checkpoint_is_never_read_pruned_or_resumed(tmp_path):
