@@ -10,7 +10,8 @@ upgraded, and the names of the checkpoints in a run directory. Nothing here need
 A checkpoint is one file written by torch.save, readable with a bare torch.load(weights_only=True): a dict of
 the parts' states under PARTS (the model, the optimizer, the GradScaler, the loader, the RNG, the run's
 counters) and what the run is under ABOUT (the format version, the architecture, the whole config, the number
-of processes, the torch version and git commit, the val loss it was saved after). The model and optimizer
+of processes and the micro-batch they trained with, the torch version and git commit, the val loss it
+was saved after). The model and optimizer
 states are those one process's state_dict() gives, whatever wrote them (one process, DDP or FSDP), so any
 checkpoint resumes under any of them. In a run directory the trainer names its checkpoints
 iter-{step}-loss-{val loss}.pt and iter-{step}-stopped.pt, keeps a copy of the best as best_val_loss.pt, and
@@ -35,7 +36,8 @@ from cli import UserError, atomic_write
 
 CHECKPOINT_VERSION = 2
 PARTS = ("model", "optimizer", "scaler", "loader", "rng", "progress")
-ABOUT = ("version", "model_args", "config", "world_size", "torch_version", "git_commit", "val_loss")
+ABOUT = ("version", "model_args", "config", "world_size", "micro_batch", "torch_version", "git_commit",
+         "val_loss")
 
 
 @dataclass
@@ -128,6 +130,14 @@ class FullModelState:
                 state[name] = state[first_name.setdefault(id(param), name)]
         return state
 
+    def load_state_dict(self, state):
+        """The weights from a state of one process's form; under FSDP each rank keeps its shard."""
+        if not self.sharded:
+            self.model.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+
 
 class FullOptimizerState:
     """The optimizer's state_dict() as one process gives it, keyed by position in the param groups. Under FSDP
@@ -213,7 +223,8 @@ def load_checkpoint(path):
 def upgrade_version_1(checkpoint, path):
     """A version 1 checkpoint in version 2's form. Version 1 kept the counters at the top level, and files
     from before a field existed lack it: tokens (every step had the last global batch), skipped_steps,
-    wandb_run_id, world_size, the loader's shuffle (it read sequentially) and fingerprints."""
+    wandb_run_id, world_size, the loader's shuffle (it read sequentially) and fingerprints; the micro-batch
+    was always the flags'."""
     c = dict(checkpoint)
     missing = [key for key in ("iter_num", "best_val_loss", "loader", "optimizer", "scaler", "rng") if key not in c]
     if missing or not isinstance(c["config"], dict) or not isinstance(c["loader"], dict):
@@ -231,8 +242,9 @@ def upgrade_version_1(checkpoint, path):
     c.pop("tokens", None)
     c["loader"] = {"shuffle": False, "fingerprints": None, **c["loader"]}
     c["config"] = {"shuffle": False, **config}
-    for key, value in (("world_size", world_size), ("torch_version", None), ("git_commit", None),
-                       ("val_loss", None)):
+    micro_batch = [config["batch_size"], config["gradient_accumulation_steps"]]
+    for key, value in (("world_size", world_size), ("micro_batch", micro_batch), ("torch_version", None),
+                       ("git_commit", None), ("val_loss", None)):
         c.setdefault(key, value)
     c["version"] = 2
     return c
@@ -279,6 +291,8 @@ def check_fields(c, path):
         and (progress["wandb_run_id"] is None or isinstance(progress["wandb_run_id"], str)),
         "config": isinstance(c.get("config"), dict),
         "world_size": is_int(c.get("world_size"), 1),
+        "micro_batch": isinstance(c.get("micro_batch"), (list, tuple)) and len(c["micro_batch"]) == 2
+        and all(is_int(n, 1) for n in c["micro_batch"]),
         "torch_version": c.get("torch_version") is None or isinstance(c["torch_version"], str),
         "git_commit": c.get("git_commit") is None or isinstance(c["git_commit"], str),
         "val_loss": c.get("val_loss") is None or is_number(c["val_loss"]),

@@ -7,6 +7,7 @@ benchmark.
 
 import contextlib
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,20 @@ def resolve_device(device):
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available here; use --device cpu")
     return device
+
+
+def busy_cpu_warning():
+    """A warning when the machine's cores are already busy (by the load average) and torch would run a
+    thread on each of them: the threads then fight the other work, and a step can take several times
+    as long (OMP_NUM_THREADS=1 helped most on a busy 2-core machine). None otherwise."""
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return None
+    cores, load = os.cpu_count() or 1, os.getloadavg()[0]
+    if torch.get_num_threads() > 1 and load >= 0.75 * cores:
+        return (f"warning: the CPU is busy (load {load:.1f} on {cores} cores) and torch runs "
+                f"{torch.get_num_threads()} threads: if steps are slow, set OMP_NUM_THREADS=1 (or fewer "
+                f"threads than idle cores)")
+    return None
 
 
 def make_autocast(device_type, dtype):
@@ -112,18 +127,22 @@ GPU_PEAK_BF16_FLOPS = {  # dense tensor-core peak, by the name torch reports
 }
 
 
-def device_peak_flops(device, dtype):
-    """A best estimate of the device's peak FLOP/s for dtype, or None when unknown."""
+def device_peak_flops(device, dtype, processes=1):
+    """A best estimate of the peak FLOP/s for dtype of a run's processes together (each on a device
+    of this kind; on the CPU, the processes of a machine share its cores), or None when unknown."""
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in GPU_PEAK_BF16_FLOPS.items() if k in name), None)
-        return peak / 2 if peak and dtype == "float32" else peak  # float32 matmuls run as TF32
+        peak = peak / 2 if peak and dtype == "float32" else peak  # float32 matmuls run as TF32
+        return peak * processes if peak else None
     if device == "cpu":
         flags = cpu_flags()
         per_cycle = 64 if "avx512f" in flags else 32 if "fma" in flags else 8  # float32 FMA lanes x 2 x 2 units
         if dtype == "bfloat16" and cpu_has_bf16():
             per_cycle *= 2  # the bf16 dot-product instructions do twice the multiply-adds
-        return torch.get_num_threads() * 2.5e9 * per_cycle
+        per_machine = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        threads = min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) // per_machine))
+        return threads * 2.5e9 * per_cycle * processes
     return None
 
 
@@ -182,6 +201,44 @@ def check_model_fits(model_args, dist_info):
                         f"run on hosts with more memory")
 
 
+def largest_fitting(candidates, fits):
+    """The largest of the ascending candidates for which fits(candidate) is true, found by bisection
+    (what fits is taken to shrink as candidates grow), or None when none fits."""
+    low, high, best = 0, len(candidates) - 1, None
+    while low <= high:
+        middle = (low + high) // 2
+        if fits(candidates[middle]):
+            best, low = candidates[middle], middle + 1
+        else:
+            high = middle - 1
+    return best
+
+
+def fits_in_gpu(trial, device, reserved_bytes, fraction=0.9):
+    """Whether trial() (a forward and backward pass) runs on the GPU with reserved_bytes to spare (the
+    optimizer's state, made at its first step), measured by the allocator's peak: out of memory is a no."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        trial()
+        peak = torch.cuda.max_memory_allocated(device)
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
+    return peak + reserved_bytes <= fraction * torch.cuda.get_device_properties(device).total_memory
+
+
+def largest_micro_batch(sequences, trial, dist_info, reserved_bytes):
+    """The largest divisor of sequences (a process's sequences per step) for which trial(size), a
+    forward and backward pass, fits the GPU with reserved_bytes to spare, on every rank: bisection over
+    the divisors, every rank taking the size the tightest one can. 1 if none fits."""
+    sizes = [size for size in range(1, sequences + 1) if sequences % size == 0]
+    fits = lambda size: not dist_info.any(not fits_in_gpu(lambda: trial(size), dist_info.device,
+                                                          reserved_bytes))
+    return largest_fitting(sizes, fits) or 1
+
+
 # -----------------------------------------------------------------------------
 # A process among the ranks: one process is world_size 1, not a separate code path
 
@@ -201,11 +258,15 @@ class Distributed:
 
     def any(self, condition):
         """True on every rank when condition is true on any rank: how ranks agree to stop at the same step."""
+        return self.max(int(bool(condition))) > 0
+
+    def max(self, value):
+        """The largest of the ranks' integers, on every rank (host-side, over the control group)."""
         if self.world_size == 1:
-            return bool(condition)
-        tensor = torch.tensor([int(bool(condition))])
+            return value
+        tensor = torch.tensor([value])
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control)
-        return bool(tensor.item())
+        return int(tensor.item())
 
     def on_rank0(self, action, what):
         """Rank 0 runs action() and every rank learns whether it worked: its result on rank 0 (None on the
@@ -233,3 +294,12 @@ class Distributed:
         if self.world_size > 1 and dist.is_initialized():
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+
+def lost_contact(error):
+    """An error from a collective whose peer died or timed out, as opposed to a bug."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    words = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "imed out",
+             "NCCL error")
+    return isinstance(error, RuntimeError) and any(w in str(error) for w in words)

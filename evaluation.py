@@ -4,7 +4,7 @@ What the trainer scores at every evaluation: the val loss over fixed batches, ze
 each rank scores its share and every rank returns the figures for all of them.
 
     evaluation = Evaluation(config, block_size, dist_info, log)  # the val batches, HellaSwag's data
-    scores = evaluation.scores(model, autocast)                  # {"val_loss": ..., "hellaswag_...": ...}
+    scores = evaluation.scores(model, autocast)                  # {"val_loss": ..., ...}
 """
 
 import torch

@@ -9,6 +9,7 @@ checkpoint.py's. Everything here is rank 0's: the trainer has every rank agree o
     log.record(step=0, val_loss=10.9)               # a line of metrics.jsonl, and a point in every tracker
 """
 
+import collections
 import dataclasses
 import datetime
 import errno
@@ -19,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from checkpoint import BEST_CHECKPOINT, best_copy_holds, evaluated_checkpoint, run_checkpoints, save_best
@@ -343,18 +345,20 @@ def start_trackers(config, progress, log):
         log.trackers.append(TensorBoardTracker(config.out_dir, progress.iter_num, records))
 
 
-def prepare_run_files(config, progress, evaluated_at_start, log):
+def prepare_run_files(config, progress, evaluated_at_start, log, micro_batch=None):
     """Clear what a killed run left, cut metrics.jsonl back to the checkpoint, write a best copy that is
     pending (best_val_loss.pt could not be written when its checkpoint was), start the trackers and write
-    config.json."""
+    config.json: the flags, and with --auto_batch the micro-batch chosen for them."""
     out_dir = Path(config.out_dir)
     try:
         remove_temporaries(out_dir)  # a killed run's, safe under the lock
         log.drop_after(progress.iter_num, evaluated_at_start)
         write_pending_best(out_dir, progress.best_step, log)
         start_trackers(config, progress, log)
-        atomic_write(out_dir / "config.json",
-                     lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=2).encode()))
+        flags = dataclasses.asdict(config)
+        if config.auto_batch and micro_batch:
+            flags["auto_batch_chosen"] = micro_batch
+        atomic_write(out_dir / "config.json", lambda f: f.write(json.dumps(flags, indent=2).encode()))
     except OSError as e:
         raise UserError(f"cannot write into --out_dir {out_dir} ({e.strerror or e}): fix its permissions or "
                         f"free disk space, then run the same command again") from None
@@ -382,3 +386,69 @@ def summary(out_dir, progress, last_checkpoint, first_step, seconds):
     row("every figure", f"{metrics}  (python plot.py {metrics})")
     row("every flag", out_dir / "config.json")
     return lines
+
+
+# -----------------------------------------------------------------------------
+# A run that looks after itself: its time budget, and a profile of a few steps on request
+
+RESUMABLE_EXIT = 75  # sysexits.h's EX_TEMPFAIL: stopped for now, to be run again
+
+
+class TimeBudget:
+    """--max_time: whether the next step (with its evaluation, if it has one) and then a checkpoint would
+    end past the budget, from the slowest of the last steps and the last evaluation and checkpoint write
+    measured. Before the first write is measured, it is guessed at 100 MB/s."""
+
+    def __init__(self, seconds, started, checkpoint_bytes):
+        self.deadline = started + seconds
+        self.steps = collections.deque(maxlen=20)
+        self.eval_seconds, self.save_seconds = 0.0, checkpoint_bytes / 100e6
+
+    def record_step(self, seconds):
+        self.steps.append(seconds)
+
+    def record_evaluation(self, eval_seconds, save_seconds):
+        self.eval_seconds, self.save_seconds = eval_seconds, save_seconds
+
+    def out_of_time(self, evaluates_next, now=None):
+        now = time.perf_counter() if now is None else now
+        needed = max(self.steps, default=0.0) + self.save_seconds
+        return now + needed + (self.eval_seconds if evaluates_next else 0.0) > self.deadline
+
+
+class StepProfiler:
+    """--profile_steps A:B: torch.profiler over steps A to B - 1, written to out_dir/profile/ as a
+    Chrome trace (chrome://tracing, Perfetto) that TensorBoard's profiler plugin reads too, then a table of
+    the kernels that took the most time."""
+
+    def __init__(self, steps, out_dir, device):
+        self.first, self.end = steps
+        self.folder = Path(out_dir) / "profile"
+        self.cuda = device.startswith("cuda")
+        self.profile = None
+
+    def before(self, step):
+        if step == self.first:
+            from torch.profiler import ProfilerActivity, profile
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            self.profile = profile(activities=activities)
+            self.profile.start()
+
+    def after(self, step, log):
+        """Stops after step end - 1 (or at close, the run's last step): the trace, then the table."""
+        self.last = step
+        if self.profile is None or step < self.end - 1:
+            return
+        self.profile.stop()
+        self.folder.mkdir(exist_ok=True)
+        path = self.folder / f"steps-{self.first}-{step}.pt.trace.json"
+        self.profile.export_chrome_trace(str(path))
+        sort_by = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        log(f"profile of steps {self.first} to {step}: {path} (tensorboard --logdir {self.folder})")
+        log(self.profile.key_averages().table(sort_by=sort_by, row_limit=15))
+        self.profile = None
+
+    def close(self, log):
+        if self.profile is not None:  # the run ended inside the window
+            self.end = self.last + 1
+            self.after(self.last, log)

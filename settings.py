@@ -1,9 +1,9 @@
 """
-A training run's settings: TrainConfig, whose fields are train_gpt2.py's flags, checked once before any work,
-and the rules by which a run that starts from a checkpoint takes its own settings back.
+A training run's settings: TrainConfig, whose fields are train_gpt2.py's flags, checked once before
+any work, and the rules by which a run that starts from a checkpoint takes its own settings back.
 
     config, explicit = parse_args(["--max_iters", "400"])       # explicit: the flags given
-    config, changes = run_config(config, explicit, checkpoint)  # a resumed run: the checkpoint's flags first
+    config, changes = run_config(config, explicit, checkpoint)  # resumed: the checkpoint's flags
 
 config.json in a run directory is a TrainConfig written out, and so is every checkpoint's "config".
 """
@@ -28,22 +28,23 @@ SAMPLE_PROMPT = "Hello, I'm a language model,"
 @dataclass
 class TrainConfig:
     # data and files
-    data: str = flag("edu_fineweb10B", "directory of token shards (made by fineweb.py), or a text file "
-                                       "such as input.txt, tokenized on the fly and split 90/10 into "
-                                       "train/val")
+    data: str = flag("edu_fineweb10B", "directory of token shards (made by fineweb.py), or a text "
+                                       "file such as input.txt, tokenized on the fly and split "
+                                       "90/10 into train/val")
     out_dir: str = flag("./out", "where checkpoints, config.json and metrics.jsonl are written")
     init_from: str = flag("scratch", "'scratch', 'resume' (the latest checkpoint in out_dir), a "
-                                     "checkpoint path, or GPT-2 weights to fine-tune: gpt2, gpt2-medium, "
-                                     "gpt2-large, gpt2-xl or a transformers folder (save_pretrained)")
-    export_hf: str = flag("", "write the --init_from model to this folder in transformers' GPT-2 format "
-                              "and exit")
-    plot: bool = flag(False, "redraw out_dir/plot.png (losses, HellaSwag) at every evaluation; needs "
-                             "matplotlib")
-    tensorboard: bool = flag(False, "also write metrics.jsonl's figures to out_dir/tensorboard/, for "
-                                    "`tensorboard --logdir`; needs tensorboard")
-    wandb_log: bool = flag(False, "also send metrics.jsonl's figures and the config to Weights & Biases "
-                                  "(its files in out_dir/wandb/; WANDB_MODE=offline keeps them there); "
-                                  "needs wandb")
+                                     "checkpoint path, or GPT-2 weights to fine-tune: gpt2, "
+                                     "gpt2-medium, gpt2-large, gpt2-xl or a transformers folder "
+                                     "(save_pretrained)")
+    export_hf: str = flag("", "write the --init_from model to this folder in transformers' GPT-2 "
+                              "format and exit")
+    plot: bool = flag(False, "redraw out_dir/plot.png (losses, HellaSwag) at every evaluation; "
+                             "needs matplotlib")
+    tensorboard: bool = flag(False, "also write metrics.jsonl's figures to out_dir/tensorboard/, "
+                                    "for `tensorboard --logdir`; needs tensorboard")
+    wandb_log: bool = flag(False, "also send metrics.jsonl's figures and the config to Weights & "
+                                  "Biases (its files in out_dir/wandb/; WANDB_MODE=offline keeps "
+                                  "them there); needs wandb")
     wandb_project: str = flag("gpt2-pretrain", "the wandb project of --wandb_log")
     wandb_run_name: str = flag("", "the wandb run's name ('': out_dir's folder name)")
     # model
@@ -51,7 +52,8 @@ class TrainConfig:
     n_layer: int = flag(12, "transformer blocks")
     n_head: int = flag(12, "attention heads per block")
     n_embd: int = flag(768, "width of the residual stream")
-    # batch: tokens per optimizer step = batch_size * gradient_accumulation_steps * world_size * block_size
+    # batch: tokens per optimizer step = batch_size * gradient_accumulation_steps * world_size *
+    # block_size
     batch_size: int = flag(8, "sequences per micro-step, per process")
     gradient_accumulation_steps: int = flag(5, "micro-steps per optimizer step, per process")
     # optimizer and schedule
@@ -66,43 +68,69 @@ class TrainConfig:
     eval_interval: int = flag(2000, "evaluate, sample and checkpoint every this many steps")
     eval_iters: int = flag(200, "validation batches (of batch_size sequences) per evaluation")
     eval_only: bool = flag(False, "evaluate the checkpoint given by --init_from and exit")
-    hellaswag: bool = flag(True, "score zero-shot HellaSwag at every evaluation (downloaded on first use)")
-    hellaswag_examples: int = flag(0, "score only the first N HellaSwag examples (0: all 10,042 of val)")
-    hellaswag_data: str = flag("val", "the HellaSwag split to download, or a local jsonl file in its format")
-    sample_prompt: str = flag(SAMPLE_PROMPT, "the prompt of the samples printed at each evaluation; empty "
-                                             "starts a new document")
-    num_samples: int = flag(4, f"samples printed at each evaluation, 32 tokens each (0: none; at most "
-                               f"{MAX_SAMPLES})")
+    hellaswag: bool = flag(True, "score zero-shot HellaSwag at every evaluation (downloaded on "
+                                 "first use)")
+    hellaswag_examples: int = flag(0, "score only the first N HellaSwag examples (0: all 10,042 of "
+                                      "val)")
+    hellaswag_data: str = flag("val", "the HellaSwag split to download, or a local jsonl file in "
+                                      "its format")
+    sample_prompt: str = flag(SAMPLE_PROMPT, "the prompt of the samples printed at each "
+                                             "evaluation; empty starts a new document")
+    num_samples: int = flag(4, "samples printed at each evaluation, 32 tokens each (0: none; at "
+                               f"most {MAX_SAMPLES})")
     log_interval: int = flag(10, "print and record training figures every this many steps")
-    keep_last: int = flag(3, "keep only the newest N iter-*.pt checkpoints, and best_val_loss.pt (0 keeps "
-                             "all)")
-    max_bad_steps: int = flag(3, "stop after this many consecutive steps with a non-finite loss or gradient")
-    ddp_timeout: int = flag(600, "seconds a rank waits in a collective for the others before giving up")
-    backend: str = flag("auto", "torch.distributed backend: 'auto' (nccl on GPUs, gloo on the CPU), 'nccl', "
-                                "or 'gloo' (on GPUs it lets several processes share one, to try torchrun "
-                                "on one GPU)")
-    fsdp: bool = flag(False, "shard the weights, gradients and AdamW state over the processes with FSDP2 "
-                             "instead of keeping a full copy on each (DDP), for models past one GPU's "
-                             "memory; with one process, a process group of one")
+    keep_last: int = flag(3, "keep only the newest N iter-*.pt checkpoints, and best_val_loss.pt "
+                             "(0 keeps all)")
+    max_bad_steps: int = flag(3, "stop after this many consecutive steps with a non-finite loss or "
+                                 "gradient (loss spikes: back to the last checkpoint)")
+    ddp_timeout: int = flag(600, "seconds a rank waits in a collective for the others before "
+                                 "giving up")
+    backend: str = flag("auto", "torch.distributed backend: 'auto' (nccl on GPUs, gloo on the "
+                                "CPU), 'nccl', or 'gloo' (on GPUs it lets several processes share "
+                                "one, to try torchrun on one GPU)")
+    fsdp: bool = flag(False, "shard the weights, gradients and AdamW state over the processes with "
+                             "FSDP2 instead of keeping a full copy on each (DDP), for models past "
+                             "one GPU's memory; with one process, a process group of one")
     # system
-    device: str = flag("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'")
-    dtype: str = flag("auto", "'auto' (bfloat16 on GPUs that have it, else float16 with a GradScaler; on "
-                              "the CPU bfloat16 where it has bf16 instructions, else float32), "
-                              "'bfloat16', 'float16' or 'float32'")
+    device: str = flag("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', "
+                               "'mps'")
+    dtype: str = flag("auto", "'auto' (bfloat16 on GPUs that have it, else float16 with a "
+                              "GradScaler; on the CPU bfloat16 where it has bf16 instructions, "
+                              "else float32), 'bfloat16', 'float16' or 'float32'")
     compile: bool = flag(True, "torch.compile the model")
-    loss_kernel: bool = flag(True, "on CUDA, the loss's softmax and its gradient in one Triton kernel "
-                                   "(cross_entropy_kernel.py); False: plain torch, compiled with the model")
-    gradient_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass")
-    shuffle: bool = flag(True, "read each shard's windows of block_size + 1 tokens in a seeded random "
-                               "order, new every epoch (False: front to back, as build-nanogpt); a resumed "
-                               "run reads the way its checkpoint's run did")
+    loss_kernel: bool = flag(True, "on CUDA, the loss's softmax and its gradient in one Triton "
+                                   "kernel (cross_entropy_kernel.py); False: plain torch, compiled "
+                                   "with the model")
+    gradient_checkpointing: bool = flag(False, "recompute each block's activations in the backward "
+                                               "pass")
+    shuffle: bool = flag(True, "read each shard's windows of block_size + 1 tokens in a seeded "
+                               "random order, new every epoch (False: front to back, as "
+                               "build-nanogpt); a resumed run reads the way its checkpoint's run "
+                               "did")
     seed: int = flag(1337, "seeds the initialization, the shard and window order and the samples")
+    # runs that look after themselves
+    auto_batch: bool = flag(False, "train with the largest micro-batch that divides this process's "
+                                   "sequences per step and fits the GPU's memory, found by trying "
+                                   "(the tokens per step stay the flags'); on a CPU the flags as "
+                                   "given")
+    max_time: str = flag("", "this launch's wall-clock budget, in hours (1.5) or HH:MM:SS: before "
+                             "the next step would pass it, save a checkpoint and exit with status "
+                             "75 (resumable); '': none")
+    spike_guard: float = flag(0.0, "skip a step whose loss is more than this many robust "
+                                   "deviations above the median of the last --spike_window steps, "
+                                   "and after --max_bad_steps in a row go back to the last "
+                                   "checkpoint, skipping the batches since (0: off)")
+    spike_window: int = flag(100, "the steps whose losses --spike_guard compares a step with")
+    profile_steps: str = flag("", "A:B: a torch.profiler trace of steps A to B - 1 into "
+                                  "out_dir/profile/ (TensorBoard's and Chrome's format) and a "
+                                  "table of the top kernels at the end; '': none")
 
     def validate(self):
         """Raise UserError naming the problem and the fix; called before any work is done."""
         check_types(self)
-        positive = ["block_size", "n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps",
-                    "eval_interval", "eval_iters", "log_interval", "lr_decay_iters", "max_bad_steps",
+        positive = ["block_size", "n_layer", "n_head", "n_embd", "batch_size",
+                    "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+                    "lr_decay_iters", "max_bad_steps",
                     "ddp_timeout"]
         for name in positive:
             if getattr(self, name) <= 0:
@@ -126,26 +154,63 @@ class TrainConfig:
         if not 0 <= self.seed < 2**63:
             raise UserError(f"--seed must be from 0 to 2**63 - 1, got {self.seed}")
         if self.ddp_timeout > MAX_DDP_TIMEOUT:
-            raise UserError(f"--ddp_timeout {self.ddp_timeout} is more than a day ({MAX_DDP_TIMEOUT} s): a "
-                            f"rank that waits that long has died; pass at most {MAX_DDP_TIMEOUT}")
+            raise UserError(f"--ddp_timeout {self.ddp_timeout} is more than a day "
+                            f"({MAX_DDP_TIMEOUT} s): a rank that waits that long has died; pass at "
+                            f"most {MAX_DDP_TIMEOUT}")
         if self.num_samples > MAX_SAMPLES:
-            raise UserError(f"--num_samples {self.num_samples} is more than {MAX_SAMPLES}: the samples are "
-                            f"drawn as one batch at every evaluation; for many samples, use sample.py")
+            raise UserError(f"--num_samples {self.num_samples} is more than {MAX_SAMPLES}: the "
+                            "samples are drawn as one batch at every evaluation; for many "
+                            "samples, use sample.py")
         check_batch_fits_host(self)
         if self.backend not in ("auto", "nccl", "gloo"):
             raise UserError(f"--backend {self.backend!r} is not one of auto, nccl, gloo")
         if self.eval_only and self.init_from == "scratch":
-            raise UserError("--eval_only True needs a checkpoint: pass --init_from resume or --init_from PATH")
+            raise UserError("--eval_only True needs a checkpoint: pass --init_from resume or "
+                            "--init_from PATH")
         if self.export_hf and self.init_from == "scratch":
-            raise UserError("--export_hf needs a model to export: pass --init_from CHECKPOINT (or resume, "
-                            "gpt2, ...)")
+            raise UserError("--export_hf needs a model to export: pass --init_from CHECKPOINT (or "
+                            "resume, gpt2, ...)")
         if self.wandb_log and not self.wandb_project:
             raise UserError("--wandb_log True needs a project: pass --wandb_project NAME")
+        if self.spike_guard < 0 or self.spike_window < 10:
+            raise UserError("--spike_guard must be 0 or more and --spike_window at least 10")
+        parse_duration(self.max_time)
+        parse_step_range(self.profile_steps)
+
+
+def parse_duration(text):
+    """--max_time in seconds: hours ("1.5") or HH:MM:SS ("01:30:00"); None for ""."""
+    if not text:
+        return None
+    try:
+        if ":" in text:
+            hours, minutes, seconds = (float(part) for part in text.split(":"))
+            if not (0 <= minutes < 60 and 0 <= seconds < 60):
+                raise ValueError
+            total = 3600 * hours + 60 * minutes + seconds
+        else:
+            total = 3600 * float(text)
+    except ValueError:
+        total = None
+    if total is None or not math.isfinite(total) or total <= 0:
+        raise UserError(f"--max_time {text!r} is not a time: pass hours (1.5) or HH:MM:SS "
+                        "(01:30:00)")
+    return total
+
+
+def parse_step_range(text):
+    """--profile_steps as (first, end), the steps first to end - 1; None for ""."""
+    if not text:
+        return None
+    first, _, end = text.partition(":")
+    if not (first.isdigit() and end.isdigit() and int(first) < int(end)):
+        raise UserError(f"--profile_steps {text!r} is not A:B with 0 <= A < B: pass, say, 10:15")
+    return int(first), int(end)
 
 
 def check_types(config):
-    """Each field of its declared type, and every float finite: a config read from a checkpoint or built in
-    code is held to what the command line's parser guarantees."""
+    """Each field of its declared type, and every float finite: a config read from a checkpoint or
+    built in code is held to what the command line's parser guarantees."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         kinds = (int, float) if field.type is float else (field.type,)
@@ -156,22 +221,25 @@ def check_types(config):
 
 
 def check_batch_fits_host(config):
-    """Refuse a step's batch that the host cannot hold: the loader reads a whole optimizer step's inputs and
-    targets (int64, and a copy being prefetched) before the first micro-step runs."""
-    step_bytes = 4 * 8 * config.batch_size * config.gradient_accumulation_steps * (config.block_size + 1)
+    """Refuse a step's batch that the host cannot hold: the loader reads a whole optimizer step's
+    inputs and targets (int64, and a copy being prefetched) before the first micro-step runs."""
+    sequences = config.batch_size * config.gradient_accumulation_steps
+    step_bytes = 4 * 8 * sequences * (config.block_size + 1)
     free = available_memory("cpu")
     if free is not None and step_bytes > free / 2:
-        raise UserError(f"one step's batch ({config.batch_size} x {config.gradient_accumulation_steps} x "
-                        f"{config.block_size} tokens) takes {step_bytes / 2**30:,.1f} GiB of host memory, "
-                        f"more than half the {free / 2**30:,.1f} GiB available: lower --batch_size or "
-                        f"--gradient_accumulation_steps")
+        raise UserError(f"one step's batch ({config.batch_size} x "
+                        f"{config.gradient_accumulation_steps} x {config.block_size} tokens) takes "
+                        f"{step_bytes / 2**30:,.1f} GiB of host memory, more than half the "
+                        f"{free / 2**30:,.1f} GiB available: lower --batch_size or "
+                        "--gradient_accumulation_steps")
 
 
 def parse_args(argv=None):
-    """The config, and the names of the flags given explicitly: on the command line or in its --config file."""
+    """The config, and the names of the flags given explicitly: on the command line or in its
+    --config file."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(TrainConfig, "Pre-train GPT-2: the sharded loader, the cosine LR schedule, the "
-                                       "DDP or FSDP loop.", config_file=True)
+    parser = build_parser(TrainConfig, "Pre-train GPT-2: the sharded loader, the cosine LR "
+                                       "schedule, the DDP or FSDP loop.", config_file=True)
     args, explicit = parse_flags(parser, argv)
     return TrainConfig(**vars(args)), explicit
 
@@ -180,40 +248,44 @@ def parse_args(argv=None):
 # A run from a checkpoint: its own settings, with the command line's on top
 
 # what a command asks for, not what the run is: never taken from the checkpoint
-COMMAND_FLAGS = ("init_from", "eval_only", "export_hf", "backend")
+COMMAND_FLAGS = ("init_from", "eval_only", "export_hf", "backend", "max_time", "profile_steps")
 ARCHITECTURE = ("block_size", "n_layer", "n_head", "n_embd")
 
 
 def run_config(flags, explicit, checkpoint):
-    """The config of a run that starts from a checkpoint: every flag at the checkpoint's value unless given
-    on the command line, and out_dir the checkpoint's folder unless given. Returns (config, changes), changes
-    being one line for each flag given whose value differs from the run's. The checkpoint's own flags are
-    checked as the command line's are: a bad one is a damaged checkpoint."""
+    """The config of a run that starts from a checkpoint: every flag at the checkpoint's value
+    unless given on the command line, and out_dir the checkpoint's folder unless given. Returns
+    (config, changes), changes being one line for each flag given whose value differs from the
+    run's. The checkpoint's own flags are checked as the command line's are: a bad one is a damaged
+    checkpoint."""
     saved, path = checkpoint["config"], checkpoint["path"]
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {name: value for name, value in saved.items() if name in fields and name not in COMMAND_FLAGS}
+    values = {name: value for name, value in saved.items()
+              if name in fields and name not in COMMAND_FLAGS}
     try:
         TrainConfig(**values).validate()
     except (TypeError, UserError) as e:
-        raise UserError(f"checkpoint {path} holds a malformed config ({e}): it is damaged; use another "
-                        f"checkpoint of the run") from None
-    values.update({name: getattr(flags, name) for name in fields if name in explicit or name in COMMAND_FLAGS})
+        raise UserError(f"checkpoint {path} holds a malformed config ({e}): it is damaged; use "
+                        "another checkpoint of the run") from None
+    values.update({name: getattr(flags, name) for name in fields
+                   if name in explicit or name in COMMAND_FLAGS})
     if "out_dir" not in explicit:
         values["out_dir"] = str(Path(path).parent)
     if "shuffle" in explicit and flags.shuffle != saved["shuffle"]:
         mode = "shuffled" if saved["shuffle"] else "sequentially"
-        raise UserError(f"the run of {path} reads its data {mode}: --shuffle {flags.shuffle} cannot change "
-                        f"that on resume; start a new run")
+        raise UserError(f"the run of {path} reads its data {mode}: --shuffle {flags.shuffle} "
+                        "cannot change that on resume; start a new run")
     config = with_absolute_paths(TrainConfig(**values))
-    changes = [f"--{name}: {saved[name]} -> {getattr(config, name)} (command line)" for name in sorted(explicit)
+    changes = [f"--{name}: {saved[name]} -> {getattr(config, name)} (command line)"
+               for name in sorted(explicit)
                if name in saved and name not in COMMAND_FLAGS + ("out_dir",)
                and saved[name] != getattr(config, name)]
     return config, changes
 
 
 def with_absolute_paths(config):
-    """The config with --data (and a --hellaswag_data file) as absolute paths where they exist, so that a
-    resume or an --eval_only run from another working directory finds the run's data."""
+    """The config with --data (and a --hellaswag_data file) as absolute paths where they exist, so
+    that a resume or an --eval_only run from another working directory finds the run's data."""
     data = str(Path(config.data).resolve()) if Path(config.data).exists() else config.data
     hellaswag_data = config.hellaswag_data
     if Path(hellaswag_data).is_file():
@@ -222,27 +294,30 @@ def with_absolute_paths(config):
 
 
 def check_architecture(explicit, config, model_args):
-    """An architecture flag given explicitly must agree with the architecture of the weights loaded."""
+    """An architecture flag given explicitly must agree with the architecture of the weights loaded.
+    """
     for name in ARCHITECTURE:
         if name in explicit and model_args[name] != getattr(config, name):
-            raise UserError(f"the checkpoint is of another architecture: it has {name}={model_args[name]} "
-                            f"but --{name} {getattr(config, name)} was given; drop the flag or pass another "
-                            f"checkpoint")
+            raise UserError("the checkpoint is of another architecture: it has "
+                            f"{name}={model_args[name]} but --{name} {getattr(config, name)} was "
+                            "given; drop the flag or pass another checkpoint")
 
 
 def resume_warnings(saved, config, saved_world_size, world_size):
     """What a change of batch shape or data on resume costs, one warning each."""
     before, now = saved, dataclasses.asdict(config)
-    sequences = lambda c, w: c["batch_size"] * c["gradient_accumulation_steps"] * w  # per optimizer step
+    sequences = lambda c, w: c["batch_size"] * c["gradient_accumulation_steps"] * w  # a step's
     warnings = []
     if sequences(before, saved_world_size) != sequences(now, world_size):
-        warnings.append(f"warning: the global batch changes from {sequences(before, saved_world_size)} to "
-                        f"{sequences(now, world_size)} sequences per step: from here on the data order is "
-                        f"not an uninterrupted run's, so the resume is not exact")
+        warnings.append("warning: the global batch changes from "
+                        f"{sequences(before, saved_world_size)} to {sequences(now, world_size)} "
+                        "sequences per step: from here on the data order is not an uninterrupted "
+                        "run's, so the resume is not exact")
     if (before["batch_size"], before["eval_iters"]) != (config.batch_size, config.eval_iters):
-        warnings.append("warning: --batch_size or --eval_iters changes the val batches: val losses from here "
-                        "on do not compare exactly with the ones before")
-    if before["data"] != config.data and Path(before["data"]).resolve() != Path(config.data).resolve():
-        warnings.append(f"warning: --data changes from {before['data']} to {config.data}: training goes on "
-                        f"with the new data from its first batch, and the val batches change")
+        warnings.append("warning: --batch_size or --eval_iters changes the val batches: val losses "
+                        "from here on do not compare exactly with the ones before")
+    if Path(before["data"]).resolve() != Path(config.data).resolve():
+        warnings.append(f"warning: --data changes from {before['data']} to {config.data}: training "
+                        "goes on with the new data from its first batch, and the val batches "
+                        "change")
     return warnings

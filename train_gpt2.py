@@ -15,12 +15,14 @@ train. The rest lives in files named for it (README: How the code is laid out). 
 file only defines things: `from train_gpt2 import GPT, GPTConfig`.
 """
 
+import collections
 import dataclasses
 import datetime
 import math
 import os
 import re
 import signal
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,15 +42,16 @@ from checkpoint import (FullModelState, FullOptimizerState, Progress, RNGState, 
                         make_checkpoint, restore)
 from cli import StopSignal, UserError
 from cross_entropy_kernel import output_layer_loss
+from device import (BYTES_PER_PARAM, Distributed, busy_cpu_warning, check_model_fits,
+                    device_peak_flops, lost_contact, make_autocast, rank_device_and_backend,
+                    largest_micro_batch, resolve_device, resolve_dtype)
 from evaluation import Evaluation, describe_scores, sample_text
-from device import (Distributed, check_model_fits, device_peak_flops, make_autocast,
-                    rank_device_and_backend, resolve_device, resolve_dtype)
 from fineweb import check_unchanged, fingerprint, load_token_sources, read_span
 from hf_convert import export_hf, is_hf_model, load_gpt2_weights
-from rundir import Plotter, RunLog, pause_clock
+from rundir import RESUMABLE_EXIT, Plotter, RunLog, pause_clock
 from sampling import generate_tokens
-from settings import (ARCHITECTURE, check_architecture, parse_args, resume_warnings, run_config,
-                      with_absolute_paths)
+from settings import (ARCHITECTURE, check_architecture, parse_args, parse_duration,
+                      parse_step_range, resume_warnings, run_config, with_absolute_paths)
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 as in the paper and OpenAI's code
@@ -380,6 +383,21 @@ def flops_per_token(n_params, n_layer, n_embd, block_size):
     return 6 * n_params + 12 * n_layer * n_embd * block_size
 
 
+NON_FINITE, LOSS_SPIKE = 1, 2  # why a step is skipped: the larger wins when ranks disagree
+
+
+def is_loss_spike(loss, recent, threshold):
+    """Whether loss is more than threshold robust deviations above the median of the recent losses
+    (at least 10 of them): the median absolute deviation, scaled to a normal's standard deviation
+    and at least 1% of the median, so that a flat stretch of losses does not make every wobble a
+    spike."""
+    if len(recent) < 10:
+        return False
+    median = statistics.median(recent)
+    deviation = max(1.4826 * statistics.median(abs(x - median) for x in recent), 0.01 * abs(median))
+    return loss > median + threshold * deviation
+
+
 def estimate_mfu(flops_per_token, tokens_per_sec, peak_flops):
     """Model FLOPs utilization: the fraction of the device's peak that the training step reaches."""
     return flops_per_token * tokens_per_sec / peak_flops if peak_flops else None
@@ -420,15 +438,6 @@ def setup_distributed(device, timeout_seconds=600, fsdp=False, backend="auto"):
                                 timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     return Distributed(rank, local_rank or 0, world_size, device, control, sharded=fsdp)
-
-
-def lost_contact(error):
-    """An error from a collective whose peer died or timed out, as opposed to a bug."""
-    if isinstance(error, getattr(dist, "DistError", ())):
-        return True
-    words = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "imed out",
-             "NCCL error")
-    return isinstance(error, RuntimeError) and any(w in str(error) for w in words)
 
 
 def shard_model(model, device, dtype):
@@ -518,6 +527,7 @@ class Trainer:
         self.batches = Prefetcher(loader, self.device)
         self.evaluation, self.progress = evaluation, Progress()
         self.bad_steps, self.checkpoints = 0, RunCheckpoints(config.out_dir, config.keep_last)
+        self.spikes_in_a_row, self.recent_losses = 0, collections.deque(maxlen=config.spike_window)
         self.plotter = Plotter(log) if config.plot and dist_info.is_master else None
         # a checkpoint written after an evaluation is not evaluated again (a stopped run's is)
         self.evaluated_at_start = checkpoint is not None and checkpoint["val_loss"] is not None
@@ -565,31 +575,60 @@ class Trainer:
         finite = torch.isfinite(loss_sum)
         if not self.scaler.is_enabled():  # a GradScaler (float16) skips overflows itself
             finite &= torch.isfinite(grad_norm)
-        applied = not d.any(not finite.item())  # each rank's loss is its own: all skip or none
-        if applied:
+        problem = NON_FINITE if not finite.item() else None  # the step's one wait for the device
+        if problem is None and c.spike_guard and is_loss_spike(loss_sum.item(), self.recent_losses,
+                                                               c.spike_guard):
+            problem = LOSS_SPIKE
+        problem = d.max(problem or 0) or None  # each rank's loss is its own: all skip, or none
+        if problem is None:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.iter_num = step + 1
         self.progress.tokens += self.batches.tokens_per_step
-        self.count_bad_steps(step, lr, applied)
+        self.count_bad_steps(step, lr, problem, loss_sum)
         return lr, loss_sum, grad_norm
 
-    def count_bad_steps(self, step, lr, applied):
-        """A skipped step is logged; max_bad_steps in a row stop the run."""
-        if applied:
+    def count_bad_steps(self, step, lr, problem, loss):
+        """A skipped step is logged; max_bad_steps in a row stop the run, or, when loss spikes were
+        among them, take it back to its last checkpoint."""
+        if problem is None:
             self.bad_steps = 0
+            if self.config.spike_guard:
+                self.recent_losses.append(loss.item())
             return
         self.bad_steps += 1
+        self.spikes_in_a_row = self.spikes_in_a_row + 1 if problem == LOSS_SPIKE else 0
         self.progress.skipped_steps += 1
-        self.log.print(f"step {step}: non-finite loss or gradient norm, update skipped "
-                       f"({self.bad_steps} in a row)")
-        self.log.record(step=step, skipped=True, lr=lr)
-        if self.bad_steps >= self.config.max_bad_steps:
-            raise UserError(f"stopped at step {step}: {self.bad_steps} steps in a row had a "
-                            "non-finite loss or gradient norm; the last good checkpoint is "
-                            f"{self.checkpoints.latest or 'none yet'}: continue from it with a "
-                            "lower --learning_rate", code=1)
+        what = "a loss spike" if problem == LOSS_SPIKE else "non-finite loss or gradient norm"
+        self.log.print(f"step {step}: {what}, update skipped ({self.bad_steps} in a row)")
+        self.log.record(step=step, skipped=True, lr=lr, loss_spike=problem == LOSS_SPIKE)
+        if self.bad_steps < self.config.max_bad_steps:
+            return
+        if self.spikes_in_a_row == self.bad_steps and self.checkpoints.latest is not None:
+            self.roll_back(step)
+            return
+        raise UserError(f"stopped at step {step}: {self.bad_steps} steps in a row had a "
+                        "non-finite loss or gradient norm; the last good checkpoint is "
+                        f"{self.checkpoints.latest or 'none yet'}: continue from it with a "
+                        "lower --learning_rate", code=1)
+
+    def roll_back(self, step):
+        """After max_bad_steps loss spikes in a row: the weights, optimizer, scaler, RNG and
+        counters of the last checkpoint, but the batches go on from here, so those since the
+        checkpoint (the ones that caused the spikes among them) are skipped; the loader's state says
+        where it is."""
+        path, skipped = self.checkpoints.latest, self.progress.skipped_steps
+        parts = self.parts()
+        del parts["loader"]
+        restore(load_checkpoint(path), parts)
+        self.progress.skipped_steps, self.bad_steps, self.spikes_in_a_row = skipped, 0, 0
+        self.recent_losses.clear()
+        back_to = self.progress.iter_num
+        self.log.print(f"step {step}: {self.config.max_bad_steps} loss spikes in a row: back to "
+                       f"{path} (step {back_to}), skipping the batches of steps {back_to} to "
+                       f"{step}")
+        self.log.record(step=step, rolled_back_to=back_to, skipped_batches=step + 1 - back_to)
 
     def save(self, step, val_loss=None):
         """Rank 0 writes the checkpoint of `step` (and the best copy, if val_loss is the best), then
@@ -597,16 +636,20 @@ class Trainer:
         if val_loss is not None and val_loss < self.progress.best_val_loss:
             self.progress.best_val_loss, self.progress.best_step = val_loss, step
             self.checkpoints.best_pending = True
+        micro_batch = [self.batches.loader.B, self.batches.loader.micro_steps]
         checkpoint = make_checkpoint(self.parts(), model_args=dataclasses.asdict(self.model.config),
                                      config=dataclasses.asdict(self.config), val_loss=val_loss,
-                                     world_size=self.dist_info.world_size,
+                                     world_size=self.dist_info.world_size, micro_batch=micro_batch,
                                      torch_version=str(torch.__version__), git_commit=git_commit())
         name = checkpoint_name(step, val_loss)
         best_step = self.progress.best_step
         write = lambda: self.checkpoints.write(name, checkpoint, best_step, self.log.print)
         self.dist_info.on_rank0(write, "write a checkpoint")
+        self.checkpoints.latest = self.checkpoints.out_dir / name  # on every rank
 
     def evaluate_and_save(self, step):
+        """The evaluation of step, its samples and (past step 0) its checkpoint. Returns the seconds
+        the evaluation and the checkpoint took."""
         start = time.perf_counter()
         scores = self.evaluation.scores(self.wrapped, self.autocast)  # ends in .item(): synced
         eval_seconds = time.perf_counter() - start
@@ -616,10 +659,12 @@ class Trainer:
         for text in sample_text(self.model, self.dist_info, self.autocast, self.config.seed + step,
                                 self.config.sample_prompt, self.config.num_samples):
             self.log.print(f"  sample: {text!r}")
+        saved = time.perf_counter()
         if step > 0:  # step 0 is never checkpointed, so it never counts as the best
             self.save(step, scores["val_loss"])
         if self.plotter:
             self.plotter.redraw()
+        return eval_seconds, time.perf_counter() - saved
 
     def log_step(self, step, lr, loss, grad_norm, ms_per_step, model_flops_per_token, peak_flops):
         loss = (self.dist_info.sum(loss.clone()) / self.dist_info.world_size).item()  # a sync
@@ -633,43 +678,65 @@ class Trainer:
                         ms_per_step=ms_per_step, tokens_per_sec=tokens_per_sec, mfu=mfu,
                         tokens=self.progress.tokens)
 
-    def loop(self, stop):
+    def loop(self, stop, budget=None, profiler=None):
         """Train from the current step to max_iters: evaluate (and checkpoint) every eval_interval
-        steps and at the end, log every log_interval steps, stop with a checkpoint on a signal."""
+        steps and at the end, log every log_interval steps; stop with a checkpoint on a signal, or
+        before the next step would pass the time budget (rundir.TimeBudget)."""
         config, args = self.config, self.model.config
         model_flops_per_token = flops_per_token(self.model.num_params(), args.n_layer, args.n_embd,
                                                 args.block_size)
-        peak_flops = device_peak_flops(self.device, self.dtype)
-        first_step = self.progress.iter_num
+        peak_flops = device_peak_flops(self.device, self.dtype, self.dist_info.world_size)
+        first_step = step = self.progress.iter_num
         interval_start, interval_steps = time.perf_counter(), 0
         from tqdm import tqdm
         # closed on the way out whatever happens, so that a message after it gets a line of its own
         with tqdm(total=config.max_iters, initial=first_step, desc="train", unit="step",
                   dynamic_ncols=True, mininterval=1.0, disable=not self.dist_info.is_master) as bar:
-            for step in range(first_step, config.max_iters + 1):
-                last_step = step == config.max_iters
-                evaluated = self.evaluated_at_start and step == first_step
-                if (step % config.eval_interval == 0 or last_step) and not evaluated:
+            while True:
+                evaluates = step % config.eval_interval == 0 or step == config.max_iters
+                if evaluates and not (self.evaluated_at_start and step == first_step):
                     eval_start = time.perf_counter()
-                    self.evaluate_and_save(step)
+                    seconds = self.evaluate_and_save(step)
+                    if budget:
+                        budget.record_evaluation(*seconds)
                     interval_start, interval_steps = time.perf_counter(), 0  # not training time
                     pause_clock(bar, interval_start - eval_start)  # nor in the bar's rate and ETA
-                if last_step:
+                if step == config.max_iters:
                     break
+                if profiler:
+                    profiler.before(step)
+                step_start = time.perf_counter()
                 lr, loss, grad_norm = self.train_step(step)
+                if budget:
+                    budget.record_step(time.perf_counter() - step_start)
+                if profiler:
+                    profiler.after(step, self.log.print)
                 interval_steps += 1
-                bar.update(1)
+                bar.update(self.progress.iter_num - bar.n)  # backwards after a roll-back
                 if step % config.log_interval == 0 or step == config.max_iters - 1:
                     ms_per_step = 1000 * (time.perf_counter() - interval_start) / interval_steps
                     self.log_step(step, lr, loss, grad_norm, ms_per_step, model_flops_per_token,
                                   peak_flops)
                     interval_start, interval_steps = time.perf_counter(), 0
-                if self.dist_info.any(stop.requested is not None):
-                    signum = stop.requested or signal.SIGTERM
-                    self.save(self.progress.iter_num)
-                    raise UserError(f"stopped by {signal.Signals(signum).name} after step {step}: "
-                                    f"saved {self.checkpoints.latest}; continue with "
-                                    "--init_from resume", code=128 + signum)
+                step = self.progress.iter_num
+                self.stop_if_asked(stop, budget, step, config.max_iters)
+
+    def stop_if_asked(self, stop, budget, step, max_iters):
+        """A checkpoint and the exit, on every rank, when a signal asks for it or the next step
+        would pass the time budget."""
+        d = self.dist_info
+        evaluates = step % self.config.eval_interval == 0 or step == max_iters
+        if d.any(stop.requested is not None):
+            signum = stop.requested or signal.SIGTERM
+            self.save(step)
+            raise UserError(f"stopped by {signal.Signals(signum).name} after step {step - 1}: "
+                            f"saved {self.checkpoints.latest}; continue with --init_from resume",
+                            code=128 + signum)
+        if budget and step < max_iters and d.any(budget.out_of_time(evaluates)):
+            self.save(step)
+            raise UserError(f"stopped after step {step - 1}: the next step would pass --max_time "
+                            f"{self.config.max_time}; saved {self.checkpoints.latest}; resumable: "
+                            "run the same command with --init_from resume", code=RESUMABLE_EXIT)
 
     def close(self):
         self.batches.close()
@@ -738,8 +805,9 @@ def evaluate_only(config, dist_info, model, checkpoint):
             lock.release()
 
 
-def train(config, changes, dist_info, model, checkpoint):
-    """Training from scratch, from GPT-2 weights or from a checkpoint; one process or many."""
+def train(config, changes, dist_info, model, checkpoint, launched):
+    """Training from scratch, from GPT-2 weights or from a checkpoint; one process or many.
+    launched: when this process started (perf_counter), from which --max_time counts."""
     log = RunLog(config.out_dir, dist_info.is_master)
     model_args = dataclasses.asdict(model.config) if model is not None else new_model_args(config)
     for line in changes + (resume_warnings(checkpoint["config"], config, checkpoint["world_size"],
@@ -752,9 +820,11 @@ def train(config, changes, dist_info, model, checkpoint):
     resolve_dtype(config.dtype, dist_info.device, dist_info.sharded)
     dist_info.on_rank0(lambda: rundir.check_tracker_packages(config), "load a tracker's package")
     evaluation = Evaluation(config, model_args["block_size"], dist_info, log)
-    loader = ShardLoader(load_token_sources(config.data, "train"), config.batch_size,
-                         model_args["block_size"], config.gradient_accumulation_steps,
-                         dist_info.rank, dist_info.world_size, config.seed, config.shuffle)
+    sources = load_token_sources(config.data, "train")
+    make_loader = lambda batch_size, micro_steps: ShardLoader(
+        sources, batch_size, model_args["block_size"], micro_steps, dist_info.rank,
+        dist_info.world_size, config.seed, config.shuffle)
+    loader = make_loader(config.batch_size, config.gradient_accumulation_steps)
     if model is None:
         check_model_fits(model_args, dist_info)
     continuing = checkpoint["path"] if checkpoint else None
@@ -765,22 +835,40 @@ def train(config, changes, dist_info, model, checkpoint):
         if model is None:
             torch.manual_seed(config.seed)
             model = GPT(GPTConfig(**model_args))
+        if config.auto_batch:
+            micro_batch = choose_micro_batch(model, config, dist_info, log)
+            sequences = config.batch_size * config.gradient_accumulation_steps
+            loader = make_loader(micro_batch, sequences // micro_batch)
         trainer = Trainer(config, dist_info, model, log, loader=loader, evaluation=evaluation,
                           checkpoint=checkpoint)
+        micro_batch = {"batch_size": loader.B, "gradient_accumulation_steps": loader.micro_steps}
         dist_info.on_rank0(lambda: rundir.prepare_run_files(config, trainer.progress,
-                                                            trainer.evaluated_at_start, log),
-                           "prepare --out_dir")
+                                                            trainer.evaluated_at_start, log,
+                                                            micro_batch), "prepare --out_dir")
         first_step, started = trainer.progress.iter_num, time.perf_counter()
+        where = dist_info.device
+        if where == "cpu":
+            where += f" ({torch.get_num_threads()} threads)"
+            for warning in filter(None, [busy_cpu_warning()]):
+                log.print(warning)
         log.print(f"GPT-2 {trainer.model.num_params(non_embedding=False) / 1e6:.2f}M parameters | "
-                  f"{dist_info.world_size} process(es) on {dist_info.device} | {trainer.dtype} | "
+                  f"{dist_info.world_size} process(es) on {where} | {trainer.dtype} | "
                   f"{loader.tokens_per_step:,} tokens/step | torch {torch.__version__} | commit "
                   f"{git_commit()} | from step {first_step}")
+        budget = config.max_time and rundir.TimeBudget(parse_duration(config.max_time), launched,
+                                                       BYTES_PER_PARAM * trainer.model.num_params())
+        profiler = (rundir.StepProfiler(parse_step_range(config.profile_steps), config.out_dir,
+                                        dist_info.device)
+                    if config.profile_steps and dist_info.is_master else None)
         with StopSignal(verbose=dist_info.is_master) as stop:
             try:
-                trainer.loop(stop)
+                trainer.loop(stop, budget, profiler)
             except UserError as e:
-                failed = e.code == 1  # a stop on a signal saved a checkpoint to resume from
+                failed = e.code == 1  # a stop on a signal or the budget saved a checkpoint
                 raise
+            finally:
+                if profiler:
+                    profiler.close(log.print)
         failed = False
         seconds = time.perf_counter() - started
         for line in rundir.summary(config.out_dir, trainer.progress, trainer.checkpoints.latest,
@@ -792,6 +880,37 @@ def train(config, changes, dist_info, model, checkpoint):
         log.close(failed)
         if lock is not None:
             lock.release()
+
+
+def choose_micro_batch(model, config, dist_info, log):
+    """--auto_batch: the largest micro-batch that divides this process's sequences per step and
+    whose forward and backward pass fit the GPU with the model as it will train (placed, compiled,
+    gradient checkpointing as set), by device.largest_micro_batch. On a CPU or under FSDP, the
+    flags'."""
+    sequences, asked = config.batch_size * config.gradient_accumulation_steps, config.batch_size
+    if not dist_info.device.startswith("cuda") or dist_info.sharded:
+        where = "under --fsdp" if dist_info.sharded else f"on {dist_info.device}"
+        log.print(f"--auto_batch: {where} the flags' micro-batch of {asked} is kept")
+        return asked
+    dtype = resolve_dtype(config.dtype, dist_info.device)
+    model = place_model(model.train(), dist_info, dtype, config.loss_kernel)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    wrapped, autocast = wrap_model(model, config.compile, dist_info), make_autocast("cuda", dtype)
+
+    def trial(size):
+        if dist_info.world_size > 1:
+            set_gradient_sync(wrapped, False)  # a rank out of memory must not leave others waiting
+        x = torch.zeros((size, model.config.block_size), dtype=torch.long, device=dist_info.device)
+        with autocast:
+            _, loss = wrapped(x, x, return_logits=False)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    moments = 8 * model.num_params(non_embedding=False)  # AdamW's, made at the first step
+    chosen = largest_micro_batch(sequences, trial, dist_info, moments)
+    log.print(f"--auto_batch: micro-batch {chosen} x {sequences // chosen} steps (asked: {asked} x "
+              f"{config.gradient_accumulation_steps}), the largest whose forward and backward pass "
+              f"fit {torch.cuda.get_device_name(dist_info.device)}")
+    return chosen
 
 
 def new_model_args(config):
@@ -819,7 +938,7 @@ def start(argv):
 
 
 def main(argv=None):
-    dist_info, code = None, 0
+    dist_info, code, launched = None, 0, time.perf_counter()
     try:
         config, changes, model, checkpoint = start(argv)
         config.validate()
@@ -830,7 +949,7 @@ def main(argv=None):
         elif config.eval_only:
             evaluate_only(config, dist_info, model, checkpoint)
         else:
-            train(config, changes, dist_info, model, checkpoint)
+            train(config, changes, dist_info, model, checkpoint, launched)
     except UserError as e:
         code, message = e.code, f"error: {e}" if e.code == 1 else str(e)
         if code == 1 and dist_info is not None and not dist_info.is_master:  # its own data, say

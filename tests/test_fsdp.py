@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 
-import train_gpt2
 from checkpoint import load_checkpoint, optimizer_state_by_index, optimizer_state_by_name
 from cli import UserError
 from conftest import INPUT_TXT, TINY, read_metrics, run_torchrun, run_train, train_losses

@@ -50,7 +50,15 @@ def test_the_gpt2_124m_preset_is_the_defaults_at_batch_16_by_2():
     defaults = TrainConfig()
     assert config.batch_size * config.gradient_accumulation_steps * config.block_size == 32_768
     assert {k: v for k, v in vars(config).items() if getattr(defaults, k) != v} == {
-        "batch_size": 16, "gradient_accumulation_steps": 2, "out_dir": "out-gpt2-124m"}
+        "batch_size": 16, "gradient_accumulation_steps": 2, "out_dir": "out-gpt2-124m", "auto_batch": True}
+
+
+@pytest.mark.parametrize("path", [p for p in PRESETS if p.name.startswith("gpt2")], ids=lambda p: p.name)
+def test_the_gpu_presets_find_their_batch_and_the_large_ones_guard_against_spikes(path):
+    config, _ = parse_args(["--config", str(path)])
+    assert config.auto_batch is True
+    large = path.name in ("gpt2_774m.toml", "gpt2_1558m.toml")
+    assert (config.spike_guard > 0) == large and TrainConfig().spike_guard == 0
 
 
 @pytest.mark.parametrize("name", GPT2_SIZES)

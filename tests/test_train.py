@@ -20,7 +20,7 @@ from fineweb import write_shard
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import UserError
 from device import Distributed
-from settings import TrainConfig, parse_args
+from settings import TrainConfig
 from evaluation import sample_text
 from rundir import pause_clock
 from train_gpt2 import GPT, GPTConfig, estimate_mfu, flops_per_token, get_lr, setup_distributed
@@ -449,3 +449,54 @@ def test_a_run_records_its_data_path_so_eval_only_works_from_another_directory(t
     scored = run_train("--eval_only", "True", "--init_from", next(out_dir.glob("iter-2-*.pt")), cwd=elsewhere)
     assert scored.returncode == 0, scored.stderr
     assert read_metrics(out_dir)[-1]["eval_only"] is True
+
+
+# -----------------------------------------------------------------------------
+# Runs that look after themselves: the loss-spike guard, --auto_batch on a CPU
+
+
+def test_is_loss_spike_is_far_above_the_recent_median():
+    from train_gpt2 import is_loss_spike
+    recent = [3.0, 3.1, 2.9, 3.05, 2.95, 3.0, 3.1, 2.9, 3.0, 3.02]
+    assert not is_loss_spike(3.3, recent, 6.0) and is_loss_spike(4.5, recent, 6.0)
+    assert not is_loss_spike(100.0, recent[:9], 6.0)  # too few to know the trend
+    flat = [2.0] * 10  # no deviation at all: 1% of the median stands in for it
+    assert not is_loss_spike(2.1, flat, 6.0) and is_loss_spike(2.2, flat, 6.0)
+
+
+def test_a_run_of_loss_spikes_goes_back_to_the_last_checkpoint_and_skips_their_batches(tmp_path):
+    from fineweb import get_tokenizer
+    tokens = np.array(get_tokenizer().encode_ordinary(INPUT_TXT.read_text()), dtype=np.uint16)
+    step_tokens = 4 * 2 * 32  # TINY's batch x accumulation x block
+    noise = np.random.default_rng(0).integers(0, 50257, 3 * step_tokens, dtype=np.uint16)
+    train = tokens[:100_000].copy()
+    train[25 * step_tokens:28 * step_tokens] = noise  # steps 25, 26 and 27 read random tokens
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "x_val_000000.bin", tokens[-20_000:])
+    write_shard(shards / "x_train_000001.bin", train)
+    out_dir = tmp_path / "out"
+    result = run_train(*TINY, "--data", shards, "--out_dir", out_dir, "--shuffle", "False",
+                       "--max_iters", "32", "--eval_interval", "10", "--spike_guard", "3",
+                       "--spike_window", "10", "--lr_decay_iters", "100")  # a tight guard: the loss still falls
+    assert result.returncode == 0, result.stderr
+    records = read_metrics(out_dir)
+    assert [r["step"] for r in records if r.get("loss_spike")] == [25, 26, 27]
+    (rolled,) = [r for r in records if "rolled_back_to" in r]
+    assert rolled == {"step": 27, "rolled_back_to": 20, "skipped_batches": 8}
+    assert "3 loss spikes in a row: back to" in result.stdout
+    final = load_checkpoint(next(out_dir.glob("iter-32-*.pt")))
+    # steps 20 to 31 trained again on the batches after the spikes: the loader is 8 batches further on
+    assert final["loader"]["position"] == (32 + 8) * step_tokens and final["progress"]["skipped_steps"] == 3
+
+
+def test_auto_batch_on_a_cpu_keeps_the_flags_and_says_so(tmp_path):
+    out_dir = tmp_path / "out"
+    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2",
+                       "--eval_interval", "2", "--auto_batch", "True")
+    assert result.returncode == 0, result.stderr
+    assert "--auto_batch: on cpu the flags' micro-batch of 4 is kept" in result.stdout
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["auto_batch"] is True
+    assert config["auto_batch_chosen"] == {"batch_size": 4, "gradient_accumulation_steps": 2}
+    assert load_checkpoint(next(out_dir.glob("iter-2-*.pt")))["micro_batch"] == [4, 2]

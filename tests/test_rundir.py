@@ -1,0 +1,55 @@
+"""rundir.py's care of a run: the time budget (--max_time) as a rule, and run for real with a short budget,
+and a profile of a few steps (--profile_steps) read back from its trace."""
+
+import json
+import time
+
+from conftest import INPUT_TXT, REPO, TINY, run_script, run_train
+from checkpoint import load_checkpoint
+from rundir import RESUMABLE_EXIT, TimeBudget
+
+
+def test_the_budget_stops_before_a_step_and_a_checkpoint_would_pass_it():
+    budget = TimeBudget(10.0, started=100.0, checkpoint_bytes=100e6)  # a write guessed at 1 s
+    budget.record_step(1.0)
+    budget.record_step(2.0)  # the slowest of the last steps counts
+    assert not budget.out_of_time(False, now=106.9) and budget.out_of_time(False, now=107.1)
+    budget.record_evaluation(eval_seconds=3.0, save_seconds=0.5)
+    assert not budget.out_of_time(False, now=107.4)
+    assert budget.out_of_time(True, now=105.0)  # the next step evaluates: its evaluation counts too
+
+
+def test_a_run_past_its_time_budget_saves_and_exits_resumable(tmp_path):
+    out_dir = tmp_path / "out"
+    args = [*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--eval_interval", "1000"]
+    started = time.monotonic()
+    result = run_script(REPO / "tests" / "fault_injection.py", *args, "--max_iters", "1000",
+                        "--max_time", "00:00:08", env={"FAULT": "slow_steps:0.5"})
+    elapsed = time.monotonic() - started
+    assert result.returncode == RESUMABLE_EXIT, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "would pass --max_time 00:00:08" in line and "--init_from resume" in line
+    (stopped,) = out_dir.glob("iter-*-stopped.pt")
+    step = load_checkpoint(stopped)["progress"]["iter_num"]
+    assert 4 <= step < 16 and elapsed < 8 + 30  # the budget counts from the trainer's start
+    resumed = run_train("--init_from", "resume", "--out_dir", out_dir, "--max_iters", str(step + 2))
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_a_profile_of_the_steps_asked_for_is_a_trace_and_a_table(tmp_path):
+    out_dir = tmp_path / "out"
+    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "6",
+                       "--eval_interval", "6", "--profile_steps", "2:4")
+    assert result.returncode == 0, result.stderr
+    trace = out_dir / "profile" / "steps-2-3.pt.trace.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any("aten::mm" in event.get("name", "") for event in events)  # the matmuls are in it
+    assert f"profile of steps 2 to 3: {trace}" in result.stdout and "Self CPU" in result.stdout
+
+
+def test_a_profile_window_past_the_run_ends_with_it(tmp_path):
+    out_dir = tmp_path / "out"
+    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "4",
+                       "--eval_interval", "4", "--profile_steps", "2:100")
+    assert result.returncode == 0, result.stderr
+    assert (out_dir / "profile" / "steps-2-3.pt.trace.json").is_file()
