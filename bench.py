@@ -30,12 +30,11 @@ import torch.distributed as dist
 
 from cli import UserError, build_parser, flag
 from cross_entropy_kernel import kernel_runs_on
-from device import device_peak_flops, resolve_device
+from device import Distributed, device_peak_flops, resolve_device, setup_distributed
 from rundir import RunLog
-from device import Distributed
 from settings import TrainConfig
 from train_gpt2 import (GPT, GPTConfig, ShardLoader, Trainer, estimate_mfu, flops_per_token, get_lr,
-                        load_token_sources, new_model_args, setup_distributed)
+                        load_token_sources, new_model_args)
 
 # -----------------------------------------------------------------------------
 # Configuration: the trainer's flags choose the model and batch, plus a few of the benchmark's own

@@ -6,6 +6,7 @@ benchmark.
 """
 
 import contextlib
+import datetime
 import math
 import os
 import re
@@ -94,29 +95,6 @@ def resolve_device_dtype(dtype, device):
     return dtype
 
 
-def rank_device_and_backend(device, backend, fsdp, local_rank=None):
-    """(device, backend) of a process of a distributed run: under torchrun (local_rank given) each process
-    takes a GPU of its node, and the backend is NCCL on GPUs, Gloo on the CPU, unless backend names one.
-    A combination that cannot work is refused with the fix."""
-    if fsdp and device.split(":")[0] not in ("cuda", "cpu"):
-        raise UserError(f"--fsdp True runs on CUDA GPUs or the CPU, not on {device}: pass --fsdp False")
-    if backend == "auto":
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-    if backend == "nccl" and not device.startswith("cuda"):
-        raise UserError(f"--backend nccl needs CUDA GPUs, and this run is on {device}: pass --backend gloo")
-    if backend == "gloo" and fsdp and device.startswith("cuda"):
-        raise UserError("--fsdp True on GPUs needs --backend nccl (FSDP's collectives on CUDA tensors are "
-                        "not Gloo's): pass --backend auto, or --fsdp False to try DDP on Gloo")
-    if device.startswith("cuda") and local_rank is not None:
-        gpus = torch.cuda.device_count()
-        if local_rank >= gpus and backend == "nccl":
-            raise UserError(f"LOCAL_RANK {local_rank} has no GPU of its own on this machine of {gpus}: "
-                            f"launch at most {gpus} processes per node (--nproc_per_node {gpus}), or pass "
-                            f"--backend gloo to let processes share GPUs (slow, for trying the path)")
-        device = f"cuda:{local_rank % gpus}"
-    return device, backend
-
-
 # -----------------------------------------------------------------------------
 # The device's peak, for MFU
 
@@ -201,44 +179,6 @@ def check_model_fits(model_args, dist_info):
                         f"run on hosts with more memory")
 
 
-def largest_fitting(candidates, fits):
-    """The largest of the ascending candidates for which fits(candidate) is true, found by bisection
-    (what fits is taken to shrink as candidates grow), or None when none fits."""
-    low, high, best = 0, len(candidates) - 1, None
-    while low <= high:
-        middle = (low + high) // 2
-        if fits(candidates[middle]):
-            best, low = candidates[middle], middle + 1
-        else:
-            high = middle - 1
-    return best
-
-
-def fits_in_gpu(trial, device, reserved_bytes, fraction=0.9):
-    """Whether trial() (a forward and backward pass) runs on the GPU with reserved_bytes to spare (the
-    optimizer's state, made at its first step), measured by the allocator's peak: out of memory is a no."""
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    try:
-        trial()
-        peak = torch.cuda.max_memory_allocated(device)
-    except torch.cuda.OutOfMemoryError:
-        return False
-    finally:
-        torch.cuda.empty_cache()
-    return peak + reserved_bytes <= fraction * torch.cuda.get_device_properties(device).total_memory
-
-
-def largest_micro_batch(sequences, trial, dist_info, reserved_bytes):
-    """The largest divisor of sequences (a process's sequences per step) for which trial(size), a
-    forward and backward pass, fits the GPU with reserved_bytes to spare, on every rank: bisection over
-    the divisors, every rank taking the size the tightest one can. 1 if none fits."""
-    sizes = [size for size in range(1, sequences + 1) if sequences % size == 0]
-    fits = lambda size: not dist_info.any(not fits_in_gpu(lambda: trial(size), dist_info.device,
-                                                          reserved_bytes))
-    return largest_fitting(sizes, fits) or 1
-
-
 # -----------------------------------------------------------------------------
 # A process among the ranks: one process is world_size 1, not a separate code path
 
@@ -303,3 +243,60 @@ def lost_contact(error):
     words = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "imed out",
              "NCCL error")
     return isinstance(error, RuntimeError) and any(w in str(error) for w in words)
+
+
+def rank_device_and_backend(device, backend, fsdp, local_rank=None):
+    """(device, backend) of a process of a distributed run: under torchrun (local_rank given) each process
+    takes a GPU of its node, and the backend is NCCL on GPUs, Gloo on the CPU, unless backend names one.
+    A combination that cannot work is refused with the fix."""
+    if fsdp and device.split(":")[0] not in ("cuda", "cpu"):
+        raise UserError(f"--fsdp True runs on CUDA GPUs or the CPU, not on {device}: pass --fsdp False")
+    if backend == "auto":
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl" and not device.startswith("cuda"):
+        raise UserError(f"--backend nccl needs CUDA GPUs, and this run is on {device}: pass --backend gloo")
+    if backend == "gloo" and fsdp and device.startswith("cuda"):
+        raise UserError("--fsdp True on GPUs needs --backend nccl (FSDP's collectives on CUDA tensors are "
+                        "not Gloo's): pass --backend auto, or --fsdp False to try DDP on Gloo")
+    if device.startswith("cuda") and local_rank is not None:
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus and backend == "nccl":
+            raise UserError(f"LOCAL_RANK {local_rank} has no GPU of its own on this machine of {gpus}: "
+                            f"launch at most {gpus} processes per node (--nproc_per_node {gpus}), or pass "
+                            f"--backend gloo to let processes share GPUs (slow, for trying the path)")
+        device = f"cuda:{local_rank % gpus}"
+    return device, backend
+
+
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def setup_distributed(device, timeout_seconds=600, fsdp=False, backend="auto"):
+    """Join the process group when launched by torchrun (NCCL on CUDA, Gloo on the CPU, unless
+    backend names one). A collective that waits past the timeout (a rank died or hangs) raises
+    instead of waiting forever. FSDP needs a process group even for one process: without torchrun,
+    fsdp makes one of a single rank (its store in memory, so no port is opened)."""
+    present = [v for v in TORCHRUN_VARIABLES if v in os.environ]
+    device = resolve_device(device)
+    if not present and not fsdp:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)  # where Triton's kernels land too: --device cuda:1
+        return Distributed(device=device)
+    missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
+    if present and missing:
+        raise UserError(f"{present[0]} is set but {missing[0]} is not: launch distributed runs "
+                        "with `torchrun --nproc_per_node N train_gpt2.py ...`")
+    rank, local_rank, world_size = (0, None, 1)  # a process group of one: no torchrun
+    if present:
+        rank, local_rank, world_size = (int(os.environ[v]) for v in TORCHRUN_VARIABLES[:3])
+    device, backend = rank_device_and_backend(device, backend, fsdp, local_rank)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    if present:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    return Distributed(rank, local_rank or 0, world_size, device, control, sharded=fsdp)

@@ -7,6 +7,8 @@ each rank scores its share and every rank returns the figures for all of them.
     scores = evaluation.scores(model, autocast)                  # {"val_loss": ..., ...}
 """
 
+import time
+
 import torch
 
 import hellaswag
@@ -49,7 +51,23 @@ class Evaluation:
         self.positions = val_batch_positions(self.sources, config.batch_size, block_size,
                                              config.eval_iters)
         self.batch_size, self.block_size, self.dist_info = config.batch_size, block_size, dist_info
+        self.config, self.log = config, log
         self.hellaswag = hellaswag.load_for_training(config, dist_info, log)
+
+    def report(self, step, model, generator_model, autocast, tokens):
+        """The evaluation at a training step: its scores printed and recorded in metrics.jsonl, and
+        the samples printed. model: what the forward passes call (compiled, under DDP);
+        generator_model: the GPT itself, for the samples. Returns (scores, seconds it took)."""
+        start = time.perf_counter()
+        scores = self.scores(model, autocast)  # ends in .item(): the device is done
+        seconds = time.perf_counter() - start
+        self.log.print(f"step {step}: {describe_scores(scores)} | {seconds:.1f} s")
+        self.log.record(step=step, **scores, eval_seconds=round(seconds, 3), tokens=tokens)
+        c = self.config
+        for text in sample_text(generator_model, self.dist_info, autocast, c.seed + step,
+                                c.sample_prompt, c.num_samples):
+            self.log.print(f"  sample: {text!r}")
+        return scores, seconds
 
     @torch.no_grad()
     def val_loss(self, model, autocast):

@@ -9,7 +9,6 @@ checkpoint.py's. Everything here is rank 0's: the trainer has every rank agree o
     log.record(step=0, val_loss=10.9)               # a line of metrics.jsonl, and a point in every tracker
 """
 
-import collections
 import dataclasses
 import datetime
 import errno
@@ -20,11 +19,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from checkpoint import BEST_CHECKPOINT, best_copy_holds, evaluated_checkpoint, run_checkpoints, save_best
+import torch
+
+from checkpoint import (BEST_CHECKPOINT, best_copy_holds, evaluated_checkpoint, git_commit, run_checkpoints,
+                        save_best)
 from cli import UserError, atomic_write, lock_directory, remove_temporaries
+from device import busy_cpu_warning
 
 # -----------------------------------------------------------------------------
 # The directory: one run, one writer, and only the trainer's own files touched
@@ -372,6 +374,18 @@ def write_pending_best(out_dir, best_step, log):
         log.print(f"wrote {out_dir / BEST_CHECKPOINT}, the copy of {source} that could not be written before")
 
 
+def header(n_params, dist_info, dtype, tokens_per_step, first_step):
+    """The lines a run starts with: a warning where the CPU is busy, then what trains where."""
+    where, lines = dist_info.device, []
+    if where == "cpu":
+        where += f" ({torch.get_num_threads()} threads)"
+        lines += filter(None, [busy_cpu_warning()])
+    lines.append(f"GPT-2 {n_params / 1e6:.2f}M parameters | {dist_info.world_size} process(es) on "
+                 f"{where} | {dtype} | {tokens_per_step:,} tokens/step | torch {torch.__version__} | "
+                 f"commit {git_commit()} | from step {first_step}")
+    return lines
+
+
 def summary(out_dir, progress, last_checkpoint, first_step, seconds):
     """What a finished run did and where everything it wrote is, a line each."""
     out_dir = Path(out_dir)
@@ -386,69 +400,3 @@ def summary(out_dir, progress, last_checkpoint, first_step, seconds):
     row("every figure", f"{metrics}  (python plot.py {metrics})")
     row("every flag", out_dir / "config.json")
     return lines
-
-
-# -----------------------------------------------------------------------------
-# A run that looks after itself: its time budget, and a profile of a few steps on request
-
-RESUMABLE_EXIT = 75  # sysexits.h's EX_TEMPFAIL: stopped for now, to be run again
-
-
-class TimeBudget:
-    """--max_time: whether the next step (with its evaluation, if it has one) and then a checkpoint would
-    end past the budget, from the slowest of the last steps and the last evaluation and checkpoint write
-    measured. Before the first write is measured, it is guessed at 100 MB/s."""
-
-    def __init__(self, seconds, started, checkpoint_bytes):
-        self.deadline = started + seconds
-        self.steps = collections.deque(maxlen=20)
-        self.eval_seconds, self.save_seconds = 0.0, checkpoint_bytes / 100e6
-
-    def record_step(self, seconds):
-        self.steps.append(seconds)
-
-    def record_evaluation(self, eval_seconds, save_seconds):
-        self.eval_seconds, self.save_seconds = eval_seconds, save_seconds
-
-    def out_of_time(self, evaluates_next, now=None):
-        now = time.perf_counter() if now is None else now
-        needed = max(self.steps, default=0.0) + self.save_seconds
-        return now + needed + (self.eval_seconds if evaluates_next else 0.0) > self.deadline
-
-
-class StepProfiler:
-    """--profile_steps A:B: torch.profiler over steps A to B - 1, written to out_dir/profile/ as a
-    Chrome trace (chrome://tracing, Perfetto) that TensorBoard's profiler plugin reads too, then a table of
-    the kernels that took the most time."""
-
-    def __init__(self, steps, out_dir, device):
-        self.first, self.end = steps
-        self.folder = Path(out_dir) / "profile"
-        self.cuda = device.startswith("cuda")
-        self.profile = None
-
-    def before(self, step):
-        if step == self.first:
-            from torch.profiler import ProfilerActivity, profile
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-            self.profile = profile(activities=activities)
-            self.profile.start()
-
-    def after(self, step, log):
-        """Stops after step end - 1 (or at close, the run's last step): the trace, then the table."""
-        self.last = step
-        if self.profile is None or step < self.end - 1:
-            return
-        self.profile.stop()
-        self.folder.mkdir(exist_ok=True)
-        path = self.folder / f"steps-{self.first}-{step}.pt.trace.json"
-        self.profile.export_chrome_trace(str(path))
-        sort_by = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
-        log(f"profile of steps {self.first} to {step}: {path} (tensorboard --logdir {self.folder})")
-        log(self.profile.key_averages().table(sort_by=sort_by, row_limit=15))
-        self.profile = None
-
-    def close(self, log):
-        if self.profile is not None:  # the run ended inside the window
-            self.end = self.last + 1
-            self.after(self.last, log)

@@ -15,14 +15,11 @@ train. The rest lives in files named for it (README: How the code is laid out). 
 file only defines things: `from train_gpt2 import GPT, GPTConfig`.
 """
 
-import collections
 import dataclasses
-import datetime
 import math
 import os
 import re
 import signal
-import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,13 +39,13 @@ from checkpoint import (FullModelState, FullOptimizerState, Progress, RNGState, 
                         make_checkpoint, restore)
 from cli import StopSignal, UserError
 from cross_entropy_kernel import output_layer_loss
-from device import (BYTES_PER_PARAM, Distributed, busy_cpu_warning, check_model_fits,
-                    device_peak_flops, lost_contact, make_autocast, rank_device_and_backend,
-                    largest_micro_batch, resolve_device, resolve_dtype)
-from evaluation import Evaluation, describe_scores, sample_text
+from device import (BYTES_PER_PARAM, check_model_fits, device_peak_flops, lost_contact,
+                    make_autocast, resolve_dtype, setup_distributed)
+from evaluation import Evaluation, describe_scores
 from fineweb import check_unchanged, fingerprint, load_token_sources, read_span
+from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, choose_micro_batch
 from hf_convert import export_hf, is_hf_model, load_gpt2_weights
-from rundir import RESUMABLE_EXIT, Plotter, RunLog, pause_clock
+from rundir import Plotter, RunLog, pause_clock
 from sampling import generate_tokens
 from settings import (ARCHITECTURE, check_architecture, parse_args, parse_duration,
                       parse_step_range, resume_warnings, run_config, with_absolute_paths)
@@ -386,59 +383,13 @@ def flops_per_token(n_params, n_layer, n_embd, block_size):
 NON_FINITE, LOSS_SPIKE = 1, 2  # why a step is skipped: the larger wins when ranks disagree
 
 
-def is_loss_spike(loss, recent, threshold):
-    """Whether loss is more than threshold robust deviations above the median of the recent losses
-    (at least 10 of them): the median absolute deviation, scaled to a normal's standard deviation
-    and at least 1% of the median, so that a flat stretch of losses does not make every wobble a
-    spike."""
-    if len(recent) < 10:
-        return False
-    median = statistics.median(recent)
-    deviation = max(1.4826 * statistics.median(abs(x - median) for x in recent), 0.01 * abs(median))
-    return loss > median + threshold * deviation
-
-
 def estimate_mfu(flops_per_token, tokens_per_sec, peak_flops):
     """Model FLOPs utilization: the fraction of the device's peak that the training step reaches."""
     return flops_per_token * tokens_per_sec / peak_flops if peak_flops else None
 
 
 # -----------------------------------------------------------------------------
-# The distributed set-up: DDP or FSDP over torchrun's processes; one process is world_size 1
-
-TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def setup_distributed(device, timeout_seconds=600, fsdp=False, backend="auto"):
-    """Join the process group when launched by torchrun (NCCL on CUDA, Gloo on the CPU, unless
-    backend names one). A collective that waits past the timeout (a rank died or hangs) raises
-    instead of waiting forever. FSDP needs a process group even for one process: without torchrun,
-    fsdp makes one of a single rank (its store in memory, so no port is opened)."""
-    present = [v for v in TORCHRUN_VARIABLES if v in os.environ]
-    device = resolve_device(device)
-    if not present and not fsdp:
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)  # where Triton's kernels land too: --device cuda:1
-        return Distributed(device=device)
-    missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
-    if present and missing:
-        raise UserError(f"{present[0]} is set but {missing[0]} is not: launch distributed runs "
-                        "with `torchrun --nproc_per_node N train_gpt2.py ...`")
-    rank, local_rank, world_size = (0, None, 1)  # a process group of one: no torchrun
-    if present:
-        rank, local_rank, world_size = (int(os.environ[v]) for v in TORCHRUN_VARIABLES[:3])
-    device, backend = rank_device_and_backend(device, backend, fsdp, local_rank)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    timeout = datetime.timedelta(seconds=timeout_seconds)
-    if present:
-        dist.init_process_group(backend=backend, timeout=timeout)
-    else:
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timeout)
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    return Distributed(rank, local_rank or 0, world_size, device, control, sharded=fsdp)
-
+# The distributed set-up: the model under DDP or FSDP (device.setup_distributed joins the ranks)
 
 def shard_model(model, device, dtype):
     """FSDP2 over every rank: each block is a group of its own, gathered whole just before it runs
@@ -527,7 +478,7 @@ class Trainer:
         self.batches = Prefetcher(loader, self.device)
         self.evaluation, self.progress = evaluation, Progress()
         self.bad_steps, self.checkpoints = 0, RunCheckpoints(config.out_dir, config.keep_last)
-        self.spikes_in_a_row, self.recent_losses = 0, collections.deque(maxlen=config.spike_window)
+        self.spikes = SpikeGuard(config.spike_guard, config.spike_window)
         self.plotter = Plotter(log) if config.plot and dist_info.is_master else None
         # a checkpoint written after an evaluation is not evaluated again (a stopped run's is)
         self.evaluated_at_start = checkpoint is not None and checkpoint["val_loss"] is not None
@@ -546,6 +497,24 @@ class Trainer:
                 "optimizer": FullOptimizerState(self.model, self.optimizer, sharded),
                 "scaler": self.scaler, "loader": self.batches, "rng": RNGState(),
                 "progress": self.progress}
+
+    def try_micro_batch(self, size):
+        """A forward and backward pass at micro-batch size, the gradients dropped (--auto_batch)."""
+        if self.dist_info.world_size > 1:
+            set_gradient_sync(self.wrapped, False)  # a rank out of memory leaves none waiting
+        x = torch.zeros((size, self.model.config.block_size), dtype=torch.long, device=self.device)
+        with self.autocast:
+            _, loss = self.wrapped(x, x, return_logits=False)
+        loss.backward()
+        self.model.zero_grad(set_to_none=True)
+
+    def use_micro_batch(self, size, make_loader):
+        """Read the same global batches in micro-batches of size, from where the loader is."""
+        state = self.batches.state_dict()
+        self.batches.close()
+        sequences = self.config.batch_size * self.config.gradient_accumulation_steps
+        self.batches = Prefetcher(make_loader(size, sequences // size), self.device)
+        self.batches.load_state_dict(state)
 
     def train_step(self, step):
         """Optimizer step number `step`: its learning rate and batch, the forward and backward
@@ -576,8 +545,7 @@ class Trainer:
         if not self.scaler.is_enabled():  # a GradScaler (float16) skips overflows itself
             finite &= torch.isfinite(grad_norm)
         problem = NON_FINITE if not finite.item() else None  # the step's one wait for the device
-        if problem is None and c.spike_guard and is_loss_spike(loss_sum.item(), self.recent_losses,
-                                                               c.spike_guard):
+        if problem is None and c.spike_guard and self.spikes.is_spike(loss_sum.item()):
             problem = LOSS_SPIKE
         problem = d.max(problem or 0) or None  # each rank's loss is its own: all skip, or none
         if problem is None:
@@ -592,20 +560,18 @@ class Trainer:
     def count_bad_steps(self, step, lr, problem, loss):
         """A skipped step is logged; max_bad_steps in a row stop the run, or, when loss spikes were
         among them, take it back to its last checkpoint."""
+        self.spikes.record(loss.item() if self.config.spike_guard else 0.0, problem == LOSS_SPIKE)
         if problem is None:
             self.bad_steps = 0
-            if self.config.spike_guard:
-                self.recent_losses.append(loss.item())
             return
         self.bad_steps += 1
-        self.spikes_in_a_row = self.spikes_in_a_row + 1 if problem == LOSS_SPIKE else 0
         self.progress.skipped_steps += 1
         what = "a loss spike" if problem == LOSS_SPIKE else "non-finite loss or gradient norm"
         self.log.print(f"step {step}: {what}, update skipped ({self.bad_steps} in a row)")
         self.log.record(step=step, skipped=True, lr=lr, loss_spike=problem == LOSS_SPIKE)
         if self.bad_steps < self.config.max_bad_steps:
             return
-        if self.spikes_in_a_row == self.bad_steps and self.checkpoints.latest is not None:
+        if self.spikes.in_a_row == self.bad_steps and self.checkpoints.latest is not None:
             self.roll_back(step)
             return
         raise UserError(f"stopped at step {step}: {self.bad_steps} steps in a row had a "
@@ -622,8 +588,8 @@ class Trainer:
         parts = self.parts()
         del parts["loader"]
         restore(load_checkpoint(path), parts)
-        self.progress.skipped_steps, self.bad_steps, self.spikes_in_a_row = skipped, 0, 0
-        self.recent_losses.clear()
+        self.progress.skipped_steps, self.bad_steps = skipped, 0
+        self.spikes.clear()
         back_to = self.progress.iter_num
         self.log.print(f"step {step}: {self.config.max_bad_steps} loss spikes in a row: back to "
                        f"{path} (step {back_to}), skipping the batches of steps {back_to} to "
@@ -648,17 +614,9 @@ class Trainer:
         self.checkpoints.latest = self.checkpoints.out_dir / name  # on every rank
 
     def evaluate_and_save(self, step):
-        """The evaluation of step, its samples and (past step 0) its checkpoint. Returns the seconds
-        the evaluation and the checkpoint took."""
-        start = time.perf_counter()
-        scores = self.evaluation.scores(self.wrapped, self.autocast)  # ends in .item(): synced
-        eval_seconds = time.perf_counter() - start
-        self.log.print(f"step {step}: {describe_scores(scores)} | {eval_seconds:.1f} s")
-        self.log.record(step=step, **scores, eval_seconds=round(eval_seconds, 3),
-                        tokens=self.progress.tokens)
-        for text in sample_text(self.model, self.dist_info, self.autocast, self.config.seed + step,
-                                self.config.sample_prompt, self.config.num_samples):
-            self.log.print(f"  sample: {text!r}")
+        """The evaluation of step and (past step 0) its checkpoint; the seconds each took."""
+        scores, eval_seconds = self.evaluation.report(step, self.wrapped, self.model, self.autocast,
+                                                      self.progress.tokens)
         saved = time.perf_counter()
         if step > 0:  # step 0 is never checkpointed, so it never counts as the best
             self.save(step, scores["val_loss"])
@@ -678,11 +636,15 @@ class Trainer:
                         ms_per_step=ms_per_step, tokens_per_sec=tokens_per_sec, mfu=mfu,
                         tokens=self.progress.tokens)
 
-    def loop(self, stop, budget=None, profiler=None):
+    def loop(self, stop, launched=None):
         """Train from the current step to max_iters: evaluate (and checkpoint) every eval_interval
         steps and at the end, log every log_interval steps; stop with a checkpoint on a signal, or
-        before the next step would pass the time budget (rundir.TimeBudget)."""
+        before the next step would pass --max_time, counted from launched (guards.TimeBudget)."""
         config, args = self.config, self.model.config
+        budget = TimeBudget(parse_duration(config.max_time), launched,
+                            BYTES_PER_PARAM * self.model.num_params())
+        profile_steps = parse_step_range(config.profile_steps) if self.dist_info.is_master else None
+        profiler = StepProfiler(profile_steps, config.out_dir, self.device, self.log.print)
         model_flops_per_token = flops_per_token(self.model.num_params(), args.n_layer, args.n_embd,
                                                 args.block_size)
         peak_flops = device_peak_flops(self.device, self.dtype, self.dist_info.world_size)
@@ -690,27 +652,23 @@ class Trainer:
         interval_start, interval_steps = time.perf_counter(), 0
         from tqdm import tqdm
         # closed on the way out whatever happens, so that a message after it gets a line of its own
-        with tqdm(total=config.max_iters, initial=first_step, desc="train", unit="step",
-                  dynamic_ncols=True, mininterval=1.0, disable=not self.dist_info.is_master) as bar:
+        bar = tqdm(total=config.max_iters, initial=first_step, desc="train", unit="step",
+                   dynamic_ncols=True, mininterval=1.0, disable=not self.dist_info.is_master)
+        with bar, profiler:
             while True:
                 evaluates = step % config.eval_interval == 0 or step == config.max_iters
                 if evaluates and not (self.evaluated_at_start and step == first_step):
                     eval_start = time.perf_counter()
-                    seconds = self.evaluate_and_save(step)
-                    if budget:
-                        budget.record_evaluation(*seconds)
+                    budget.record_evaluation(*self.evaluate_and_save(step))
                     interval_start, interval_steps = time.perf_counter(), 0  # not training time
                     pause_clock(bar, interval_start - eval_start)  # nor in the bar's rate and ETA
                 if step == config.max_iters:
                     break
-                if profiler:
-                    profiler.before(step)
+                profiler.before(step)
                 step_start = time.perf_counter()
                 lr, loss, grad_norm = self.train_step(step)
-                if budget:
-                    budget.record_step(time.perf_counter() - step_start)
-                if profiler:
-                    profiler.after(step, self.log.print)
+                budget.record_step(time.perf_counter() - step_start)
+                profiler.after(step)
                 interval_steps += 1
                 bar.update(self.progress.iter_num - bar.n)  # backwards after a roll-back
                 if step % config.log_interval == 0 or step == config.max_iters - 1:
@@ -732,7 +690,7 @@ class Trainer:
             raise UserError(f"stopped by {signal.Signals(signum).name} after step {step - 1}: "
                             f"saved {self.checkpoints.latest}; continue with --init_from resume",
                             code=128 + signum)
-        if budget and step < max_iters and d.any(budget.out_of_time(evaluates)):
+        if step < max_iters and d.any(budget.out_of_time(evaluates)):
             self.save(step)
             raise UserError(f"stopped after step {step - 1}: the next step would pass --max_time "
                             f"{self.config.max_time}; saved {self.checkpoints.latest}; resumable: "
@@ -835,40 +793,27 @@ def train(config, changes, dist_info, model, checkpoint, launched):
         if model is None:
             torch.manual_seed(config.seed)
             model = GPT(GPTConfig(**model_args))
-        if config.auto_batch:
-            micro_batch = choose_micro_batch(model, config, dist_info, log)
-            sequences = config.batch_size * config.gradient_accumulation_steps
-            loader = make_loader(micro_batch, sequences // micro_batch)
         trainer = Trainer(config, dist_info, model, log, loader=loader, evaluation=evaluation,
                           checkpoint=checkpoint)
-        micro_batch = {"batch_size": loader.B, "gradient_accumulation_steps": loader.micro_steps}
+        if config.auto_batch:
+            size = choose_micro_batch(config, dist_info, trainer.try_micro_batch,
+                                      trainer.model.num_params(non_embedding=False), log.print)
+            trainer.use_micro_batch(size, make_loader)
+        micro_batch = {"batch_size": trainer.batches.loader.B,
+                       "gradient_accumulation_steps": trainer.batches.loader.micro_steps}
         dist_info.on_rank0(lambda: rundir.prepare_run_files(config, trainer.progress,
                                                             trainer.evaluated_at_start, log,
                                                             micro_batch), "prepare --out_dir")
         first_step, started = trainer.progress.iter_num, time.perf_counter()
-        where = dist_info.device
-        if where == "cpu":
-            where += f" ({torch.get_num_threads()} threads)"
-            for warning in filter(None, [busy_cpu_warning()]):
-                log.print(warning)
-        log.print(f"GPT-2 {trainer.model.num_params(non_embedding=False) / 1e6:.2f}M parameters | "
-                  f"{dist_info.world_size} process(es) on {where} | {trainer.dtype} | "
-                  f"{loader.tokens_per_step:,} tokens/step | torch {torch.__version__} | commit "
-                  f"{git_commit()} | from step {first_step}")
-        budget = config.max_time and rundir.TimeBudget(parse_duration(config.max_time), launched,
-                                                       BYTES_PER_PARAM * trainer.model.num_params())
-        profiler = (rundir.StepProfiler(parse_step_range(config.profile_steps), config.out_dir,
-                                        dist_info.device)
-                    if config.profile_steps and dist_info.is_master else None)
+        for line in rundir.header(trainer.model.num_params(non_embedding=False), dist_info,
+                                  trainer.dtype, loader.tokens_per_step, first_step):
+            log.print(line)
         with StopSignal(verbose=dist_info.is_master) as stop:
             try:
-                trainer.loop(stop, budget, profiler)
+                trainer.loop(stop, launched)
             except UserError as e:
                 failed = e.code == 1  # a stop on a signal or the budget saved a checkpoint
                 raise
-            finally:
-                if profiler:
-                    profiler.close(log.print)
         failed = False
         seconds = time.perf_counter() - started
         for line in rundir.summary(config.out_dir, trainer.progress, trainer.checkpoints.latest,
@@ -880,37 +825,6 @@ def train(config, changes, dist_info, model, checkpoint, launched):
         log.close(failed)
         if lock is not None:
             lock.release()
-
-
-def choose_micro_batch(model, config, dist_info, log):
-    """--auto_batch: the largest micro-batch that divides this process's sequences per step and
-    whose forward and backward pass fit the GPU with the model as it will train (placed, compiled,
-    gradient checkpointing as set), by device.largest_micro_batch. On a CPU or under FSDP, the
-    flags'."""
-    sequences, asked = config.batch_size * config.gradient_accumulation_steps, config.batch_size
-    if not dist_info.device.startswith("cuda") or dist_info.sharded:
-        where = "under --fsdp" if dist_info.sharded else f"on {dist_info.device}"
-        log.print(f"--auto_batch: {where} the flags' micro-batch of {asked} is kept")
-        return asked
-    dtype = resolve_dtype(config.dtype, dist_info.device)
-    model = place_model(model.train(), dist_info, dtype, config.loss_kernel)
-    model.gradient_checkpointing = config.gradient_checkpointing
-    wrapped, autocast = wrap_model(model, config.compile, dist_info), make_autocast("cuda", dtype)
-
-    def trial(size):
-        if dist_info.world_size > 1:
-            set_gradient_sync(wrapped, False)  # a rank out of memory must not leave others waiting
-        x = torch.zeros((size, model.config.block_size), dtype=torch.long, device=dist_info.device)
-        with autocast:
-            _, loss = wrapped(x, x, return_logits=False)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-    moments = 8 * model.num_params(non_embedding=False)  # AdamW's, made at the first step
-    chosen = largest_micro_batch(sequences, trial, dist_info, moments)
-    log.print(f"--auto_batch: micro-batch {chosen} x {sequences // chosen} steps (asked: {asked} x "
-              f"{config.gradient_accumulation_steps}), the largest whose forward and backward pass "
-              f"fit {torch.cuda.get_device_name(dist_info.device)}")
-    return chosen
 
 
 def new_model_args(config):

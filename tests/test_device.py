@@ -1,20 +1,13 @@
-"""device.py: the dtype check, the peak FLOP/s of a run's processes, and the bisection that finds the largest
-micro-batch that fits (the GPU's own trial is measured by the allocator, on a GPU only)."""
+"""device.py: the dtype check, the peak FLOP/s of a run's processes, and joining the ranks (a backend that
+cannot serve the device is refused before joining)."""
 
 import pytest
+import torch
 
+import device
 from cli import UserError
-from device import check_dtype, device_peak_flops, largest_fitting
-
-
-def test_the_largest_fitting_size_is_found_by_bisection():
-    sizes = [1, 2, 4, 5, 8, 10, 20, 40]
-    tried = []
-    fits = lambda size: tried.append(size) or size <= 10
-    assert largest_fitting(sizes, fits) == 10
-    assert len(tried) <= 4  # log2 of 8 candidates, not all of them
-    assert largest_fitting(sizes, lambda size: True) == 40
-    assert largest_fitting(sizes, lambda size: False) is None
+from device import check_dtype, device_peak_flops, setup_distributed
+from settings import TrainConfig
 
 
 def test_a_runs_peak_counts_every_process():
@@ -37,3 +30,21 @@ def test_processes_sharing_a_machine_share_its_cores(monkeypatch):
 def test_an_unknown_dtype_is_refused_naming_the_ones_there_are(dtype):
     with pytest.raises(UserError, match="is not one of auto, float32, bfloat16, float16"):
         check_dtype(dtype)
+
+
+def test_a_backend_that_cannot_serve_the_device_is_refused_before_joining(monkeypatch):
+    with pytest.raises(UserError, match="--backend 'mpi' is not one of auto, nccl, gloo"):
+        TrainConfig(backend="mpi").validate()
+    for name, value in [("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "1")]:  # a port nothing listens on: joining would wait, not fail
+        monkeypatch.setenv(name, value)
+    join = lambda device, **kwargs: setup_distributed(device, timeout_seconds=5, **kwargs)
+    with pytest.raises(UserError, match="--backend nccl needs CUDA GPUs.*pass --backend gloo"):
+        join("cpu", backend="nccl")
+    # a machine of one GPU, seen from the second rank, without touching CUDA
+    monkeypatch.setattr(device, "resolve_device", lambda name: name)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="LOCAL_RANK 1 has no GPU of its own.*--nproc_per_node 1.*--backend gloo"):
+        join("cuda")
+    with pytest.raises(UserError, match="--fsdp True on GPUs needs --backend nccl"):
+        join("cuda", fsdp=True, backend="gloo")

@@ -1,12 +1,32 @@
-"""rundir.py's care of a run: the time budget (--max_time) as a rule, and run for real with a short budget,
-and a profile of a few steps (--profile_steps) read back from its trace."""
+"""guards.py: the bisection that finds the largest micro-batch that fits (--auto_batch; the GPU's own trial is
+measured by the allocator, on a GPU only), the loss-spike rule (--spike_guard), the time budget (--max_time) as
+a rule and run for real with a short budget, and a profile of a few steps (--profile_steps) read back from its
+trace."""
 
 import json
 import time
 
 from conftest import INPUT_TXT, REPO, TINY, run_script, run_train
 from checkpoint import load_checkpoint
-from rundir import RESUMABLE_EXIT, TimeBudget
+from guards import RESUMABLE_EXIT, TimeBudget, is_loss_spike, largest_fitting
+
+
+def test_the_largest_fitting_size_is_found_by_bisection():
+    sizes = [1, 2, 4, 5, 8, 10, 20, 40]
+    tried = []
+    fits = lambda size: tried.append(size) or size <= 10
+    assert largest_fitting(sizes, fits) == 10
+    assert len(tried) <= 4  # log2 of 8 candidates, not all of them
+    assert largest_fitting(sizes, lambda size: True) == 40
+    assert largest_fitting(sizes, lambda size: False) is None
+
+
+def test_a_loss_spike_is_far_above_the_recent_median():
+    recent = [3.0, 3.1, 2.9, 3.05, 2.95, 3.0, 3.1, 2.9, 3.0, 3.02]
+    assert not is_loss_spike(3.3, recent, 6.0) and is_loss_spike(4.5, recent, 6.0)
+    assert not is_loss_spike(100.0, recent[:9], 6.0)  # too few to know the trend
+    flat = [2.0] * 10  # no deviation at all: 1% of the median stands in for it
+    assert not is_loss_spike(2.1, flat, 6.0) and is_loss_spike(2.2, flat, 6.0)
 
 
 def test_the_budget_stops_before_a_step_and_a_checkpoint_would_pass_it():
