@@ -33,8 +33,8 @@ from cross_entropy_kernel import kernel_runs_on
 from device import Distributed, device_peak_flops, resolve_device, setup_distributed
 from rundir import RunLog
 from settings import TrainConfig
-from train_gpt2 import (GPT, GPTConfig, ShardLoader, Trainer, estimate_mfu, flops_per_token, get_lr,
-                        load_token_sources, new_model_args)
+from fineweb import load_token_sources
+from train_gpt2 import GPT, GPTConfig, ShardLoader, Trainer, estimate_mfu, flops_per_token, get_lr, new_model_args
 
 # -----------------------------------------------------------------------------
 # Configuration: the trainer's flags choose the model and batch, plus a few of the benchmark's own

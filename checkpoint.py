@@ -47,7 +47,7 @@ class Progress:
     tokens: int = 0  # tokens trained on, across any change of batch
     best_val_loss: float = math.inf  # the lowest val loss of a checkpointed evaluation
     best_step: Optional[int] = None  # the step whose checkpoint holds the best weights
-    skipped_steps: int = 0  # non-finite steps not applied
+    skipped_steps: int = 0  # steps not applied (a non-finite loss, a loss spike)
     wandb_run_id: Optional[str] = None  # so that a resumed run continues its wandb run
 
     def state_dict(self):

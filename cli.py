@@ -40,12 +40,15 @@ class UserError(ValueError):
 
 
 def run_command(command):
-    """Run a script's command(): a UserError ends it with its one line on stderr and its exit code."""
+    """Run a script's command(): a UserError ends it with its one line on stderr and its exit code,
+    Ctrl-C with status 130."""
     try:
         command()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.code)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 # -----------------------------------------------------------------------------

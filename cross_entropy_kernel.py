@@ -159,7 +159,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     the CPU, where every fresh tensor of this size is new memory from the operating system, paid for with a
     page fault on each 4 KiB touched: for GPT-2's vocabulary, nearly as long again as the matmul that fills
     it (BENCHMARKS.md). A GPU's caching allocator already reuses its memory; there each chunk's softmax and
-    gradient go through the Triton kernel of cross_entropy_kernel.py (use_kernel), two passes over the chunk's
+    gradient go through the Triton kernel above (use_kernel), two passes over the chunk's
     logits where plain torch makes about eight."""
 
     @staticmethod
@@ -214,7 +214,7 @@ def reusable_buffer(workspace, shape, dtype):
 def linear_cross_entropy(x, weight, targets, chunk_size=4096, workspace=None, use_kernel=True):
     """F.cross_entropy(x @ weight.T, targets) without the full logits; x (N, C), weight (V, C), targets (N,).
     workspace: a dict to keep the logits buffer in between calls (see LinearCrossEntropy). use_kernel: the
-    Triton kernel of cross_entropy_kernel.py for each chunk's softmax where it runs (CUDA), else plain torch."""
+    Triton kernel above for each chunk's softmax where it runs (CUDA), else plain torch."""
     # grad mode is off inside forward(), so it is read here: an evaluation must not pay for gradients
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return LinearCrossEntropy.apply(x, weight, targets, chunk_size, needs_grad, workspace, use_kernel)

@@ -171,7 +171,11 @@ def tokenize_document(text):
 def tokenize_text_file(path):
     """A whole text file as uint16 tokens, read once for both splits. A binary file (a token shard, say:
     its header holds zero bytes) or an empty one is refused."""
-    raw = Path(path).read_bytes()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"--data {path} cannot be read ({e.strerror or e}): fix its permissions or "
+                        f"pass another file") from None
     if not raw.strip():
         raise UserError(f"--data {path} is empty: pass a text file with text in it, or a directory of shards")
     if b"\0" in raw:

@@ -1,7 +1,7 @@
 """
 What keeps a long run going without a person watching it, each asked for by a flag of the trainer's:
 
-    --auto_batch True   largest_micro_batch: the largest micro-batch that fits the GPU, found by trying
+    --auto_batch True   choose_micro_batch: the largest micro-batch that fits the GPU, by trying
     --max_time 3.5      TimeBudget: a checkpoint and exit status 75 before the budget runs out
     --spike_guard 6     SpikeGuard: a step whose loss is far above the recent ones is not applied
     --profile_steps A:B StepProfiler: a torch.profiler trace of a few steps, and its top kernels
@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from cli import UserError
 
 # -----------------------------------------------------------------------------
 # --auto_batch: the micro-batch that fits
@@ -35,15 +37,18 @@ def largest_fitting(candidates, fits):
 
 
 def fits_in_gpu(trial, device, reserved_bytes, fraction=0.9):
-    """Whether trial() (a forward and backward pass) runs on the GPU with reserved_bytes to spare (the
-    optimizer's state, made at its first step), measured by the allocator's peak: out of memory is a no."""
+    """Whether trial() (a forward and backward pass) runs on the GPU with reserved_bytes to spare
+    (the optimizer's state, made at its first step), measured by the allocator's peak: out of memory
+    is a no."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     try:
         trial()
         peak = torch.cuda.max_memory_allocated(device)
-    except torch.cuda.OutOfMemoryError:
-        return False
+    except Exception as e:  # out of memory, or a compiler's error wrapped around one
+        if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+            return False
+        raise
     finally:
         torch.cuda.empty_cache()
     return peak + reserved_bytes <= fraction * torch.cuda.get_device_properties(device).total_memory
@@ -51,24 +56,30 @@ def fits_in_gpu(trial, device, reserved_bytes, fraction=0.9):
 
 def largest_micro_batch(sequences, trial, dist_info, reserved_bytes):
     """The largest divisor of sequences (a process's sequences per step) for which trial(size), a
-    forward and backward pass, fits the GPU with reserved_bytes to spare, on every rank: bisection over
-    the divisors, every rank taking the size the tightest one can. 1 if none fits."""
+    forward and backward pass, fits the GPU with reserved_bytes to spare, on every rank: bisection
+    over the divisors, every rank taking the size the tightest one can. None if none fits."""
     sizes = [size for size in range(1, sequences + 1) if sequences % size == 0]
     fits = lambda size: not dist_info.any(not fits_in_gpu(lambda: trial(size), dist_info.device,
                                                           reserved_bytes))
-    return largest_fitting(sizes, fits) or 1
+    return largest_fitting(sizes, fits)
 
 
 def choose_micro_batch(config, dist_info, trial, n_params, log):
     """--auto_batch: the largest micro-batch that divides this process's sequences per step and for
     which trial(size), a forward and backward pass of the model as it trains, fits the GPU with room
-    for AdamW's moments (made at its first step). On a CPU or under FSDP, the flags'. It says why."""
+    for AdamW's moments (made at its first step). On a CPU or under FSDP, the flags'. It says why.
+    """
     sequences, asked = config.batch_size * config.gradient_accumulation_steps, config.batch_size
     if not dist_info.device.startswith("cuda") or dist_info.sharded:
         where = "under --fsdp" if dist_info.sharded else f"on {dist_info.device}"
         log(f"--auto_batch: {where} the flags' micro-batch of {asked} is kept")
         return asked
     chosen = largest_micro_batch(sequences, trial, dist_info, reserved_bytes=8 * n_params)
+    if chosen is None:
+        raise UserError("--auto_batch: not even a micro-batch of 1 sequence fits "
+                        f"{torch.cuda.get_device_name(dist_info.device)} with AdamW's state: pass "
+                        "--gradient_checkpointing True, shard the model with --fsdp True, or "
+                        "choose a smaller one")
     log(f"--auto_batch: micro-batch {chosen} x {sequences // chosen} steps (asked: {asked} x "
         f"{config.gradient_accumulation_steps}), the largest whose forward and backward pass fit "
         f"{torch.cuda.get_device_name(dist_info.device)}")
@@ -92,8 +103,8 @@ def is_loss_spike(loss, recent, threshold):
 
 
 class SpikeGuard:
-    """The losses of the last `window` steps applied, and how many steps in a row were spikes. It starts
-    afresh on resume and after a roll-back."""
+    """The losses of the last `window` steps applied, and how many steps in a row were spikes. It
+    starts afresh on resume and after a roll-back."""
 
     def __init__(self, threshold, window):
         self.threshold, self.recent, self.in_a_row = threshold, collections.deque(maxlen=window), 0
@@ -102,10 +113,11 @@ class SpikeGuard:
         return bool(self.threshold) and is_loss_spike(loss, self.recent, self.threshold)
 
     def record(self, loss, spike):
-        """A step's loss (a float, or a tensor read only when the guard is on) and whether it spiked."""
+        """A step's loss (None for a step not applied, or with the guard off) and whether it spiked.
+        """
         self.in_a_row = self.in_a_row + 1 if spike else 0
-        if self.threshold and not spike:
-            self.recent.append(float(loss))
+        if loss is not None:
+            self.recent.append(loss)
 
     def clear(self):
         self.recent.clear()
@@ -120,9 +132,9 @@ RESUMABLE_EXIT = 75  # sysexits.h's EX_TEMPFAIL: stopped for now, to be run agai
 
 
 class TimeBudget:
-    """--max_time: whether the next step (with its evaluation, if it has one) and then a checkpoint would
-    end past the budget, from the slowest of the last steps and the last evaluation and checkpoint write
-    measured. Before the first write is measured, it is guessed at 100 MB/s."""
+    """--max_time: whether the next step (with its evaluation, if it has one) and then a checkpoint
+    would end past the budget, from the slowest of the last steps and the last evaluation and
+    checkpoint write measured. Before the first write is measured, it is guessed at 100 MB/s."""
 
     def __init__(self, seconds, started, checkpoint_bytes):
         self.deadline = math.inf if seconds is None else started + seconds  # None: no budget
@@ -132,25 +144,33 @@ class TimeBudget:
     def record_step(self, seconds):
         self.steps.append(seconds)
 
-    def record_evaluation(self, eval_seconds, save_seconds):
-        self.eval_seconds, self.save_seconds = eval_seconds, save_seconds
+    def record_evaluation(self, eval_seconds, save_seconds=None):
+        """An evaluation's time, and its checkpoint's write (None: none was written, the estimate
+        stands)."""
+        self.eval_seconds = eval_seconds
+        if save_seconds is not None:
+            self.save_seconds = save_seconds
 
     def out_of_time(self, evaluates_next, now=None):
+        """Whether the next step, then its evaluation and checkpoint (if it evaluates), then the
+        checkpoint of a stop would end past the budget."""
         now = time.perf_counter() if now is None else now
         needed = max(self.steps, default=0.0) + self.save_seconds
-        return now + needed + (self.eval_seconds if evaluates_next else 0.0) > self.deadline
+        if evaluates_next:
+            needed += self.eval_seconds + self.save_seconds
+        return now + needed > self.deadline
 
 
 class StepProfiler:
     """--profile_steps A:B: torch.profiler over steps A to B - 1, written to out_dir/profile/ as a
-    Chrome trace (chrome://tracing, Perfetto) that TensorBoard's profiler plugin reads too, then a table of
-    the kernels that took the most time."""
+    Chrome trace (chrome://tracing, Perfetto) that TensorBoard's profiler plugin reads too, then a
+    table of the kernels that took the most time."""
 
     def __init__(self, steps, out_dir, device, log):
         self.first, self.end = steps or (None, None)  # None: nothing to profile
         self.folder, self.log = Path(out_dir) / "profile", log
         self.cuda = device.startswith("cuda")
-        self.profile, self.last = None, None
+        self.profile, self.last, self.seen = None, None, False
 
     def __enter__(self):
         return self
@@ -162,6 +182,10 @@ class StepProfiler:
             self.after(self.last)
 
     def before(self, step):
+        if self.first is not None and not self.seen and step > self.first:
+            self.log(f"warning: --profile_steps {self.first}:{self.end}: this run starts at step "
+                     f"{step}, past the window's first step; nothing is profiled")
+        self.seen = True
         if step == self.first:
             from torch.profiler import ProfilerActivity, profile
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
@@ -169,14 +193,19 @@ class StepProfiler:
             self.profile.start()
 
     def after(self, step):
-        """Stops after step end - 1 (or at close, the run's last step): the trace, then the table."""
+        """Stops after step end - 1 (or at close, the run's last step): the trace, then the table.
+        """
         self.last = step
         if self.profile is None or step < self.end - 1:
             return
         self.profile.stop()
-        self.folder.mkdir(exist_ok=True)
         path = self.folder / f"steps-{self.first}-{step}.pt.trace.json"
-        self.profile.export_chrome_trace(str(path))
+        try:
+            self.folder.mkdir(exist_ok=True)
+            self.profile.export_chrome_trace(str(path))
+        except OSError as e:  # a profile is never worth the run
+            self.log(f"warning: --profile_steps: {path} cannot be written ({e.strerror or e})")
+            path = "not written"
         sort_by = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
         self.log(f"profile of steps {self.first} to {step}: {path} (tensorboard --logdir "
                  f"{self.folder})")

@@ -12,13 +12,15 @@ Each ending is scored by the model's loss on its tokens after the context: `acc`
 lowest total loss (the highest log-likelihood), `acc_norm` the lowest mean loss per token (it does not favour
 short endings). build-nanogpt reports acc 0.2859, acc_norm 0.2955 for GPT-2 124M on val, scored the same way.
 
-The trainer calls it on every rank at each evaluation, with its own compiled GPT (not the DDP wrapper):
+The trainer calls it on every rank at each evaluation, with its GPT as its forward passes call it
+(compiled, under DDP with several processes):
 
-    examples, problems = hellaswag.load_examples("val", limit=N)   # once; problems: lines skipped, to print
+    examples = hellaswag.load_for_training(config, dist_info, log)  # once; None when unavailable
     result = hellaswag.evaluate(model, examples, batch_size, block_size, autocast, dist_info)
     result["acc_norm"], result["acc"], result["n"]                  # the same on every rank (summed)
 
-and turns the UserError of a split it cannot have into a warning: a run without HellaSwag trains on. Ranks
+load_for_training turns the UserError of a split it cannot have into a warning: a run without HellaSwag
+trains on. Ranks
 may download the split at the same time: each writes its own temporary file and renames it into place.
 Importing this file only defines things.
 """

@@ -164,10 +164,19 @@ def hf_model(model_args, state):
     with quiet_hf_logs():
         hf = GPT2LMHeadModel(hf_config)
     hf_state = hf.state_dict()  # shares storage with hf's parameters: copying into it loads them
+    expected = {name for name in hf_state if not name.endswith((".attn.bias", ".attn.masked_bias"))}
+    if set(state) != expected:
+        different = sorted(set(state) ^ expected)[:3]
+        raise UserError(f"the weights do not match their own architecture ({', '.join(different)} "
+                        f"missing or extra): the checkpoint is damaged; use another one") from None
     with torch.no_grad():
         for name, value in state.items():
             value = value.t() if name.endswith(HF_TRANSPOSED) else value
-            hf_state[name].copy_(value[:VOCAB_SIZE] if name.endswith(("wte.weight", "lm_head.weight")) else value)
+            value = value[:VOCAB_SIZE] if name.endswith(("wte.weight", "lm_head.weight")) else value
+            if value.shape != hf_state[name].shape:
+                raise UserError(f"the weights do not match their own architecture ({name} is "
+                                f"{tuple(value.shape)}): the checkpoint is damaged; use another one")
+            hf_state[name].copy_(value)
     return hf.eval()
 
 

@@ -115,7 +115,12 @@ class RunLog:
     def __init__(self, out_dir, enabled):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled = enabled
-        self.trackers = []
+        self.trackers, self.error = [], None
+
+    def raise_if_failed(self, dist_info):
+        """On every rank, the error of a record that rank 0 could not write."""
+        if dist_info.any(self.error is not None):
+            raise self.error or UserError("rank 0 could not append to metrics.jsonl: see its message")
 
     def print(self, text):
         if self.enabled:
@@ -127,15 +132,19 @@ class RunLog:
             return
         metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
         line = (json.dumps(metrics) + "\n").encode()
-        with open(self.path, "ab", buffering=0) as f:  # unbuffered: a failed write fails here, not at close
-            size = f.tell()
-            try:
-                if f.write(line) != len(line):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            except OSError as e:
-                f.truncate(size)  # no line cut mid-way
-                raise UserError(f"cannot append to {self.path} ({e.strerror or e}): free disk space, then "
-                                f"continue with --init_from resume") from None
+        try:
+            with open(self.path, "ab", buffering=0) as f:  # unbuffered: a failed write fails here
+                size = f.tell()
+                try:
+                    if f.write(line) != len(line):
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                except OSError:
+                    f.truncate(size)  # no line cut mid-way
+                    raise
+        except OSError as e:  # said on every rank by raise_if_failed, not here on rank 0 alone
+            self.error = UserError(f"cannot append to {self.path} ({e.strerror or e}): free disk space, "
+                                   f"then continue with --init_from resume")
+            return
         for tracker in list(self.trackers):
             self.use(tracker, lambda: tracker.log(metrics["step"], tracker_figures(metrics)))
 

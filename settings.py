@@ -5,7 +5,8 @@ any work, and the rules by which a run that starts from a checkpoint takes its o
     config, explicit = parse_args(["--max_iters", "400"])       # explicit: the flags given
     config, changes = run_config(config, explicit, checkpoint)  # resumed: the checkpoint's flags
 
-config.json in a run directory is a TrainConfig written out, and so is every checkpoint's "config".
+config.json in a run directory is a TrainConfig written out (with --auto_batch, and the micro-batch
+chosen), and every checkpoint's "config" is one.
 """
 
 import dataclasses
@@ -111,8 +112,8 @@ class TrainConfig:
     # runs that look after themselves
     auto_batch: bool = flag(False, "train with the largest micro-batch that divides this process's "
                                    "sequences per step and fits the GPU's memory, found by trying "
-                                   "(the tokens per step stay the flags'); on a CPU the flags as "
-                                   "given")
+                                   "(the tokens per step stay the flags'); on a CPU, MPS or under "
+                                   "--fsdp the flags as given")
     max_time: str = flag("", "this launch's wall-clock budget, in hours (1.5) or HH:MM:SS: before "
                              "the next step would pass it, save a checkpoint and exit with status "
                              "75 (resumable); '': none")
@@ -125,8 +126,9 @@ class TrainConfig:
                                   "out_dir/profile/ (TensorBoard's and Chrome's format) and a "
                                   "table of the top kernels at the end; '': none")
 
-    def validate(self):
-        """Raise UserError naming the problem and the fix; called before any work is done."""
+    def validate(self, host=True):
+        """Raise UserError naming the problem and the fix; called before any work is done. host: also
+        that a step's batch fits this machine's memory (not asked of a checkpoint's own flags)."""
         check_types(self)
         positive = ["block_size", "n_layer", "n_head", "n_embd", "batch_size",
                     "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
@@ -161,7 +163,8 @@ class TrainConfig:
             raise UserError(f"--num_samples {self.num_samples} is more than {MAX_SAMPLES}: the "
                             "samples are drawn as one batch at every evaluation; for many "
                             "samples, use sample.py")
-        check_batch_fits_host(self)
+        if host:
+            check_batch_fits_host(self)
         if self.backend not in ("auto", "nccl", "gloo"):
             raise UserError(f"--backend {self.backend!r} is not one of auto, nccl, gloo")
         if self.eval_only and self.init_from == "scratch":
@@ -258,12 +261,13 @@ def run_config(flags, explicit, checkpoint):
     (config, changes), changes being one line for each flag given whose value differs from the
     run's. The checkpoint's own flags are checked as the command line's are: a bad one is a damaged
     checkpoint."""
-    saved, path = checkpoint["config"], checkpoint["path"]
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    path, fields = checkpoint["path"], {f.name for f in dataclasses.fields(TrainConfig)}
+    # a flag the checkpoint lacks had its default then: the whole config from here on
+    saved = checkpoint["config"] = {**dataclasses.asdict(TrainConfig()), **checkpoint["config"]}
     values = {name: value for name, value in saved.items()
               if name in fields and name not in COMMAND_FLAGS}
     try:
-        TrainConfig(**values).validate()
+        TrainConfig(**values).validate(host=False)
     except (TypeError, UserError) as e:
         raise UserError(f"checkpoint {path} holds a malformed config ({e}): it is damaged; use "
                         "another checkpoint of the run") from None

@@ -9,10 +9,10 @@ DDP/FSDP loop.
     python train_gpt2.py --eval_only True --init_from out/best_val_loss.pt
 
 Every flag is a field of settings.TrainConfig (`--help` lists them). The file reads top to bottom:
-the model, the data, the schedule, the distributed set-up, evaluation, the Trainer (its train_step
-is one optimizer step) and main(), which runs export (--export_hf), evaluate_only (--eval_only) or
-train. The rest lives in files named for it (README: How the code is laid out). Importing this
-file only defines things: `from train_gpt2 import GPT, GPTConfig`.
+the model, the data, the schedule, the DDP/FSDP set-up, the Trainer (its train_step is one optimizer
+step, its loop the run) and main(), which runs export (--export_hf), evaluate_only (--eval_only) or
+train. The rest lives in files named for it (README: How the code is laid out). Importing this file
+only defines things: `from train_gpt2 import GPT, GPTConfig`.
 """
 
 import dataclasses
@@ -478,7 +478,7 @@ class Trainer:
         self.batches = Prefetcher(loader, self.device)
         self.evaluation, self.progress = evaluation, Progress()
         self.bad_steps, self.checkpoints = 0, RunCheckpoints(config.out_dir, config.keep_last)
-        self.spikes = SpikeGuard(config.spike_guard, config.spike_window)
+        self.spikes, self.rolled_back_to = SpikeGuard(config.spike_guard, config.spike_window), []
         self.plotter = Plotter(log) if config.plot and dist_info.is_master else None
         # a checkpoint written after an evaluation is not evaluated again (a stopped run's is)
         self.evaluated_at_start = checkpoint is not None and checkpoint["val_loss"] is not None
@@ -503,10 +503,12 @@ class Trainer:
         if self.dist_info.world_size > 1:
             set_gradient_sync(self.wrapped, False)  # a rank out of memory leaves none waiting
         x = torch.zeros((size, self.model.config.block_size), dtype=torch.long, device=self.device)
-        with self.autocast:
-            _, loss = self.wrapped(x, x, return_logits=False)
-        loss.backward()
-        self.model.zero_grad(set_to_none=True)
+        try:
+            with self.autocast:
+                _, loss = self.wrapped(x, x, return_logits=False)
+            loss.backward()
+        finally:  # out of memory half-way leaves gradients that the first step would add to
+            self.model.zero_grad(set_to_none=True)
 
     def use_micro_batch(self, size, make_loader):
         """Read the same global batches in micro-batches of size, from where the loader is."""
@@ -558,9 +560,11 @@ class Trainer:
         return lr, loss_sum, grad_norm
 
     def count_bad_steps(self, step, lr, problem, loss):
-        """A skipped step is logged; max_bad_steps in a row stop the run, or, when loss spikes were
-        among them, take it back to its last checkpoint."""
-        self.spikes.record(loss.item() if self.config.spike_guard else 0.0, problem == LOSS_SPIKE)
+        """A skipped step is logged; max_bad_steps in a row stop the run, or, when all of them were
+        loss spikes, take its weights back to the last checkpoint (at most twice to the same one).
+        """
+        self.spikes.record(loss.item() if problem is None and self.spikes.threshold else None,
+                           problem == LOSS_SPIKE)
         if problem is None:
             self.bad_steps = 0
             return
@@ -571,29 +575,31 @@ class Trainer:
         self.log.record(step=step, skipped=True, lr=lr, loss_spike=problem == LOSS_SPIKE)
         if self.bad_steps < self.config.max_bad_steps:
             return
-        if self.spikes.in_a_row == self.bad_steps and self.checkpoints.latest is not None:
-            self.roll_back(step)
-            return
-        raise UserError(f"stopped at step {step}: {self.bad_steps} steps in a row had a "
-                        "non-finite loss or gradient norm; the last good checkpoint is "
-                        f"{self.checkpoints.latest or 'none yet'}: continue from it with a "
+        latest, spikes = self.checkpoints.latest, self.spikes.in_a_row == self.bad_steps
+        if spikes and latest is not None and self.rolled_back_to.count(latest) < 2:
+            return self.roll_back(step)
+        what = "loss spikes" if spikes else "a non-finite loss or gradient norm"
+        raise UserError(f"stopped at step {step}: {self.bad_steps} steps in a row had {what}; the "
+                        f"last good checkpoint is {latest or 'none yet'}: continue from it with a "
                         "lower --learning_rate", code=1)
 
     def roll_back(self, step):
-        """After max_bad_steps loss spikes in a row: the weights, optimizer, scaler, RNG and
-        counters of the last checkpoint, but the batches go on from here, so those since the
-        checkpoint (the ones that caused the spikes among them) are skipped; the loader's state says
-        where it is."""
-        path, skipped = self.checkpoints.latest, self.progress.skipped_steps
+        """After max_bad_steps loss spikes in a row: the weights, optimizer state and RNG of the
+        last checkpoint, while the step count and the batches go on from here, so the batches since
+        the checkpoint (those that caused the spikes among them) are not in the weights."""
+        path = self.checkpoints.latest
         parts = self.parts()
-        del parts["loader"]
-        restore(load_checkpoint(path), parts)
-        self.progress.skipped_steps, self.bad_steps = skipped, 0
+        for kept in ("loader", "progress"):
+            del parts[kept]
+        checkpoint = load_checkpoint(path)
+        restore(checkpoint, parts)
+        self.bad_steps = 0
         self.spikes.clear()
-        back_to = self.progress.iter_num
-        self.log.print(f"step {step}: {self.config.max_bad_steps} loss spikes in a row: back to "
-                       f"{path} (step {back_to}), skipping the batches of steps {back_to} to "
-                       f"{step}")
+        self.rolled_back_to.append(path)
+        back_to = checkpoint["progress"]["iter_num"]
+        self.log.print(f"step {step}: {self.config.max_bad_steps} loss spikes in a row: the "
+                       f"weights go back to {path} (step {back_to}); the batches of steps "
+                       f"{back_to} to {step} are skipped")
         self.log.record(step=step, rolled_back_to=back_to, skipped_batches=step + 1 - back_to)
 
     def save(self, step, val_loss=None):
@@ -617,12 +623,13 @@ class Trainer:
         """The evaluation of step and (past step 0) its checkpoint; the seconds each took."""
         scores, eval_seconds = self.evaluation.report(step, self.wrapped, self.model, self.autocast,
                                                       self.progress.tokens)
-        saved = time.perf_counter()
+        saved, save_seconds = time.perf_counter(), None
         if step > 0:  # step 0 is never checkpointed, so it never counts as the best
             self.save(step, scores["val_loss"])
+            save_seconds = time.perf_counter() - saved
         if self.plotter:
             self.plotter.redraw()
-        return eval_seconds, time.perf_counter() - saved
+        return eval_seconds, save_seconds
 
     def log_step(self, step, lr, loss, grad_norm, ms_per_step, model_flops_per_token, peak_flops):
         loss = (self.dist_info.sum(loss.clone()) / self.dist_info.world_size).item()  # a sync
@@ -670,7 +677,7 @@ class Trainer:
                 budget.record_step(time.perf_counter() - step_start)
                 profiler.after(step)
                 interval_steps += 1
-                bar.update(self.progress.iter_num - bar.n)  # backwards after a roll-back
+                bar.update(1)
                 if step % config.log_interval == 0 or step == config.max_iters - 1:
                     ms_per_step = 1000 * (time.perf_counter() - interval_start) / interval_steps
                     self.log_step(step, lr, loss, grad_norm, ms_per_step, model_flops_per_token,
@@ -684,6 +691,7 @@ class Trainer:
         would pass the time budget."""
         d = self.dist_info
         evaluates = step % self.config.eval_interval == 0 or step == max_iters
+        self.log.raise_if_failed(d)
         if d.any(stop.requested is not None):
             signum = stop.requested or signal.SIGTERM
             self.save(step)
@@ -758,6 +766,7 @@ def evaluate_only(config, dist_info, model, checkpoint):
                         else (config.init_from, 0))
         log.print(f"{source}: step {step} {describe_scores(scores, len(evaluation.positions))}")
         log.record(step=step, **scores, eval_only=True, checkpoint=str(source))
+        log.raise_if_failed(dist_info)
     finally:
         if lock is not None:
             lock.release()
@@ -811,6 +820,7 @@ def train(config, changes, dist_info, model, checkpoint, launched):
         with StopSignal(verbose=dist_info.is_master) as stop:
             try:
                 trainer.loop(stop, launched)
+                log.raise_if_failed(dist_info)
             except UserError as e:
                 failed = e.code == 1  # a stop on a signal or the budget saved a checkpoint
                 raise

@@ -34,9 +34,12 @@ def test_the_budget_stops_before_a_step_and_a_checkpoint_would_pass_it():
     budget.record_step(1.0)
     budget.record_step(2.0)  # the slowest of the last steps counts
     assert not budget.out_of_time(False, now=106.9) and budget.out_of_time(False, now=107.1)
+    budget.record_evaluation(eval_seconds=3.0)  # step 0's: no checkpoint, the write's guess stands
+    assert budget.out_of_time(False, now=107.1)
     budget.record_evaluation(eval_seconds=3.0, save_seconds=0.5)
     assert not budget.out_of_time(False, now=107.4)
-    assert budget.out_of_time(True, now=105.0)  # the next step evaluates: its evaluation counts too
+    # the next step evaluates: its evaluation and checkpoint count too (2 + 3 + 0.5 + 0.5)
+    assert not budget.out_of_time(True, now=103.9) and budget.out_of_time(True, now=104.1)
 
 
 def test_a_run_past_its_time_budget_saves_and_exits_resumable(tmp_path):

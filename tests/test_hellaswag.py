@@ -405,7 +405,7 @@ def write_checkpoint(path, model):
              "progress": Progress()}
     save_checkpoint(path, make_checkpoint(parts, model_args=dict(block_size=64, vocab_size=50304, n_layer=2,
                                                                  n_head=2, n_embd=64),
-                                          config=dataclasses.asdict(TrainConfig()), world_size=1,
+                                          config=dataclasses.asdict(TrainConfig()), world_size=1, micro_batch=[1, 1],
                                           torch_version=str(torch.__version__), git_commit=None, val_loss=None))
     return path
 

@@ -455,10 +455,12 @@ def test_a_run_of_loss_spikes_goes_back_to_the_last_checkpoint_and_skips_their_b
     assert [r["step"] for r in records if r.get("loss_spike")] == [25, 26, 27]
     (rolled,) = [r for r in records if "rolled_back_to" in r]
     assert rolled == {"step": 27, "rolled_back_to": 20, "skipped_batches": 8}
-    assert "3 loss spikes in a row: back to" in result.stdout
+    assert "3 loss spikes in a row: the weights go back to" in result.stdout
     final = load_checkpoint(next(out_dir.glob("iter-32-*.pt")))
-    # steps 20 to 31 trained again on the batches after the spikes: the loader is 8 batches further on
-    assert final["loader"]["position"] == (32 + 8) * step_tokens and final["progress"]["skipped_steps"] == 3
+    # the steps go on: the weights of step 20 trained on from step 28, the batches of 20 to 27 unused
+    assert final["loader"]["position"] == 32 * step_tokens and final["progress"]["skipped_steps"] == 3
+    after = [r for r in records if r["step"] > 27 and "train_loss" in r]
+    assert [r["step"] for r in after] == [28, 29, 30, 31] and all(r["train_loss"] < 9 for r in after)
 
 
 def test_auto_batch_on_a_cpu_keeps_the_flags_and_says_so(tmp_path):
