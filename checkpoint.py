@@ -36,6 +36,7 @@ from cli import UserError, atomic_write
 
 CHECKPOINT_VERSION = 2
 PARTS = ("model", "optimizer", "scaler", "loader", "rng", "progress")
+ARCHITECTURE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")  # model_args: GPTConfig's fields
 ABOUT = ("version", "model_args", "config", "world_size", "micro_batch", "torch_version", "git_commit",
          "val_loss")
 
@@ -263,11 +264,15 @@ def check_fields(c, path):
     config's flags are checked where they become a TrainConfig; the tensors where the model and optimizer
     load them."""
     model_args, loader, progress, rng = c.get("model_args"), c.get("loader"), c.get("progress"), c.get("rng")
+    if isinstance(model_args, dict) and set(model_args) != set(ARCHITECTURE):
+        unknown = sorted(set(model_args) ^ set(ARCHITECTURE))
+        raise UserError(f"checkpoint {path} has an unknown architecture ({', '.join(unknown)}): it is damaged "
+                        f"or from another program")
     fields = {
         "a field": all(key in c for key in PARTS + ABOUT),
         "model": isinstance(c.get("model"), dict) and all(isinstance(v, torch.Tensor) for v in c["model"].values()),
         "model_args": isinstance(model_args, dict)
-        and all(is_int(model_args.get(k), 1) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"))
+        and all(is_int(model_args.get(k), 1) for k in ARCHITECTURE)
         and model_args["n_embd"] % model_args["n_head"] == 0,
         "optimizer": isinstance(c.get("optimizer"), dict) and isinstance(c["optimizer"].get("state"), dict)
         and isinstance(c["optimizer"].get("param_groups"), list),

@@ -148,6 +148,14 @@ class RunLog:
         for tracker in list(self.trackers):
             self.use(tracker, lambda: tracker.log(metrics["step"], tracker_figures(metrics)))
 
+    def step(self, step, **figures):
+        """A training step's line (loss, lr, norm, ms, tok/s, mfu) and its record."""
+        f, mfu = figures, figures["mfu"]
+        self.print(f"step {step:6d} | loss {f['train_loss']:.4f} | lr {f['lr']:.2e} | norm "
+                   f"{f['grad_norm']:.3f} | {f['ms_per_step']:.1f} ms | {f['tokens_per_sec']:,.0f} tok/s | "
+                   f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'}")
+        self.record(step=step, **figures)
+
     def use(self, tracker, action, closing=False):
         """action() on a tracker; one that fails is dropped (closed as well as it can be) with a warning."""
         try:

@@ -635,13 +635,9 @@ class Trainer:
         loss = (self.dist_info.sum(loss.clone()) / self.dist_info.world_size).item()  # a sync
         tokens_per_sec = self.batches.tokens_per_step / (ms_per_step / 1000)
         mfu = estimate_mfu(model_flops_per_token, tokens_per_sec, peak_flops)
-        mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-        self.log.print(f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | norm "
-                       f"{grad_norm.item():.3f} | {ms_per_step:.1f} ms | {tokens_per_sec:,.0f} "
-                       f"tok/s | mfu {mfu_text}")
-        self.log.record(step=step, train_loss=loss, lr=lr, grad_norm=grad_norm.item(),
-                        ms_per_step=ms_per_step, tokens_per_sec=tokens_per_sec, mfu=mfu,
-                        tokens=self.progress.tokens)
+        self.log.step(step, train_loss=loss, lr=lr, grad_norm=grad_norm.item(),
+                      ms_per_step=ms_per_step, tokens_per_sec=tokens_per_sec, mfu=mfu,
+                      tokens=self.progress.tokens)
 
     def loop(self, stop, launched=None):
         """Train from the current step to max_iters: evaluate (and checkpoint) every eval_interval
@@ -724,12 +720,8 @@ def load_start(init_from, out_dir):
     (checkpoint None)."""
     if init_from != "resume" and is_hf_model(init_from):
         return GPT.from_pretrained(init_from).eval(), None
-    checkpoint = load_checkpoint(checkpoint_path(init_from, out_dir))
-    try:
-        model = GPT(GPTConfig(**checkpoint["model_args"]))
-    except TypeError as e:
-        raise UserError(f"checkpoint {checkpoint['path']} has an unknown architecture ({e}): it is "
-                        "damaged or from another program") from None
+    checkpoint = load_checkpoint(checkpoint_path(init_from, out_dir))  # model_args checked there
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
     try:
         model.load_state_dict(checkpoint.pop("model"))
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
