@@ -539,8 +539,8 @@ class Trainer:
             loss_sum += loss.detach()
             self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        max_norm = c.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]  # its order
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor of the ranks' partial norms
             grad_norm = grad_norm.full_tensor()
         finite = torch.isfinite(loss_sum)
