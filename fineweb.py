@@ -888,14 +888,36 @@ def locked_out_dir(out_dir):
 
 
 def read_manifest(out_dir):
-    """The manifest of an earlier run into out_dir, None if there is none."""
+    """The manifest of an earlier run into out_dir, None if there is none; one of another shape (damaged,
+    edited) is refused."""
     path = out_dir / MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         raise UserError(f"{path} cannot be read ({e}): delete it and rerun") from None
+    if not manifest_shape_ok(manifest):
+        raise UserError(f"{path} is damaged (not the manifest fineweb.py writes): "
+                        f"{restart_fix(out_dir)}")
+    return manifest
+
+
+def manifest_shape_ok(manifest):
+    """Whether a manifest has the fields and types that write_manifest gives it."""
+    is_count = lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    shard_ok = lambda r: (isinstance(r, dict) and isinstance(r.get("name"), str) and r.get("split") in SPLITS
+                          and is_count(r.get("tokens")) and is_count(r.get("documents"))
+                          and isinstance(r.get("end"), list) and len(r["end"]) == 2
+                          and all(is_count(n) for n in r["end"]))
+    input_ok = lambda r: (isinstance(r, dict) and isinstance(r.get("path"), str) and is_count(r.get("size"))
+                          and is_count(r.get("mtime_ns")) and isinstance(r.get("fingerprint"), str))
+    return (isinstance(manifest, dict) and isinstance(manifest.get("complete"), bool)
+            and isinstance(manifest.get("shards"), list) and all(map(shard_ok, manifest["shards"]))
+            and isinstance(manifest.get("source"), dict) and isinstance(manifest.get("tokens"), dict)
+            and (manifest.get("max_tokens") is None or is_count(manifest["max_tokens"]))
+            and (manifest.get("inputs") is None or isinstance(manifest["inputs"], list)
+                 and all(map(input_ok, manifest["inputs"]))))
 
 
 def check_manifest(manifest, settings, out_dir):

@@ -533,6 +533,32 @@ def test_manifest_without_input_records_is_refused_until_restart(tmp_path):
     assert json.loads(manifest_path.read_text())["inputs"][0]["path"] == "docs.jsonl"
 
 
+@pytest.mark.parametrize("damage", ["a list", "shards not a list", "a shard without tokens", "tokens a string",
+                                    "inputs not records", "complete a string"])
+def test_a_damaged_manifest_is_refused_in_one_line_until_restart(damage, tmp_path):
+    write_jsonl(tmp_path / "docs.jsonl", shakespeare_documents()[:200])
+    args = ["--data_files", "docs.jsonl", "--out_dir", "shards", *TINY]
+    assert fineweb(*args, cwd=tmp_path).returncode == 0
+    manifest_path = tmp_path / "shards" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if damage == "a list":
+        manifest = [manifest]
+    elif damage == "shards not a list":
+        manifest["shards"] = "all of them"
+    elif damage == "a shard without tokens":
+        del manifest["shards"][0]["tokens"]
+    elif damage == "tokens a string":
+        manifest["shards"][0]["tokens"] = "many"
+    elif damage == "inputs not records":
+        manifest["inputs"] = ["docs.jsonl"]
+    else:
+        manifest["complete"] = "yes"
+    manifest_path.write_text(json.dumps(manifest))
+    refused = one_line_error(fineweb(*args, cwd=tmp_path))
+    assert "manifest.json is damaged" in refused and "--restart True" in refused
+    assert fineweb(*args, "--restart", "True", cwd=tmp_path).returncode == 0
+
+
 # -----------------------------------------------------------------------------
 # The trainer reads the shards
 
