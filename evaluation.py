@@ -13,7 +13,9 @@ import torch
 
 import hellaswag
 from cli import UserError
+from device import make_autocast, resolve_dtype
 from fineweb import EOT_TOKEN, get_tokenizer, load_token_sources, read_span
+from rundir import RunLog, claim_out_dir
 
 # -----------------------------------------------------------------------------
 # The val batches: the same at every evaluation, so that losses compare
@@ -132,3 +134,30 @@ def sample_text(model, dist_info, autocast, seed, prompt, num_samples=4, max_new
                              generator=generator)
     model.train()
     return [enc.decode(row.tolist()) for row in out]
+
+
+# -----------------------------------------------------------------------------
+# --eval_only: a checkpoint scored as training scores it
+
+
+def evaluate_only(config, dist_info, model, checkpoint, place):
+    """--eval_only: the val loss (and HellaSwag) of the --init_from model, recorded in out_dir's
+    metrics.jsonl (the checkpoint's own folder unless --out_dir is given). place(model, dtype): the
+    model on its device as the trainer places it (this rank's shards under FSDP)."""
+    log = RunLog(config.out_dir, dist_info.is_master)
+    evaluation = Evaluation(config, model.config.block_size, dist_info, log)
+    dtype = resolve_dtype(config.dtype, dist_info.device, dist_info.sharded)
+    # its one line goes to a directory no trainer is writing
+    lock = dist_info.on_rank0(lambda: claim_out_dir(config.out_dir), "use --out_dir")
+    try:
+        model = place(model, dtype)
+        forward = torch.compile(model) if config.compile else model
+        scores = evaluation.scores(forward, make_autocast(dist_info.device.split(":")[0], dtype))
+        source, step = ((checkpoint["path"], checkpoint["progress"]["iter_num"]) if checkpoint
+                        else (config.init_from, 0))
+        log.print(f"{source}: step {step} {describe_scores(scores, len(evaluation.positions))}")
+        log.record(step=step, **scores, eval_only=True, checkpoint=str(source))
+        log.raise_if_failed(dist_info)
+    finally:
+        if lock is not None:
+            lock.release()

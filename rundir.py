@@ -364,10 +364,10 @@ def start_trackers(config, progress, log):
         log.trackers.append(TensorBoardTracker(config.out_dir, progress.iter_num, records))
 
 
-def prepare_run_files(config, progress, evaluated_at_start, log, micro_batch=None):
+def prepare_run_files(config, progress, evaluated_at_start, log, loader=None):
     """Clear what a killed run left, cut metrics.jsonl back to the checkpoint, write a best copy that is
     pending (best_val_loss.pt could not be written when its checkpoint was), start the trackers and write
-    config.json: the flags, and with --auto_batch the micro-batch chosen for them."""
+    config.json: the flags, and with --auto_batch the micro-batch the loader reads for them."""
     out_dir = Path(config.out_dir)
     try:
         remove_temporaries(out_dir)  # a killed run's, safe under the lock
@@ -375,8 +375,8 @@ def prepare_run_files(config, progress, evaluated_at_start, log, micro_batch=Non
         write_pending_best(out_dir, progress.best_step, log)
         start_trackers(config, progress, log)
         flags = dataclasses.asdict(config)
-        if config.auto_batch and micro_batch:
-            flags["auto_batch_chosen"] = micro_batch
+        if config.auto_batch and loader is not None:
+            flags["auto_batch_chosen"] = {"batch_size": loader.B, "gradient_accumulation_steps": loader.micro_steps}
         atomic_write(out_dir / "config.json", lambda f: f.write(json.dumps(flags, indent=2).encode()))
     except OSError as e:
         raise UserError(f"cannot write into --out_dir {out_dir} ({e.strerror or e}): fix its permissions or "

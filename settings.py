@@ -297,6 +297,11 @@ def with_absolute_paths(config):
     return dataclasses.replace(config, data=data, hellaswag_data=hellaswag_data)
 
 
+def same_path(a, b):
+    """Whether two --data values name the same file or folder (one of them relative, say)."""
+    return a == b or Path(a).resolve() == Path(b).resolve()
+
+
 def check_architecture(explicit, config, model_args):
     """An architecture flag given explicitly must agree with the architecture of the weights loaded.
     """
@@ -320,7 +325,7 @@ def resume_warnings(saved, config, saved_world_size, world_size):
     if (before["batch_size"], before["eval_iters"]) != (config.batch_size, config.eval_iters):
         warnings.append("warning: --batch_size or --eval_iters changes the val batches: val losses "
                         "from here on do not compare exactly with the ones before")
-    if Path(before["data"]).resolve() != Path(config.data).resolve():
+    if not same_path(before["data"], config.data):
         warnings.append(f"warning: --data changes from {before['data']} to {config.data}: training "
                         "goes on with the new data from its first batch, and the val batches "
                         "change")

@@ -1,6 +1,5 @@
 """
-Pre-train GPT-2 from scratch: the model, the sharded token loader, the cosine LR schedule, the
-DDP/FSDP loop.
+Pre-train GPT-2: the model, the sharded token loader, the cosine LR schedule, the DDP/FSDP loop.
 
     python train_gpt2.py                                    # one GPU (or the CPU), FineWeb-Edu
     python train_gpt2.py --config config/shakespeare_cpu.toml  # flags from a file
@@ -24,7 +23,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,14 +39,14 @@ from cli import StopSignal, UserError
 from cross_entropy_kernel import output_layer_loss
 from device import (BYTES_PER_PARAM, check_model_fits, device_peak_flops, lost_contact,
                     make_autocast, resolve_dtype, setup_distributed)
-from evaluation import Evaluation, describe_scores
+from evaluation import Evaluation, evaluate_only
 from fineweb import check_unchanged, fingerprint, load_token_sources, read_span
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, choose_micro_batch
 from hf_convert import export_hf, is_hf_model, load_gpt2_weights
 from rundir import Plotter, RunLog, pause_clock
 from sampling import generate_tokens
 from settings import (ARCHITECTURE, check_architecture, parse_args, parse_duration,
-                      parse_step_range, resume_warnings, run_config, with_absolute_paths)
+                      parse_step_range, resume_warnings, run_config, same_path, with_absolute_paths)
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 as in the paper and OpenAI's code
@@ -136,10 +134,9 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, return_logits=True, positions=None):
-        """(logits, loss). return_logits=False: the training step's loss, chunk by chunk, never
-        holding the (B, T, vocab_size) logits (None in their place). positions: a (K,) index into
-        the B * T flattened positions; the (K, vocab_size) logits there alone, no loss (an
-        evaluation of a few tokens a row)."""
+        """(logits, loss). return_logits=False: the training loss, chunk by chunk, never holding
+        the (B, T, vocab_size) logits (None in their place). positions: a (K,) index into the B * T
+        positions; the (K, vocab_size) logits there alone, no loss (HellaSwag's endings)."""
         B, T = idx.size()
         if positions is not None and targets is not None:
             raise ValueError("positions gives logits without a loss: pass targets or positions")
@@ -165,8 +162,8 @@ class GPT(nn.Module):
         return logits, loss
 
     def num_params(self, non_embedding=True):
-        """Parameters, counted once despite the tying; the position table is left out by default
-        since it costs no FLOPs (the token table does: it is also the output layer)."""
+        """Parameters, counted once despite the tying; by default without the position table,
+        which costs no FLOPs (the token table does: it is also the output layer)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
@@ -184,8 +181,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None,
                  generator=None):
-        """idx (B, T) and max_new_tokens sampled tokens after it; ids at or past vocab_limit (the
-        padding of the vocabulary) are never sampled."""
+        """idx (B, T) and max_new_tokens sampled after it, never an id past vocab_limit."""
         new = generate_tokens(lambda context: self(context)[0], idx, max_new_tokens,
                               self.config.block_size, temperature, top_k, vocab_limit, generator)
         return torch.cat([idx, *new], dim=1)
@@ -202,12 +198,6 @@ class GPT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # The data: shards read through memmaps, each rank reading its own part of every global batch
-
-
-def window_order(n_windows, seed, epoch, shard_index):
-    """The order in which an epoch reads a shard's windows: a permutation of range(n_windows), fixed
-    by the seed, the epoch and the shard's index, and different for each."""
-    return np.random.default_rng([seed, epoch, shard_index]).permutation(n_windows)
 
 
 class ShardLoader:
@@ -255,11 +245,13 @@ class ShardLoader:
             check_unchanged(self.shards[self.order[self.shard]])
 
     def shard_windows(self):
-        """The start offsets of the current shard's windows in this epoch's order (once a shard)."""
+        """The start offsets of the current shard's windows in this epoch's order (once a shard): a
+        permutation fixed by the seed, the epoch and the shard's index, different for each."""
         index = self.order[self.shard]
         if self.windows_of != (self.epoch, index):
             n_windows = (len(self.shards[index]) - 1) // self.T
-            self.windows = window_order(n_windows, self.seed, self.epoch, index) * self.T
+            order = np.random.default_rng([self.seed, self.epoch, index]).permutation(n_windows)
+            self.windows = order * self.T
             self.windows_of = (self.epoch, index)
         return self.windows
 
@@ -321,10 +313,9 @@ class ShardLoader:
 
 
 class Prefetcher:
-    """A loader that reads the next batch in a background thread while the current step runs, and
-    copies it to the device from pinned memory without blocking. state_dict() is the loader's state
-    after the batches handed out so far, not after the one being prefetched, so a checkpoint resumes
-    at the right batch."""
+    """The loader's next batch read in a thread while the step runs, copied to the device from
+    pinned memory without blocking. state_dict() is the loader's state after the batches handed
+    out, not the one being read ahead, so that a checkpoint resumes at the right batch."""
 
     def __init__(self, loader, device):
         self.loader, self.device = loader, device
@@ -459,8 +450,8 @@ def set_gradient_sync(model, sync):
 class Trainer:
     """What a run carries from step to step: the model (the GPT, sharded in place under FSDP) and
     `wrapped`, what its forward passes call (compiled, under DDP); the optimizer, the GradScaler,
-    the batches and the counters (progress). Its checkpoint is those parts' states
-    (checkpoint.make_checkpoint)."""
+    the batches and the counters (progress). Its checkpoint is those parts' state_dict()s (parts()).
+    """
 
     def __init__(self, config, dist_info, model, log, *, loader, evaluation, checkpoint=None):
         self.config, self.dist_info, self.log = config, dist_info, log
@@ -485,7 +476,7 @@ class Trainer:
         if checkpoint is not None:
             parts = self.parts()
             del parts["model"]  # the model was built with the checkpoint's weights
-            if not same_data(checkpoint["config"]["data"], config.data):
+            if not same_path(checkpoint["config"]["data"], config.data):
                 del parts["loader"]  # new data: its loader starts afresh
             restore(checkpoint, parts)
             self.checkpoints.latest = checkpoint["path"]
@@ -512,9 +503,9 @@ class Trainer:
 
     def use_micro_batch(self, size, make_loader):
         """Read the same global batches in micro-batches of size, from where the loader is."""
-        state = self.batches.state_dict()
+        state, loader = self.batches.state_dict(), self.batches.loader
+        sequences = loader.B * loader.micro_steps
         self.batches.close()
-        sequences = self.config.batch_size * self.config.gradient_accumulation_steps
         self.batches = Prefetcher(make_loader(size, sequences // size), self.device)
         self.batches.load_state_dict(state)
 
@@ -560,9 +551,8 @@ class Trainer:
         return lr, loss_sum, grad_norm
 
     def count_bad_steps(self, step, lr, problem, loss):
-        """A skipped step is logged; max_bad_steps in a row stop the run, or, when all of them were
-        loss spikes, take its weights back to the last checkpoint (at most twice to the same one).
-        """
+        """A skipped step is logged; max_bad_steps in a row stop the run or, when all were loss
+        spikes, take its weights back to the last checkpoint (at most twice to the same one)."""
         self.spikes.record(loss.item() if problem is None and self.spikes.threshold else None,
                            problem == LOSS_SPIKE)
         if problem is None:
@@ -587,12 +577,9 @@ class Trainer:
         """After max_bad_steps loss spikes in a row: the weights, optimizer state and RNG of the
         last checkpoint, while the step count and the batches go on from here, so the batches since
         the checkpoint (those that caused the spikes among them) are not in the weights."""
-        path = self.checkpoints.latest
-        parts = self.parts()
-        for kept in ("loader", "progress"):
-            del parts[kept]
+        path, parts = self.checkpoints.latest, self.parts()
         checkpoint = load_checkpoint(path)
-        restore(checkpoint, parts)
+        restore(checkpoint, {name: parts[name] for name in ("model", "optimizer", "scaler", "rng")})
         self.bad_steps = 0
         self.spikes.clear()
         self.rolled_back_to.append(path)
@@ -684,9 +671,8 @@ class Trainer:
 
     def stop_if_asked(self, stop, budget, step, max_iters):
         """A checkpoint and the exit, on every rank, when a signal asks for it or the next step
-        would pass the time budget."""
+        would pass the time budget (or metrics.jsonl could not be written: then no checkpoint)."""
         d = self.dist_info
-        evaluates = step % self.config.eval_interval == 0 or step == max_iters
         self.log.raise_if_failed(d)
         if d.any(stop.requested is not None):
             signum = stop.requested or signal.SIGTERM
@@ -694,6 +680,7 @@ class Trainer:
             raise UserError(f"stopped by {signal.Signals(signum).name} after step {step - 1}: "
                             f"saved {self.checkpoints.latest}; continue with --init_from resume",
                             code=128 + signum)
+        evaluates = step % self.config.eval_interval == 0 or step == max_iters
         if step < max_iters and d.any(budget.out_of_time(evaluates)):
             self.save(step)
             raise UserError(f"stopped after step {step - 1}: the next step would pass --max_time "
@@ -706,12 +693,8 @@ class Trainer:
             self.plotter.finish()
 
 
-def same_data(a, b):
-    return a == b or Path(a).resolve() == Path(b).resolve()
-
-
 # -----------------------------------------------------------------------------
-# The three programs: export, evaluate only, train
+# The three programs: export, train, and evaluate only (evaluation.evaluate_only)
 
 
 def load_start(init_from, out_dir):
@@ -732,36 +715,11 @@ def load_start(init_from, out_dir):
     return model.eval(), checkpoint
 
 
-def export(config, dist_info):
+def export(config):
     """--export_hf: a conversion, not a run; it reads no data and trains nothing."""
-    def convert():
-        model, checkpoint = load_start(config.init_from, config.out_dir)
-        source = checkpoint["path"] if checkpoint else config.init_from
-        path = export_hf(dataclasses.asdict(model.config), model.state_dict(), config.export_hf)
-        print(f"exported {source} to {path}")
-    dist_info.on_rank0(convert, "export the model")
-
-
-def evaluate_only(config, dist_info, model, checkpoint):
-    """--eval_only: the val loss (and HellaSwag) of the --init_from model, recorded in out_dir's
-    metrics.jsonl (the checkpoint's own folder unless --out_dir is given)."""
-    log = RunLog(config.out_dir, dist_info.is_master)
-    evaluation = Evaluation(config, model.config.block_size, dist_info, log)
-    dtype = resolve_dtype(config.dtype, dist_info.device, dist_info.sharded)
-    # its one line goes to a directory no trainer is writing
-    lock = dist_info.on_rank0(lambda: rundir.claim_out_dir(config.out_dir), "use --out_dir")
-    try:
-        model = place_model(model, dist_info, dtype, config.loss_kernel)
-        forward = torch.compile(model) if config.compile else model
-        scores = evaluation.scores(forward, make_autocast(dist_info.device.split(":")[0], dtype))
-        source, step = ((checkpoint["path"], checkpoint["progress"]["iter_num"]) if checkpoint
-                        else (config.init_from, 0))
-        log.print(f"{source}: step {step} {describe_scores(scores, len(evaluation.positions))}")
-        log.record(step=step, **scores, eval_only=True, checkpoint=str(source))
-        log.raise_if_failed(dist_info)
-    finally:
-        if lock is not None:
-            lock.release()
+    model, checkpoint = load_start(config.init_from, config.out_dir)
+    path = export_hf(dataclasses.asdict(model.config), model.state_dict(), config.export_hf)
+    print(f"exported {checkpoint['path'] if checkpoint else config.init_from} to {path}")
 
 
 def train(config, changes, dist_info, model, checkpoint, launched):
@@ -800,11 +758,8 @@ def train(config, changes, dist_info, model, checkpoint, launched):
             size = choose_micro_batch(config, dist_info, trainer.try_micro_batch,
                                       trainer.model.num_params(non_embedding=False), log.print)
             trainer.use_micro_batch(size, make_loader)
-        micro_batch = {"batch_size": trainer.batches.loader.B,
-                       "gradient_accumulation_steps": trainer.batches.loader.micro_steps}
-        dist_info.on_rank0(lambda: rundir.prepare_run_files(config, trainer.progress,
-                                                            trainer.evaluated_at_start, log,
-                                                            micro_batch), "prepare --out_dir")
+        files = (config, trainer.progress, trainer.evaluated_at_start, log, trainer.batches.loader)
+        dist_info.on_rank0(lambda: rundir.prepare_run_files(*files), "prepare --out_dir")
         first_step, started = trainer.progress.iter_num, time.perf_counter()
         for line in rundir.header(trainer.model.num_params(non_embedding=False), dist_info,
                                   trainer.dtype, loader.tokens_per_step, first_step):
@@ -830,8 +785,7 @@ def train(config, changes, dist_info, model, checkpoint, launched):
 
 
 def new_model_args(config):
-    architecture = {name: getattr(config, name) for name in ARCHITECTURE}
-    return {**architecture, "vocab_size": GPTConfig.vocab_size}
+    return {**{n: getattr(config, n) for n in ARCHITECTURE}, "vocab_size": GPTConfig.vocab_size}
 
 
 # -----------------------------------------------------------------------------
@@ -861,9 +815,10 @@ def main(argv=None):
         dist_info = setup_distributed(config.device, config.ddp_timeout,
                                       config.fsdp and not config.export_hf, config.backend)
         if config.export_hf:
-            export(config, dist_info)
-        elif config.eval_only:
-            evaluate_only(config, dist_info, model, checkpoint)
+            dist_info.on_rank0(lambda: export(config), "export the model")
+        elif config.eval_only:  # the model placed (sharded under FSDP) as training places it
+            place = lambda model, dtype: place_model(model, dist_info, dtype, config.loss_kernel)
+            evaluate_only(config, dist_info, model, checkpoint, place)
         else:
             train(config, changes, dist_info, model, checkpoint, launched)
     except UserError as e:
