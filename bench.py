@@ -32,9 +32,9 @@ from cli import UserError, build_parser, flag
 from cross_entropy_kernel import kernel_runs_on
 from device import Distributed, device_peak_flops, resolve_device, setup_distributed
 from rundir import RunLog
-from settings import TrainConfig
 from fineweb import load_token_sources
-from train_gpt2 import GPT, GPTConfig, ShardLoader, Trainer, estimate_mfu, flops_per_token, get_lr, new_model_args
+from train_gpt2 import (GPT, ShardLoader, TrainConfig, Trainer, estimate_mfu, new_model_config,
+                        set_learning_rates)
 
 # -----------------------------------------------------------------------------
 # Configuration: the trainer's flags choose the model and batch, plus a few of the benchmark's own
@@ -78,11 +78,14 @@ def naive_step(trainer, x, y):
         loss = loss / micro_steps
         loss_sum += loss.item()
         trainer.scaler.scale(loss).backward()
-    trainer.scaler.unscale_(trainer.optimizer)
+    for optimizer in trainer.optimizers.values():
+        trainer.scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.grad_clip or float("inf"))
-    trainer.scaler.step(trainer.optimizer)
+    for optimizer in trainer.optimizers.values():
+        trainer.scaler.step(optimizer)
     trainer.scaler.update()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    for optimizer in trainer.optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
     return loss_sum
 
 
@@ -99,7 +102,7 @@ def measure(config):
         make_loader = lambda: ShardLoader(sources, config.batch_size, config.block_size,
                                           config.gradient_accumulation_steps, seed=config.seed, shuffle=config.shuffle)
         torch.manual_seed(config.seed)
-        trainer = Trainer(config, dist_info, GPT(GPTConfig(**new_model_args(config))),
+        trainer = Trainer(config, dist_info, GPT(new_model_config(config)),
                           RunLog(".", enabled=False), loader=make_loader(), evaluation=None)
         try:
             return summarize(time_steps(config, trainer, make_loader))
@@ -117,8 +120,7 @@ def time_steps(config, trainer, make_loader):
         batches = make_loader()  # its own: the trainer's loader is being read ahead by its prefetcher
 
         def step(i):
-            for group in trainer.optimizer.param_groups:
-                group["lr"] = get_lr(i, config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters)
+            set_learning_rates(trainer.optimizers, i, config)
             x, y = batches.next_batch()
             return naive_step(trainer, x.to(device), y.to(device))
     else:
@@ -142,8 +144,7 @@ def time_steps(config, trainer, make_loader):
             "loss_kernel": config.loss_kernel and config.variant == "fast" and kernel_runs_on(device),
             "fsdp": config.fsdp, "step_ms": step_ms, "peak_memory_mb": peak_memory_bytes(device) / 2**20,
             "tokens_per_step": trainer.batches.tokens_per_step, "losses": [float(loss) for loss in losses],
-            "flops_per_token": flops_per_token(trainer.model.num_params(), config.n_layer, config.n_embd,
-                                               config.block_size),
+            "flops_per_token": trainer.model.flops_per_token(),
             "peak_flops": device_peak_flops(device, trainer.dtype)}
 
 

@@ -4,7 +4,7 @@ upgraded, and the names of the checkpoints in a run directory. Nothing here need
 
     checkpoint = make_checkpoint(parts, model_args=..., config=..., ...)  # each part's state_dict()
     save_checkpoint("out/iter-10-loss-5.0000.pt", checkpoint)
-    checkpoint = load_checkpoint("out/iter-10-loss-5.0000.pt")  # every field checked; version 1 upgraded
+    checkpoint = load_checkpoint("out/iter-10-loss-5.0000.pt")  # every field checked; versions 1, 2 upgraded
     restore(checkpoint, parts)                                  # each part's load_state_dict()
 
 A checkpoint is one file written by torch.save, readable with a bare torch.load(weights_only=True): a dict of
@@ -34,9 +34,8 @@ from cli import UserError, atomic_write
 # -----------------------------------------------------------------------------
 # What a checkpoint holds
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 PARTS = ("model", "optimizer", "scaler", "loader", "rng", "progress")
-ARCHITECTURE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")  # model_args: GPTConfig's fields
 ABOUT = ("version", "model_args", "config", "world_size", "micro_batch", "torch_version", "git_commit",
          "val_loss")
 
@@ -140,8 +139,29 @@ class FullModelState:
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
 
 
+class OptimizerStates:
+    """The run's optimizers' states, {name: one optimizer's state}, as OPTIMIZERS names them in
+    train_gpt2.py. Loading takes from a checkpoint the optimizers' moments alone, checked against the
+    parameters; every hyper-parameter (learning rate, weight decay, betas) stays the run's config's."""
+
+    def __init__(self, model, optimizers, sharded):
+        self.parts = {name: FullOptimizerState(model, optimizer, sharded)
+                      for name, optimizer in optimizers.items()}
+
+    def state_dict(self):
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state):
+        if set(state) != set(self.parts):
+            raise UserError(f"the checkpoint's optimizer is {' + '.join(state)}, this run's "
+                            f"{' + '.join(self.parts)}: resume with --optimizer as the run had it, or "
+                            "pass --reset_optimizer True to start the optimizer's state afresh")
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
 class FullOptimizerState:
-    """The optimizer's state_dict() as one process gives it, keyed by position in the param groups. Under FSDP
+    """An optimizer's state_dict() as one process gives it, keyed by position in the param groups. Under FSDP
     gathered as FullModelState is, and loaded by every rank cutting its own shard of it."""
 
     def __init__(self, model, optimizer, sharded):
@@ -156,6 +176,11 @@ class FullOptimizerState:
         return optimizer_state_by_index(state) if state else {}
 
     def load_state_dict(self, state):
+        """The saved moments, each checked to be of its parameter's shape (a wrong one crashes the fused
+        step natively), under the param groups this run made."""
+        params = [param for group in self.optimizer.param_groups for param in group["params"]]
+        check_optimizer_state(state["state"], params)
+        state = {"state": state["state"], "param_groups": self.optimizer.state_dict()["param_groups"]}
         if not self.sharded:
             self.optimizer.load_state_dict(state)
             return
@@ -164,6 +189,20 @@ class FullOptimizerState:
         names = [name_of[id(param)] for group in self.optimizer.param_groups for param in group["params"]]
         set_optimizer_state_dict(self.model, self.optimizer, optimizer_state_by_name(state, names),
                                  options=StateDictOptions(full_state_dict=True))
+
+
+def check_optimizer_state(state, params):
+    """Refuse (ValueError) a saved state that is not of these parameters: one entry per parameter at most,
+    each tensor a scalar (a step count) or a float tensor of its parameter's shape."""
+    for index, values in state.items():
+        if not (isinstance(index, int) and 0 <= index < len(params) and isinstance(values, dict)):
+            raise ValueError(f"state of parameter {index!r}, of {len(params)} parameters")
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"parameter {index}'s {key} is a {type(value).__name__}, not a tensor")
+            if value.dim() > 0 and (value.shape != params[index].shape or not value.is_floating_point()):
+                raise ValueError(f"parameter {index}'s {key} is {value.dtype} {tuple(value.shape)}, the "
+                                 f"parameter {tuple(params[index].shape)}")
 
 
 def optimizer_state_by_index(state):
@@ -184,7 +223,7 @@ def optimizer_state_by_name(state, names):
 
 
 # -----------------------------------------------------------------------------
-# The file: written whole, read with every field checked, version 1 upgraded
+# The file: written whole, read with every field checked, versions 1 and 2 upgraded
 
 
 def save_checkpoint(path, checkpoint):
@@ -200,7 +239,8 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path):
-    """The checkpoint at path, with its "path"; every field checked, a version 1 file upgraded."""
+    """The checkpoint at path, with its "path"; every field checked, a version 1 or 2 file upgraded (version
+    2 held the state of its one optimizer, AdamW, where version 3 holds {optimizer name: its state})."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found: pass an existing file to --init_from")
@@ -213,9 +253,11 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a checkpoint of this trainer: pass a file written by train_gpt2.py")
     if checkpoint["version"] == 1:
         checkpoint = upgrade_version_1(checkpoint, path)
+    if checkpoint["version"] == 2:
+        checkpoint = {**checkpoint, "version": 3, "optimizer": {"adamw": checkpoint.get("optimizer")}}
     if checkpoint["version"] != CHECKPOINT_VERSION:
         raise UserError(f"checkpoint {path} has format version {checkpoint['version']!r}, this code reads "
-                        f"{CHECKPOINT_VERSION} (and 1)")
+                        f"{CHECKPOINT_VERSION} (and 1, 2)")
     check_fields(checkpoint, path)
     checkpoint["path"] = path
     return checkpoint
@@ -261,21 +303,18 @@ def is_number(value):
 
 def check_fields(c, path):
     """Every field of a checkpoint of the right type and in range, else the one-line malformed error. The
-    config's flags are checked where they become a TrainConfig; the tensors where the model and optimizer
-    load them."""
+    config's flags are checked where they become a TrainConfig, the architecture where it becomes a model,
+    the tensors where the model and optimizer load them."""
     model_args, loader, progress, rng = c.get("model_args"), c.get("loader"), c.get("progress"), c.get("rng")
-    if isinstance(model_args, dict) and set(model_args) != set(ARCHITECTURE):
-        unknown = sorted(set(model_args) ^ set(ARCHITECTURE))
-        raise UserError(f"checkpoint {path} has an unknown architecture ({', '.join(unknown)}): it is damaged "
-                        f"or from another program")
+    optimizers = c.get("optimizer")
     fields = {
         "a field": all(key in c for key in PARTS + ABOUT),
         "model": isinstance(c.get("model"), dict) and all(isinstance(v, torch.Tensor) for v in c["model"].values()),
-        "model_args": isinstance(model_args, dict)
-        and all(is_int(model_args.get(k), 1) for k in ARCHITECTURE)
-        and model_args["n_embd"] % model_args["n_head"] == 0,
-        "optimizer": isinstance(c.get("optimizer"), dict) and isinstance(c["optimizer"].get("state"), dict)
-        and isinstance(c["optimizer"].get("param_groups"), list),
+        # the model's own fields are checked by building it (train_gpt2.build_checkpoint_model)
+        "model_args": isinstance(model_args, dict) and all(isinstance(k, str) for k in model_args),
+        "optimizer": isinstance(optimizers, dict) and len(optimizers) > 0
+        and all(isinstance(o, dict) and isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)
+                for o in optimizers.values()),
         "scaler": isinstance(c.get("scaler"), dict),
         "loader": isinstance(loader, dict) and all(is_int(loader.get(k)) for k in ("epoch", "shard", "position"))
         and is_int(loader.get("seed")) and isinstance(loader.get("shuffle"), bool)
@@ -363,7 +402,7 @@ def best_copy_holds(out_dir, step):
         return False
     try:
         best = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        progress = best["progress"] if best.get("version") == CHECKPOINT_VERSION else {"iter_num": best["iter_num"]}
+        progress = best["progress"] if "progress" in best else {"iter_num": best["iter_num"]}  # version 1
         return progress["iter_num"] == step
     except Exception:  # damaged, or of another format: not the copy
         return False

@@ -231,3 +231,14 @@ def output_layer_loss(x, weight, targets, workspace=None, use_kernel=True):
     if (on_cpu or use_kernel) and torch.compiler.is_compiling():
         loss_fn = torch.compiler.disable(loss_fn)  # wrapped here, not at import: that imports the compiler
     return loss_fn(x, weight, targets, workspace=workspace if on_cpu else None, use_kernel=use_kernel)
+
+
+class OutputLayerLoss:
+    """output_layer_loss with what it keeps from call to call: the CPU logits buffer (workspace), and
+    whether the kernel is used where it runs (use_kernel: train_gpt2.py's --loss_kernel)."""
+
+    def __init__(self, use_kernel=True):
+        self.use_kernel, self.workspace = use_kernel, {}
+
+    def __call__(self, x, weight, targets):
+        return output_layer_loss(x, weight, targets, self.workspace, self.use_kernel)

@@ -152,29 +152,27 @@ def available_memory(device):
     return None
 
 
-BYTES_PER_PARAM = 16  # float32 weight, gradient and two AdamW moments
-
-
-def check_model_fits(model_args, dist_info):
-    """Refuse, before allocating it, a model that cannot fit: an allocation far past the memory fails with a
-    traceback or, on the CPU, summons the out-of-memory killer. Under FSDP a device holds 1/world_size of
-    the state, but the host of rank 0 gathers the whole weights and AdamW state for every checkpoint."""
-    C, L = model_args["n_embd"], model_args["n_layer"]
-    n_params = 12 * L * C * C + (model_args["vocab_size"] + model_args["block_size"]) * C
-    size, fsdp = f"a model of {n_params / 1e6:,.0f}M parameters needs about", dist_info.sharded
-    needed = n_params * BYTES_PER_PARAM / (dist_info.world_size if fsdp else 1)
+def check_model_fits(state_bytes, dist_info):
+    """Refuse, before allocating it, a model whose training state cannot fit: an allocation far past the
+    memory fails with a traceback or, on the CPU, summons the out-of-memory killer. state_bytes: the
+    {"weights", "gradients", "optimizer"} bytes the model and its optimizer say they take
+    (train_gpt2.training_state_bytes). Under FSDP a device holds 1/world_size of the state, but the host of
+    rank 0 gathers the whole weights and optimizer state for every checkpoint."""
+    total, fsdp = sum(state_bytes.values()), dist_info.sharded
+    size = f"a model of {state_bytes['weights'] / 4e6:,.0f}M float32 parameters needs about"
+    needed = total / (dist_info.world_size if fsdp else 1)
     free = available_memory(dist_info.device)
     if free is not None and needed > free:
         how = f" per process (--fsdp True over {dist_info.world_size})" if fsdp else ""
         fix = "" if fsdp else ", or shard it over several processes with --fsdp True"
-        raise UserError(f"{size} {needed / 2**30:,.1f} GiB for its weights, gradients and AdamW state{how}, "
+        raise UserError(f"{size} {needed / 2**30:,.1f} GiB for its weights, gradients and optimizer state{how}, "
                         f"more than the {free / 2**30:,.1f} GiB available on {dist_info.device}: choose a "
                         f"smaller --n_layer or --n_embd{fix}")
     # every rank checks its own host, so that all stop together rather than rank 0 alone
-    needed, free = n_params * BYTES_PER_PARAM, available_memory("cpu")
+    needed, free = state_bytes["weights"] + state_bytes["optimizer"], available_memory("cpu")
     if fsdp and free is not None and needed > free:
         raise UserError(f"{size} {needed / 2**30:,.1f} GiB of host memory to gather its whole weights and "
-                        f"AdamW state into a checkpoint on rank 0 (--fsdp True), more than the "
+                        f"optimizer state into a checkpoint on rank 0 (--fsdp True), more than the "
                         f"{free / 2**30:,.1f} GiB available: choose a smaller --n_layer or --n_embd, or "
                         f"run on hosts with more memory")
 

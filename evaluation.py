@@ -106,7 +106,7 @@ class Evaluation:
         # hellaswag.py's own batch, whatever the training batch: its logits at the endings stay near
         # a GB however large the micro-batch
         result = hellaswag.evaluate(model, self.hellaswag, hellaswag.BATCH_SIZE, self.block_size,
-                                    autocast, self.dist_info)
+                                    autocast, self.dist_info, by_position=True)  # the trainer's GPT
         return {"hellaswag_acc_norm": result["acc_norm"], "hellaswag_acc": result["acc"],
                 "hellaswag_n": result["n"]}
 

@@ -64,21 +64,21 @@ def largest_micro_batch(sequences, trial, dist_info, reserved_bytes):
     return largest_fitting(sizes, fits)
 
 
-def choose_micro_batch(config, dist_info, trial, n_params, log):
+def choose_micro_batch(config, dist_info, trial, reserved_bytes, log):
     """--auto_batch: the largest micro-batch that divides this process's sequences per step and for
-    which trial(size), a forward and backward pass of the model as it trains, fits the GPU with room
-    for AdamW's moments (made at its first step). On a CPU or under FSDP, the flags'. It says why.
-    """
+    which trial(size), a forward and backward pass of the model as it trains, fits the GPU with
+    reserved_bytes to spare (the optimizer's state, made at its first step). On a CPU or under FSDP,
+    the flags'. It says why."""
     sequences, asked = config.batch_size * config.gradient_accumulation_steps, config.batch_size
     if not dist_info.device.startswith("cuda") or dist_info.sharded:
         where = "under --fsdp" if dist_info.sharded else f"on {dist_info.device}"
         log(f"--auto_batch: {where} the flags' micro-batch of {asked} is kept")
         return asked
-    chosen = largest_micro_batch(sequences, trial, dist_info, reserved_bytes=8 * n_params)
+    chosen = largest_micro_batch(sequences, trial, dist_info, reserved_bytes=reserved_bytes)
     if chosen is None:
         raise UserError("--auto_batch: not even a micro-batch of 1 sequence fits "
-                        f"{torch.cuda.get_device_name(dist_info.device)} with AdamW's state: pass "
-                        "--gradient_checkpointing True, shard the model with --fsdp True, or "
+                        f"{torch.cuda.get_device_name(dist_info.device)} with the optimizer's state: "
+                        "pass --gradient_checkpointing True, shard the model with --fsdp True, or "
                         "choose a smaller one")
     log(f"--auto_batch: micro-batch {chosen} x {sequences // chosen} steps (asked: {asked} x "
         f"{config.gradient_accumulation_steps}), the largest whose forward and backward pass fit "

@@ -2,11 +2,12 @@
 HellaSwag, zero-shot: which of four endings does the model find most likely after the context?
 
     python hellaswag.py --init_from gpt2                          # OpenAI's GPT-2, through transformers
-    python hellaswag.py --init_from out/best_val_loss.pt          # a checkpoint of train_gpt2.py
     python hellaswag.py --init_from gpt2-xl --data hellaswag_val.jsonl --hellaswag_examples 1000
+    python train_gpt2.py --eval_only True --init_from out/best_val_loss.pt  # a checkpoint of the trainer
 
-On its own it scores transformers' GPT2LMHeadModel, as build-nanogpt's does: OpenAI's weights, a folder,
-or a checkpoint of the trainer converted as the export converts it (hf_convert.py). The split is downloaded
+On its own it scores transformers' GPT2LMHeadModel, as build-nanogpt's does: OpenAI's weights or a folder
+(save_pretrained, or the trainer's --export_hf). A checkpoint of the trainer is scored by the trainer's own
+model, with --eval_only, which runs this file's evaluate. The split is downloaded
 from the HellaSwag repository into --cache_dir on first use; without a network, pass a local copy with --data.
 Each ending is scored by the model's loss on its tokens after the context: `acc` picks the ending with the
 lowest total loss (the highest log-likelihood), `acc_norm` the lowest mean loss per token (it does not favour
@@ -16,7 +17,8 @@ The trainer calls it on every rank at each evaluation, with its GPT as its forwa
 (compiled, under DDP with several processes):
 
     examples = hellaswag.load_for_training(config, dist_info, log)  # once; None when unavailable
-    result = hellaswag.evaluate(model, examples, batch_size, block_size, autocast, dist_info)
+    result = hellaswag.evaluate(model, examples, batch_size, block_size, autocast, dist_info,
+                                by_position=True)  # the GPT computes logits at the endings alone
     result["acc_norm"], result["acc"], result["n"]                  # the same on every rank (summed)
 
 load_for_training turns the UserError of a split it cannot have into a warning: a run without HellaSwag
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from cli import UserError, atomic_write, build_parser, flag, run_command
 from device import Distributed, check_dtype, make_autocast, resolve_device, resolve_dtype
 from fineweb import VOCAB_SIZE, get_tokenizer
-from hf_convert import is_hf_model, load_hf_model
+from hf_convert import is_hf_model, load_hf_gpt2, quiet_hf_logs
 
 # -----------------------------------------------------------------------------
 # The data: the split files, downloaded once and cached, read line by line
@@ -217,19 +219,11 @@ def logits_of(output):
     return getattr(output, "logits", output)
 
 
-def scores_positions(model):
-    """Whether the model computes logits at given positions alone (model(x, positions=...)): the trainer's GPT,
-    compiled or not (or under DDP), which says so with takes_positions. The endings are about a quarter of HellaSwag's
-    tokens, and the output layer a third of GPT-2 124M's matmul FLOPs."""
-    inner = getattr(model, "module", model)  # inside DDP
-    return getattr(getattr(inner, "_orig_mod", inner), "takes_positions", False)  # inside torch.compile
-
-
 def token_losses(model, x, y, scored, autocast, vocab_limit, positions=None):
     """Cross-entropy, in float32, of every scored target token, 0 elsewhere: (R, T). Logits at or past
     vocab_limit (the padding of the vocabulary) are dropped, so they take no probability mass. positions:
-    the scored positions as an index into the flattened (R * T), for a model that takes them (scores_positions),
-    which then computes its logits there alone."""
+    the scored positions as an index into the flattened (R * T), for a model that takes them
+    (model(x, positions=...), as the trainer's GPT does), which then computes its logits there alone."""
     with autocast:
         if positions is not None:
             picked = model(x, positions=positions)[0]  # (K, V): only the K scored positions
@@ -246,11 +240,14 @@ def token_losses(model, x, y, scored, autocast, vocab_limit, positions=None):
 
 @torch.no_grad()
 def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024, autocast=None,
-                   vocab_limit=VOCAB_SIZE, progress=False, passes=0):
+                   vocab_limit=VOCAB_SIZE, progress=False, passes=0, by_position=False):
     """(pred_sum, pred_norm) of each example, in the order given: a (len(examples), 2) long tensor.
     Examples go through the model longest first, batch_size at a time, so each batch pads little and the
     longest (the most memory) comes first. passes: call the model at least this many times, the calls past
-    the examples on a batch of padding whose output is dropped (FSDP's lockstep: Distributed.forward_passes)."""
+    the examples on a batch of padding whose output is dropped (FSDP's lockstep: Distributed.forward_passes).
+    by_position: the model computes logits at given positions alone (model(x, positions=...), the trainer's
+    GPT): the endings are about a quarter of HellaSwag's tokens, the output layer a third of GPT-2 124M's
+    matmul FLOPs."""
     rendered = [(tokens, mask) for tokens, mask, _ in render_examples(examples, get_tokenizer(), block_size + 1)]
     order = sorted(range(len(rendered)), key=lambda i: -rendered[i][0].size(1))
     was_training = isinstance(model, nn.Module) and model.training
@@ -258,7 +255,6 @@ def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024
         model.eval()
     from tqdm import tqdm
     bar = tqdm(total=len(order), desc="hellaswag", unit="ex", dynamic_ncols=True, disable=not progress)
-    by_position = scores_positions(model)
     # the loop never waits for the GPU (pinned copies, index tensors, results gathered at the end), so the next
     # batch is prepared while the last one runs
     to_device = ((lambda t: t.pin_memory().to(device, non_blocking=True)) if torch.device(device).type == "cuda"
@@ -289,7 +285,7 @@ def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024
 
 
 def evaluate(model, examples, batch_size=16, block_size=1024, autocast=None, dist_info=None,
-             vocab_limit=VOCAB_SIZE, progress=False):
+             vocab_limit=VOCAB_SIZE, progress=False, by_position=False):
     """Zero-shot HellaSwag accuracy: {"acc", "acc_norm", "n", "correct", "correct_norm"}.
 
     model maps tokens (B, T) to logits (B, T, V): a callable returning them, or a (logits, loss) tuple (the
@@ -299,12 +295,12 @@ def evaluate(model, examples, batch_size=16, block_size=1024, autocast=None, dis
     dist_info (device.Distributed; by default one process on the CPU) says the device and the ranks: rank r
     scores examples[r::world_size], as many forward passes as dist_info.forward_passes says, and with a
     process group the counts are summed over the ranks, so every rank returns the figures for all examples.
-    The model is put in eval mode and back in train mode if it was."""
+    The model is put in eval mode and back in train mode if it was. by_position: see score_examples."""
     d = dist_info or Distributed()
     share = examples[d.rank::d.world_size]
     passes = d.forward_passes(len(examples), batch_size)
     predictions = score_examples(model, share, d.device, batch_size, block_size, autocast, vocab_limit,
-                                 progress and d.is_master, passes)
+                                 progress and d.is_master, passes, by_position)
     labels = torch.tensor([int(example["label"]) for example in share], dtype=torch.long)
     counts = torch.stack([(predictions[:, 0] == labels).sum(), (predictions[:, 1] == labels).sum(),
                           torch.tensor(len(share))]).to(d.device)
@@ -341,7 +337,7 @@ def load_for_training(config, dist_info, log):
 
 @dataclass
 class HellaSwagConfig:
-    init_from: str = flag("", "the model to score: a checkpoint of train_gpt2.py (such as out/best_val_loss.pt), "
+    init_from: str = flag("", "the model to score, in transformers' format: "
                               "gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a transformers folder (save_pretrained)")
     split: str = flag("val", "the split to score, downloaded into --cache_dir on first use: train, val or test "
                              "(test has no labels)")
@@ -356,7 +352,7 @@ class HellaSwagConfig:
     def validate(self):
         """Raise UserError naming the problem and the fix; called before any work is done."""
         if not self.init_from:
-            raise UserError("pass the model to score: --init_from gpt2, or --init_from out/best_val_loss.pt")
+            raise UserError("pass the model to score: --init_from gpt2 (or a transformers folder)")
         if self.split not in SPLITS:
             raise UserError(f"--split {self.split!r} is not one of {', '.join(SPLITS)}; "
                                  f"pass a local file with --data")
@@ -378,6 +374,12 @@ def report_problems(problems, shown=10):
         print(f"warning: ... and {len(problems) - shown} more lines skipped", file=sys.stderr)
 
 
+def checkpoint_advice(path):
+    return (f"--init_from {path}: this scores transformers' models; a checkpoint of train_gpt2.py is scored by "
+            f"the trainer's own model: python train_gpt2.py --eval_only True --init_from {path} (val loss and "
+            f"HellaSwag; --hellaswag_data FILE for a local file)")
+
+
 def run(config):
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -387,11 +389,12 @@ def run(config):
     if not examples:
         raise UserError(f"no example of {source} can be scored ({len(problems)} lines skipped); "
                         f"pass a file in HellaSwag's format, with labels")
-    if not is_hf_model(config.init_from) and not Path(config.init_from).is_file():
-        raise UserError(f"--init_from {config.init_from} cannot be loaded: pass a checkpoint of train_gpt2.py "
-                        f"(such as out/best_val_loss.pt), gpt2, gpt2-medium, gpt2-large or gpt2-xl (with a "
-                        f"network), or a folder saved by save_pretrained")
-    model = load_hf_model(config.init_from).to(device)
+    if not is_hf_model(config.init_from):
+        raise UserError(checkpoint_advice(config.init_from) if Path(config.init_from).is_file() else
+                        f"--init_from {config.init_from} cannot be loaded: pass gpt2, gpt2-medium, gpt2-large "
+                        f"or gpt2-xl (with a network), or a folder saved by save_pretrained")
+    with quiet_hf_logs():
+        model = load_hf_gpt2(config.init_from).eval().to(device)
     block_size = model.config.n_positions
     if config.compile:
         model = torch.compile(model)

@@ -1,7 +1,7 @@
 """
 GPT-2's weights between this repo's GPT and transformers' GPT2LMHeadModel, as state dicts: nothing here needs
-the model class. The trainer builds its GPT from them; hellaswag.py and sample.py score and sample with
-transformers' model, our checkpoints converted the same way as the export.
+the model class. The trainer builds its GPT from them (--init_from gpt2) and exports its own to them
+(--export_hf); hellaswag.py scores transformers' models with them.
 
     model_args, state = load_gpt2_weights("gpt2")         # OpenAI's GPT-2 (or a save_pretrained folder)
     hf = hf_model(model_args, state)                      # our weights in a GPT2LMHeadModel
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import checkpoint_path, load_checkpoint
 from cli import UserError, current_umask
 from fineweb import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
 
@@ -130,11 +129,15 @@ def load_hf_gpt2(name_or_path):
 # The conversion, both ways
 
 
+# the fields of train_gpt2.GPTConfig that transformers' GPT2Config holds, and their names there; any other
+# field of GPTConfig takes its default when GPT-2 weights come in, and must be at it for an export
+HF_CONFIG_NAMES = {"block_size": "n_positions", "vocab_size": "vocab_size", "n_layer": "n_layer",
+                   "n_head": "n_head", "n_embd": "n_embd"}
+
+
 def model_args_of(hf_config):
-    """The architecture (GPTConfig's fields) of a transformers GPT2Config."""
-    c = hf_config
-    return {"block_size": c.n_positions, "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head,
-            "n_embd": c.n_embd}
+    """The architecture (GPTConfig's fields, as a dict) of a transformers GPT2Config."""
+    return {ours: getattr(hf_config, theirs) for ours, theirs in HF_CONFIG_NAMES.items()}
 
 
 def load_gpt2_weights(name_or_path):
@@ -167,27 +170,18 @@ def hf_model(model_args, state):
     expected = {name for name in hf_state if not name.endswith((".attn.bias", ".attn.masked_bias"))}
     if set(state) != expected:
         different = sorted(set(state) ^ expected)[:3]
-        raise UserError(f"the weights do not match their own architecture ({', '.join(different)} "
-                        f"missing or extra): the checkpoint is damaged; use another one") from None
+        raise UserError(f"transformers' GPT-2 cannot hold these weights ({', '.join(different)} missing or "
+                        "extra there): only a model of GPT-2's architecture converts") from None
     with torch.no_grad():
         for name, value in state.items():
             value = value.t() if name.endswith(HF_TRANSPOSED) else value
             value = value[:VOCAB_SIZE] if name.endswith(("wte.weight", "lm_head.weight")) else value
             if value.shape != hf_state[name].shape:
-                raise UserError(f"the weights do not match their own architecture ({name} is "
-                                f"{tuple(value.shape)}): the checkpoint is damaged; use another one")
+                raise UserError(f"transformers' GPT-2 cannot hold these weights ({name} is {tuple(value.shape)}, "
+                                f"GPT-2's {tuple(hf_state[name].shape)}): only a model of GPT-2's "
+                                "architecture converts")
             hf_state[name].copy_(value)
     return hf.eval()
-
-
-def load_hf_model(init_from, out_dir="."):
-    """transformers' GPT-2 for any --init_from of the tools (sample.py, hellaswag.py): GPT-2 weights by hub name or
-    folder as they are, or a checkpoint of the trainer (a path, or `resume`: the latest in out_dir) converted."""
-    if init_from != "resume" and is_hf_model(init_from):
-        with quiet_hf_logs():
-            return load_hf_gpt2(init_from).eval()
-    checkpoint = load_checkpoint(checkpoint_path(init_from, out_dir))
-    return hf_model(checkpoint["model_args"], checkpoint["model"])
 
 
 # -----------------------------------------------------------------------------

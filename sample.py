@@ -1,6 +1,6 @@
 """
 Sample text from a GPT-2: a checkpoint of train_gpt2.py, OpenAI's GPT-2 or a transformers folder, all run as
-transformers' GPT2LMHeadModel (a checkpoint converted as the export converts it, hf_convert.py).
+the trainer's GPT (train_gpt2.load_start builds it, as --init_from does), so any model the trainer trains samples.
 
     python sample.py --init_from out/best_val_loss.pt --start "Hello, I'm a language model,"
     python sample.py --init_from out/best_val_loss.pt --start FILE:prompt.txt --num_samples 2 --max_new_tokens 200
@@ -20,8 +20,8 @@ import torch
 from cli import UserError, build_parser, flag
 from device import check_dtype, make_autocast, resolve_device, resolve_dtype
 from fineweb import EOT_TOKEN, get_tokenizer
-from hf_convert import load_hf_model
 from sampling import generate_tokens
+from train_gpt2 import load_start
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -78,8 +78,8 @@ def stream_sample(model, prompt, config, device, autocast, generator, out):
     new_ids = []
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     with autocast:
-        for token in generate_tokens(lambda context: model(context).logits, idx, config.max_new_tokens,
-                                     model.config.n_positions, config.temperature, config.top_k or None,
+        for token in generate_tokens(lambda context: model(context)[0], idx, config.max_new_tokens,
+                                     model.config.block_size, config.temperature, config.top_k or None,
                                      vocab_limit=enc.n_vocab, generator=generator):
             new_ids.append(token.item())
             out.write(decoder.decode(enc.decode_single_token_bytes(new_ids[-1])))
@@ -92,7 +92,8 @@ def sample(config, out=sys.stdout):
     prompt = read_prompt(config.start)  # before the model is loaded: a missing file fails fast
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    model = load_hf_model(config.init_from).to(device)
+    model, _ = load_start(config.init_from, ".")
+    model = model.to(device)
     autocast = make_autocast(device.split(":")[0], dtype)
     generator = torch.Generator(device=device).manual_seed(config.seed)  # one stream for all the samples
     for _ in range(config.num_samples):

@@ -1,9 +1,10 @@
 """
-A training run's settings: TrainConfig, whose fields are train_gpt2.py's flags, checked once before
-any work, and the rules by which a run that starts from a checkpoint takes its own settings back.
+A training run's settings: TrainSettings, the fields of train_gpt2.py's flags but the model's shape
+(train_gpt2.TrainConfig adds GPTConfig's), checked once before any work, and the rules by which a
+run that starts from a checkpoint takes its own settings back.
 
-    config, explicit = parse_args(["--max_iters", "400"])       # explicit: the flags given
-    config, changes = run_config(config, explicit, checkpoint)  # resumed: the checkpoint's flags
+    config, explicit = parse_config(TrainConfig, ["--max_iters", "400"])  # explicit: the flags given
+    config, changes = run_config(config, explicit, checkpoint)           # resumed: the checkpoint's
 
 config.json in a run directory is a TrainConfig written out (with --auto_batch, and the micro-batch
 chosen), and every checkpoint's "config" is one.
@@ -27,7 +28,7 @@ SAMPLE_PROMPT = "Hello, I'm a language model,"
 
 
 @dataclass
-class TrainConfig:
+class TrainSettings:
     # data and files
     data: str = flag("edu_fineweb10B", "directory of token shards (made by fineweb.py), or a text "
                                        "file such as input.txt, tokenized on the fly and split "
@@ -48,16 +49,12 @@ class TrainConfig:
                                   "them there); needs wandb")
     wandb_project: str = flag("gpt2-pretrain", "the wandb project of --wandb_log")
     wandb_run_name: str = flag("", "the wandb run's name ('': out_dir's folder name)")
-    # model
-    block_size: int = flag(1024, "context length in tokens")
-    n_layer: int = flag(12, "transformer blocks")
-    n_head: int = flag(12, "attention heads per block")
-    n_embd: int = flag(768, "width of the residual stream")
     # batch: tokens per optimizer step = batch_size * gradient_accumulation_steps * world_size *
     # block_size
     batch_size: int = flag(8, "sequences per micro-step, per process")
     gradient_accumulation_steps: int = flag(5, "micro-steps per optimizer step, per process")
     # optimizer and schedule
+    optimizer: str = flag("adamw", "'adamw': AdamW for every parameter")
     learning_rate: float = flag(6e-4, "peak learning rate, reached at the end of warmup")
     min_lr: float = flag(6e-5, "learning rate at the end of the cosine decay and after it")
     warmup_iters: int = flag(2000, "steps of linear warmup")
@@ -130,19 +127,14 @@ class TrainConfig:
         """Raise UserError naming the problem and the fix; called before any work is done. host: also
         that a step's batch fits this machine's memory (not asked of a checkpoint's own flags)."""
         check_types(self)
-        positive = ["block_size", "n_layer", "n_head", "n_embd", "batch_size",
-                    "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
-                    "lr_decay_iters", "max_bad_steps",
-                    "ddp_timeout"]
+        positive = ["batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                    "log_interval", "lr_decay_iters", "max_bad_steps", "ddp_timeout"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
         for name in ["max_iters", "warmup_iters", "keep_last", "hellaswag_examples", "num_samples"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be 0 or more, got {getattr(self, name)}")
-        if self.n_embd % self.n_head != 0:
-            raise UserError(f"--n_embd {self.n_embd} is not divisible by --n_head {self.n_head}: "
-                            f"pick sizes where n_embd = n_head * head size")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
             raise UserError(f"learning rates must satisfy 0 <= --min_lr <= --learning_rate and "
                             f"--learning_rate > 0, got --learning_rate {self.learning_rate} "
@@ -237,14 +229,14 @@ def check_batch_fits_host(config):
                         "--gradient_accumulation_steps")
 
 
-def parse_args(argv=None):
-    """The config, and the names of the flags given explicitly: on the command line or in its
-    --config file."""
+def parse_config(config_class, argv=None):
+    """The config (a config_class: train_gpt2.TrainConfig), and the names of the flags given
+    explicitly: on the command line or in its --config file."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(TrainConfig, "Pre-train GPT-2: the sharded loader, the cosine LR "
-                                       "schedule, the DDP or FSDP loop.", config_file=True)
+    parser = build_parser(config_class, "Pre-train GPT-2: the sharded loader, the cosine LR "
+                                        "schedule, the DDP or FSDP loop.", config_file=True)
     args, explicit = parse_flags(parser, argv)
-    return TrainConfig(**vars(args)), explicit
+    return config_class(**vars(args)), explicit
 
 
 # -----------------------------------------------------------------------------
@@ -252,7 +244,6 @@ def parse_args(argv=None):
 
 # what a command asks for, not what the run is: never taken from the checkpoint
 COMMAND_FLAGS = ("init_from", "eval_only", "export_hf", "backend", "max_time", "profile_steps")
-ARCHITECTURE = ("block_size", "n_layer", "n_head", "n_embd")
 
 
 def run_config(flags, explicit, checkpoint):
@@ -261,13 +252,14 @@ def run_config(flags, explicit, checkpoint):
     (config, changes), changes being one line for each flag given whose value differs from the
     run's. The checkpoint's own flags are checked as the command line's are: a bad one is a damaged
     checkpoint."""
-    path, fields = checkpoint["path"], {f.name for f in dataclasses.fields(TrainConfig)}
+    config_class = type(flags)
+    path, fields = checkpoint["path"], {f.name for f in dataclasses.fields(config_class)}
     # a flag the checkpoint lacks had its default then: the whole config from here on
-    saved = checkpoint["config"] = {**dataclasses.asdict(TrainConfig()), **checkpoint["config"]}
+    saved = checkpoint["config"] = {**dataclasses.asdict(config_class()), **checkpoint["config"]}
     values = {name: value for name, value in saved.items()
               if name in fields and name not in COMMAND_FLAGS}
     try:
-        TrainConfig(**values).validate(host=False)
+        config_class(**values).validate(host=False)
     except (TypeError, UserError) as e:
         raise UserError(f"checkpoint {path} holds a malformed config ({e}): it is damaged; use "
                         "another checkpoint of the run") from None
@@ -279,7 +271,7 @@ def run_config(flags, explicit, checkpoint):
         mode = "shuffled" if saved["shuffle"] else "sequentially"
         raise UserError(f"the run of {path} reads its data {mode}: --shuffle {flags.shuffle} "
                         "cannot change that on resume; start a new run")
-    config = with_absolute_paths(TrainConfig(**values))
+    config = with_absolute_paths(config_class(**values))
     changes = [f"--{name}: {saved[name]} -> {getattr(config, name)} (command line)"
                for name in sorted(explicit)
                if name in saved and name not in COMMAND_FLAGS + ("out_dir",)
@@ -303,9 +295,9 @@ def same_path(a, b):
 
 
 def check_architecture(explicit, config, model_args):
-    """An architecture flag given explicitly must agree with the architecture of the weights loaded.
-    """
-    for name in ARCHITECTURE:
+    """An architecture flag given explicitly must agree with the architecture of the weights loaded
+    (model_args: their GPTConfig as a dict)."""
+    for name in model_args:
         if name in explicit and model_args[name] != getattr(config, name):
             raise UserError("the checkpoint is of another architecture: it has "
                             f"{name}={model_args[name]} but --{name} {getattr(config, name)} was "

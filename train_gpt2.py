@@ -32,20 +32,20 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import rundir
-from checkpoint import (FullModelState, FullOptimizerState, Progress, RNGState, RunCheckpoints,
+from checkpoint import (FullModelState, OptimizerStates, Progress, RNGState, RunCheckpoints,
                         checkpoint_name, checkpoint_path, git_commit, load_checkpoint,
                         make_checkpoint, restore)
-from cli import StopSignal, UserError
-from cross_entropy_kernel import output_layer_loss
-from device import (BYTES_PER_PARAM, check_model_fits, device_peak_flops, lost_contact,
+from cli import StopSignal, UserError, flag
+from cross_entropy_kernel import OutputLayerLoss
+from device import (check_model_fits, device_peak_flops, lost_contact,
                     make_autocast, resolve_dtype, setup_distributed)
 from evaluation import Evaluation, evaluate_only
 from fineweb import check_unchanged, fingerprint, load_token_sources, read_span
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, choose_micro_batch
-from hf_convert import export_hf, is_hf_model, load_gpt2_weights
+from hf_convert import HF_CONFIG_NAMES, export_hf, is_hf_model, load_gpt2_weights
 from rundir import Plotter, RunLog, pause_clock
 from sampling import generate_tokens
-from settings import (ARCHITECTURE, check_architecture, parse_args, parse_duration,
+from settings import (TrainSettings, check_architecture, parse_config, parse_duration,
                       parse_step_range, resume_warnings, run_config, same_path, with_absolute_paths)
 
 # -----------------------------------------------------------------------------
@@ -54,11 +54,24 @@ from settings import (ARCHITECTURE, check_architecture, parse_args, parse_durati
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2's 50,257 padded to a multiple of 64: faster matmuls
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    """The model's shape, named here alone: each field is also a flag of train_gpt2.py and a key of
+    a checkpoint's model_args, and a checkpoint from before a field existed loads at its default."""
+    block_size: int = flag(1024, "context length in tokens")
+    vocab_size: int = flag(50304, "vocabulary size: GPT-2's 50,257 tokens padded to a multiple of 64 "
+                                  "(faster matmuls)")
+    n_layer: int = flag(12, "transformer blocks")
+    n_head: int = flag(12, "attention heads per block")
+    n_embd: int = flag(768, "width of the residual stream")
+
+    def __post_init__(self):
+        """A shape the model can be built in, else the one-line error (a flag, or a checkpoint's)."""
+        for field in dataclasses.fields(GPTConfig):
+            value = getattr(self, field.name)
+            if field.type is int and not (type(value) is int and value >= 1):
+                raise UserError(f"--{field.name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise UserError(f"--n_embd {self.n_embd} is not divisible by --n_head {self.n_head}: "
+                            "pick sizes where n_embd = n_head * head size")
 
 
 class CausalSelfAttention(nn.Module):
@@ -104,14 +117,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    takes_positions = True  # forward(idx, positions=...): logits there alone (hellaswag.py asks)
-
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
-        self.loss_kernel = True  # the loss's softmax through the Triton kernel, where it runs
-        self.loss_workspace = {}  # the CPU loss's logits buffer, kept between steps
+        self.output_loss = OutputLayerLoss()  # the chunked training loss (and its CPU buffer)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -151,8 +161,7 @@ class GPT(nn.Module):
                 x = block(x)
         x = self.transformer.ln_f(x)
         if targets is not None and not return_logits:
-            return None, output_layer_loss(x.view(B * T, -1), self.lm_head.weight, targets.view(-1),
-                                           self.loss_workspace, self.loss_kernel)
+            return None, self.output_loss(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))
         if positions is not None:
             return self.lm_head(x.view(B * T, -1)[positions]), None
         logits = self.lm_head(x)  # (B, T, vocab_size)
@@ -162,21 +171,30 @@ class GPT(nn.Module):
         return logits, loss
 
     def num_params(self, non_embedding=True):
-        """Parameters, counted once despite the tying; by default without the position table,
-        which costs no FLOPs (the token table does: it is also the output layer)."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        """Parameters, counted once despite the tying. non_embedding: without the tables that are
+        only looked up (the positions), which cost no FLOPs; the token table is also the output layer."""
+        looked_up = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        multiplied = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        skipped = looked_up - multiplied if non_embedding else set()
+        return sum(p.numel() for p in self.parameters() if id(p) not in skipped)
 
-    def configure_optimizer(self, weight_decay, learning_rate, device_type):
-        """AdamW with decay on the 2-D weights (matmuls, embeddings) only, fused where it can be."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        try:
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                     fused=device_type in ("cuda", "cpu"))
-        except (RuntimeError, TypeError):  # this device or torch has no fused AdamW
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
+    def flops_per_token(self):
+        """Training FLOPs per token (forward and backward): 6 per parameter in a matmul, plus
+        attention's QK^T and AV products over the whole context (PaLM paper, appendix B)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def param_groups(self):
+        """The trainable parameters by role, for the optimizer to give each role its own learning
+        rate and decay: the tables (the token embedding, which is also the output layer, and the
+        positions), the blocks' matrices, and the gains and biases (1-D)."""
+        tables = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        groups = {"tables": [], "matrices": [], "gains_and_biases": []}
+        for p in self.parameters():
+            if p.requires_grad:
+                role = "gains_and_biases" if p.dim() < 2 else "tables" if id(p) in tables else "matrices"
+                groups[role].append(p)
+        return groups
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None,
@@ -365,18 +383,79 @@ def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def flops_per_token(n_params, n_layer, n_embd, block_size):
-    """Training FLOPs per token (forward and backward): 6 per parameter, plus attention's
-    QK^T and AV products (PaLM paper, appendix B)."""
-    return 6 * n_params + 12 * n_layer * n_embd * block_size
-
-
 NON_FINITE, LOSS_SPIKE = 1, 2  # why a step is skipped: the larger wins when ranks disagree
+
+
+def set_learning_rates(optimizers, step, config):
+    """Each param group's lr at step: the schedule's value for --learning_rate, scaled by the group's
+    own base_lr (by exactly 1.0 for a group at --learning_rate). Returns the schedule's value."""
+    lr = get_lr(step, config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters)
+    for optimizer in optimizers.values():
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (group["base_lr"] / config.learning_rate)
+    return lr
 
 
 def estimate_mfu(flops_per_token, tokens_per_sec, peak_flops):
     """Model FLOPs utilization: the fraction of the device's peak that the training step reaches."""
     return flops_per_token * tokens_per_sec / peak_flops if peak_flops else None
+
+
+# -----------------------------------------------------------------------------
+# The optimizers: one function each, from the model's parameter groups to the torch optimizers that
+# train them. Each group carries its own base_lr, which the schedule scales (Trainer.train_step).
+
+
+def fused_adamw(groups, device_type):
+    """torch's AdamW, fused where this device and torch have it."""
+    try:
+        return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8,
+                                 fused=device_type in ("cuda", "cpu"))
+    except (RuntimeError, TypeError):  # this device or torch has no fused AdamW
+        return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+
+
+def adamw(groups, config, device_type):
+    """AdamW for every parameter; weight decay on the 2-D ones (tables and matrices) alone."""
+    decayed = {"weight_decay": config.weight_decay, "base_lr": config.learning_rate}
+    plain = {"weight_decay": 0.0, "base_lr": config.learning_rate}
+    return {"adamw": fused_adamw([{"params": groups["tables"], **decayed},
+                                  {"params": groups["matrices"], **decayed},
+                                  {"params": groups["gains_and_biases"], **plain}], device_type)}
+
+
+OPTIMIZERS = {"adamw": adamw}  # --optimizer's choices
+
+
+def make_optimizers(model, config, device_type):
+    """{name: torch optimizer} for --optimizer, each group's lr at its base_lr."""
+    optimizers = OPTIMIZERS[config.optimizer](model.param_groups(), config, device_type)
+    for optimizer in optimizers.values():
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"]
+    return optimizers
+
+
+def training_state_bytes(model_config, config):
+    """The bytes a model's training state takes as this run keeps it: {"weights", "gradients",
+    "optimizer"}, measured on the model built on the meta device (no memory) after one step of the
+    run's optimizers, so that any model and optimizer is sized as it really is."""
+    with torch.device("meta"):
+        model = GPT(model_config)
+    optimizers = make_optimizers(model, config, "meta")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for optimizer in optimizers.values():
+        optimizer.step()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"weights": weights, "gradients": weights,
+            "optimizer": sum(optimizer_state_bytes(o) for o in optimizers.values())}
+
+
+def optimizer_state_bytes(optimizer):
+    """The bytes of the tensors an optimizer keeps (its moments, once it has stepped)."""
+    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
+               for value in state.values() if isinstance(value, torch.Tensor))
 
 
 # -----------------------------------------------------------------------------
@@ -407,7 +486,7 @@ def place_model(model, dist_info, dtype, loss_kernel=True):
     """The model on its device: whole, or under FSDP this rank's shards of it. On CUDA, float32
     matmuls run as TF32 (training and evaluation alike, so that an evaluation repeats the one logged
     in training)."""
-    model.loss_kernel = loss_kernel
+    model.output_loss.use_kernel = loss_kernel
     if dist_info.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -419,7 +498,8 @@ def place_model(model, dist_info, dtype, loss_kernel=True):
 def wrap_model(model, compile, dist_info):
     """What every forward pass calls: the model compiled if asked, and that wrapped in DDP when
     there are several processes (a sharded model, FSDP, is its own wrapper). Evaluation calls it
-    too: DDP's forward pass without gradients is no collective, for a model without buffers."""
+    too, on some ranks only: DDP's forward pass without gradients is no collective, as long as it
+    does not broadcast buffers (a model's buffers, such as rotary tables, are the same on every rank)."""
     ddp = dist_info.world_size > 1 and not dist_info.sharded
     version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
     if ddp and compile and version < (2, 6):
@@ -430,7 +510,8 @@ def wrap_model(model, compile, dist_info):
         return compiled
     cuda = dist_info.device.startswith("cuda")
     device_ids = [torch.device(dist_info.device).index] if cuda else None
-    return nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids,
+                                               broadcast_buffers=False)
 
 
 def set_gradient_sync(model, sync):
@@ -461,9 +542,8 @@ class Trainer:
         self.model = place_model(model.train(), dist_info, self.dtype, config.loss_kernel)
         self.model.gradient_checkpointing = config.gradient_checkpointing
         self.wrapped = wrap_model(self.model, config.compile, dist_info)
-        # made after sharding: under FSDP its moments are shards too
-        self.optimizer = self.model.configure_optimizer(config.weight_decay, config.learning_rate,
-                                                        device_type)
+        # made after sharding: under FSDP their moments are shards too
+        self.optimizers = make_optimizers(self.model, config, device_type)
         self.scaler = torch.amp.GradScaler(device_type, enabled=self.dtype == "float16")
         self.autocast = make_autocast(device_type, self.dtype)
         self.batches = Prefetcher(loader, self.device)
@@ -485,7 +565,7 @@ class Trainer:
         """The parts of a checkpoint, each with state_dict() and load_state_dict()."""
         sharded = self.dist_info.sharded
         return {"model": FullModelState(self.model, sharded),
-                "optimizer": FullOptimizerState(self.model, self.optimizer, sharded),
+                "optimizer": OptimizerStates(self.model, self.optimizers, sharded),
                 "scaler": self.scaler, "loader": self.batches, "rng": RNGState(),
                 "progress": self.progress}
 
@@ -515,9 +595,7 @@ class Trainer:
         finite (reading that one flag is the step's one wait for the device). Returns (lr, mean
         loss, gradient norm), as tensors."""
         c, d = self.config, self.dist_info
-        lr = get_lr(step, c.learning_rate, c.min_lr, c.warmup_iters, c.lr_decay_iters)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_learning_rates(self.optimizers, step, c)
         x, y = self.batches.next_batch()  # (micro_steps, B, T)
         micro_steps = x.size(0)
         loss_sum = torch.zeros((), device=x.device)
@@ -529,22 +607,28 @@ class Trainer:
             loss = loss / micro_steps
             loss_sum += loss.detach()
             self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]  # its order
+        for optimizer in self.optimizers.values():
+            self.scaler.unscale_(optimizer)
+        params = [p for optimizer in self.optimizers.values() for group in optimizer.param_groups
+                  for p in group["params"]]  # in the optimizers' order
         grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor of the ranks' partial norms
             grad_norm = grad_norm.full_tensor()
-        finite = torch.isfinite(loss_sum)
-        if not self.scaler.is_enabled():  # a GradScaler (float16) skips overflows itself
-            finite &= torch.isfinite(grad_norm)
-        problem = NON_FINITE if not finite.item() else None  # the step's one wait for the device
+        # the step's one wait for the device
+        finite_loss, finite_norm = torch.stack([torch.isfinite(loss_sum),
+                                                torch.isfinite(grad_norm)]).tolist()
+        # a GradScaler (float16) skips an overflow itself, for all optimizers alike, and lowers its scale
+        overflow = self.scaler.is_enabled() and finite_loss and not finite_norm
+        problem = None if finite_loss and (finite_norm or overflow) else NON_FINITE
         if problem is None and c.spike_guard and self.spikes.is_spike(loss_sum.item()):
             problem = LOSS_SPIKE
         problem = d.max(problem or 0) or None  # each rank's loss is its own: all skip, or none
-        if problem is None:
-            self.scaler.step(self.optimizer)
+        if problem is None and not overflow:
+            for optimizer in self.optimizers.values():
+                self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
         self.progress.iter_num = step + 1
         self.progress.tokens += self.batches.tokens_per_step
         self.count_bad_steps(step, lr, problem, loss_sum)
@@ -630,13 +714,13 @@ class Trainer:
         """Train from the current step to max_iters: evaluate (and checkpoint) every eval_interval
         steps and at the end, log every log_interval steps; stop with a checkpoint on a signal, or
         before the next step would pass --max_time, counted from launched (guards.TimeBudget)."""
-        config, args = self.config, self.model.config
+        config = self.config
+        state_bytes = training_state_bytes(self.model.config, config)
         budget = TimeBudget(parse_duration(config.max_time), launched,
-                            BYTES_PER_PARAM * self.model.num_params())
+                            state_bytes["weights"] + state_bytes["optimizer"])
         profile_steps = parse_step_range(config.profile_steps) if self.dist_info.is_master else None
         profiler = StepProfiler(profile_steps, config.out_dir, self.device, self.log.print)
-        model_flops_per_token = flops_per_token(self.model.num_params(), args.n_layer, args.n_embd,
-                                                args.block_size)
+        model_flops_per_token = self.model.flops_per_token()
         peak_flops = device_peak_flops(self.device, self.dtype, self.dist_info.world_size)
         first_step = step = self.progress.iter_num
         interval_start, interval_steps = time.perf_counter(), 0
@@ -700,24 +784,62 @@ class Trainer:
 def load_start(init_from, out_dir):
     """(model, checkpoint) for --init_from: a checkpoint of this trainer (a path, or `resume` for
     the latest in out_dir; its weights built into a GPT, removed from the dict) or GPT-2 weights
-    (checkpoint None)."""
+    (checkpoint None). sample.py loads its model here too."""
     if init_from != "resume" and is_hf_model(init_from):
         return GPT.from_pretrained(init_from).eval(), None
-    checkpoint = load_checkpoint(checkpoint_path(init_from, out_dir))  # model_args checked there
-    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    checkpoint = load_checkpoint(checkpoint_path(init_from, out_dir))
+    model = build_checkpoint_model(checkpoint)
     try:
         model.load_state_dict(checkpoint.pop("model"))
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
-        lines = str(e).strip().splitlines()
-        reason = " ".join(line.strip() for line in lines[1:3]) or (lines or [""])[0]
-        raise UserError(f"checkpoint {checkpoint['path']} does not match its own architecture "
-                        f"({reason}): it is damaged; use another checkpoint of the run") from None
+        raise damaged_weights(checkpoint["path"], e) from None
     return model.eval(), checkpoint
 
 
+def build_checkpoint_model(checkpoint):
+    """The GPT of a checkpoint's model_args (GPTConfig's fields; one it lacks, at its default),
+    first built on the meta device, so that weights which do not fit their architecture (an
+    n_embd of 10^9, say) are refused before any memory is taken."""
+    path, model_args = checkpoint["path"], checkpoint["model_args"]
+    names = {field.name for field in dataclasses.fields(GPTConfig)}
+    if not isinstance(model_args, dict) or not set(model_args) <= names:
+        unknown = sorted(set(model_args) - names) if isinstance(model_args, dict) else "not a dict"
+        raise UserError(f"checkpoint {path} has an architecture field this GPTConfig lacks "
+                        f"({unknown}): it is damaged or from another version of the model")
+    try:
+        model_config = GPTConfig(**model_args)
+    except UserError as e:
+        raise UserError(f"checkpoint {path} holds a malformed architecture ({e}): it is damaged; "
+                        "use another checkpoint of the run") from None
+    try:
+        with torch.device("meta"):
+            shapes = {name: t.shape for name, t in GPT(model_config).state_dict().items()}
+    except RuntimeError as e:  # past what a tensor can hold, even on the meta device
+        raise damaged_weights(path, e) from None
+    saved = {name: t.shape for name, t in checkpoint["model"].items()}
+    if saved != shapes:
+        wrong = sorted(name for name in set(saved) | set(shapes) if saved.get(name) != shapes.get(name))
+        raise damaged_weights(path, f"{wrong[0]} is {tuple(saved.get(wrong[0], ()))}, its "
+                                    f"architecture's {tuple(shapes.get(wrong[0], ()))}")
+    return GPT(model_config)
+
+
+def damaged_weights(path, reason):
+    lines = str(reason).strip().splitlines()
+    reason = " ".join(line.strip() for line in lines[1:3]) or (lines or [""])[0]
+    return UserError(f"checkpoint {path} does not match its own architecture ({reason}): it is "
+                     "damaged; use another checkpoint of the run")
+
+
 def export(config):
-    """--export_hf: a conversion, not a run; it reads no data and trains nothing."""
+    """--export_hf: a conversion, not a run; it reads no data and trains nothing. Only GPT-2's own
+    shape goes into transformers' GPT2LMHeadModel: a field of GPTConfig past it is refused."""
     model, checkpoint = load_start(config.init_from, config.out_dir)
+    for field in dataclasses.fields(GPTConfig):
+        if field.name not in HF_CONFIG_NAMES and getattr(model.config, field.name) != field.default:
+            raise UserError(f"--export_hf: transformers' GPT-2 has no {field.name} (this model's is "
+                            f"{getattr(model.config, field.name)!r}, GPT-2's {field.default!r}): "
+                            "only a model of GPT-2's architecture can be exported")
     path = export_hf(dataclasses.asdict(model.config), model.state_dict(), config.export_hf)
     print(f"exported {checkpoint['path'] if checkpoint else config.init_from} to {path}")
 
@@ -726,7 +848,7 @@ def train(config, changes, dist_info, model, checkpoint, launched):
     """Training from scratch, from GPT-2 weights or from a checkpoint; one process or many.
     launched: when this process started (perf_counter), from which --max_time counts."""
     log = RunLog(config.out_dir, dist_info.is_master)
-    model_args = dataclasses.asdict(model.config) if model is not None else new_model_args(config)
+    model_config = model.config if model is not None else new_model_config(config)
     for line in changes + (resume_warnings(checkpoint["config"], config, checkpoint["world_size"],
                                            dist_info.world_size) if checkpoint else []):
         log.print(line)
@@ -736,27 +858,32 @@ def train(config, changes, dist_info, model, checkpoint, launched):
     # everything the user gave is checked before a model is built, a step taken or out_dir touched
     resolve_dtype(config.dtype, dist_info.device, dist_info.sharded)
     dist_info.on_rank0(lambda: rundir.check_tracker_packages(config), "load a tracker's package")
-    evaluation = Evaluation(config, model_args["block_size"], dist_info, log)
+    evaluation = Evaluation(config, model_config.block_size, dist_info, log)
     sources = load_token_sources(config.data, "train")
     make_loader = lambda batch_size, micro_steps: ShardLoader(
-        sources, batch_size, model_args["block_size"], micro_steps, dist_info.rank,
+        sources, batch_size, model_config.block_size, micro_steps, dist_info.rank,
         dist_info.world_size, config.seed, config.shuffle)
     loader = make_loader(config.batch_size, config.gradient_accumulation_steps)
+    state_bytes = training_state_bytes(model_config, config)
     if model is None:
-        check_model_fits(model_args, dist_info)
+        check_model_fits(state_bytes, dist_info)
     continuing = checkpoint["path"] if checkpoint else None
     check = lambda: rundir.check_run_files(config.out_dir, continuing)
-    lock = dist_info.on_rank0(lambda: rundir.claim_out_dir(config.out_dir, check), "use --out_dir")
-    trainer, failed = None, True
+    trainer, failed, lock = None, True, None
     try:
         if model is None:
             torch.manual_seed(config.seed)
-            model = GPT(GPTConfig(**model_args))
+            model = GPT(model_config)
+        # the checkpoint's state restored (and checked) before out_dir is touched
         trainer = Trainer(config, dist_info, model, log, loader=loader, evaluation=evaluation,
                           checkpoint=checkpoint)
+        lock = dist_info.on_rank0(lambda: rundir.claim_out_dir(config.out_dir, check),
+                                  "use --out_dir")
         if config.auto_batch:
-            size = choose_micro_batch(config, dist_info, trainer.try_micro_batch,
-                                      trainer.model.num_params(non_embedding=False), log.print)
+            # the optimizer's state not yet made (it is at the first step) needs room too
+            unmade = state_bytes["optimizer"] - sum(map(optimizer_state_bytes,
+                                                        trainer.optimizers.values()))
+            size = choose_micro_batch(config, dist_info, trainer.try_micro_batch, unmade, log.print)
             trainer.use_micro_batch(size, make_loader)
         files = (config, trainer.progress, trainer.evaluated_at_start, log, trainer.batches.loader)
         dist_info.on_rank0(lambda: rundir.prepare_run_files(*files), "prepare --out_dir")
@@ -784,12 +911,29 @@ def train(config, changes, dist_info, model, checkpoint, launched):
             lock.release()
 
 
-def new_model_args(config):
-    return {**{n: getattr(config, n) for n in ARCHITECTURE}, "vocab_size": GPTConfig.vocab_size}
+def new_model_config(config):
+    """The GPTConfig of the flags' model (its fields are flags too)."""
+    return GPTConfig(**{field.name: getattr(config, field.name)
+                        for field in dataclasses.fields(GPTConfig)})
 
 
 # -----------------------------------------------------------------------------
 # Entry point
+
+
+@dataclass
+class TrainConfig(GPTConfig, TrainSettings):
+    """train_gpt2.py's flags: the run's settings (settings.py) and the model's shape (GPTConfig)."""
+
+    def validate(self, host=True):
+        super().validate(host)
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+
+
+def parse_args(argv=None):
+    """(the flags as a TrainConfig, the names of those given: on the command line or in --config)."""
+    return parse_config(TrainConfig, argv)
 
 
 def start(argv):
@@ -801,10 +945,10 @@ def start(argv):
     model_args = dataclasses.asdict(model.config)
     check_architecture(explicit, flags, model_args)
     if checkpoint is None:  # GPT-2 weights: a new run, with the weights' architecture
-        config = dataclasses.replace(flags, **{name: model_args[name] for name in ARCHITECTURE})
-        return with_absolute_paths(config), [], model, None
+        return with_absolute_paths(dataclasses.replace(flags, **model_args)), [], model, None
     config, changes = run_config(flags, explicit, checkpoint)
-    return config, changes, model, checkpoint
+    # the weights' architecture, whatever the checkpoint's flags say (a field they lack, say)
+    return dataclasses.replace(config, **model_args), changes, model, checkpoint
 
 
 def main(argv=None):

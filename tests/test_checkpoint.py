@@ -62,7 +62,7 @@ def damaged(checkpoint, kind):
     ("missing tensor", "does not match its own architecture"),
     ("extra tensor", "does not match its own architecture"),
     ("wrong shape", "does not match its own architecture"),
-    ("unknown model_args key", "has an unknown architecture"),
+    ("unknown model_args key", "has an architecture field this GPTConfig lacks"),
 ])
 def test_a_damaged_checkpoint_is_one_line(kind, message, trained_run, tmp_path):
     checkpoint = load_checkpoint(next(trained_run[0].glob("iter-8-*.pt")))
@@ -90,6 +90,7 @@ def as_version_1(checkpoint):
                best_val_loss=checkpoint["progress"]["best_val_loss"])
     old["loader"] = {k: v for k, v in checkpoint["loader"].items() if k not in ("shuffle", "fingerprints")}
     old["config"] = {k: v for k, v in checkpoint["config"].items() if k != "shuffle"}
+    old["optimizer"] = checkpoint["optimizer"]["adamw"]  # versions 1 and 2 held AdamW's state alone
     return old
 
 
@@ -98,7 +99,8 @@ def test_a_version_1_checkpoint_is_upgraded_with_what_its_run_did(trained_run, t
     path = tmp_path / "iter-8-loss-1.0000.pt"
     save_checkpoint(path, as_version_1(checkpoint))
     upgraded = load_checkpoint(path)
-    assert upgraded["version"] == 2 and upgraded["world_size"] == 1
+    assert upgraded["version"] == 3 and upgraded["world_size"] == 1
+    assert set(upgraded["optimizer"]) == {"adamw"}  # version 2 held AdamW's state alone
     config = checkpoint["config"]
     tokens_per_step = config["batch_size"] * config["gradient_accumulation_steps"] * config["block_size"]
     assert upgraded["progress"] == {**checkpoint["progress"], "tokens": 8 * tokens_per_step, "best_step": None,
@@ -117,16 +119,17 @@ def test_a_version_1_checkpoint_resumes(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "from step 8" in result.stdout
     resumed = load_checkpoint(next((tmp_path / "branch").glob("iter-10-*.pt")))
-    assert resumed["version"] == 2 and resumed["loader"]["shuffle"] is False  # still read in order
+    assert resumed["version"] == 3 and resumed["loader"]["shuffle"] is False  # still read in order
 
 
 def crafted(checkpoint, field, value):
     """checkpoint with one field (a path of keys) set to value."""
     *parents, last = field.split(".")
     target = checkpoint
+    index = lambda key: int(key) if key.isdigit() else key  # an optimizer's state is keyed by position
     for key in parents:
-        target = target[key]
-    target[last] = value
+        target = target[index(key)]
+    target[index(last)] = value
     return checkpoint
 
 
@@ -137,7 +140,16 @@ def crafted(checkpoint, field, value):
     ("progress.best_step", 99, "malformed training state (progress"),
     ("loader.position", -1, "malformed training state (loader"),
     ("loader.shards", "all", "malformed training state (loader"),
-    ("model_args.n_head", 3, "malformed training state (model_args"),
+    ("model_args.n_head", 3, "malformed architecture (--n_embd 64 is not divisible by --n_head 3"),
+    ("model_args.n_layer", "2", "malformed architecture (--n_layer must be a positive integer, got '2'"),
+    ("model_args.n_embd", 10**9, "does not match its own architecture (Storage size calculation overflowed"),
+    ("model_args.n_embd", 2**16, "(lm_head.weight is (50304, 64), its architecture's (50304, 65536))"),
+    ("optimizer.adamw.state.4.exp_avg", torch.zeros(1), "parameter 4's exp_avg is torch.float32 (1,), the "
+                                                         "parameter (256, 64)"),
+    ("optimizer.adamw.state.4.exp_avg_sq", "big", "parameter 4's exp_avg_sq is a str, not a tensor"),
+    ("optimizer.adamw.state.99", {}, "state of parameter 99, of 28 parameters"),
+    ("optimizer", {"muon": {"state": {}, "param_groups": []}}, "the checkpoint's optimizer is muon, this run's "
+                                                               "adamw: resume with --optimizer"),
     ("rng.torch", [1, 2], "malformed training state (rng"),
     ("world_size", 0, "malformed training state (world_size"),
     ("version", 7, "format version 7"),
@@ -157,3 +169,19 @@ def test_a_crafted_field_is_refused_in_one_line_before_any_training(field, value
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "branch").exists()
+
+
+def test_a_resume_takes_every_optimizer_setting_from_the_run_never_from_the_saved_groups(trained_run, tmp_path):
+    import train_gpt2
+    checkpoint = load_checkpoint(next(trained_run[0].glob("iter-8-*.pt")))
+    for group in checkpoint["optimizer"]["adamw"]["param_groups"]:
+        group.update(weight_decay=1e6, eps="abc", betas=(0.0, 0.0))  # a crafted or stale hyper-parameter
+    path = tmp_path / "iter-8-loss-1.0000.pt"
+    save_checkpoint(path, checkpoint)
+    train_gpt2.main(["--init_from", str(path), "--out_dir", str(tmp_path / "branch"), "--max_iters", "9",
+                     "--weight_decay", "0.5", "--num_samples", "0"])
+    resumed = load_checkpoint(next((tmp_path / "branch").glob("iter-9-*.pt")))
+    groups = resumed["optimizer"]["adamw"]["param_groups"]  # the groups the optimizer stepped with
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.5, 0.0]  # the flag given, applied
+    assert all(g["eps"] == 1e-8 and tuple(g["betas"]) == (0.9, 0.95) for g in groups)
+    assert resumed["optimizer"]["adamw"]["state"][0]["step"].item() == 9  # the moments went on

@@ -121,7 +121,7 @@ def test_model_loss_and_gradients_same_with_and_without_kernel_on_gpu(monkeypatc
     idx, targets = (torch.randint(0, 50257, (4, 128), device="cuda") for _ in range(2))
     results = []
     for loss_kernel in (False, True):
-        model.loss_kernel = loss_kernel
+        model.output_loss.use_kernel = loss_kernel
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", torch.bfloat16):
             _, loss = model(idx, targets, return_logits=False)

@@ -7,7 +7,7 @@ import torch
 import device
 from cli import UserError
 from device import check_dtype, device_peak_flops, setup_distributed
-from settings import TrainConfig
+from train_gpt2 import TrainConfig
 
 
 def test_a_runs_peak_counts_every_process():

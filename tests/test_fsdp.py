@@ -12,8 +12,8 @@ from cli import UserError
 from conftest import INPUT_TXT, TINY, read_metrics, run_torchrun, run_train, train_losses
 import device
 from device import Distributed, check_model_fits, resolve_dtype
-from settings import parse_args
-from train_gpt2 import GPT, GPTConfig, new_model_args
+from train_gpt2 import (GPT, GPTConfig, TrainConfig, make_optimizers, new_model_config, parse_args,
+                        training_state_bytes)
 
 
 def assert_same_metrics(a_dir, b_dir, rel=1e-5):
@@ -155,7 +155,7 @@ def test_eval_only_under_fsdp_scores_the_checkpoint_as_training_did(fsdp_run_to_
 def test_optimizer_state_keyed_by_names_and_by_positions_convert_both_ways():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=128, n_layer=1, n_head=2, n_embd=16))
-    optimizer = model.configure_optimizer(0.1, 1e-3, "cpu")
+    optimizer = make_optimizers(model, TrainConfig(), "cpu")["adamw"]
     model(torch.randint(0, 128, (2, 8)), torch.randint(0, 128, (2, 8)))[1].backward()
     optimizer.step()
     by_position = optimizer.state_dict()
@@ -173,12 +173,15 @@ def test_optimizer_state_keyed_by_names_and_by_positions_convert_both_ways():
 
 
 def test_a_model_whose_whole_state_overflows_the_host_is_refused_under_fsdp_though_its_shards_fit(monkeypatch):
-    model_args = new_model_args(parse_args([])[0])  # GPT-2 124M: 2.0 GB of state, 1.0 GB per rank of 2
+    config = parse_args([])[0]
+    state = training_state_bytes(new_model_config(config), config)  # GPT-2 124M: 2.0 GB, 1.0 GB per rank of 2
+    assert state == {"weights": 4 * 124_475_904, "gradients": 4 * 124_475_904,
+                     "optimizer": 8 * 124_475_904 + 4 * 3}  # AdamW's two moments; a step count per group
     monkeypatch.setattr(device, "available_memory", lambda device: 1.5 * 2**30)
-    with pytest.raises(UserError, match="GiB of host memory to gather its whole weights and AdamW state"):
-        check_model_fits(model_args, Distributed(world_size=2, sharded=True))
-    with pytest.raises(UserError, match="for its weights, gradients and AdamW state, more than"):
-        check_model_fits(model_args, Distributed(world_size=1))  # the device check: unsharded it does not fit
+    with pytest.raises(UserError, match="GiB of host memory to gather its whole weights and optimizer state"):
+        check_model_fits(state, Distributed(world_size=2, sharded=True))
+    with pytest.raises(UserError, match="for its weights, gradients and optimizer state, more than"):
+        check_model_fits(state, Distributed(world_size=1))  # the device check: unsharded it does not fit
 
 
 def test_float16_under_fsdp_is_refused_naming_the_dtypes_that_work():

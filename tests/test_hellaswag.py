@@ -18,13 +18,12 @@ import torch.nn as nn
 
 import hellaswag
 from fineweb import get_tokenizer
-from checkpoint import Progress, RNGState, make_checkpoint, save_checkpoint
+from checkpoint import OptimizerStates, Progress, RNGState, make_checkpoint, save_checkpoint
 from cli import UserError
 from device import Distributed
 from hellaswag import (collate, evaluate, load_examples, padded_length, predict, render_examples, score_examples,
-                       scores_positions, token_losses)
-from settings import TrainConfig
-from train_gpt2 import GPT, GPTConfig
+                       token_losses)
+from train_gpt2 import GPT, GPTConfig, TrainConfig, make_optimizers
 
 REPO = Path(__file__).resolve().parent.parent
 ROOF_CTX = "A man is sitting on a roof."
@@ -220,7 +219,9 @@ def test_this_repos_gpt_computes_logits_at_the_endings_alone_with_the_same_losse
         everywhere = token_losses(full_logits, x, y, scored, nullcontext(), 50257)
     assert rows_seen == [(24, x.size(1), 50304)]
     assert torch.allclose(at_endings, everywhere, atol=1e-5) and (at_endings[scored] > 0).all()
-    assert scores_positions(model) and scores_positions(torch.compile(model)) and not scores_positions(full_logits)
+    compiled = torch.compile(model)  # as the trainer's evaluation calls it
+    assert score_examples(compiled, examples, batch_size=4, block_size=64, by_position=True).tolist() == \
+        score_examples(model, examples, batch_size=4, block_size=64).tolist()
 
 
 DDP_SCRIPT = """
@@ -400,7 +401,7 @@ def write_checkpoint(path, model):
     """A checkpoint of the trainer's format holding model's weights, its other parts fresh."""
     loader = SimpleNamespace(state_dict=lambda: {"epoch": 0, "shard": 0, "position": 0, "seed": 0, "shuffle": True,
                                                  "shards": [["data.bin", 1000]], "fingerprints": None})
-    parts = {"model": model, "optimizer": model.configure_optimizer(0.1, 1e-3, "cpu"),
+    parts = {"model": model, "optimizer": OptimizerStates(model, make_optimizers(model, TrainConfig(), "cpu"), False),
              "scaler": torch.amp.GradScaler("cpu", enabled=False), "loader": loader, "rng": RNGState(),
              "progress": Progress()}
     save_checkpoint(path, make_checkpoint(parts, model_args=dict(block_size=64, vocab_size=50304, n_layer=2,
@@ -416,41 +417,30 @@ def parse_result(stdout):
     return {"acc": float(fields["acc"]), "acc_norm": float(fields["acc_norm"]), "n": int(fields["n"])}
 
 
-def test_command_line_scores_a_checkpoint_of_this_repo(tmp_path):
-    model, examples = tiny_gpt(), random_items(6)
-    checkpoint = write_checkpoint(tmp_path / "best_val_loss.pt", model)
-    data = write_jsonl(tmp_path / "data.jsonl", examples + ["oops"])
-    result = run_script(REPO / "hellaswag.py", "--init_from", checkpoint, "--data", data, "--batch_size", "4")
-    assert result.returncode == 0, result.stderr
-    expected = evaluate(model, examples, batch_size=4, block_size=64)
-    assert parse_result(result.stdout) == {"acc": round(expected["acc"], 4),
-                                           "acc_norm": round(expected["acc_norm"], 4), "n": 6}
-    assert f"warning: {data}:7: not JSON" in result.stderr
-
-
 def test_command_line_scores_a_transformers_gpt2_saved_in_a_folder(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(tmp_path / "hf")
-    data = write_jsonl(tmp_path / "data.jsonl", random_items(5))
+    data = write_jsonl(tmp_path / "data.jsonl", random_items(5) + ["oops"])
     result = run_script(REPO / "hellaswag.py", "--init_from", tmp_path / "hf", "--data", data,
                         "--hellaswag_examples", "4", "--dtype", "bfloat16")
     assert result.returncode == 0, result.stderr
     assert parse_result(result.stdout)["n"] == 4
+    assert f"warning: {data}:6: not JSON" in result.stderr
 
 
-@pytest.mark.parametrize("case", ["missing data", "missing checkpoint", "corrupt checkpoint", "not a model folder",
+@pytest.mark.parametrize("case", ["missing data", "missing checkpoint", "a trainer's checkpoint", "not a model folder",
                                   "no network", "no model", "nothing scorable"])
 def test_bad_input_gets_one_error_line_and_exit_1(case, tmp_path, monkeypatch, capsys):
     checkpoint = write_checkpoint(tmp_path / "ok.pt", tiny_gpt())
     data = write_jsonl(tmp_path / "data.jsonl", random_items(2))
-    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "empty_folder").mkdir()
     monkeypatch.setattr(hellaswag, "URL", "http://127.0.0.1:9/hellaswag_{split}.jsonl")
     args, message = {
         "missing data": (["--init_from", checkpoint, "--data", tmp_path / "no.jsonl"], "no.jsonl: no such file"),
         "missing checkpoint": (["--init_from", tmp_path / "no.pt", "--data", data], "no.pt cannot be loaded"),
-        "corrupt checkpoint": (["--init_from", tmp_path / "corrupt.pt", "--data", data], "is corrupt"),
+        "a trainer's checkpoint": (["--init_from", checkpoint, "--data", data],
+                                   f"python train_gpt2.py --eval_only True --init_from {checkpoint}"),
         "not a model folder": (["--init_from", tmp_path / "empty_folder", "--data", data], "cannot be loaded"),
         "no network": (["--init_from", checkpoint, "--cache_dir", tmp_path / "cache"],
                        "pass a local copy: --data path/to/hellaswag_val.jsonl"),

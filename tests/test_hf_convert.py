@@ -11,7 +11,7 @@ import torch
 
 from fineweb import get_tokenizer
 from cli import UserError
-from hf_convert import export_hf, load_hf_model
+from hf_convert import export_hf
 from evaluation import val_batch_positions
 from fineweb import load_token_sources
 from train_gpt2 import GPT, load_start
@@ -97,10 +97,26 @@ def test_the_readmes_pipeline_line_generates_from_an_export_with_a_short_context
     assert json.loads((folder / "generation_config.json").read_text())["max_length"] == 32
 
 
-def test_a_checkpoint_runs_in_transformers_as_the_tools_load_it(trained_run):
-    checkpoint = trained_run[0] / "best_val_loss.pt"
-    assert_same_logits(our_model(checkpoint), load_hf_model(str(checkpoint)), 32)
-    assert_same_logits(our_model(checkpoint), load_hf_model("resume", trained_run[0]), 32)
+def test_an_architecture_transformers_cannot_hold_is_refused_naming_the_field(trained_run, tmp_path, monkeypatch):
+    import train_gpt2
+    from dataclasses import dataclass
+
+    @dataclass
+    class WithMLPWidth(train_gpt2.GPTConfig):  # a researcher's new field, past GPT-2's shape
+        mlp_width: int = 4
+
+    checkpoint = torch.load(trained_run[0] / "best_val_loss.pt", weights_only=True)
+    checkpoint["model_args"]["mlp_width"] = 3
+    torch.save(checkpoint, tmp_path / "wide.pt")
+    monkeypatch.setattr(train_gpt2, "GPTConfig", WithMLPWidth)
+    with pytest.raises(UserError, match="transformers' GPT-2 has no mlp_width .this model's is 3, GPT-2's 4."):
+        train_gpt2.export(train_gpt2.parse_args(["--init_from", str(tmp_path / "wide.pt"),
+                                                  "--export_hf", str(tmp_path / "hf")])[0])
+    state = our_model(trained_run[0] / "best_val_loss.pt").state_dict()
+    state["transformer.h.0.mlp.c_fc.weight"] = state["transformer.h.0.mlp.c_fc.weight"][:96]  # hidden 3C
+    with pytest.raises(UserError, match="c_fc.weight is .96, 64., GPT-2's .64, 256.: only a model of GPT-2's"):
+        export_hf(dataclasses.asdict(our_model(trained_run[0] / "best_val_loss.pt").config), state,
+                  tmp_path / "hf")
 
 
 def test_trainer_evaluates_and_fine_tunes_transformers_weights(hf_folder, tmp_path):

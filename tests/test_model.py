@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fineweb import get_tokenizer
-from train_gpt2 import GPT, GPTConfig, ShardLoader, load_token_sources
+from train_gpt2 import GPT, GPTConfig, ShardLoader, TrainConfig, load_token_sources, make_optimizers
 from conftest import INPUT_TXT
 
 
@@ -114,7 +114,7 @@ def test_generate_is_reproducible_under_a_seed_and_decodes():
 def test_a_few_steps_on_input_txt_lower_the_loss():
     torch.manual_seed(0)
     model = GPT(tiny_config())
-    optimizer = model.configure_optimizer(0.1, 3e-3, "cpu")
+    optimizer = make_optimizers(model, TrainConfig(learning_rate=3e-3), "cpu")["adamw"]
     loader = ShardLoader(load_token_sources(INPUT_TXT, "train"), batch_size=8, block_size=32, micro_steps=1)
     losses = []
     for _ in range(30):
@@ -129,10 +129,33 @@ def test_a_few_steps_on_input_txt_lower_the_loss():
 
 def test_weight_decay_applies_to_two_dimensional_weights_only():
     model = GPT(tiny_config())
-    decay, no_decay = model.configure_optimizer(0.1, 1e-3, "cpu").param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    tables, matrices, rest = make_optimizers(model, TrainConfig(weight_decay=0.1), "cpu")["adamw"].param_groups
+    assert tables["weight_decay"] == matrices["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in tables["params"] + matrices["params"])
+    assert all(p.dim() < 2 for p in rest["params"])
+    assert sum(len(g["params"]) for g in (tables, matrices, rest)) == len(list(model.parameters()))
+
+
+def test_param_groups_name_each_parameter_by_its_role():
+    model = GPT(tiny_config())
+    groups = model.param_groups()
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = {role: [name_of[id(p)] for p in params] for role, params in groups.items()}
+    assert names["tables"] == ["transformer.wte.weight", "transformer.wpe.weight"]  # wte is also lm_head
+    assert names["matrices"] and all(n.startswith("transformer.h.") and n.endswith(".weight")
+                                     for n in names["matrices"])
+    assert all(n.endswith((".bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")) for n in names["gains_and_biases"])
+    assert sum(map(len, groups.values())) == len(list(model.parameters()))
+
+
+def test_the_model_counts_its_own_parameters_and_flops_whatever_its_positions():
+    model = GPT(tiny_config())
+    c = model.config
+    assert model.num_params(non_embedding=False) == sum(p.numel() for p in model.parameters())
+    assert model.num_params() == model.num_params(non_embedding=False) - c.block_size * c.n_embd
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+    del model.transformer.wpe  # a model without a position table (rotary, say) counts all it has
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
 
 
 def test_chunked_loss_equals_the_plain_loss_and_its_gradients():
@@ -220,11 +243,11 @@ def test_compiled_model_on_the_cpu_runs_its_loss_eagerly_in_the_workspace_and_ma
     results = []
     for step_model in (model, torch.compile(model)):
         model.zero_grad()
-        model.loss_workspace.clear()
+        model.output_loss.workspace.clear()
         _, loss = step_model(idx, targets, return_logits=False)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-        assert model.loss_workspace["logits"].shape == (2 * 16 * 50304,)
+        assert model.output_loss.workspace["logits"].shape == (2 * 16 * 50304,)
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
     torch.testing.assert_close(compiled_loss, eager_loss)
     for eager, compiled in zip(eager_grads, compiled_grads):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import REPO, run_train
-from settings import TrainConfig, parse_args
+from train_gpt2 import TrainConfig, parse_args
 
 PRESETS = sorted((REPO / "config").glob("*.toml"))
 

@@ -10,8 +10,8 @@ import sample
 
 from fineweb import get_tokenizer
 from conftest import run_script
-from hf_convert import load_hf_model
 from sampling import generate_tokens
+from train_gpt2 import load_start
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a 64-wide model runs faster on one thread, and the CPU is shared
 
@@ -35,14 +35,14 @@ def test_samples_are_reproducible_under_a_seed_and_are_what_generate_makes(train
                                       seed=7, device="cpu", dtype="float32"), out=other_seed)
     assert other_seed.getvalue().startswith(prompt) and other_seed.getvalue() != first.stdout
     # the streamed text is the sampling loop's over the converted checkpoint, decoded in one go at the end
-    enc, model = get_tokenizer(), load_hf_model(str(checkpoint))
+    enc, model = get_tokenizer(), load_start(str(checkpoint), ".")[0]
     generator, expected = torch.Generator().manual_seed(42), ""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocess ran: the same sums in the same order, so the same draws
     try:
         for _ in range(2):
             idx = torch.tensor([enc.encode(prompt)])
-            tokens = generate_tokens(lambda context: model(context).logits, idx, 16, 32, temperature=0.8,
+            tokens = generate_tokens(lambda context: model(context)[0], idx, 16, 32, temperature=0.8,
                                      top_k=50, vocab_limit=50257, generator=generator)
             out = torch.cat([idx, *tokens], dim=1)
             expected += enc.decode(out[0].tolist()) + "\n---------------\n"

@@ -7,7 +7,7 @@ import pytest
 
 from cli import UserError
 from conftest import run_train
-from settings import TrainConfig, parse_args
+from train_gpt2 import TrainConfig, parse_args
 
 
 # -----------------------------------------------------------------------------

@@ -18,10 +18,10 @@ import torch
 from fineweb import write_shard
 from checkpoint import load_checkpoint, save_checkpoint
 from device import Distributed
-from settings import TrainConfig
+from train_gpt2 import TrainConfig
 from evaluation import sample_text
 from rundir import pause_clock
-from train_gpt2 import GPT, GPTConfig, estimate_mfu, flops_per_token, get_lr
+from train_gpt2 import GPT, GPTConfig, estimate_mfu, get_lr
 from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_torchrun, run_train, snapshot, train_losses
 
 # -----------------------------------------------------------------------------
@@ -53,8 +53,8 @@ def test_lr_without_warmup_starts_at_the_peak():
 
 
 def test_mfu_is_achieved_flops_over_peak():
-    per_token = flops_per_token(n_params=124e6, n_layer=12, n_embd=768, block_size=1024)
-    assert per_token == 6 * 124e6 + 12 * 12 * 768 * 1024
+    per_token = GPT(GPTConfig()).flops_per_token()  # GPT-2 124M: 85M parameters in its matmuls
+    assert per_token == 6 * (124_475_904 - 1024 * 768) + 12 * 12 * 768 * 1024
     assert estimate_mfu(per_token, 400_000, 989e12) == pytest.approx(per_token * 400_000 / 989e12)
     assert estimate_mfu(per_token, 400_000, None) is None
 
