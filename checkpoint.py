@@ -49,6 +49,8 @@ class Progress:
     best_step: Optional[int] = None  # the step whose checkpoint holds the best weights
     skipped_steps: int = 0  # steps not applied (a non-finite loss, a loss spike)
     wandb_run_id: Optional[str] = None  # so that a resumed run continues its wandb run
+    train_seconds: float = 0.0  # time in training steps, evaluations and checkpoints excluded
+    target: Optional[dict] = None  # the first evaluation at or below --target_val_loss: its figures
 
     def state_dict(self):
         return dataclasses.asdict(self)
@@ -254,7 +256,11 @@ def load_checkpoint(path):
     if checkpoint["version"] == 1:
         checkpoint = upgrade_version_1(checkpoint, path)
     if checkpoint["version"] == 2:
-        checkpoint = {**checkpoint, "version": 3, "optimizer": {"adamw": checkpoint.get("optimizer")}}
+        progress = checkpoint.get("progress")
+        if isinstance(progress, dict):  # the counters added since, which count from here on
+            progress = {**Progress().state_dict(), **progress}
+        checkpoint = {**checkpoint, "version": 3, "optimizer": {"adamw": checkpoint.get("optimizer")},
+                      "progress": progress}
     if checkpoint["version"] != CHECKPOINT_VERSION:
         raise UserError(f"checkpoint {path} has format version {checkpoint['version']!r}, this code reads "
                         f"{CHECKPOINT_VERSION} (and 1, 2)")
@@ -332,7 +338,9 @@ def check_fields(c, path):
         and progress["best_val_loss"] >= 0
         and (progress["best_step"] is None or is_int(progress["best_step"])
              and progress["best_step"] <= progress["iter_num"])
-        and (progress["wandb_run_id"] is None or isinstance(progress["wandb_run_id"], str)),
+        and (progress["wandb_run_id"] is None or isinstance(progress["wandb_run_id"], str))
+        and is_number(progress["train_seconds"]) and progress["train_seconds"] >= 0
+        and (progress["target"] is None or isinstance(progress["target"], dict)),
         "config": isinstance(c.get("config"), dict),
         "world_size": is_int(c.get("world_size"), 1),
         "micro_batch": isinstance(c.get("micro_batch"), (list, tuple)) and len(c["micro_batch"]) == 2

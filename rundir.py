@@ -403,7 +403,13 @@ def header(n_params, dist_info, dtype, tokens_per_step, first_step):
     return lines
 
 
-def summary(out_dir, progress, last_checkpoint, first_step, seconds):
+def describe_target(target):
+    """The speedruns' figure: when the run first evaluated at or below its target val loss."""
+    return (f"reached at step {target['step']:,} ({target['tokens']:,} tokens, "
+            f"{target['train_seconds']:.1f} s of training): val loss {target['val_loss']:.4f}")
+
+
+def summary(out_dir, progress, last_checkpoint, first_step, seconds, target_val_loss=0.0):
     """What a finished run did and where everything it wrote is, a line each."""
     out_dir = Path(out_dir)
     best, metrics = out_dir / BEST_CHECKPOINT, out_dir / "metrics.jsonl"
@@ -412,6 +418,9 @@ def summary(out_dir, progress, last_checkpoint, first_step, seconds):
     row = lambda label, text: lines.append(f"  {label:<20} {text}")
     if best.exists():
         row(f"best val loss {progress.best_val_loss:.4f}", best)
+    if target_val_loss:
+        row(f"target {target_val_loss:g}", describe_target(progress.target) if progress.target else
+            "not reached")
     if last_checkpoint is not None:
         row("latest checkpoint", f"{last_checkpoint}  (to train on: --init_from resume --max_iters N)")
     row("every figure", f"{metrics}  (python plot.py {metrics})")

@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from cli import UserError, build_parser, flag, parse_flags
 from device import available_memory, check_dtype
 
@@ -54,7 +56,17 @@ class TrainSettings:
     batch_size: int = flag(8, "sequences per micro-step, per process")
     gradient_accumulation_steps: int = flag(5, "micro-steps per optimizer step, per process")
     # optimizer and schedule
-    optimizer: str = flag("adamw", "'adamw': AdamW for every parameter")
+    optimizer: str = flag("adamw", "'adamw': AdamW for every parameter; 'muon': Muon for the blocks' "
+                                   "matrices and AdamW for the rest (torch 2.9 or later)")
+    muon_lr: float = flag(0.02, "--optimizer muon: the matrices' peak learning rate, scaled by the "
+                                "schedule as --learning_rate is")
+    muon_momentum: float = flag(0.95, "--optimizer muon: the matrices' momentum (Nesterov)")
+    muon_lr_scaling: str = flag("original", "--optimizer muon: how each matrix's rate follows its shape: "
+                                            "'original' (x sqrt(max(1, rows/cols))) or "
+                                            "'match_rms_adamw' (x 0.2 sqrt(max(rows, cols)): an update "
+                                            "of AdamW's size, so rates near AdamW's)")
+    reset_optimizer: bool = flag(False, "resuming: start the optimizer's state afresh instead of "
+                                        "restoring it (to change --optimizer)")
     learning_rate: float = flag(6e-4, "peak learning rate, reached at the end of warmup")
     min_lr: float = flag(6e-5, "learning rate at the end of the cosine decay and after it")
     warmup_iters: int = flag(2000, "steps of linear warmup")
@@ -63,6 +75,10 @@ class TrainSettings:
     weight_decay: float = flag(0.1, "AdamW weight decay, applied to 2-D weights only")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0 turns clipping off)")
     # evaluation and logging
+    target_val_loss: float = flag(0.0, "report the first evaluation at or below this val loss: its "
+                                       "step, tokens and training seconds (0: none)")
+    stop_at_target: bool = flag(False, "end the run at the evaluation that reaches "
+                                       "--target_val_loss, with its checkpoint")
     eval_interval: int = flag(2000, "evaluate, sample and checkpoint every this many steps")
     eval_iters: int = flag(200, "validation batches (of batch_size sequences) per evaluation")
     eval_only: bool = flag(False, "evaluate the checkpoint given by --init_from and exit")
@@ -144,6 +160,10 @@ class TrainSettings:
                             f"{self.warmup_iters}: the decay must end after the warmup")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise UserError("--weight_decay and --grad_clip must be 0 or more")
+        check_muon(self)
+        if self.target_val_loss < 0 or (self.stop_at_target and not self.target_val_loss):
+            raise UserError("--target_val_loss must be 0 (none) or more, and --stop_at_target True "
+                            "needs one")
         check_dtype(self.dtype)
         if not 0 <= self.seed < 2**63:
             raise UserError(f"--seed must be from 0 to 2**63 - 1, got {self.seed}")
@@ -171,6 +191,24 @@ class TrainSettings:
             raise UserError("--spike_guard must be 0 or more and --spike_window at least 10")
         parse_duration(self.max_time)
         parse_step_range(self.profile_steps)
+
+
+def check_muon(config):
+    """--optimizer muon's own flags, and where it cannot run."""
+    if config.optimizer != "muon":
+        return
+    if not hasattr(torch.optim, "Muon"):
+        raise UserError(f"--optimizer muon needs torch 2.9 or later (torch.optim.Muon); this is torch "
+                        f"{torch.__version__}: upgrade torch or pass --optimizer adamw")
+    if config.fsdp:
+        raise UserError("--optimizer muon needs whole matrices, which --fsdp True shards over the "
+                        "processes: train with DDP (--fsdp False) or --optimizer adamw")
+    if config.muon_lr <= 0 or not 0 <= config.muon_momentum < 1:
+        raise UserError(f"--muon_lr must be positive and --muon_momentum from 0 to below 1, got "
+                        f"{config.muon_lr} and {config.muon_momentum}")
+    if config.muon_lr_scaling not in ("original", "match_rms_adamw"):
+        raise UserError(f"--muon_lr_scaling {config.muon_lr_scaling!r} is not one of original, "
+                        "match_rms_adamw")
 
 
 def parse_duration(text):
@@ -243,7 +281,8 @@ def parse_config(config_class, argv=None):
 # A run from a checkpoint: its own settings, with the command line's on top
 
 # what a command asks for, not what the run is: never taken from the checkpoint
-COMMAND_FLAGS = ("init_from", "eval_only", "export_hf", "backend", "max_time", "profile_steps")
+COMMAND_FLAGS = ("init_from", "eval_only", "export_hf", "backend", "max_time", "profile_steps",
+                 "reset_optimizer")
 
 
 def run_config(flags, explicit, checkpoint):

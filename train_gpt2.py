@@ -43,7 +43,7 @@ from evaluation import Evaluation, evaluate_only
 from fineweb import check_unchanged, fingerprint, load_token_sources, read_span
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, choose_micro_batch
 from hf_convert import HF_CONFIG_NAMES, export_hf, is_hf_model, load_gpt2_weights
-from rundir import Plotter, RunLog, pause_clock
+from rundir import Plotter, RunLog, describe_target, pause_clock
 from sampling import generate_tokens
 from settings import (TrainSettings, check_architecture, parse_config, parse_duration,
                       parse_step_range, resume_warnings, run_config, same_path, with_absolute_paths)
@@ -415,16 +415,33 @@ def fused_adamw(groups, device_type):
         return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
 
 
+def adamw_groups(groups, config, roles):
+    """AdamW's param groups for the roles given: weight decay on the 2-D ones (tables and matrices)
+    alone, every group at --learning_rate."""
+    decays = {"tables": config.weight_decay, "matrices": config.weight_decay, "gains_and_biases": 0.0}
+    return [{"params": groups[role], "weight_decay": decays[role], "base_lr": config.learning_rate}
+            for role in roles]
+
+
 def adamw(groups, config, device_type):
-    """AdamW for every parameter; weight decay on the 2-D ones (tables and matrices) alone."""
-    decayed = {"weight_decay": config.weight_decay, "base_lr": config.learning_rate}
-    plain = {"weight_decay": 0.0, "base_lr": config.learning_rate}
-    return {"adamw": fused_adamw([{"params": groups["tables"], **decayed},
-                                  {"params": groups["matrices"], **decayed},
-                                  {"params": groups["gains_and_biases"], **plain}], device_type)}
+    """AdamW for every parameter."""
+    roles = ("tables", "matrices", "gains_and_biases")
+    return {"adamw": fused_adamw(adamw_groups(groups, config, roles), device_type)}
 
 
-OPTIMIZERS = {"adamw": adamw}  # --optimizer's choices
+def muon(groups, config, device_type):
+    """Muon (torch.optim.Muon, torch 2.9 on) for the blocks' matrices: momentum, then each update
+    orthogonalized by Newton-Schulz iterations (one buffer per matrix); AdamW for the tables, gains
+    and biases. The matrices take --weight_decay too (decoupled, as AdamW's)."""
+    matrices = {"params": groups["matrices"], "weight_decay": config.weight_decay,
+                "base_lr": config.muon_lr}
+    return {"muon": torch.optim.Muon([matrices], momentum=config.muon_momentum,
+                                     adjust_lr_fn=config.muon_lr_scaling),
+            "adamw": fused_adamw(adamw_groups(groups, config, ("tables", "gains_and_biases")),
+                                 device_type)}
+
+
+OPTIMIZERS = {"adamw": adamw, "muon": muon}  # --optimizer's choices
 
 
 def make_optimizers(model, config, device_type):
@@ -556,6 +573,10 @@ class Trainer:
         if checkpoint is not None:
             parts = self.parts()
             del parts["model"]  # the model was built with the checkpoint's weights
+            if config.reset_optimizer:
+                del parts["optimizer"]
+                log.print(f"--reset_optimizer: {config.optimizer}'s state starts afresh (the "
+                          f"checkpoint's was {' + '.join(checkpoint['optimizer'])})")
             if not same_path(checkpoint["config"]["data"], config.data):
                 del parts["loader"]  # new data: its loader starts afresh
             restore(checkpoint, parts)
@@ -694,6 +715,7 @@ class Trainer:
         """The evaluation of step and (past step 0) its checkpoint; the seconds each took."""
         scores, eval_seconds = self.evaluation.report(step, self.wrapped, self.model, self.autocast,
                                                       self.progress.tokens)
+        self.check_target(step, scores["val_loss"])
         saved, save_seconds = time.perf_counter(), None
         if step > 0:  # step 0 is never checkpointed, so it never counts as the best
             self.save(step, scores["val_loss"])
@@ -701,6 +723,18 @@ class Trainer:
         if self.plotter:
             self.plotter.redraw()
         return eval_seconds, save_seconds
+
+    def check_target(self, step, val_loss):
+        """The first evaluation at or below --target_val_loss: its step, tokens and training seconds
+        kept in the run's progress, printed and recorded in metrics.jsonl."""
+        target = self.config.target_val_loss
+        if not target or self.progress.target is not None or val_loss > target:
+            return
+        p = self.progress
+        p.target = {"target_val_loss": target, "val_loss": val_loss, "step": step,
+                    "tokens": p.tokens, "train_seconds": round(p.train_seconds, 3)}
+        self.log.print(f"step {step}: --target_val_loss {target:g} {describe_target(p.target)}")
+        self.log.record(**p.target)
 
     def log_step(self, step, lr, loss, grad_norm, ms_per_step, model_flops_per_token, peak_flops):
         loss = (self.dist_info.sum(loss.clone()) / self.dist_info.world_size).item()  # a sync
@@ -736,12 +770,17 @@ class Trainer:
                     budget.record_evaluation(*self.evaluate_and_save(step))
                     interval_start, interval_steps = time.perf_counter(), 0  # not training time
                     pause_clock(bar, interval_start - eval_start)  # nor in the bar's rate and ETA
+                    target = self.progress.target
+                    if config.stop_at_target and target and target["step"] == step and step > 0:
+                        break  # its checkpoint is written: the run ends here
                 if step == config.max_iters:
                     break
                 profiler.before(step)
                 step_start = time.perf_counter()
                 lr, loss, grad_norm = self.train_step(step)
-                budget.record_step(time.perf_counter() - step_start)
+                step_seconds = time.perf_counter() - step_start  # the step waited for the device
+                budget.record_step(step_seconds)
+                self.progress.train_seconds += step_seconds
                 profiler.after(step)
                 interval_steps += 1
                 bar.update(1)
@@ -901,7 +940,7 @@ def train(config, changes, dist_info, model, checkpoint, launched):
         failed = False
         seconds = time.perf_counter() - started
         for line in rundir.summary(config.out_dir, trainer.progress, trainer.checkpoints.latest,
-                                   first_step, seconds):
+                                   first_step, seconds, config.target_val_loss):
             log.print(line)
     finally:
         if trainer is not None:

@@ -1,0 +1,131 @@
+"""The changes researchers make first, each made in one place as they would make it in train_gpt2.py (here a
+class or a field swapped in by the test, not an edit of the repo): training, an exact resume, --eval_only and
+sample.py all run the changed model, and the printed parameter count, FLOPs and memory sizes follow it."""
+
+import io
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sample
+import train_gpt2
+from cli import flag
+from conftest import INPUT_TXT, TINY, read_metrics, train_losses
+from device import device_peak_flops
+
+
+class SwiGLU(nn.Module):
+    """(a) Another kind of MLP: a gated one of hidden width 3C, three matrices instead of two."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden = 3 * config.n_embd
+        self.gate = nn.Linear(config.n_embd, hidden, bias=False)
+        self.up = nn.Linear(config.n_embd, hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
+        self.c_proj.residual_projection = True
+
+    def forward(self, x):
+        return self.c_proj(F.silu(self.gate(x)) * self.up(x))
+
+
+@dataclass
+class WithMLPRatio(train_gpt2.GPTConfig):
+    """(b) A new field of the model's shape, with a default: the MLP's width in multiples of n_embd."""
+    mlp_ratio: int = flag(4, "the MLP's hidden width, in multiples of n_embd")
+
+
+@dataclass
+class TrainConfigWithMLPRatio(WithMLPRatio, train_gpt2.TrainConfig):
+    pass  # what TrainConfig(GPTConfig, TrainSettings) becomes when the field is written into GPTConfig
+
+
+class MLPOfRatio(train_gpt2.MLP):
+    def __init__(self, config):
+        nn.Module.__init__(self)
+        hidden = config.mlp_ratio * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(hidden, config.n_embd)
+        self.c_proj.residual_projection = True
+
+
+@pytest.fixture(params=["swiglu", "mlp_ratio field"])
+def changed_model(request, monkeypatch):
+    """The trainer with one change made; returns the extra flags the run passes."""
+    if request.param == "swiglu":
+        monkeypatch.setattr(train_gpt2, "MLP", SwiGLU)
+        return []
+    monkeypatch.setattr(train_gpt2, "GPTConfig", WithMLPRatio)
+    monkeypatch.setattr(train_gpt2, "TrainConfig", TrainConfigWithMLPRatio)
+    monkeypatch.setattr(train_gpt2, "MLP", MLPOfRatio)
+    return ["--mlp_ratio", "3"]
+
+
+def run(*args):
+    train_gpt2.main([*TINY, "--data", str(INPUT_TXT), "--num_samples", "0", *map(str, args)])
+
+
+def test_a_changed_model_trains_resumes_exactly_evaluates_and_samples(changed_model, tmp_path, capsys):
+    run(*changed_model, "--out_dir", tmp_path / "run", "--max_iters", "6", "--eval_interval", "3")
+    header = next(line for line in capsys.readouterr().out.splitlines() if "M parameters" in line)
+    model, checkpoint = train_gpt2.load_start("resume", tmp_path / "run")
+    n_params = sum(p.numel() for p in model.parameters())
+    assert f"GPT-2 {n_params / 1e6:.2f}M parameters" in header
+    mlp = model.transformer.h[0].mlp
+    assert isinstance(mlp, train_gpt2.MLP) and mlp.c_proj.in_features == 3 * 64  # the changed model, loaded
+    if changed_model:
+        assert checkpoint["model_args"]["mlp_ratio"] == 3
+    # the MFU logged is the real model's FLOPs over the device's peak
+    step = next(m for m in read_metrics(tmp_path / "run") if "mfu" in m)
+    peak = device_peak_flops("cpu", "float32")
+    assert step["mfu"] == pytest.approx(model.flops_per_token() * step["tokens_per_sec"] / peak)
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * 2 * 64 * 32
+    config = train_gpt2.parse_args([*TINY, *changed_model])[0]
+    state = train_gpt2.training_state_bytes(train_gpt2.new_model_config(config), config)
+    assert state["weights"] == 4 * n_params and state["optimizer"] >= 8 * n_params  # AdamW's two moments
+
+    # an exact resume from the step-3 checkpoint
+    first = next((tmp_path / "run").glob("iter-3-*.pt"))
+    run(*changed_model, "--init_from", first, "--out_dir", tmp_path / "resumed", "--max_iters", "6")
+    whole, resumed = train_losses(tmp_path / "run"), train_losses(tmp_path / "resumed")
+    assert resumed == {step: loss for step, loss in whole.items() if step >= 3}
+
+    # --eval_only repeats the run's last evaluation
+    run("--init_from", tmp_path / "run" / "best_val_loss.pt", "--eval_only", "True",
+        "--out_dir", tmp_path / "eval")
+    logged = [m["val_loss"] for m in read_metrics(tmp_path / "run") if "val_loss" in m]
+    (scored,) = [m["val_loss"] for m in read_metrics(tmp_path / "eval")]
+    assert scored == pytest.approx(logged[-1], rel=1e-6)
+
+    out = io.StringIO()
+    sample.sample(sample.SampleConfig(init_from=str(tmp_path / "run" / "best_val_loss.pt"), start="ROMEO:",
+                                      num_samples=1, max_new_tokens=8, device="cpu", dtype="float32"), out=out)
+    assert out.getvalue().startswith("ROMEO:") and len(out.getvalue()) > len("ROMEO:\n---------------\n")
+
+
+def test_a_checkpoint_from_before_a_field_existed_loads_at_its_default(trained_run, monkeypatch):
+    monkeypatch.setattr(train_gpt2, "GPTConfig", WithMLPRatio)
+    monkeypatch.setattr(train_gpt2, "MLP", MLPOfRatio)
+    model, checkpoint = train_gpt2.load_start(str(trained_run[0] / "best_val_loss.pt"), ".")
+    assert "mlp_ratio" not in checkpoint["model_args"] and model.config.mlp_ratio == 4
+
+
+def test_a_model_without_a_position_table_counts_and_trains(monkeypatch, tmp_path, capsys):
+    """Positions another way (here none at all, a causal model can still tell them apart): nothing outside the
+    model names the position table."""
+    class NoPositions(train_gpt2.GPT):
+        def __init__(self, config):
+            super().__init__(config)
+            del self.transformer.wpe
+            self.transformer.wpe = lambda pos: 0  # the model's forward adds the table's rows: none here
+
+    monkeypatch.setattr(train_gpt2, "GPT", NoPositions)
+    run("--out_dir", tmp_path, "--max_iters", "2", "--eval_interval", "2")
+    model = NoPositions(train_gpt2.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64))
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    assert re.search(rf"GPT-2 {model.num_params() / 1e6:.2f}M parameters", capsys.readouterr().out)

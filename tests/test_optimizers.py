@@ -1,0 +1,133 @@
+"""train_gpt2.py's optimizers: which parameters each one trains, each group's own learning rate under the
+schedule, Muon wherever AdamW runs (accumulation and DDP alike, exact resume, the refusals), and the report of
+the first evaluation at or below --target_val_loss."""
+
+import pytest
+import torch
+
+import settings
+import train_gpt2
+from checkpoint import load_checkpoint
+from cli import UserError
+from conftest import INPUT_TXT, TINY, read_metrics, run_torchrun, run_train, train_losses
+from train_gpt2 import GPT, GPTConfig, TrainConfig, make_optimizers, set_learning_rates, training_state_bytes
+
+TINY_MODEL = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64)
+
+
+def names(model, optimizer):
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def test_muon_trains_the_blocks_matrices_and_adamw_everything_else():
+    model = GPT(TINY_MODEL)
+    optimizers = make_optimizers(model, TrainConfig(optimizer="muon"), "cpu")
+    muon, adamw = names(model, optimizers["muon"]), names(model, optimizers["adamw"])
+    assert muon == [n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
+    assert "transformer.wte.weight" in adamw and "transformer.wpe.weight" in adamw  # wte is also lm_head
+    assert all(n.endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight"))
+               for n in adamw if n not in ("transformer.wte.weight", "transformer.wpe.weight"))
+    assert sorted(muon + adamw) == sorted(n for n, _ in model.named_parameters())
+    adamw_alone = names(model, make_optimizers(model, TrainConfig(), "cpu")["adamw"])
+    assert sorted(adamw_alone) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_the_schedule_scales_each_groups_own_rate():
+    config = TrainConfig(optimizer="muon", learning_rate=2e-3, min_lr=2e-4, muon_lr=0.02, warmup_iters=10,
+                         lr_decay_iters=100)
+    optimizers = make_optimizers(GPT(TINY_MODEL), config, "cpu")
+    for step in (0, 5, 50, 200):
+        lr = set_learning_rates(optimizers, step, config)
+        assert lr == train_gpt2.get_lr(step, 2e-3, 2e-4, 10, 100)
+        assert all(g["lr"] == lr for g in optimizers["adamw"].param_groups)
+        assert optimizers["muon"].param_groups[0]["lr"] == pytest.approx(lr * 10)  # 0.02 / 2e-3
+
+
+def test_muon_keeps_one_buffer_per_matrix_and_adamw_two():
+    config = TrainConfig(n_layer=2, n_head=2, n_embd=64, block_size=32)
+    adamw = training_state_bytes(TINY_MODEL, config)
+    muon = training_state_bytes(TINY_MODEL, TrainConfig(optimizer="muon"))
+    model = GPT(TINY_MODEL)
+    matrices = model.param_groups()["matrices"]
+    n_params, n_matrices = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in matrices)
+    n_tensors = len(list(model.parameters()))
+    assert adamw["weights"] == muon["weights"] == 4 * n_params
+    assert adamw["optimizer"] == 8 * n_params + 4 * n_tensors  # two moments and a step count per tensor
+    # Muon: one buffer per matrix, and no step count
+    assert muon["optimizer"] == 4 * n_matrices + 8 * (n_params - n_matrices) + 4 * (n_tensors - len(matrices))
+
+
+MUON = ["--optimizer", "muon", "--muon_lr", "0.02"]
+
+
+def test_muon_resumes_exactly_and_lowers_the_loss_as_adamw_does(tmp_path):
+    run = lambda *args: train_gpt2.main([*TINY, *MUON, "--data", str(INPUT_TXT), "--num_samples", "0",
+                                         "--eval_interval", "3", *map(str, args)])
+    run("--out_dir", tmp_path / "whole", "--max_iters", "6")
+    checkpoint = load_checkpoint(next((tmp_path / "whole").glob("iter-3-*.pt")))
+    assert set(checkpoint["optimizer"]) == {"muon", "adamw"}
+    assert checkpoint["optimizer"]["muon"]["state"][0]["momentum_buffer"].shape == (192, 64)
+    run("--init_from", checkpoint["path"], "--out_dir", tmp_path / "resumed", "--max_iters", "6")
+    whole, resumed = train_losses(tmp_path / "whole"), train_losses(tmp_path / "resumed")
+    assert resumed == {step: loss for step, loss in whole.items() if step >= 3}
+    assert whole[5] < whole[0]
+
+
+def test_two_torchrun_processes_with_muon_match_one_process_with_twice_the_accumulation(tmp_path):
+    common = [*TINY, *MUON, "--data", INPUT_TXT, "--max_iters", "3", "--eval_interval", "3", "--num_samples", "0"]
+    single = run_train(*common, "--out_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
+    assert single.returncode == 0, single.stderr
+    ddp = run_torchrun(*common, "--out_dir", tmp_path / "two", "--gradient_accumulation_steps", "1")
+    assert ddp.returncode == 0, ddp.stderr
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert list(one) == list(two) == [0, 1, 2]
+    assert list(two.values()) == pytest.approx(list(one.values()), rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["fsdp", "old torch", "the other optimizer", "a bad scaling rule"])
+def test_muon_is_refused_in_one_line_where_it_cannot_run(case, trained_run, tmp_path, monkeypatch, capsys):
+    args = {"fsdp": [*MUON, "--fsdp", "True"], "old torch": MUON,
+            "the other optimizer": [*MUON, "--init_from", next(trained_run[0].glob("iter-8-*.pt")),
+                                    "--max_iters", "9"],
+            "a bad scaling rule": [*MUON, "--muon_lr_scaling", "rms"]}[case]
+    message = {"fsdp": "--optimizer muon needs whole matrices, which --fsdp True shards",
+               "old torch": "--optimizer muon needs torch 2.9 or later (torch.optim.Muon); this is torch",
+               "the other optimizer": "the checkpoint's optimizer is adamw, this run's muon + adamw: resume with "
+                                      "--optimizer as the run had it, or pass --reset_optimizer True",
+               "a bad scaling rule": "--muon_lr_scaling 'rms' is not one of original, match_rms_adamw"}[case]
+    if case == "old torch":
+        monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt2.main([*TINY, "--data", str(INPUT_TXT), "--out_dir", str(tmp_path / "out"), *map(str, args)])
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_reset_optimizer_switches_a_run_to_muon_and_says_so(trained_run, tmp_path, capsys):
+    train_gpt2.main([*TINY, *MUON, "--data", str(INPUT_TXT), "--init_from",
+                     str(next(trained_run[0].glob("iter-8-*.pt"))), "--reset_optimizer", "True",
+                     "--out_dir", str(tmp_path), "--max_iters", "9", "--num_samples", "0"])
+    assert "--reset_optimizer: muon's state starts afresh (the checkpoint's was adamw)" in capsys.readouterr().out
+    assert set(load_checkpoint(next(tmp_path.glob("iter-9-*.pt")))["optimizer"]) == {"muon", "adamw"}
+
+
+def test_the_first_evaluation_at_the_target_is_reported_and_can_end_the_run(tmp_path, capsys):
+    train_gpt2.main([*TINY, "--data", str(INPUT_TXT), "--out_dir", str(tmp_path), "--max_iters", "20",
+                     "--eval_interval", "2", "--num_samples", "0", "--target_val_loss", "9.0",
+                     "--stop_at_target", "True"])
+    out = capsys.readouterr().out
+    evaluations = [m for m in read_metrics(tmp_path) if "val_loss" in m]
+    first = next(m for m in evaluations if m["val_loss"] <= 9.0)
+    assert all(m["val_loss"] > 9.0 for m in evaluations if m["step"] < first["step"])
+    (record,) = [m for m in read_metrics(tmp_path) if "target_val_loss" in m]
+    assert record["step"] == first["step"] and record["val_loss"] == first["val_loss"]
+    assert record["tokens"] == first["step"] * 4 * 2 * 32 and 0 < record["train_seconds"]
+    assert f"--target_val_loss 9 reached at step {first['step']}" in out
+    assert f"target 9" in out and "reached at step" in out.split("done:")[1]  # and in the summary
+    # --stop_at_target: the run ends there, with that evaluation's checkpoint
+    assert evaluations[-1]["step"] == first["step"] < 20
+    assert load_checkpoint(next(tmp_path.glob(f"iter-{first['step']}-*.pt")))["progress"]["target"] == \
+        {k: record[k] for k in ("target_val_loss", "val_loss", "step", "tokens", "train_seconds")}
