@@ -28,8 +28,9 @@ def preset(name, *argv):
 
 def test_the_presets_are_the_ones_the_readme_lists():
     readme = (REPO / "README.md").read_text()
-    assert [p.name for p in PRESETS] == ["gpt2_124m.toml", "gpt2_124m_8gpu.toml", "gpt2_1558m.toml",
-                                         "gpt2_350m.toml", "gpt2_774m.toml", "shakespeare_cpu.toml"]
+    assert [p.name for p in PRESETS] == ["gpt2_124m.toml", "gpt2_124m_8gpu.toml", "gpt2_124m_muon.toml",
+                                         "gpt2_1558m.toml", "gpt2_350m.toml", "gpt2_774m.toml",
+                                         "shakespeare_cpu.toml", "shakespeare_cpu_muon.toml"]
     assert all(f"`{p.name}`" in readme for p in PRESETS)
 
 
@@ -43,6 +44,13 @@ def test_each_preset_parses_into_a_valid_config_and_says_how_to_run_it(path):
 
 def test_the_shakespeare_preset_is_the_readme_quick_start_with_a_prompt_from_the_play():
     assert preset("shakespeare_cpu.toml") == parse_args([*QUICK_START, "--sample_prompt", "ROMEO:"])
+
+
+@pytest.mark.parametrize("name", ["shakespeare_cpu", "gpt2_124m"])
+def test_the_muon_presets_are_their_adamw_twins_with_the_optimizer_changed(name):
+    adamw, muon = preset(f"{name}.toml")[0], preset(f"{name}_muon.toml")[0]
+    changed = {k for k, v in vars(muon).items() if getattr(adamw, k) != v}
+    assert changed <= {"optimizer", "muon_lr", "out_dir"} and muon.optimizer == "muon"
 
 
 def test_the_gpt2_124m_preset_is_the_defaults_at_batch_16_by_2():
