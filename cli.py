@@ -55,8 +55,10 @@ def run_command(command):
 # Flags from a dataclass: each field is a flag, its help in the field's metadata
 
 
-def flag(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
+def flag(default, help, other_names=()):
+    """A dataclass field that build_parser makes a flag. other_names: how other scripts spell it (build-nanogpt's
+    --model_type for --init_from, say); not accepted, but an unknown flag among them is pointed to this one."""
+    return dataclasses.field(default=default, metadata={"help": help, "other_names": other_names})
 
 
 def parse_bool(text):
@@ -83,17 +85,27 @@ PARSERS = {"bool": parse_bool, "int": int, "float": parse_float, "str": str,
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, and whose unknown flags name the nearest real one."""
+    """argparse whose errors are one line, and whose unknown flags name the flag meant: the one another script
+    spells that way (other_names, {"--model": "--init_from"}), else the nearest real one."""
+
+    other_names = {}
 
     def error(self, message):
         if message.startswith("unrecognized arguments:"):
-            known = [option for action in self._actions for option in action.option_strings]
             for word in message.split(":", 1)[1].split():
-                nearest = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
-                if word.startswith("--") and nearest:
-                    message = f"{message} (did you mean {nearest[0]}?)"
+                meant = self.flag_meant(word.split("=")[0]) if word.startswith("-") else None
+                if meant:
+                    message = f"{message} (did you mean {meant}?)"
                     break
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def flag_meant(self, unknown):
+        # names compared without their dashes, which would make --model look like --help; --help is no guess
+        known = {option.lstrip("-"): option for action in self._actions for option in action.option_strings
+                 if option.startswith("--") and option != "--help"}
+        known.update({name.lstrip("-"): option for name, option in self.other_names.items()})
+        nearest = difflib.get_close_matches(unknown.lstrip("-"), list(known), n=1, cutoff=0.6)
+        return known[nearest[0]] if nearest else None
 
 
 def build_parser(config_class, description, config_file=False):
@@ -107,6 +119,8 @@ def build_parser(config_class, description, config_file=False):
                             help="a TOML file of flag values (keys are the flag names); flags on the command line "
                                  "override it")
     parser.config_file = config_file
+    parser.other_names = {name: f"--{f.name}" for f in dataclasses.fields(config_class)
+                          for name in f.metadata.get("other_names", ())}
     for f in dataclasses.fields(config_class):
         kind = PARSERS.get(f.type, f.type)
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata.get("help", ""),

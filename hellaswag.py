@@ -319,12 +319,13 @@ def load_for_training(config, dist_info, log):
         examples, problems = load_examples(config.hellaswag_data, flag="--hellaswag_data",
                                                      limit=config.hellaswag_examples or None)
         if not examples:
-            error = f"no example in {config.hellaswag_data} can be scored"
+            error = (f"no example in {config.hellaswag_data} can be scored: pass a file in HellaSwag's format "
+                     f"with --hellaswag_data")
     except UserError as e:
-        error = str(e)
+        error = str(e)  # it names its fix: a local copy through --hellaswag_data
     if dist_info.any(error is not None):  # every rank scores its share, or none does
-        log.print(f"warning: HellaSwag is off for this run: {error or 'another rank could not load it'}; "
-                  f"pass --hellaswag_data FILE, or --hellaswag False")
+        error = error or "another rank could not load it (see its message): pass --hellaswag_data FILE"
+        log.print(f"warning: HellaSwag is off for this run: {error}; or turn it off with --hellaswag False")
         return None
     for problem in problems[:5]:
         log.print(f"warning: {problem}")
@@ -337,13 +338,19 @@ def load_for_training(config, dist_info, log):
 
 @dataclass
 class HellaSwagConfig:
+<<<<<<< HEAD
     init_from: str = flag("", "the model to score, in transformers' format: "
                               "gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a transformers folder (save_pretrained)")
+=======
+    init_from: str = flag("", "the model to score: a checkpoint of train_gpt2.py (such as out/best_val_loss.pt), "
+                              "gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a transformers folder (save_pretrained)",
+                          other_names=("--model", "--model_type", "-m", "--checkpoint"))  # build-nanogpt's -m
+>>>>>>> docs
     split: str = flag("val", "the split to score, downloaded into --cache_dir on first use: train, val or test "
                              "(test has no labels)")
     data: str = flag("", "a local HellaSwag jsonl file, scored instead of --split")
     cache_dir: str = flag(DEFAULT_CACHE_DIR, "where downloaded splits are kept")
-    hellaswag_examples: int = flag(0, "score only the first N examples (0: all)")
+    hellaswag_examples: int = flag(0, "score only the first N examples (0: all)", other_names=("--limit",))
     batch_size: int = flag(BATCH_SIZE, "examples per forward pass, four rows each")
     device: str = flag("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'")
     dtype: str = flag("auto", "'auto' (as train_gpt2.py's), 'float32', 'bfloat16' or 'float16'")

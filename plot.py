@@ -1,8 +1,8 @@
 """
 Plot training runs from their metrics.jsonl files: losses and HellaSwag accuracy, beside OpenAI's GPT-2 124M.
 
-    python plot.py out/metrics.jsonl                          # writes out/plot.png, beside the run
-    python plot.py out-a/metrics.jsonl out-b/metrics.jsonl    # writes compare.png here
+    python plot.py out                                        # writes out/plot.png, from out/metrics.jsonl
+    python plot.py out-a out-b/metrics.jsonl                  # writes compare.png here
 
 Train and val loss are drawn against the step, with tokens on the top axis; runs whose steps hold different
 numbers of tokens (another batch, or a batch changed on resume) are drawn against tokens instead, the one scale
@@ -47,7 +47,7 @@ def read_run(path):
     blank lines, and a last line cut short before its newline (a run writing it as we read)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} not found: pass the metrics.jsonl of a run (it is in the run's --out_dir)")
+        raise UserError(f"{path} not found: pass a run's --out_dir or the metrics.jsonl in it")
     try:
         lines = path.read_bytes().split(b"\n")
     except OSError as e:
@@ -299,15 +299,26 @@ def default_out(paths):
     return Path(paths[0]).with_name("plot.png") if len(paths) == 1 else Path("compare.png")
 
 
-def main(argv=None):
+def run_metrics(run):
+    """A run's metrics.jsonl: the file itself, or the one in a run directory."""
+    return Path(run) / "metrics.jsonl" if Path(run).is_dir() else Path(run)
+
+
+def build_parser():
     parser = OneLineParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
-    parser.add_argument("metrics", nargs="+", help="metrics.jsonl files, one per run (each in its run's --out_dir)")
+    parser.add_argument("metrics", nargs="+", metavar="run",
+                        help="runs, one per line drawn: a run's --out_dir, or the metrics.jsonl in it")
     parser.add_argument("--out", help="the PNG to write (default: plot.png beside the metrics.jsonl of a single "
                                       "run, compare.png in the current folder for several runs)")
-    args = parser.parse_args(argv)
-    out = args.out or default_out(args.metrics)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    paths = [run_metrics(run) for run in args.metrics]
+    out = args.out or default_out(paths)
     try:
-        plot_runs(args.metrics, out)
+        plot_runs(paths, out)
     except (UserError, MatplotlibMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

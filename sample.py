@@ -108,7 +108,7 @@ def sample(config, out=sys.stdout):
 
 def main(argv=None):
     try:
-        args = build_parser(SampleConfig, __doc__.strip().splitlines()[0]).parse_args(argv)
+        args = build_parser(SampleConfig, __doc__.strip().split("\n\n")[0]).parse_args(argv)  # the first paragraph
         config = SampleConfig(**vars(args))
         config.validate()
         sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character shows '?' instead

@@ -10,7 +10,7 @@ Pre-train GPT-2: the model, the sharded token loader, the cosine LR schedule, th
 Every flag is a field of settings.TrainConfig (`--help` lists them). The file reads top to bottom:
 the model, the data, the schedule, the DDP/FSDP set-up, the Trainer (its train_step is one optimizer
 step, its loop the run) and main(), which runs export (--export_hf), evaluate_only (--eval_only) or
-train. The rest lives in files named for it (README: How the code is laid out). Importing this file
+train. The rest lives in files named for it (docs/code.md). Importing this file
 only defines things: `from train_gpt2 import GPT, GPTConfig`.
 """
 

@@ -40,6 +40,27 @@ def test_a_mistyped_flag_names_the_nearest_one(capsys):
     assert "unrecognized arguments: --max_iter" in line and "did you mean --max_iters?" in line
 
 
+@dataclass
+class Renamed:
+    init_from: str = flag("", "the model", other_names=("--model", "--checkpoint"))
+    data: str = flag("", "a file")
+
+
+@pytest.mark.parametrize("word, meant", [("--model", "--init_from"), ("--checkpoint=x.pt", "--init_from"),
+                                         ("--modle", "--init_from"), ("--dat", "--data")])
+def test_a_flag_spelled_as_another_script_spells_it_names_ours(word, meant, capsys):
+    with pytest.raises(SystemExit):
+        build_parser(Renamed, "an example").parse_args([word, "x"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"unrecognized arguments: {word}" in line and f"(did you mean {meant}?)" in line
+
+
+def test_an_unknown_flag_is_never_sent_to_help(capsys):
+    with pytest.raises(SystemExit):
+        parse("--model", "gpt2")  # like --help, after the dashes
+    assert "did you mean" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script, args", [
     ("train_gpt2.py", ["--min_lr", "nan"]), ("train_gpt2.py", ["--weight_decay", "inf"]),
     ("train_gpt2.py", ["--grad_clip", "nan"]), ("sample.py", ["--temperature", "nan"]),

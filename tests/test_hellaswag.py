@@ -511,6 +511,14 @@ def test_the_trainers_offline_warning_names_the_trainers_flag(tmp_path, monkeypa
     (warning,) = printed
     # --data is the trainer's training data: naming it here would send the user to the wrong flag
     assert "--hellaswag_data" in warning and "--data" not in warning.replace("--hellaswag_data", "")
+    assert warning.count("--hellaswag_data") == 1 and warning.count("--hellaswag False") == 1  # each fix once
+
+
+def test_the_model_flag_of_other_hellaswag_scripts_names_init_from(capsys):
+    with pytest.raises(SystemExit):
+        hellaswag.parse_args(["--model", "gpt2"])  # build-nanogpt's is -m/--model_type
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "(did you mean --init_from?)" in line
 
 
 def test_eval_only_reports_hellaswag_for_a_checkpoint(tmp_path, trained_run):

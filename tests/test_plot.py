@@ -141,8 +141,24 @@ def test_an_out_path_without_a_file_name_gets_one_line(tmp_path):
 def test_a_missing_metrics_file_gets_one_line(tmp_path):
     result = run_script("plot.py", tmp_path / "metrics.jsonl")
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'metrics.jsonl'} not found: pass the "
-                                                  f"metrics.jsonl of a run (it is in the run's --out_dir)"]
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'metrics.jsonl'} not found: pass a run's "
+                                                  f"--out_dir or the metrics.jsonl in it"]
+
+
+def test_a_run_directory_is_drawn_from_its_metrics_jsonl(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    write_metrics(tmp_path / "run-a")
+    plot.main([str(tmp_path / "run-a")])
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'run-a' / 'plot.png'}"
+    assert png_size(tmp_path / "run-a" / "plot.png") == (700, 500)
+
+
+def test_a_directory_without_metrics_gets_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        plot.main([str(tmp_path)])
+    assert exit.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'metrics.jsonl'} not found: pass a run's --out_dir or the metrics.jsonl in it"]
 
 
 def test_the_trainer_redraws_the_plot_at_each_evaluation(tmp_path):

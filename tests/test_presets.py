@@ -26,12 +26,12 @@ def preset(name, *argv):
     return parse_args(["--config", str(REPO / "config" / name), *argv])
 
 
-def test_the_presets_are_the_ones_the_readme_lists():
-    readme = (REPO / "README.md").read_text()
+def test_the_presets_are_the_ones_the_docs_list():
+    listed = (REPO / "docs" / "training.md").read_text()
     assert [p.name for p in PRESETS] == ["gpt2_124m.toml", "gpt2_124m_8gpu.toml", "gpt2_124m_muon.toml",
                                          "gpt2_1558m.toml", "gpt2_350m.toml", "gpt2_774m.toml",
                                          "shakespeare_cpu.toml", "shakespeare_cpu_muon.toml"]
-    assert all(f"`{p.name}`" in readme for p in PRESETS)
+    assert all(f"`{p.name}`" in listed for p in PRESETS)
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)

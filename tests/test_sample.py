@@ -63,3 +63,11 @@ def test_bad_input_gets_one_line_and_exit_1(args, message, trained_run, tmp_path
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message.format(tmp=tmp_path)}"), result.stderr
+
+
+def test_help_describes_the_script_in_whole_sentences(capsys):
+    with pytest.raises(SystemExit) as exit:
+        sample.main(["--help"])
+    assert exit.value.code == 0
+    description = " ".join(capsys.readouterr().out.split("\n\n")[1].split())
+    assert description == " ".join(sample.__doc__.strip().split("\n\n")[0].split()) and description.endswith(".")
