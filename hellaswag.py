@@ -338,14 +338,9 @@ def load_for_training(config, dist_info, log):
 
 @dataclass
 class HellaSwagConfig:
-<<<<<<< HEAD
-    init_from: str = flag("", "the model to score, in transformers' format: "
-                              "gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a transformers folder (save_pretrained)")
-=======
-    init_from: str = flag("", "the model to score: a checkpoint of train_gpt2.py (such as out/best_val_loss.pt), "
-                              "gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a transformers folder (save_pretrained)",
+    init_from: str = flag("", "the model to score, in transformers' format: gpt2, gpt2-medium, gpt2-large, "
+                              "gpt2-xl, or a transformers folder (save_pretrained)",
                           other_names=("--model", "--model_type", "-m", "--checkpoint"))  # build-nanogpt's -m
->>>>>>> docs
     split: str = flag("val", "the split to score, downloaded into --cache_dir on first use: train, val or test "
                              "(test has no labels)")
     data: str = flag("", "a local HellaSwag jsonl file, scored instead of --split")
