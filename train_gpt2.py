@@ -57,14 +57,14 @@ class GPTConfig:
     """The model's shape, named here alone: each field is also a flag of train_gpt2.py and a key of
     a checkpoint's model_args, and a checkpoint from before a field existed loads at its default."""
     block_size: int = flag(1024, "context length in tokens")
-    vocab_size: int = flag(50304, "vocabulary size: GPT-2's 50,257 tokens padded to a multiple of 64 "
-                                  "(faster matmuls)")
+    vocab_size: int = flag(50304, "vocabulary size: GPT-2's 50,257 tokens padded to a multiple "
+                                  "of 64 (faster matmuls)")
     n_layer: int = flag(12, "transformer blocks")
     n_head: int = flag(12, "attention heads per block")
     n_embd: int = flag(768, "width of the residual stream")
 
     def __post_init__(self):
-        """A shape the model can be built in, else the one-line error (a flag, or a checkpoint's)."""
+        """A shape the model can be built in, else a one-line error."""
         for field in dataclasses.fields(GPTConfig):
             value = getattr(self, field.name)
             if field.type is int and not (type(value) is int and value >= 1):
@@ -172,7 +172,8 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding=True):
         """Parameters, counted once despite the tying. non_embedding: without the tables that are
-        only looked up (the positions), which cost no FLOPs; the token table is also the output layer."""
+        only looked up (the positions), which cost no FLOPs; the token table is also the output
+        layer."""
         looked_up = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         multiplied = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
         skipped = looked_up - multiplied if non_embedding else set()
@@ -191,9 +192,11 @@ class GPT(nn.Module):
         tables = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         groups = {"tables": [], "matrices": [], "gains_and_biases": []}
         for p in self.parameters():
-            if p.requires_grad:
-                role = "gains_and_biases" if p.dim() < 2 else "tables" if id(p) in tables else "matrices"
-                groups[role].append(p)
+            if not p.requires_grad:
+                continue
+            role = "tables" if id(p) in tables else "matrices"
+            role = "gains_and_biases" if p.dim() < 2 else role
+            groups[role].append(p)
         return groups
 
     @torch.no_grad()
@@ -387,9 +390,10 @@ NON_FINITE, LOSS_SPIKE = 1, 2  # why a step is skipped: the larger wins when ran
 
 
 def set_learning_rates(optimizers, step, config):
-    """Each param group's lr at step: the schedule's value for --learning_rate, scaled by the group's
-    own base_lr (by exactly 1.0 for a group at --learning_rate). Returns the schedule's value."""
-    lr = get_lr(step, config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters)
+    """Each param group's lr at step: the schedule's value for --learning_rate, scaled by the
+    group's own base_lr (by exactly 1.0 for a group at --learning_rate). Returns the schedule's."""
+    c = config
+    lr = get_lr(step, c.learning_rate, c.min_lr, c.warmup_iters, c.lr_decay_iters)
     for optimizer in optimizers.values():
         for group in optimizer.param_groups:
             group["lr"] = lr * (group["base_lr"] / config.learning_rate)
@@ -418,7 +422,8 @@ def fused_adamw(groups, device_type):
 def adamw_groups(groups, config, roles):
     """AdamW's param groups for the roles given: weight decay on the 2-D ones (tables and matrices)
     alone, every group at --learning_rate."""
-    decays = {"tables": config.weight_decay, "matrices": config.weight_decay, "gains_and_biases": 0.0}
+    decays = {"tables": config.weight_decay, "matrices": config.weight_decay,
+              "gains_and_biases": 0.0}
     return [{"params": groups[role], "weight_decay": decays[role], "base_lr": config.learning_rate}
             for role in roles]
 
@@ -516,7 +521,8 @@ def wrap_model(model, compile, dist_info):
     """What every forward pass calls: the model compiled if asked, and that wrapped in DDP when
     there are several processes (a sharded model, FSDP, is its own wrapper). Evaluation calls it
     too, on some ranks only: DDP's forward pass without gradients is no collective, as long as it
-    does not broadcast buffers (a model's buffers, such as rotary tables, are the same on every rank)."""
+    does not broadcast buffers (a model's buffers, such as rotary tables, are the same on every
+    rank)."""
     ddp = dist_info.world_size > 1 and not dist_info.sharded
     version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
     if ddp and compile and version < (2, 6):
@@ -638,7 +644,8 @@ class Trainer:
         # the step's one wait for the device
         finite_loss, finite_norm = torch.stack([torch.isfinite(loss_sum),
                                                 torch.isfinite(grad_norm)]).tolist()
-        # a GradScaler (float16) skips an overflow itself, for all optimizers alike, and lowers its scale
+        # a GradScaler (float16) skips an overflow itself, every optimizer alike, and lowers its
+        # scale
         overflow = self.scaler.is_enabled() and finite_loss and not finite_norm
         problem = None if finite_loss and (finite_norm or overflow) else NON_FINITE
         if problem is None and c.spike_guard and self.spikes.is_spike(loss_sum.item()):
@@ -857,7 +864,8 @@ def build_checkpoint_model(checkpoint):
         raise damaged_weights(path, e) from None
     saved = {name: t.shape for name, t in checkpoint["model"].items()}
     if saved != shapes:
-        wrong = sorted(name for name in set(saved) | set(shapes) if saved.get(name) != shapes.get(name))
+        wrong = sorted(name for name in set(saved) | set(shapes)
+                       if saved.get(name) != shapes.get(name))
         raise damaged_weights(path, f"{wrong[0]} is {tuple(saved.get(wrong[0], ()))}, its "
                                     f"architecture's {tuple(shapes.get(wrong[0], ()))}")
     return GPT(model_config)
@@ -875,9 +883,10 @@ def export(config):
     shape goes into transformers' GPT2LMHeadModel: a field of GPTConfig past it is refused."""
     model, checkpoint = load_start(config.init_from, config.out_dir)
     for field in dataclasses.fields(GPTConfig):
-        if field.name not in HF_CONFIG_NAMES and getattr(model.config, field.name) != field.default:
-            raise UserError(f"--export_hf: transformers' GPT-2 has no {field.name} (this model's is "
-                            f"{getattr(model.config, field.name)!r}, GPT-2's {field.default!r}): "
+        value = getattr(model.config, field.name)
+        if field.name not in HF_CONFIG_NAMES and value != field.default:
+            raise UserError(f"--export_hf: transformers' GPT-2 has no {field.name} (this model's "
+                            f"is {value!r}, GPT-2's {field.default!r}): "
                             "only a model of GPT-2's architecture can be exported")
     path = export_hf(dataclasses.asdict(model.config), model.state_dict(), config.export_hf)
     print(f"exported {checkpoint['path'] if checkpoint else config.init_from} to {path}")
@@ -971,7 +980,7 @@ class TrainConfig(GPTConfig, TrainSettings):
 
 
 def parse_args(argv=None):
-    """(the flags as a TrainConfig, the names of those given: on the command line or in --config)."""
+    """(the flags as a TrainConfig, the names of those given on the command line or in --config)."""
     return parse_config(TrainConfig, argv)
 
 

@@ -14,7 +14,7 @@ import fineweb
 import hellaswag
 import plot
 import sample
-import settings
+import train_gpt2
 from cli import build_parser
 from conftest import REPO
 
@@ -79,7 +79,7 @@ def script_of(words):
 
 
 PARSERS = {
-    "train_gpt2.py": lambda argv: settings.parse_args(argv),
+    "train_gpt2.py": lambda argv: train_gpt2.parse_args(argv),
     "bench.py": bench.parse_args,
     "fineweb.py": fineweb.parse_args,
     "hellaswag.py": hellaswag.parse_args,

@@ -286,7 +286,7 @@ def test_in_lockstep_every_rank_calls_the_model_as_often_and_scores_the_same():
     for rank in (0, 1):
         model, logit_rows = tiny_gpt(), []
         model.register_forward_hook(lambda module, args, output: logit_rows.append(output[0].size(0)))
-        assert evaluate(model, examples, batch_size=4, block_size=64,
+        assert evaluate(model, examples, batch_size=4, block_size=64, by_position=True,
                         dist_info=Distributed(rank=rank, world_size=2, sharded=True)) == results[rank]
         assert len(logit_rows) == 2 and logit_rows[0] > 0
         assert (logit_rows[1] == 0) == (rank == 1)  # rank 1 has one batch: its second call is the padding pass
