@@ -873,7 +873,7 @@ def locked_out_dir(out_dir):
     except OSError as e:
         raise UserError(f"--out_dir {out_dir} cannot be written ({e.strerror}): pick a writable directory") from None
     try:
-        remove_temporaries(out_dir)  # a killed run's
+        remove_temporaries(out_dir, lambda name: name == MANIFEST or SHARD_NAME.fullmatch(name))  # a killed run's
         yield out_dir
     except BaseException:
         if lock is not None:
@@ -971,11 +971,17 @@ def check_inputs(manifest, inputs, out_dir):
 SHARD_NAME = re.compile(r"[a-z0-9]+_(train|val)_[0-9]{6,}\.bin")  # ShardPlan.name's, any prefix
 
 
-def remove_our_files(out_dir):
-    """--restart: delete the shards (by ShardPlan's naming) and the manifest that fineweb.py wrote
-    in out_dir, and no other file; the manifest last, so that a restart killed half way is refused
-    again by check_inputs. How many shards it deleted."""
-    shards = [p for p in out_dir.iterdir() if SHARD_NAME.fullmatch(p.name) and p.is_file()]
+def remove_our_files(out_dir, prefix):
+    """--restart: delete the shards that fineweb.py wrote in out_dir (those its manifest lists, and those
+    named as this run names its shards, ShardPlan's prefix_split_NNNNNN.bin) and the manifest, and no
+    other file; the manifest last, so that a restart killed half way is refused again by check_inputs.
+    How many shards it deleted."""
+    try:
+        listed = {record["name"] for record in (read_manifest(out_dir) or {"shards": []})["shards"]}
+    except UserError:  # damaged: its shards are known by this run's names alone
+        listed = set()
+    ours = lambda name: name in listed or re.fullmatch(rf"{prefix}_(train|val)_[0-9]{{6,}}\.bin", name)
+    shards = [p for p in out_dir.iterdir() if SHARD_NAME.fullmatch(p.name) and ours(p.name) and p.is_file()]
     for path in shards:
         path.unlink()
     (out_dir / MANIFEST).unlink(missing_ok=True)
@@ -1024,7 +1030,8 @@ def run(config):
     limit = config.max_tokens or sys.maxsize
     with locked_out_dir(config.out_dir) as out_dir:
         if config.restart:
-            print(f"--restart: deleted {remove_our_files(out_dir)} shards and any {MANIFEST} from "
+            deleted = remove_our_files(out_dir, shard_prefix(config.dataset, files))
+            print(f"--restart: deleted {deleted} shards and any {MANIFEST} from "
                   f"{out_dir}; should this run stop, rerun it without --restart to resume")
         manifest = read_manifest(out_dir)
         val_tokens, chosen = choose_val_tokens(config, files, builder, manifest)

@@ -11,6 +11,7 @@ The trainer calls them at its step and its loop; each is a rule here, tested on 
 
 import collections
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -201,6 +202,9 @@ class StepProfiler:
         self.profile.stop()
         path = self.folder / f"steps-{self.first}-{step}.pt.trace.json"
         try:
+            link = next((p for p in (self.folder, path) if p.is_symlink()), None)
+            if link is not None:  # the trace would be written through it, outside out_dir
+                raise OSError(f"{link} is a symbolic link (to {os.readlink(link)}); remove it")
             self.folder.mkdir(exist_ok=True)
             self.profile.export_chrome_trace(str(path))
         except OSError as e:  # a profile is never worth the run

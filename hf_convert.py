@@ -235,6 +235,9 @@ def export_hf(model_args, state, path):
     context length. Written to a temporary folder beside path and renamed into place, so path never holds a
     half-written export."""
     path = Path(path)
+    if path.is_symlink():  # the rename below would not go through it, and replacing it loses it
+        raise UserError(f"--export_hf {path} is a symbolic link (to {os.readlink(path)}): pass the folder it "
+                        f"names, or a new one")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"--export_hf {path} already exists: remove it or pass a new folder")
     hf = hf_model(model_args, state)

@@ -397,6 +397,9 @@ def test_a_users_file_named_like_a_checkpoint_is_never_read_pruned_or_resumed(tm
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "iter-100-my-notes.pt").write_text("notes")
+    (out_dir / ".notes.tmp").write_text("notes")  # named like temporary files, but not the trainer's
+    (out_dir / ".x.tmp").mkdir()
+    (out_dir / ".metrics.jsonl.1234.0badcafe.tmp").write_text("cut short")  # a killed write's, removed
     result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "4", "--eval_interval", "1",
                        "--keep_last", "1")
     assert result.returncode == 0, result.stderr
@@ -405,6 +408,59 @@ def test_a_users_file_named_like_a_checkpoint_is_never_read_pruned_or_resumed(tm
     assert "from step 4" in resumed.stdout
     assert (out_dir / "iter-100-my-notes.pt").read_text() == "notes"
     assert sorted(p.name for p in out_dir.glob("iter-*.pt"))[0] == "iter-100-my-notes.pt"
+    assert sorted(p.name for p in out_dir.glob(".*")) == [".notes.tmp", ".x.tmp"]
+
+
+def refused_in_process(argv, capsys):
+    """The trainer's main in this process, refusing: its one line."""
+    import train_gpt2
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt2.main([str(word) for word in argv])
+    assert exit_info.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    return line
+
+
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "config.json", "exit_status", "plot.png", "dangling"])
+def test_nothing_the_trainer_writes_goes_through_a_link_in_out_dir(name, tmp_path, capsys):
+    outside = tmp_path / "outside"
+    if name != "dangling":
+        outside.write_text("precious")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    link = out_dir / ("metrics.jsonl" if name == "dangling" else name)
+    link.symlink_to(outside)
+    line = refused_in_process([*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2"], capsys)
+    assert line == (f"error: {link} is a symbolic link (to {outside}): this program writes that file itself, "
+                    "never through a link; remove the link, then run again")
+    assert outside.read_text() == "precious" if name != "dangling" else not outside.exists()
+    assert sorted(p.name for p in out_dir.iterdir()) == [link.name]
+
+
+def test_a_resume_never_appends_through_a_link(trained_run, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    latest = sorted(trained_run[0].glob("iter-8-*.pt"))[0]
+    shutil.copy(latest, out_dir / latest.name)
+    outside = tmp_path / "metrics-elsewhere.jsonl"
+    shutil.copy(trained_run[0] / "metrics.jsonl", outside)
+    (out_dir / "metrics.jsonl").symlink_to(outside)
+    before = outside.read_bytes()
+    line = refused_in_process(["--init_from", "resume", "--out_dir", out_dir, "--max_iters", "10"], capsys)
+    assert f"{out_dir / 'metrics.jsonl'} is a symbolic link" in line
+    assert outside.read_bytes() == before
+
+
+def test_a_tracker_folder_that_is_a_link_is_refused(tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "tensorboard").symlink_to(elsewhere)
+    line = refused_in_process([*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2",
+                               "--tensorboard", "True"], capsys)
+    assert "--tensorboard True writes into the folder" in line and "which is a symbolic link" in line
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_resume_forgets_damaged_lines_of_the_metrics_log(tmp_path):
