@@ -9,7 +9,8 @@ upgraded, and the names of the checkpoints in a run directory. Nothing here need
 
 A checkpoint is one file written by torch.save, readable with a bare torch.load(weights_only=True): a dict of
 the parts' states under PARTS (the model, the optimizer, the GradScaler, the loader, the RNG, the run's
-counters) and what the run is under ABOUT (the format version, the architecture, the whole config, the number
+counters, the spike guard's state: {} in files from before it was kept) and what the run is under ABOUT
+(the format version, the architecture, the whole config, the number
 of processes and the micro-batch they trained with, the torch version and git commit, the val loss it
 was saved after). The model and optimizer
 states are those one process's state_dict() gives, whatever wrote them (one process, DDP or FSDP), so any
@@ -35,7 +36,7 @@ from cli import UserError, atomic_write
 # What a checkpoint holds
 
 CHECKPOINT_VERSION = 2
-PARTS = ("model", "optimizer", "scaler", "loader", "rng", "progress")
+PARTS = ("model", "optimizer", "scaler", "loader", "rng", "progress", "spike_guard")
 ARCHITECTURE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")  # model_args: GPTConfig's fields
 ABOUT = ("version", "model_args", "config", "world_size", "micro_batch", "torch_version", "git_commit",
          "val_loss")
@@ -216,6 +217,7 @@ def load_checkpoint(path):
     if checkpoint["version"] != CHECKPOINT_VERSION:
         raise UserError(f"checkpoint {path} has format version {checkpoint['version']!r}, this code reads "
                         f"{CHECKPOINT_VERSION} (and 1)")
+    checkpoint.setdefault("spike_guard", {})  # kept since version 2 began: an empty guard, as restore takes it
     check_fields(checkpoint, path)
     checkpoint["path"] = path
     return checkpoint
@@ -264,6 +266,7 @@ def check_fields(c, path):
     config's flags are checked where they become a TrainConfig; the tensors where the model and optimizer
     load them."""
     model_args, loader, progress, rng = c.get("model_args"), c.get("loader"), c.get("progress"), c.get("rng")
+    guard = c.get("spike_guard")
     if isinstance(model_args, dict) and set(model_args) != set(ARCHITECTURE):
         unknown = sorted(set(model_args) ^ set(ARCHITECTURE))
         raise UserError(f"checkpoint {path} has an unknown architecture ({', '.join(unknown)}): it is damaged "
@@ -283,7 +286,8 @@ def check_fields(c, path):
         and all(isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], str) and is_int(s[1])
                 for s in loader["shards"])
         and (loader.get("fingerprints") is None or isinstance(loader["fingerprints"], list)
-             and all(isinstance(f, str) for f in loader["fingerprints"])),
+             and len(loader["fingerprints"]) == len(loader["shards"])
+             and all(f is None or isinstance(f, str) for f in loader["fingerprints"])),
         "rng": isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
         and rng["torch"].dtype == torch.uint8 and isinstance(rng.get("cuda"), list)
         and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in rng["cuda"]),
@@ -301,6 +305,12 @@ def check_fields(c, path):
         "torch_version": c.get("torch_version") is None or isinstance(c["torch_version"], str),
         "git_commit": c.get("git_commit") is None or isinstance(c["git_commit"], str),
         "val_loss": c.get("val_loss") is None or is_number(c["val_loss"]),
+        "spike_guard": guard == {} or isinstance(guard, dict)
+        and set(guard) == {"recent", "in_a_row", "bad_steps", "roll_backs", "back_to"}
+        and isinstance(guard["recent"], list) and all(is_number(x) and math.isfinite(x) for x in guard["recent"])
+        and all(is_int(guard[k]) for k in ("in_a_row", "bad_steps", "roll_backs"))
+        and guard["in_a_row"] <= guard["bad_steps"]
+        and (guard["back_to"] is None or isinstance(guard["back_to"], str)),
     }
     bad = [name for name, ok in fields.items() if not ok]
     if bad:

@@ -397,6 +397,15 @@ def prepare_run_files(config, progress, evaluated_at_start, log, loader=None):
                         f"free disk space, then run the same command again") from None
 
 
+def write_exit_status(out_dir, code):
+    """out_dir/exit_status: this launch's exit status, which a job script reads where a launcher hides it
+    (torchrun reports any failure of its processes as 1, a stop on --max_time's 75 among them)."""
+    try:
+        atomic_write(Path(out_dir) / EXIT_STATUS, lambda f: f.write(f"{code}\n".encode()))
+    except OSError:
+        pass  # the run's own message says what went wrong; a job script without the file resubmits nothing
+
+
 def write_pending_best(out_dir, best_step, log):
     """Copy the checkpoint of the best evaluation to best_val_loss.pt where the copy is not there yet."""
     source = evaluated_checkpoint(out_dir, best_step) if best_step is not None else None

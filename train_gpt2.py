@@ -468,8 +468,8 @@ class Trainer:
         self.autocast = make_autocast(device_type, self.dtype)
         self.batches = Prefetcher(loader, self.device)
         self.evaluation, self.progress = evaluation, Progress()
-        self.bad_steps, self.checkpoints = 0, RunCheckpoints(config.out_dir, config.keep_last)
-        self.spikes, self.rolled_back_to = SpikeGuard(config.spike_guard, config.spike_window), []
+        self.checkpoints = RunCheckpoints(config.out_dir, config.keep_last)
+        self.spikes = SpikeGuard(config.spike_guard, config.spike_window)
         self.plotter = Plotter(log) if config.plot and dist_info.is_master else None
         # a checkpoint written after an evaluation is not evaluated again (a stopped run's is)
         self.evaluated_at_start = checkpoint is not None and checkpoint["val_loss"] is not None
@@ -487,7 +487,7 @@ class Trainer:
         return {"model": FullModelState(self.model, sharded),
                 "optimizer": FullOptimizerState(self.model, self.optimizer, sharded),
                 "scaler": self.scaler, "loader": self.batches, "rng": RNGState(),
-                "progress": self.progress}
+                "progress": self.progress, "spike_guard": self.spikes}
 
     def try_micro_batch(self, size):
         """A forward and backward pass at micro-batch size, the gradients dropped (--auto_batch)."""
@@ -538,7 +538,10 @@ class Trainer:
         if not self.scaler.is_enabled():  # a GradScaler (float16) skips overflows itself
             finite &= torch.isfinite(grad_norm)
         problem = NON_FINITE if not finite.item() else None  # the step's one wait for the device
-        if problem is None and c.spike_guard and self.spikes.is_spike(loss_sum.item()):
+        # the guard judges the global batch's loss: one window, the same on every rank (and so in
+        # the checkpoint), whatever the number of ranks
+        mean_loss = (d.sum(loss_sum.clone()) / d.world_size).item() if c.spike_guard else None
+        if problem is None and c.spike_guard and self.spikes.is_spike(mean_loss):
             problem = LOSS_SPIKE
         problem = d.max(problem or 0) or None  # each rank's loss is its own: all skip, or none
         if problem is None:
@@ -547,42 +550,50 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.iter_num = step + 1
         self.progress.tokens += self.batches.tokens_per_step
-        self.count_bad_steps(step, lr, problem, loss_sum)
+        self.count_bad_steps(step, lr, problem, mean_loss)
         return lr, loss_sum, grad_norm
 
     def count_bad_steps(self, step, lr, problem, loss):
         """A skipped step is logged; max_bad_steps in a row stop the run or, when all were loss
-        spikes, take its weights back to the last checkpoint (at most twice to the same one)."""
-        self.spikes.record(loss.item() if problem is None and self.spikes.threshold else None,
-                           problem == LOSS_SPIKE)
+        spikes, take its weights back to the checkpoint from before them (twice at most, if no step
+        is applied in between). loss: the global batch's (None with the guard off)."""
+        guard, latest = self.spikes, self.checkpoints.latest
+        guard.record(loss if problem is None else None, applied=problem is None,
+                     spike=problem == LOSS_SPIKE, latest=None if latest is None else str(latest))
         if problem is None:
-            self.bad_steps = 0
             return
-        self.bad_steps += 1
         self.progress.skipped_steps += 1
         what = "a loss spike" if problem == LOSS_SPIKE else "non-finite loss or gradient norm"
-        self.log.print(f"step {step}: {what}, update skipped ({self.bad_steps} in a row)")
+        self.log.print(f"step {step}: {what}, update skipped ({guard.bad_steps} in a row)")
         self.log.record(step=step, skipped=True, lr=lr, loss_spike=problem == LOSS_SPIKE)
-        if self.bad_steps < self.config.max_bad_steps:
+        if guard.bad_steps < self.config.max_bad_steps:
             return
-        latest, spikes = self.checkpoints.latest, self.spikes.in_a_row == self.bad_steps
-        if spikes and latest is not None and self.rolled_back_to.count(latest) < 2:
-            return self.roll_back(step)
+        spikes = guard.in_a_row == guard.bad_steps
+        if spikes and guard.back_to is not None and guard.roll_backs < 2:
+            return self.roll_back(step, guard.back_to)
         what = "loss spikes" if spikes else "a non-finite loss or gradient norm"
-        raise UserError(f"stopped at step {step}: {self.bad_steps} steps in a row had {what}; the "
-                        f"last good checkpoint is {latest or 'none yet'}: continue from it with a "
-                        "lower --learning_rate", code=1)
+        if spikes and guard.back_to is None:  # no update has reached the weights: keep them
+            self.save(step + 1)
+            raise UserError(f"stopped at step {step}: {guard.bad_steps} steps in a row had {what}, "
+                            "before any checkpoint; the weights, which none of them reached, are in "
+                            f"{self.checkpoints.latest}: continue from it with a lower "
+                            "--learning_rate")
+        # back_to, not the latest: a checkpoint written since the bad steps began may hold the
+        # weights that made them
+        raise UserError(f"stopped at step {step}: {guard.bad_steps} steps in a row had {what}; the "
+                        f"last good checkpoint is {guard.back_to or 'none'}: continue from it with "
+                        "a lower --learning_rate")
 
-    def roll_back(self, step):
+    def roll_back(self, step, path):
         """After max_bad_steps loss spikes in a row: the weights, optimizer state and RNG of the
-        last checkpoint, while the step count and the batches go on from here, so the batches since
-        the checkpoint (those that caused the spikes among them) are not in the weights."""
-        path, parts = self.checkpoints.latest, self.parts()
+        checkpoint from before them, while the step count and the batches go on from here, so the
+        batches since the checkpoint (those that caused the spikes among them) are not in the
+        weights. The guard keeps its losses from before the spikes, so that the rest of a bad
+        region is still skipped."""
+        parts = self.parts()
         checkpoint = load_checkpoint(path)
         restore(checkpoint, {name: parts[name] for name in ("model", "optimizer", "scaler", "rng")})
-        self.bad_steps = 0
-        self.spikes.clear()
-        self.rolled_back_to.append(path)
+        self.spikes.rolled_back()
         back_to = checkpoint["progress"]["iter_num"]
         self.log.print(f"step {step}: {self.config.max_bad_steps} loss spikes in a row: the "
                        f"weights go back to {path} (step {back_to}); the batches of steps "
@@ -634,7 +645,11 @@ class Trainer:
         budget = TimeBudget(parse_duration(config.max_time), launched,
                             BYTES_PER_PARAM * self.model.num_params())
         profile_steps = parse_step_range(config.profile_steps) if self.dist_info.is_master else None
-        profiler = StepProfiler(profile_steps, config.out_dir, self.device, self.log.print)
+        profiler = StepProfiler(profile_steps, config.out_dir, self.device, self.log.print,
+                                config.max_iters)
+        guard_line = self.spikes.describe(config.max_bad_steps)
+        if guard_line:
+            self.log.print(guard_line)
         model_flops_per_token = flops_per_token(self.model.num_params(), args.n_layer, args.n_embd,
                                                 args.block_size)
         peak_flops = device_peak_flops(self.device, self.dtype, self.dist_info.world_size)
@@ -655,9 +670,9 @@ class Trainer:
                 if step == config.max_iters:
                     break
                 profiler.before(step)
-                step_start = time.perf_counter()
+                step_start = budget.clock()
                 lr, loss, grad_norm = self.train_step(step)
-                budget.record_step(time.perf_counter() - step_start)
+                budget.record_step(budget.clock() - step_start)
                 profiler.after(step)
                 interval_steps += 1
                 bar.update(1)
@@ -678,14 +693,15 @@ class Trainer:
             signum = stop.requested or signal.SIGTERM
             self.save(step)
             raise UserError(f"stopped by {signal.Signals(signum).name} after step {step - 1}: "
-                            f"saved {self.checkpoints.latest}; continue with --init_from resume",
-                            code=128 + signum)
+                            f"saved {self.checkpoints.latest}, where step {step} is the next to "
+                            "run; continue with --init_from resume", code=128 + signum)
         evaluates = step % self.config.eval_interval == 0 or step == max_iters
         if step < max_iters and d.any(budget.out_of_time(evaluates)):
             self.save(step)
             raise UserError(f"stopped after step {step - 1}: the next step would pass --max_time "
-                            f"{self.config.max_time}; saved {self.checkpoints.latest}; resumable: "
-                            "run the same command with --init_from resume", code=RESUMABLE_EXIT)
+                            f"{self.config.max_time}; saved {self.checkpoints.latest}, where step "
+                            f"{step} is the next to run; resumable: run the same command with "
+                            "--init_from resume", code=RESUMABLE_EXIT)
 
     def close(self):
         self.batches.close()
@@ -747,7 +763,7 @@ def train(config, changes, dist_info, model, checkpoint, launched):
     continuing = checkpoint["path"] if checkpoint else None
     check = lambda: rundir.check_run_files(config.out_dir, continuing)
     lock = dist_info.on_rank0(lambda: rundir.claim_out_dir(config.out_dir, check), "use --out_dir")
-    trainer, failed = None, True
+    trainer, failed, status = None, True, 1  # status: this launch's exit, left in out_dir
     try:
         if model is None:
             torch.manual_seed(config.seed)
@@ -771,16 +787,23 @@ def train(config, changes, dist_info, model, checkpoint, launched):
             except UserError as e:
                 failed = e.code == 1  # a stop on a signal or the budget saved a checkpoint
                 raise
-        failed = False
+        failed, status = False, 0
         seconds = time.perf_counter() - started
         for line in rundir.summary(config.out_dir, trainer.progress, trainer.checkpoints.latest,
                                    first_step, seconds):
             log.print(line)
+    except UserError as e:
+        status = e.code  # RESUMABLE_EXIT: stopped on --max_time, to be run again
+        raise
+    except KeyboardInterrupt:
+        status = 130
+        raise
     finally:
         if trainer is not None:
             trainer.close()
         log.close(failed)
-        if lock is not None:
+        if lock is not None:  # rank 0: what a job script reads where torchrun reports any exit as 1
+            rundir.write_exit_status(config.out_dir, status)
             lock.release()
 
 

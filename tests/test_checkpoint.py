@@ -144,6 +144,9 @@ def crafted(checkpoint, field, value):
     ("config.learning_rate", float("nan"), "malformed config (--learning_rate must be a finite number"),
     ("config.batch_size", "8", "malformed config (--batch_size must be int"),
     ("config.max_iters", -1, "malformed config (--max_iters must be 0 or more"),
+    ("loader.fingerprints", ["abc", None, None], "malformed training state (loader"),
+    ("spike_guard.recent", [3.0, float("nan")], "malformed training state (spike_guard"),
+    ("spike_guard.bad_steps", -1, "malformed training state (spike_guard"),
 ])
 def test_a_crafted_field_is_refused_in_one_line_before_any_training(field, value, message, trained_run, tmp_path,
                                                                    capsys):

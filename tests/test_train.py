@@ -22,7 +22,8 @@ from settings import TrainConfig
 from evaluation import sample_text
 from rundir import pause_clock
 from train_gpt2 import GPT, GPTConfig, estimate_mfu, flops_per_token, get_lr
-from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_torchrun, run_train, snapshot, train_losses
+from conftest import (INPUT_TXT, REPO, SPIKE_GUARD, TINY, read_metrics, run_torchrun, run_train, snapshot,
+                      spiky_data, train_losses)
 
 # -----------------------------------------------------------------------------
 # The learning-rate schedule
@@ -491,32 +492,35 @@ def test_a_run_records_its_data_path_so_eval_only_works_from_another_directory(t
 # Runs that look after themselves: the loss-spike guard, --auto_batch on a CPU
 
 
-def test_a_run_of_loss_spikes_goes_back_to_the_last_checkpoint_and_skips_their_batches(tmp_path):
-    from fineweb import get_tokenizer
-    tokens = np.array(get_tokenizer().encode_ordinary(INPUT_TXT.read_text()), dtype=np.uint16)
-    step_tokens = 4 * 2 * 32  # TINY's batch x accumulation x block
-    noise = np.random.default_rng(0).integers(0, 50257, 3 * step_tokens, dtype=np.uint16)
-    train = tokens[:100_000].copy()
-    train[25 * step_tokens:28 * step_tokens] = noise  # steps 25, 26 and 27 read random tokens
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    write_shard(shards / "x_val_000000.bin", tokens[-20_000:])
-    write_shard(shards / "x_train_000001.bin", train)
-    out_dir = tmp_path / "out"
-    result = run_train(*TINY, "--data", shards, "--out_dir", out_dir, "--shuffle", "False",
-                       "--max_iters", "32", "--eval_interval", "10", "--spike_guard", "3",
-                       "--spike_window", "10", "--lr_decay_iters", "100")  # a tight guard: the loss still falls
-    assert result.returncode == 0, result.stderr
+def test_a_region_of_loss_spikes_goes_back_to_the_checkpoint_before_it_and_none_of_it_is_applied(spiky_run):
+    _, out_dir, result = spiky_run  # the batches of steps 25 to 29 are random tokens
+    assert "spike guard: a step whose loss is more than 3 robust deviations above the median of the last 10 " \
+           "applied steps is skipped; 3 in a row go back to the last checkpoint before them" in result.stdout
     records = read_metrics(out_dir)
-    assert [r["step"] for r in records if r.get("loss_spike")] == [25, 26, 27]
+    # after the roll-back the guard still judges by the losses before the spikes: 28 and 29 are skipped too
+    assert [r["step"] for r in records if r.get("loss_spike")] == [25, 26, 27, 28, 29]
     (rolled,) = [r for r in records if "rolled_back_to" in r]
     assert rolled == {"step": 27, "rolled_back_to": 20, "skipped_batches": 8}
     assert "3 loss spikes in a row: the weights go back to" in result.stdout
     final = load_checkpoint(next(out_dir.glob("iter-32-*.pt")))
-    # the steps go on: the weights of step 20 trained on from step 28, the batches of 20 to 27 unused
-    assert final["loader"]["position"] == 32 * step_tokens and final["progress"]["skipped_steps"] == 3
-    after = [r for r in records if r["step"] > 27 and "train_loss" in r]
-    assert [r["step"] for r in after] == [28, 29, 30, 31] and all(r["train_loss"] < 9 for r in after)
+    # the steps go on: the weights of step 20 trained on from step 30, the batches of 20 to 29 unused
+    assert final["loader"]["position"] == 32 * 4 * 2 * 32 and final["progress"]["skipped_steps"] == 5
+    after = [r for r in records if r["step"] > 29 and "train_loss" in r]
+    assert [r["step"] for r in after] == [30, 31] and all(r["train_loss"] < 9 for r in after)
+
+
+def test_a_third_run_of_spikes_in_one_region_stops_naming_the_checkpoint_before_it(tmp_path):
+    data = spiky_data(tmp_path / "shards", 25, 9)  # steps 25 to 33; a checkpoint at 30, inside
+    out_dir = tmp_path / "out"
+    result = run_train(*TINY, *SPIKE_GUARD, "--data", data, "--out_dir", out_dir, "--max_iters", "40")
+    assert result.returncode == 1
+    records = read_metrics(out_dir)
+    assert [r["rolled_back_to"] for r in records if "rolled_back_to" in r] == [20, 20]
+    assert [r["step"] for r in records if r.get("loss_spike")] == list(range(25, 34))
+    before = next(out_dir.glob("iter-20-*.pt"))
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: stopped at step 33: 3 steps in a row had loss spikes; the last good checkpoint is {before}: "
+        "continue from it with a lower --learning_rate")
 
 
 def test_auto_batch_on_a_cpu_keeps_the_flags_and_says_so(tmp_path):
