@@ -232,13 +232,16 @@ def upgrade_version_1(checkpoint, path):
     missing = [key for key in ("iter_num", "best_val_loss", "loader", "optimizer", "scaler", "rng") if key not in c]
     if missing or not isinstance(c["config"], dict) or not isinstance(c["loader"], dict):
         raise malformed(path, f"version 1 without {', '.join(missing) or 'a config or loader'}")
-    world_size = c.get("world_size", 1)
-    try:
-        config, block_size = c["config"], c["model_args"]["block_size"]
-        tokens_per_step = config["batch_size"] * config["gradient_accumulation_steps"] * world_size * block_size
-        tokens = c.get("tokens", c["iter_num"] * tokens_per_step)
-    except (KeyError, TypeError) as e:
-        raise malformed(path, f"version 1 config: {e}") from None
+    world_size, config, model_args = c.get("world_size", 1), c["config"], c.get("model_args")
+    block_size = model_args.get("block_size") if isinstance(model_args, dict) else None
+    sizes = {"batch_size": config.get("batch_size"), "gradient_accumulation_steps":
+             config.get("gradient_accumulation_steps"), "world_size": world_size, "block_size": block_size}
+    # counts before they multiply: a list times a count is a list of that length, and can fill the memory
+    for name, value in (*sizes.items(), ("iter_num", c["iter_num"])):
+        if not is_int(value, 0 if name == "iter_num" else 1):
+            raise malformed(path, f"version 1 {name} {str(value)[:40]} is not a count")
+    tokens_per_step = math.prod(sizes.values())
+    tokens = c.get("tokens", c["iter_num"] * tokens_per_step)
     c["progress"] = {"iter_num": c.pop("iter_num"), "tokens": tokens, "best_val_loss": c.pop("best_val_loss"),
                      "best_step": None, "skipped_steps": c.pop("skipped_steps", 0),
                      "wandb_run_id": c.pop("wandb_run_id", None)}

@@ -252,6 +252,7 @@ def export_hf(model_args, state, path):
     except OSError as e:
         raise UserError(f"--export_hf {path} cannot be written ({e.strerror or e}): pick a folder in a writable "
                         f"place") from None
+    from safetensors import SafetensorError
     try:
         with quiet_hf_logs():
             hf.save_pretrained(tmp, safe_serialization=True)
@@ -262,6 +263,11 @@ def export_hf(model_args, state, path):
         for file in tmp.iterdir():
             os.chmod(file, 0o666 & ~current_umask())
         os.replace(tmp, path)  # replaces an empty folder, never a full one (checked above)
+    except (OSError, SafetensorError) as e:  # a full disk: safetensors says so in its own error type
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0]
+        raise UserError(f"--export_hf {path} could not be written ({reason}): free disk space or pick "
+                        f"another folder; nothing was left there") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

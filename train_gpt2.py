@@ -40,7 +40,8 @@ from cross_entropy_kernel import output_layer_loss
 from device import (BYTES_PER_PARAM, check_model_fits, device_peak_flops, lost_contact,
                     make_autocast, resolve_dtype, setup_distributed)
 from evaluation import Evaluation, evaluate_only
-from fineweb import check_unchanged, fingerprint, load_token_sources, read_span
+from fineweb import (check_unchanged, check_vocab_size, fingerprint, load_token_sources,
+                     read_span, sampled_fingerprint)
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, choose_micro_batch
 from hf_convert import export_hf, is_hf_model, load_gpt2_weights
 from rundir import Plotter, RunLog, pause_clock
@@ -226,7 +227,9 @@ class ShardLoader:
                             f"{block_size} tokens + 1): lower --batch_size, "
                             "--gradient_accumulation_steps or --block_size")
         self.windows, self.windows_of = None, None
-        self.fingerprints = [fingerprint(tokens) for tokens in self.shards]
+        # each shard's fingerprint, taken when the run first reads it; checked when a process first
+        # reads it again (a resumed run), so that data changed in place is not trained on silently
+        self.fingerprints, self.verified = [None] * len(self.shards), set()
         self.epoch, self.shard, self.position = 0, 0, 0
         self.order = self.shard_order(0)
         self.skip_short_shards()
@@ -257,6 +260,7 @@ class ShardLoader:
 
     def next_batch(self):
         """This rank's inputs and targets for one optimizer step, each (micro_steps, B, T) int64."""
+        self.verify(self.order[self.shard])
         x, y = self.shuffled_batch() if self.shuffle else self.sequential_batch()
         self.position += self.tokens_per_step
         self.skip_short_shards()
@@ -286,29 +290,41 @@ class ShardLoader:
             ys.append(chunk[1:].view(self.B, self.T))
         return torch.stack(xs), torch.stack(ys)
 
+    def verify(self, index):
+        """Shard index's fingerprint, at this process's first read of it: recorded, or compared with
+        the one the run recorded before (a sampled one in checkpoints from before all was read)."""
+        if index in self.verified:
+            return
+        tokens, saved = self.shards[index], self.fingerprints[index]
+        now = fingerprint(tokens)
+        if saved not in (None, now) and saved != sampled_fingerprint(tokens):
+            raise UserError(f"the train data has the checkpoint's shard names and sizes but other "
+                            f"contents ({self.names[index]} differs from when the run first read "
+                            "it): restore the data the run trained on, or start a new run")
+        self.fingerprints[index] = now
+        self.verified.add(index)
+
     def shard_sizes(self):
         return [[name, len(tokens)] for name, tokens in zip(self.names, self.shards)]
 
     def state_dict(self):
         return {"epoch": self.epoch, "shard": self.shard, "position": self.position,
                 "seed": self.seed, "shuffle": self.shuffle, "shards": self.shard_sizes(),
-                "fingerprints": self.fingerprints}
+                "fingerprints": list(self.fingerprints)}
 
     def load_state_dict(self, state):
-        """Continue where the state left off, reading the way its run read. Fingerprints are None in
-        checkpoints from before they were kept."""
+        """Continue where the state left off, reading the way its run read (in its seed's order,
+        whatever this loader was built with). Fingerprints are None in checkpoints from before they
+        were kept, and for shards not read yet; the others are checked as the shards are read."""
         if [list(s) for s in state["shards"]] != self.shard_sizes():
             raise UserError("the train data differs from the checkpoint's (shard names or sizes "
                             "changed): resume with the same --data")
-        if state["fingerprints"] not in (None, self.fingerprints):
-            pairs = zip(self.names, state["fingerprints"], self.fingerprints)
-            changed = next(name for name, saved, now in pairs if saved != now)
-            raise UserError("the train data has the checkpoint's shard names and sizes but other "
-                            f"contents ({changed} differs): restore the data the run trained on, "
-                            "or start a new run")
+        self.fingerprints = list(state["fingerprints"] or [None] * len(self.shards))
+        self.verified = set()
         self.seed, self.epoch, self.shuffle = state["seed"], state["epoch"], state["shuffle"]
         self.shard, self.position = state["shard"], state["position"]
         self.order = self.shard_order(self.epoch)
+        self.windows_of = None  # the window order read ahead was this loader's seed's
         self.skip_short_shards()
 
 
@@ -749,6 +765,8 @@ def train(config, changes, dist_info, model, checkpoint, launched):
     if checkpoint is not None and checkpoint["progress"]["iter_num"] > config.max_iters:
         raise UserError(f"{checkpoint['path']} is at step {checkpoint['progress']['iter_num']}, "
                         f"past --max_iters {config.max_iters}: raise --max_iters to train on")
+    check_vocab_size(model_args["vocab_size"],
+                     checkpoint["path"] if checkpoint else config.init_from)
     # everything the user gave is checked before a model is built, a step taken or out_dir touched
     resolve_dtype(config.dtype, dist_info.device, dist_info.sharded)
     dist_info.on_rank0(lambda: rundir.check_tracker_packages(config), "load a tracker's package")
