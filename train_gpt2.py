@@ -554,8 +554,7 @@ class Trainer:
         if not self.scaler.is_enabled():  # a GradScaler (float16) skips overflows itself
             finite &= torch.isfinite(grad_norm)
         problem = NON_FINITE if not finite.item() else None  # the step's one wait for the device
-        # the guard judges the global batch's loss: one window, the same on every rank (and so in
-        # the checkpoint), whatever the number of ranks
+        # the global batch's loss: one guard window on every rank and in checkpoints, for any ranks
         mean_loss = (d.sum(loss_sum.clone()) / d.world_size).item() if c.spike_guard else None
         if problem is None and c.spike_guard and self.spikes.is_spike(mean_loss):
             problem = LOSS_SPIKE
@@ -588,17 +587,14 @@ class Trainer:
         if spikes and guard.back_to is not None and guard.roll_backs < 2:
             return self.roll_back(step, guard.back_to)
         what = "loss spikes" if spikes else "a non-finite loss or gradient norm"
-        if spikes and guard.back_to is None:  # no update has reached the weights: keep them
+        good = guard.back_to
+        if spikes and good is None:  # before any checkpoint, and no update reached the weights
             self.save(step + 1)
-            raise UserError(f"stopped at step {step}: {guard.bad_steps} steps in a row had {what}, "
-                            "before any checkpoint; the weights, which none of them reached, are in "
-                            f"{self.checkpoints.latest}: continue from it with a lower "
-                            "--learning_rate")
-        # back_to, not the latest: a checkpoint written since the bad steps began may hold the
-        # weights that made them
+            good = self.checkpoints.latest
+        # back_to, not the latest: one written since the bad steps began may hold what made them
         raise UserError(f"stopped at step {step}: {guard.bad_steps} steps in a row had {what}; the "
-                        f"last good checkpoint is {guard.back_to or 'none'}: continue from it with "
-                        "a lower --learning_rate")
+                        f"last good checkpoint is {good or 'none'}: continue from it with a lower "
+                        "--learning_rate")
 
     def roll_back(self, step, path):
         """After max_bad_steps loss spikes in a row: the weights, optimizer state and RNG of the
@@ -810,11 +806,8 @@ def train(config, changes, dist_info, model, checkpoint, launched):
         for line in rundir.summary(config.out_dir, trainer.progress, trainer.checkpoints.latest,
                                    first_step, seconds):
             log.print(line)
-    except UserError as e:
-        status = e.code  # RESUMABLE_EXIT: stopped on --max_time, to be run again
-        raise
-    except KeyboardInterrupt:
-        status = 130
+    except (UserError, KeyboardInterrupt) as e:  # RESUMABLE_EXIT: stopped on --max_time
+        status = getattr(e, "code", 130)
         raise
     finally:
         if trainer is not None:

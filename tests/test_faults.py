@@ -238,9 +238,9 @@ def test_loss_spikes_before_the_first_checkpoint_stop_the_run_with_the_weights_s
     result = run_train(*TINY, *SPIKE_GUARD, "--data", data, "--out_dir", out_dir, "--eval_interval", "100")
     assert result.returncode == 1
     saved = out_dir / "iter-28-stopped.pt"
-    assert last_line(result.stderr) == (
-        f"error: stopped at step 27: 3 steps in a row had loss spikes, before any checkpoint; the weights, which "
-        f"none of them reached, are in {saved}: continue from it with a lower --learning_rate")
+    assert last_line(result.stderr) == (  # no update reached the weights: they are saved
+        f"error: stopped at step 27: 3 steps in a row had loss spikes; the last good checkpoint is {saved}: "
+        "continue from it with a lower --learning_rate")
     checkpoint = load_checkpoint(saved)
     assert checkpoint["progress"]["skipped_steps"] == 3 and checkpoint["spike_guard"]["bad_steps"] == 3
 
