@@ -9,7 +9,8 @@ upgraded, and the names of the checkpoints in a run directory. Nothing here need
 
 A checkpoint is one file written by torch.save, readable with a bare torch.load(weights_only=True): a dict of
 the parts' states under PARTS (the model, the optimizer, the GradScaler, the loader, the RNG, the run's
-counters) and what the run is under ABOUT (the format version, the architecture, the whole config, the number
+counters, the spike guard's state: {} in files from before it was kept) and what the run is under ABOUT
+(the format version, the architecture, the whole config, the number
 of processes and the micro-batch they trained with, the torch version and git commit, the val loss it
 was saved after). The model and optimizer
 states are those one process's state_dict() gives, whatever wrote them (one process, DDP or FSDP), so any
@@ -35,7 +36,7 @@ from cli import UserError, atomic_write
 # What a checkpoint holds
 
 CHECKPOINT_VERSION = 3
-PARTS = ("model", "optimizer", "scaler", "loader", "rng", "progress")
+PARTS = ("model", "optimizer", "scaler", "loader", "rng", "progress", "spike_guard")
 ABOUT = ("version", "model_args", "config", "world_size", "micro_batch", "torch_version", "git_commit",
          "val_loss")
 
@@ -264,6 +265,7 @@ def load_checkpoint(path):
     if checkpoint["version"] != CHECKPOINT_VERSION:
         raise UserError(f"checkpoint {path} has format version {checkpoint['version']!r}, this code reads "
                         f"{CHECKPOINT_VERSION} (and 1, 2)")
+    checkpoint.setdefault("spike_guard", {})  # a file from before it was kept: an empty guard
     check_fields(checkpoint, path)
     checkpoint["path"] = path
     return checkpoint
@@ -278,13 +280,16 @@ def upgrade_version_1(checkpoint, path):
     missing = [key for key in ("iter_num", "best_val_loss", "loader", "optimizer", "scaler", "rng") if key not in c]
     if missing or not isinstance(c["config"], dict) or not isinstance(c["loader"], dict):
         raise malformed(path, f"version 1 without {', '.join(missing) or 'a config or loader'}")
-    world_size = c.get("world_size", 1)
-    try:
-        config, block_size = c["config"], c["model_args"]["block_size"]
-        tokens_per_step = config["batch_size"] * config["gradient_accumulation_steps"] * world_size * block_size
-        tokens = c.get("tokens", c["iter_num"] * tokens_per_step)
-    except (KeyError, TypeError) as e:
-        raise malformed(path, f"version 1 config: {e}") from None
+    world_size, config, model_args = c.get("world_size", 1), c["config"], c.get("model_args")
+    block_size = model_args.get("block_size") if isinstance(model_args, dict) else None
+    sizes = {"batch_size": config.get("batch_size"), "gradient_accumulation_steps":
+             config.get("gradient_accumulation_steps"), "world_size": world_size, "block_size": block_size}
+    # counts before they multiply: a list times a count is a list of that length, and can fill the memory
+    for name, value in (*sizes.items(), ("iter_num", c["iter_num"])):
+        if not is_int(value, 0 if name == "iter_num" else 1):
+            raise malformed(path, f"version 1 {name} {str(value)[:40]} is not a count")
+    tokens_per_step = math.prod(sizes.values())
+    tokens = c.get("tokens", c["iter_num"] * tokens_per_step)
     c["progress"] = {"iter_num": c.pop("iter_num"), "tokens": tokens, "best_val_loss": c.pop("best_val_loss"),
                      "best_step": None, "skipped_steps": c.pop("skipped_steps", 0),
                      "wandb_run_id": c.pop("wandb_run_id", None)}
@@ -312,7 +317,7 @@ def check_fields(c, path):
     config's flags are checked where they become a TrainConfig, the architecture where it becomes a model,
     the tensors where the model and optimizer load them."""
     model_args, loader, progress, rng = c.get("model_args"), c.get("loader"), c.get("progress"), c.get("rng")
-    optimizers = c.get("optimizer")
+    optimizers, guard = c.get("optimizer"), c.get("spike_guard")
     fields = {
         "a field": all(key in c for key in PARTS + ABOUT),
         "model": isinstance(c.get("model"), dict) and all(isinstance(v, torch.Tensor) for v in c["model"].values()),
@@ -328,7 +333,8 @@ def check_fields(c, path):
         and all(isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], str) and is_int(s[1])
                 for s in loader["shards"])
         and (loader.get("fingerprints") is None or isinstance(loader["fingerprints"], list)
-             and all(isinstance(f, str) for f in loader["fingerprints"])),
+             and len(loader["fingerprints"]) == len(loader["shards"])
+             and all(f is None or isinstance(f, str) for f in loader["fingerprints"])),
         "rng": isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
         and rng["torch"].dtype == torch.uint8 and isinstance(rng.get("cuda"), list)
         and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in rng["cuda"]),
@@ -348,6 +354,12 @@ def check_fields(c, path):
         "torch_version": c.get("torch_version") is None or isinstance(c["torch_version"], str),
         "git_commit": c.get("git_commit") is None or isinstance(c["git_commit"], str),
         "val_loss": c.get("val_loss") is None or is_number(c["val_loss"]),
+        "spike_guard": guard == {} or isinstance(guard, dict)
+        and set(guard) == {"recent", "in_a_row", "bad_steps", "roll_backs", "back_to"}
+        and isinstance(guard["recent"], list) and all(is_number(x) and math.isfinite(x) for x in guard["recent"])
+        and all(is_int(guard[k]) for k in ("in_a_row", "bad_steps", "roll_backs"))
+        and guard["in_a_row"] <= guard["bad_steps"]
+        and (guard["back_to"] is None or isinstance(guard["back_to"], str)),
     }
     bad = [name for name, ok in fields.items() if not ok]
     if bad:

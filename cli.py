@@ -19,9 +19,11 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import secrets
 import signal
 import socket
+import stat
 import sys
 from pathlib import Path
 
@@ -197,7 +199,8 @@ def current_umask():
 def atomic_write(path, write):
     """Call write(file) on a temporary file beside path, then rename it into place. Used for shards,
     checkpoints, manifests and logs alike. The temporary name is chosen before the file is created, so that
-    an interrupt at any instant leaves no temporary file behind."""
+    an interrupt at any instant leaves no temporary file behind. Nothing is written through a link: the
+    temporary file is new (O_EXCL), and the rename replaces a link at path, never its target."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -212,11 +215,34 @@ def atomic_write(path, write):
         raise
 
 
-def remove_temporaries(directory):
-    """Delete the temporary files of atomic writes that a killed process left in directory. Only for a
-    directory this process holds the lock of: another writer's file would be mid-write."""
-    for path in Path(directory).glob(".*.tmp"):
-        path.unlink(missing_ok=True)
+TEMPORARY = re.compile(r"\.(.+)\.[0-9]+\.[0-9a-f]{8}\.tmp")  # atomic_write's name for a file in the making
+
+
+def remove_temporaries(directory, ours):
+    """Delete the temporary files that atomic_write left in directory when a process was killed mid-write,
+    for the files that ours(name) says the caller writes; a user's file or folder of another name stays.
+    Only for a directory this process holds the lock of: another writer's file would be mid-write."""
+    for path in Path(directory).iterdir():
+        match = TEMPORARY.fullmatch(path.name)
+        if match and ours(match[1]) and stat.S_ISREG(path.lstat().st_mode):
+            path.unlink(missing_ok=True)
+
+
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 where the system has none (Windows)
+
+
+def refuse_links(directory, names):
+    """A UserError naming the first of directory's names that is a symbolic link: the caller writes those
+    files itself, and writing through a link would change a file elsewhere."""
+    for name in names:
+        path = Path(directory) / name
+        if path.is_symlink():
+            raise link_refused(path)
+
+
+def link_refused(path):
+    return UserError(f"{path} is a symbolic link (to {os.readlink(path)}): this program writes that file itself, "
+                     f"never through a link; remove the link, then run again")
 
 
 # -----------------------------------------------------------------------------
@@ -234,7 +260,13 @@ class DirectoryLock:
         import fcntl
         self.path = Path(directory) / ".lock"
         while True:
-            self.file = open(self.path, "a+")
+            try:  # never through a link: the file is truncated and written below
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666)
+            except OSError:
+                if self.path.is_symlink():
+                    raise link_refused(self.path) from None
+                raise
+            self.file = os.fdopen(fd, "r+")
             try:
                 fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

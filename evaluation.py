@@ -14,7 +14,7 @@ import torch
 import hellaswag
 from cli import UserError
 from device import make_autocast, resolve_dtype
-from fineweb import EOT_TOKEN, get_tokenizer, load_token_sources, read_span
+from fineweb import EOT_TOKEN, check_vocab_size, get_tokenizer, load_token_sources, read_span
 from rundir import RunLog, claim_out_dir
 
 # -----------------------------------------------------------------------------
@@ -144,6 +144,8 @@ def evaluate_only(config, dist_info, model, checkpoint, place):
     """--eval_only: the val loss (and HellaSwag) of the --init_from model, recorded in out_dir's
     metrics.jsonl (the checkpoint's own folder unless --out_dir is given). place(model, dtype): the
     model on its device as the trainer places it (this rank's shards under FSDP)."""
+    check_vocab_size(model.config.vocab_size,
+                     checkpoint["path"] if checkpoint else config.init_from)
     log = RunLog(config.out_dir, dist_info.is_master)
     evaluation = Evaluation(config, model.config.block_size, dist_info, log)
     dtype = resolve_dtype(config.dtype, dist_info.device, dist_info.sharded)

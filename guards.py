@@ -11,6 +11,7 @@ The trainer calls them at its step and its loop; each is a rule here, tested on 
 
 import collections
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -103,25 +104,57 @@ def is_loss_spike(loss, recent, threshold):
 
 
 class SpikeGuard:
-    """The losses of the last `window` steps applied, and how many steps in a row were spikes. It
-    starts afresh on resume and after a roll-back."""
+    """What --spike_guard and --max_bad_steps keep: the losses of the last `window` steps applied;
+    the steps in a row not applied (bad_steps) and how many were spikes (in_a_row); and for the bad
+    region they are in (the steps since the last one applied) the checkpoint from before it
+    (back_to: where a roll-back goes, the last good one) and the roll-backs to it so far. A
+    roll-back keeps the losses, all from before the region, so that the rest of it is judged by the
+    trend it broke; a checkpoint keeps all of it (state_dict), so that a resumed run does as the
+    uninterrupted run does."""
 
     def __init__(self, threshold, window):
-        self.threshold, self.recent, self.in_a_row = threshold, collections.deque(maxlen=window), 0
+        self.threshold, self.recent = threshold, collections.deque(maxlen=window)
+        self.in_a_row, self.bad_steps, self.roll_backs, self.back_to = 0, 0, 0, None
 
     def is_spike(self, loss):
         return bool(self.threshold) and is_loss_spike(loss, self.recent, self.threshold)
 
-    def record(self, loss, spike):
-        """A step's loss (None for a step not applied, or with the guard off) and whether it spiked.
-        """
+    def record(self, loss, applied, spike, latest):
+        """A step's loss (None if not applied, or with the guard off), whether its update was
+        applied and whether it was skipped as a spike. latest: the newest checkpoint (a path's str,
+        or None), which becomes back_to when this step begins a bad region."""
+        if not applied and self.bad_steps == 0 and self.roll_backs == 0:
+            self.back_to = latest
         self.in_a_row = self.in_a_row + 1 if spike else 0
-        if loss is not None:
-            self.recent.append(loss)
+        self.bad_steps = 0 if applied else self.bad_steps + 1
+        if applied:
+            self.roll_backs, self.back_to = 0, None
+            if self.threshold:
+                self.recent.append(loss)
 
-    def clear(self):
+    def rolled_back(self):
+        """The weights went back to back_to: a new count of bad steps, against the same trend."""
+        self.in_a_row, self.bad_steps = 0, 0
+        self.roll_backs += 1
+
+    def describe(self, max_bad_steps):
+        """The run's header line for the guard, when it is on."""
+        if not self.threshold:
+            return None
+        return (f"spike guard: a step whose loss is more than {self.threshold:g} robust deviations "
+                f"above the median of the last {self.recent.maxlen} applied steps is skipped; "
+                f"{max_bad_steps} in a row go back to the last checkpoint before them")
+
+    def state_dict(self):
+        return {"recent": list(self.recent), "in_a_row": self.in_a_row, "bad_steps": self.bad_steps,
+                "roll_backs": self.roll_backs, "back_to": self.back_to}
+
+    def load_state_dict(self, state):
+        """The state of a checkpoint; with another --spike_window, its newest losses that fit."""
         self.recent.clear()
-        self.in_a_row = 0
+        self.recent.extend(float(loss) for loss in state["recent"])
+        self.in_a_row, self.bad_steps = int(state["in_a_row"]), int(state["bad_steps"])
+        self.roll_backs, self.back_to = int(state["roll_backs"]), state["back_to"]
 
 
 # -----------------------------------------------------------------------------
@@ -136,8 +169,9 @@ class TimeBudget:
     would end past the budget, from the slowest of the last steps and the last evaluation and
     checkpoint write measured. Before the first write is measured, it is guessed at 100 MB/s."""
 
-    def __init__(self, seconds, started, checkpoint_bytes):
+    def __init__(self, seconds, started, checkpoint_bytes, clock=time.perf_counter):
         self.deadline = math.inf if seconds is None else started + seconds  # None: no budget
+        self.clock = clock  # what started is a reading of, and the steps are timed by
         self.steps = collections.deque(maxlen=20)
         self.eval_seconds, self.save_seconds = 0.0, checkpoint_bytes / 100e6
 
@@ -154,7 +188,7 @@ class TimeBudget:
     def out_of_time(self, evaluates_next, now=None):
         """Whether the next step, then its evaluation and checkpoint (if it evaluates), then the
         checkpoint of a stop would end past the budget."""
-        now = time.perf_counter() if now is None else now
+        now = self.clock() if now is None else now
         needed = max(self.steps, default=0.0) + self.save_seconds
         if evaluates_next:
             needed += self.eval_seconds + self.save_seconds
@@ -166,11 +200,14 @@ class StepProfiler:
     Chrome trace (chrome://tracing, Perfetto) that TensorBoard's profiler plugin reads too, then a
     table of the kernels that took the most time."""
 
-    def __init__(self, steps, out_dir, device, log):
+    def __init__(self, steps, out_dir, device, log, max_iters):
         self.first, self.end = steps or (None, None)  # None: nothing to profile
         self.folder, self.log = Path(out_dir) / "profile", log
         self.cuda = device.startswith("cuda")
         self.profile, self.last, self.seen = None, None, False
+        if self.first is not None and self.first >= max_iters:
+            log(f"warning: --profile_steps {self.first}:{self.end}: the run ends at --max_iters "
+                f"{max_iters}, before the window's first step; nothing is profiled")
 
     def __enter__(self):
         return self
@@ -201,6 +238,9 @@ class StepProfiler:
         self.profile.stop()
         path = self.folder / f"steps-{self.first}-{step}.pt.trace.json"
         try:
+            link = next((p for p in (self.folder, path) if p.is_symlink()), None)
+            if link is not None:  # the trace would be written through it, outside out_dir
+                raise OSError(f"{link} is a symbolic link (to {os.readlink(link)}); remove it")
             self.folder.mkdir(exist_ok=True)
             self.profile.export_chrome_trace(str(path))
         except OSError as e:  # a profile is never worth the run

@@ -229,6 +229,9 @@ def export_hf(model_args, state, path):
     context length. Written to a temporary folder beside path and renamed into place, so path never holds a
     half-written export."""
     path = Path(path)
+    if path.is_symlink():  # the rename below would not go through it, and replacing it loses it
+        raise UserError(f"--export_hf {path} is a symbolic link (to {os.readlink(path)}): pass the folder it "
+                        f"names, or a new one")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"--export_hf {path} already exists: remove it or pass a new folder")
     hf = hf_model(model_args, state)
@@ -243,6 +246,7 @@ def export_hf(model_args, state, path):
     except OSError as e:
         raise UserError(f"--export_hf {path} cannot be written ({e.strerror or e}): pick a folder in a writable "
                         f"place") from None
+    from safetensors import SafetensorError
     try:
         with quiet_hf_logs():
             hf.save_pretrained(tmp, safe_serialization=True)
@@ -253,6 +257,11 @@ def export_hf(model_args, state, path):
         for file in tmp.iterdir():
             os.chmod(file, 0o666 & ~current_umask())
         os.replace(tmp, path)  # replaces an empty folder, never a full one (checked above)
+    except (OSError, SafetensorError) as e:  # a full disk: safetensors says so in its own error type
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0]
+        raise UserError(f"--export_hf {path} could not be written ({reason}): free disk space or pick "
+                        f"another folder; nothing was left there") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

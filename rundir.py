@@ -23,15 +23,22 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (BEST_CHECKPOINT, best_copy_holds, evaluated_checkpoint, git_commit, run_checkpoints,
-                        save_best)
-from cli import UserError, atomic_write, lock_directory, remove_temporaries
+from checkpoint import (BEST_CHECKPOINT, CHECKPOINT_NAME, best_copy_holds, evaluated_checkpoint, git_commit,
+                        run_checkpoints, save_best)
+from cli import NO_FOLLOW, UserError, atomic_write, lock_directory, refuse_links, remove_temporaries
 from device import busy_cpu_warning
 
 # -----------------------------------------------------------------------------
 # The directory: one run, one writer, and only the trainer's own files touched
 
 RUN_FILES = (BEST_CHECKPOINT, "metrics.jsonl", "config.json")
+EXIT_STATUS = "exit_status"  # the last launch's exit status, for a job script (slurm_job.sh) to read
+WRITTEN = RUN_FILES + (EXIT_STATUS, "plot.png")  # the files in out_dir besides the checkpoints
+
+
+def is_run_file(name):
+    """Whether name is one the trainer writes in out_dir (a checkpoint's, or one of WRITTEN)."""
+    return name in WRITTEN or CHECKPOINT_NAME.fullmatch(name) is not None
 
 
 def run_files(out_dir):
@@ -75,11 +82,13 @@ def check_run_files(out_dir, continuing):
 
 def claim_out_dir(out_dir, check=lambda: None):
     """Create out_dir, take its lock and run check() under it (check_run_files, say). Returns the lock, which
-    the caller releases; on failure the lock is released and a UserError raised."""
+    the caller releases; on failure the lock is released and a UserError raised. A symbolic link in place of
+    a file the trainer writes is refused: a write would go through it, to a file outside out_dir."""
     lock = None
     try:
         make_out_dir(out_dir)
         lock = lock_directory(out_dir, "trainer")
+        refuse_links(out_dir, WRITTEN)
         check()
         return lock
     except (UserError, OSError) as e:
@@ -132,8 +141,9 @@ class RunLog:
             return
         metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
         line = (json.dumps(metrics) + "\n").encode()
-        try:
-            with open(self.path, "ab", buffering=0) as f:  # unbuffered: a failed write fails here
+        try:  # never through a link (claim_out_dir refuses one; this, one made since)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
+            with open(fd, "ab", buffering=0) as f:  # unbuffered: a failed write fails here
                 size = f.tell()
                 try:
                     if f.write(line) != len(line):
@@ -263,6 +273,9 @@ TRACKER_PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "
 def tracker_folder(out_dir, name, flag):
     """out_dir/name, the folder a tracker keeps its files in, refused in one line where it cannot be one."""
     folder = Path(out_dir) / name
+    if folder.is_symlink():  # its files would be written into the folder it names, outside out_dir
+        raise UserError(f"{flag} True writes into the folder {folder}, which is a symbolic link (to "
+                        f"{os.readlink(folder)}): remove the link, or pass {flag} False")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} True writes into the folder {folder}, which is a file: move it away, or pass "
                         f"{flag} False")
@@ -370,7 +383,8 @@ def prepare_run_files(config, progress, evaluated_at_start, log, loader=None):
     config.json: the flags, and with --auto_batch the micro-batch the loader reads for them."""
     out_dir = Path(config.out_dir)
     try:
-        remove_temporaries(out_dir)  # a killed run's, safe under the lock
+        remove_temporaries(out_dir, is_run_file)  # a killed run's, safe under the lock
+        (out_dir / EXIT_STATUS).unlink(missing_ok=True)  # an earlier launch's: this one's is written at its end
         log.drop_after(progress.iter_num, evaluated_at_start)
         write_pending_best(out_dir, progress.best_step, log)
         start_trackers(config, progress, log)
@@ -381,6 +395,15 @@ def prepare_run_files(config, progress, evaluated_at_start, log, loader=None):
     except OSError as e:
         raise UserError(f"cannot write into --out_dir {out_dir} ({e.strerror or e}): fix its permissions or "
                         f"free disk space, then run the same command again") from None
+
+
+def write_exit_status(out_dir, code):
+    """out_dir/exit_status: this launch's exit status, which a job script reads where a launcher hides it
+    (torchrun reports any failure of its processes as 1, a stop on --max_time's 75 among them)."""
+    try:
+        atomic_write(Path(out_dir) / EXIT_STATUS, lambda f: f.write(f"{code}\n".encode()))
+    except OSError:
+        pass  # the run's own message says what went wrong; a job script without the file resubmits nothing
 
 
 def write_pending_best(out_dir, best_step, log):

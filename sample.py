@@ -19,7 +19,7 @@ import torch
 
 from cli import UserError, build_parser, flag
 from device import check_dtype, make_autocast, resolve_device, resolve_dtype
-from fineweb import EOT_TOKEN, get_tokenizer
+from fineweb import EOT_TOKEN, check_vocab_size, get_tokenizer
 from sampling import generate_tokens
 from train_gpt2 import load_start
 
@@ -93,6 +93,7 @@ def sample(config, out=sys.stdout):
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model, _ = load_start(config.init_from, ".")
+    check_vocab_size(model.config.vocab_size, config.init_from)  # the tokenizer's ids must index it
     model = model.to(device)
     autocast = make_autocast(device.split(":")[0], dtype)
     generator = torch.Generator(device=device).manual_seed(config.seed)  # one stream for all the samples

@@ -26,6 +26,7 @@ from device import available_memory, check_dtype
 
 MAX_DDP_TIMEOUT = 24 * 3600
 MAX_SAMPLES = 64
+MAX_SPIKE_WINDOW = 10_000
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 
 
@@ -187,8 +188,10 @@ class TrainSettings:
                             "resume, gpt2, ...)")
         if self.wandb_log and not self.wandb_project:
             raise UserError("--wandb_log True needs a project: pass --wandb_project NAME")
-        if self.spike_guard < 0 or self.spike_window < 10:
-            raise UserError("--spike_guard must be 0 or more and --spike_window at least 10")
+        if self.spike_guard < 0 or not 10 <= self.spike_window <= MAX_SPIKE_WINDOW:
+            raise UserError(f"--spike_guard must be 0 or more and --spike_window from 10 to "
+                            f"{MAX_SPIKE_WINDOW} (each step takes the median of that many losses), "
+                            f"got {self.spike_guard} and {self.spike_window}")
         parse_duration(self.max_time)
         parse_step_range(self.profile_steps)
 
@@ -310,6 +313,12 @@ def run_config(flags, explicit, checkpoint):
         mode = "shuffled" if saved["shuffle"] else "sequentially"
         raise UserError(f"the run of {path} reads its data {mode}: --shuffle {flags.shuffle} "
                         "cannot change that on resume; start a new run")
+    if "seed" in explicit and flags.seed != saved["seed"]:
+        # its loader reads on in the order of its own seed, which made its weights too: a new seed
+        # would change the samples alone, and look as if it changed the data order
+        raise UserError(f"the run of {path} is seeded with {saved['seed']} (its initialization and "
+                        f"data order): --seed {flags.seed} cannot change that on resume; drop "
+                        "--seed, or start a new run")
     config = with_absolute_paths(config_class(**values))
     changes = [f"--{name}: {saved[name]} -> {getattr(config, name)} (command line)"
                for name in sorted(explicit)

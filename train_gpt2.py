@@ -40,7 +40,8 @@ from cross_entropy_kernel import OutputLayerLoss
 from device import (check_model_fits, device_peak_flops, lost_contact,
                     make_autocast, resolve_dtype, setup_distributed)
 from evaluation import Evaluation, evaluate_only
-from fineweb import check_unchanged, fingerprint, load_token_sources, read_span
+from fineweb import (check_unchanged, check_vocab_size, fingerprint, load_token_sources,
+                     read_span, sampled_fingerprint)
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, choose_micro_batch
 from hf_convert import HF_CONFIG_NAMES, export_hf, is_hf_model, load_gpt2_weights
 from rundir import Plotter, RunLog, describe_target, pause_clock
@@ -247,7 +248,9 @@ class ShardLoader:
                             f"{block_size} tokens + 1): lower --batch_size, "
                             "--gradient_accumulation_steps or --block_size")
         self.windows, self.windows_of = None, None
-        self.fingerprints = [fingerprint(tokens) for tokens in self.shards]
+        # each shard's fingerprint, taken when the run first reads it; checked when a process first
+        # reads it again (a resumed run), so that data changed in place is not trained on silently
+        self.fingerprints, self.verified = [None] * len(self.shards), set()
         self.epoch, self.shard, self.position = 0, 0, 0
         self.order = self.shard_order(0)
         self.skip_short_shards()
@@ -278,6 +281,7 @@ class ShardLoader:
 
     def next_batch(self):
         """This rank's inputs and targets for one optimizer step, each (micro_steps, B, T) int64."""
+        self.verify(self.order[self.shard])
         x, y = self.shuffled_batch() if self.shuffle else self.sequential_batch()
         self.position += self.tokens_per_step
         self.skip_short_shards()
@@ -307,29 +311,41 @@ class ShardLoader:
             ys.append(chunk[1:].view(self.B, self.T))
         return torch.stack(xs), torch.stack(ys)
 
+    def verify(self, index):
+        """Shard index's fingerprint, at this process's first read of it: recorded, or compared with
+        the one the run recorded before (a sampled one in checkpoints from before all was read)."""
+        if index in self.verified:
+            return
+        tokens, saved = self.shards[index], self.fingerprints[index]
+        now = fingerprint(tokens)
+        if saved not in (None, now) and saved != sampled_fingerprint(tokens):
+            raise UserError(f"the train data has the checkpoint's shard names and sizes but other "
+                            f"contents ({self.names[index]} differs from when the run first read "
+                            "it): restore the data the run trained on, or start a new run")
+        self.fingerprints[index] = now
+        self.verified.add(index)
+
     def shard_sizes(self):
         return [[name, len(tokens)] for name, tokens in zip(self.names, self.shards)]
 
     def state_dict(self):
         return {"epoch": self.epoch, "shard": self.shard, "position": self.position,
                 "seed": self.seed, "shuffle": self.shuffle, "shards": self.shard_sizes(),
-                "fingerprints": self.fingerprints}
+                "fingerprints": list(self.fingerprints)}
 
     def load_state_dict(self, state):
-        """Continue where the state left off, reading the way its run read. Fingerprints are None in
-        checkpoints from before they were kept."""
+        """Continue where the state left off, reading the way its run read (in its seed's order,
+        whatever this loader was built with). Fingerprints are None in checkpoints from before they
+        were kept, and for shards not read yet; the others are checked as the shards are read."""
         if [list(s) for s in state["shards"]] != self.shard_sizes():
             raise UserError("the train data differs from the checkpoint's (shard names or sizes "
                             "changed): resume with the same --data")
-        if state["fingerprints"] not in (None, self.fingerprints):
-            pairs = zip(self.names, state["fingerprints"], self.fingerprints)
-            changed = next(name for name, saved, now in pairs if saved != now)
-            raise UserError("the train data has the checkpoint's shard names and sizes but other "
-                            f"contents ({changed} differs): restore the data the run trained on, "
-                            "or start a new run")
+        self.fingerprints = list(state["fingerprints"] or [None] * len(self.shards))
+        self.verified = set()
         self.seed, self.epoch, self.shuffle = state["seed"], state["epoch"], state["shuffle"]
         self.shard, self.position = state["shard"], state["position"]
         self.order = self.shard_order(self.epoch)
+        self.windows_of = None  # the window order read ahead was this loader's seed's
         self.skip_short_shards()
 
 
@@ -571,8 +587,8 @@ class Trainer:
         self.autocast = make_autocast(device_type, self.dtype)
         self.batches = Prefetcher(loader, self.device)
         self.evaluation, self.progress = evaluation, Progress()
-        self.bad_steps, self.checkpoints = 0, RunCheckpoints(config.out_dir, config.keep_last)
-        self.spikes, self.rolled_back_to = SpikeGuard(config.spike_guard, config.spike_window), []
+        self.checkpoints = RunCheckpoints(config.out_dir, config.keep_last)
+        self.spikes = SpikeGuard(config.spike_guard, config.spike_window)
         self.plotter = Plotter(log) if config.plot and dist_info.is_master else None
         # a checkpoint written after an evaluation is not evaluated again (a stopped run's is)
         self.evaluated_at_start = checkpoint is not None and checkpoint["val_loss"] is not None
@@ -594,7 +610,7 @@ class Trainer:
         return {"model": FullModelState(self.model, sharded),
                 "optimizer": OptimizerStates(self.model, self.optimizers, sharded),
                 "scaler": self.scaler, "loader": self.batches, "rng": RNGState(),
-                "progress": self.progress}
+                "progress": self.progress, "spike_guard": self.spikes}
 
     def try_micro_batch(self, size):
         """A forward and backward pass at micro-batch size, the gradients dropped (--auto_batch)."""
@@ -648,7 +664,9 @@ class Trainer:
         # scale
         overflow = self.scaler.is_enabled() and finite_loss and not finite_norm
         problem = None if finite_loss and (finite_norm or overflow) else NON_FINITE
-        if problem is None and c.spike_guard and self.spikes.is_spike(loss_sum.item()):
+        # the global batch's loss: one guard window on every rank and in checkpoints, for any ranks
+        mean_loss = (d.sum(loss_sum.clone()) / d.world_size).item() if c.spike_guard else None
+        if problem is None and c.spike_guard and self.spikes.is_spike(mean_loss):
             problem = LOSS_SPIKE
         problem = d.max(problem or 0) or None  # each rank's loss is its own: all skip, or none
         if problem is None and not overflow:
@@ -659,42 +677,47 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         self.progress.iter_num = step + 1
         self.progress.tokens += self.batches.tokens_per_step
-        self.count_bad_steps(step, lr, problem, loss_sum)
+        self.count_bad_steps(step, lr, problem, mean_loss)
         return lr, loss_sum, grad_norm
 
     def count_bad_steps(self, step, lr, problem, loss):
         """A skipped step is logged; max_bad_steps in a row stop the run or, when all were loss
-        spikes, take its weights back to the last checkpoint (at most twice to the same one)."""
-        self.spikes.record(loss.item() if problem is None and self.spikes.threshold else None,
-                           problem == LOSS_SPIKE)
+        spikes, take its weights back to the checkpoint from before them (twice at most, if no step
+        is applied in between). loss: the global batch's (None with the guard off)."""
+        guard, latest = self.spikes, self.checkpoints.latest
+        guard.record(loss if problem is None else None, applied=problem is None,
+                     spike=problem == LOSS_SPIKE, latest=None if latest is None else str(latest))
         if problem is None:
-            self.bad_steps = 0
             return
-        self.bad_steps += 1
         self.progress.skipped_steps += 1
         what = "a loss spike" if problem == LOSS_SPIKE else "non-finite loss or gradient norm"
-        self.log.print(f"step {step}: {what}, update skipped ({self.bad_steps} in a row)")
+        self.log.print(f"step {step}: {what}, update skipped ({guard.bad_steps} in a row)")
         self.log.record(step=step, skipped=True, lr=lr, loss_spike=problem == LOSS_SPIKE)
-        if self.bad_steps < self.config.max_bad_steps:
+        if guard.bad_steps < self.config.max_bad_steps:
             return
-        latest, spikes = self.checkpoints.latest, self.spikes.in_a_row == self.bad_steps
-        if spikes and latest is not None and self.rolled_back_to.count(latest) < 2:
-            return self.roll_back(step)
+        spikes = guard.in_a_row == guard.bad_steps
+        if spikes and guard.back_to is not None and guard.roll_backs < 2:
+            return self.roll_back(step, guard.back_to)
         what = "loss spikes" if spikes else "a non-finite loss or gradient norm"
-        raise UserError(f"stopped at step {step}: {self.bad_steps} steps in a row had {what}; the "
-                        f"last good checkpoint is {latest or 'none yet'}: continue from it with a "
-                        "lower --learning_rate", code=1)
+        good = guard.back_to
+        if spikes and good is None:  # before any checkpoint, and no update reached the weights
+            self.save(step + 1)
+            good = self.checkpoints.latest
+        # back_to, not the latest: one written since the bad steps began may hold what made them
+        raise UserError(f"stopped at step {step}: {guard.bad_steps} steps in a row had {what}; the "
+                        f"last good checkpoint is {good or 'none'}: continue from it with a lower "
+                        "--learning_rate")
 
-    def roll_back(self, step):
+    def roll_back(self, step, path):
         """After max_bad_steps loss spikes in a row: the weights, optimizer state and RNG of the
-        last checkpoint, while the step count and the batches go on from here, so the batches since
-        the checkpoint (those that caused the spikes among them) are not in the weights."""
-        path, parts = self.checkpoints.latest, self.parts()
+        checkpoint from before them, while the step count and the batches go on from here, so the
+        batches since the checkpoint (those that caused the spikes among them) are not in the
+        weights. The guard keeps its losses from before the spikes, so that the rest of a bad
+        region is still skipped."""
+        parts = self.parts()
         checkpoint = load_checkpoint(path)
         restore(checkpoint, {name: parts[name] for name in ("model", "optimizer", "scaler", "rng")})
-        self.bad_steps = 0
-        self.spikes.clear()
-        self.rolled_back_to.append(path)
+        self.spikes.rolled_back()
         back_to = checkpoint["progress"]["iter_num"]
         self.log.print(f"step {step}: {self.config.max_bad_steps} loss spikes in a row: the "
                        f"weights go back to {path} (step {back_to}); the batches of steps "
@@ -760,7 +783,11 @@ class Trainer:
         budget = TimeBudget(parse_duration(config.max_time), launched,
                             state_bytes["weights"] + state_bytes["optimizer"])
         profile_steps = parse_step_range(config.profile_steps) if self.dist_info.is_master else None
-        profiler = StepProfiler(profile_steps, config.out_dir, self.device, self.log.print)
+        profiler = StepProfiler(profile_steps, config.out_dir, self.device, self.log.print,
+                                config.max_iters)
+        guard_line = self.spikes.describe(config.max_bad_steps)
+        if guard_line:
+            self.log.print(guard_line)
         model_flops_per_token = self.model.flops_per_token()
         peak_flops = device_peak_flops(self.device, self.dtype, self.dist_info.world_size)
         first_step = step = self.progress.iter_num
@@ -783,9 +810,9 @@ class Trainer:
                 if step == config.max_iters:
                     break
                 profiler.before(step)
-                step_start = time.perf_counter()
+                step_start = budget.clock()
                 lr, loss, grad_norm = self.train_step(step)
-                step_seconds = time.perf_counter() - step_start  # the step waited for the device
+                step_seconds = budget.clock() - step_start  # the step waited for the device
                 budget.record_step(step_seconds)
                 self.progress.train_seconds += step_seconds
                 profiler.after(step)
@@ -808,14 +835,15 @@ class Trainer:
             signum = stop.requested or signal.SIGTERM
             self.save(step)
             raise UserError(f"stopped by {signal.Signals(signum).name} after step {step - 1}: "
-                            f"saved {self.checkpoints.latest}; continue with --init_from resume",
-                            code=128 + signum)
+                            f"saved {self.checkpoints.latest}, where step {step} is the next to "
+                            "run; continue with --init_from resume", code=128 + signum)
         evaluates = step % self.config.eval_interval == 0 or step == max_iters
         if step < max_iters and d.any(budget.out_of_time(evaluates)):
             self.save(step)
             raise UserError(f"stopped after step {step - 1}: the next step would pass --max_time "
-                            f"{self.config.max_time}; saved {self.checkpoints.latest}; resumable: "
-                            "run the same command with --init_from resume", code=RESUMABLE_EXIT)
+                            f"{self.config.max_time}; saved {self.checkpoints.latest}, where step "
+                            f"{step} is the next to run; resumable: run the same command with "
+                            "--init_from resume", code=RESUMABLE_EXIT)
 
     def close(self):
         self.batches.close()
@@ -903,6 +931,8 @@ def train(config, changes, dist_info, model, checkpoint, launched):
     if checkpoint is not None and checkpoint["progress"]["iter_num"] > config.max_iters:
         raise UserError(f"{checkpoint['path']} is at step {checkpoint['progress']['iter_num']}, "
                         f"past --max_iters {config.max_iters}: raise --max_iters to train on")
+    check_vocab_size(model_config.vocab_size,
+                     checkpoint["path"] if checkpoint else config.init_from)
     # everything the user gave is checked before a model is built, a step taken or out_dir touched
     resolve_dtype(config.dtype, dist_info.device, dist_info.sharded)
     dist_info.on_rank0(lambda: rundir.check_tracker_packages(config), "load a tracker's package")
@@ -917,7 +947,7 @@ def train(config, changes, dist_info, model, checkpoint, launched):
         check_model_fits(state_bytes, dist_info)
     continuing = checkpoint["path"] if checkpoint else None
     check = lambda: rundir.check_run_files(config.out_dir, continuing)
-    trainer, failed, lock = None, True, None
+    trainer, failed, status, lock = None, True, 1, None  # status: this launch's exit, left in out_dir
     try:
         if model is None:
             torch.manual_seed(config.seed)
@@ -946,16 +976,20 @@ def train(config, changes, dist_info, model, checkpoint, launched):
             except UserError as e:
                 failed = e.code == 1  # a stop on a signal or the budget saved a checkpoint
                 raise
-        failed = False
+        failed, status = False, 0
         seconds = time.perf_counter() - started
         for line in rundir.summary(config.out_dir, trainer.progress, trainer.checkpoints.latest,
                                    first_step, seconds, config.target_val_loss):
             log.print(line)
+    except (UserError, KeyboardInterrupt) as e:  # RESUMABLE_EXIT: stopped on --max_time
+        status = getattr(e, "code", 130)
+        raise
     finally:
         if trainer is not None:
             trainer.close()
         log.close(failed)
-        if lock is not None:
+        if lock is not None:  # rank 0: what a job script reads where torchrun reports any exit as 1
+            rundir.write_exit_status(config.out_dir, status)
             lock.release()
 
 

@@ -58,6 +58,46 @@ def snapshot(directory):
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size): a real tmpfs of size bytes (a whole number of pages), mounted under tmp_path; the tests
+    that use it are skipped where this process may not mount one (not root)."""
+    mounts = []
+
+    def mount(size):
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        mounts.append(path)
+        return path
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def spiky_data(directory, first_step, steps):
+    """Shards of input.txt's tokens whose batches of steps first_step to first_step + steps - 1, read in
+    order (--shuffle False) with TINY's batch, are random tokens: a loss spike each."""
+    import numpy as np
+    from fineweb import get_tokenizer, write_shard
+    tokens = np.array(get_tokenizer().encode_ordinary(INPUT_TXT.read_text()), dtype=np.uint16)
+    step_tokens = 4 * 2 * 32  # TINY's batch x accumulation x block
+    noise = np.random.default_rng(0).integers(0, 50257, steps * step_tokens, dtype=np.uint16)
+    train = tokens[:100_000].copy()
+    train[first_step * step_tokens:(first_step + steps) * step_tokens] = noise
+    directory.mkdir()
+    write_shard(directory / "x_val_000000.bin", tokens[-20_000:])
+    write_shard(directory / "x_train_000001.bin", train)
+    return directory
+
+
+# a tight guard (the loss still falls), and a checkpoint every 10 steps
+SPIKE_GUARD = ["--shuffle", "False", "--spike_guard", "3", "--spike_window", "10", "--eval_interval", "10",
+               "--lr_decay_iters", "100", "--max_iters", "32"]
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One finished tiny run on input.txt, shared by the tests that only read its outputs."""
@@ -66,3 +106,13 @@ def trained_run(tmp_path_factory):
                        "--eval_interval", "4")
     assert result.returncode == 0, result.stderr
     return out_dir, result
+
+
+@pytest.fixture(scope="session")
+def spiky_run(tmp_path_factory):
+    """A run whose batches of steps 25 to 29 are loss spikes (checkpoints every 10 steps, 32 steps)."""
+    data = spiky_data(tmp_path_factory.mktemp("spiky") / "shards", 25, 5)
+    out_dir = data.parent / "out"
+    result = run_train(*TINY, *SPIKE_GUARD, "--data", data, "--out_dir", out_dir)
+    assert result.returncode == 0, result.stderr
+    return data, out_dir, result

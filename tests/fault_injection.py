@@ -15,6 +15,7 @@ NAME:ARG, one of
     disk_full_at:N      the N-th checkpoint write fails half way with "No space left on device"
     die_at_step:S@R     rank R SIGKILLs itself at step S
     truncate_shard_at_step:S@PATH   cut 1000 bytes off the shard PATH after step S
+    budget_clock:SECONDS    --max_time's clock reads SECONDS more after each step, however long it took
 """
 
 import errno
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
+import guards  # noqa: E402
 import train_gpt2  # noqa: E402
 from cli import atomic_write  # noqa: E402
 
@@ -126,6 +128,15 @@ def install(fault):
             if step == int(step_arg):
                 os.truncate(path, os.path.getsize(path) - 1000)
         patch_step(truncate)
+    elif name == "budget_clock":
+        steps = [0]
+
+        class Budget(guards.TimeBudget):  # the clock the budget was started on, moved by the steps alone
+            def __init__(self, seconds, started, checkpoint_bytes):
+                super().__init__(seconds, started, checkpoint_bytes,
+                                 clock=lambda: started + float(arg) * steps[0])
+        train_gpt2.TimeBudget = Budget
+        patch_step(lambda step: steps.__setitem__(0, steps[0] + 1))
     else:
         raise SystemExit(f"unknown FAULT {fault!r}")
 

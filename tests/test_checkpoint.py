@@ -156,6 +156,9 @@ def crafted(checkpoint, field, value):
     ("config.learning_rate", float("nan"), "malformed config (--learning_rate must be a finite number"),
     ("config.batch_size", "8", "malformed config (--batch_size must be int"),
     ("config.max_iters", -1, "malformed config (--max_iters must be 0 or more"),
+    ("loader.fingerprints", ["abc", None, None], "malformed training state (loader"),
+    ("spike_guard.recent", [3.0, float("nan")], "malformed training state (spike_guard"),
+    ("spike_guard.bad_steps", -1, "malformed training state (spike_guard"),
 ])
 def test_a_crafted_field_is_refused_in_one_line_before_any_training(field, value, message, trained_run, tmp_path,
                                                                    capsys):
@@ -185,3 +188,60 @@ def test_a_resume_takes_every_optimizer_setting_from_the_run_never_from_the_save
     assert [g["weight_decay"] for g in groups] == [0.5, 0.5, 0.0]  # the flag given, applied
     assert all(g["eps"] == 1e-8 and tuple(g["betas"]) == (0.9, 0.95) for g in groups)
     assert resumed["optimizer"]["adamw"]["state"][0]["step"].item() == 9  # the moments went on
+
+
+def refused_in_process(argv, capsys):
+    """The trainer's main in this process, refusing: its one line."""
+    import train_gpt2
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt2.main([str(word) for word in argv])
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"batch_size": [0]}, "version 1 batch_size [0] is not a count"),
+    ({"batch_size": [0], "gradient_accumulation_steps": 10**12}, "version 1 batch_size [0] is not a count"),
+    ({"gradient_accumulation_steps": 10**12}, "one step's batch (4 x 1000000000000 x 32 tokens) takes"),
+])
+def test_a_version_1_checkpoint_of_impossible_batch_counts_is_one_line(config, message, trained_run, tmp_path,
+                                                                         capsys):
+    old = as_version_1(load_checkpoint(next(trained_run[0].glob("iter-8-*.pt"))))
+    old["config"].update(config)
+    path = tmp_path / "iter-8-loss-1.0000.pt"
+    save_checkpoint(path, old)  # a list times a count was a list of 10^12 items: MemoryError
+    line = refused_in_process(["--init_from", path, "--out_dir", tmp_path / "branch", "--max_iters", "10"], capsys)
+    assert message in line
+    assert not (tmp_path / "branch").exists()
+
+
+def test_a_checkpoint_of_a_smaller_vocabulary_than_the_tokenizers_is_refused_in_training_and_eval_only(
+        trained_run, tmp_path, capsys):
+    checkpoint = load_checkpoint(next(trained_run[0].glob("iter-8-*.pt")))
+    checkpoint["model_args"]["vocab_size"] = 1000  # self-consistent: the weights, and no optimizer state
+    checkpoint["model"]["lm_head.weight"] = checkpoint["model"]["lm_head.weight"][:1000].clone()
+    checkpoint["model"]["transformer.wte.weight"] = checkpoint["model"]["lm_head.weight"]
+    checkpoint["optimizer"]["adamw"]["state"] = {}
+    path = tmp_path / "iter-8-loss-1.0000.pt"
+    save_checkpoint(path, checkpoint)
+    expected = (f"error: {path} has vocab_size=1000, fewer than the 50257 token ids of GPT-2's tokenizer that the "
+                "data is made of: pass a model of GPT-2's vocabulary")
+    for extra in (["--out_dir", tmp_path / "branch", "--max_iters", "10"], ["--eval_only", "True"]):
+        assert refused_in_process(["--init_from", path, *extra], capsys) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_checkpoint_from_before_the_spike_guard_was_kept_resumes_with_an_empty_guard(trained_run, tmp_path):
+    import train_gpt2
+    checkpoint = load_checkpoint(next(trained_run[0].glob("iter-8-*.pt")))
+    assert checkpoint["spike_guard"]["recent"] == []  # the guard was off: no losses kept
+    del checkpoint["spike_guard"]
+    path = tmp_path / "iter-8-loss-1.0000.pt"
+    save_checkpoint(path, checkpoint)
+    assert load_checkpoint(path)["spike_guard"] == {}
+    train_gpt2.main(["--init_from", str(path), "--out_dir", str(tmp_path / "branch"), "--max_iters", "9",
+                     "--spike_guard", "6"])
+    resumed = load_checkpoint(next((tmp_path / "branch").glob("iter-9-*.pt")))
+    assert len(resumed["spike_guard"]["recent"]) == 1  # step 8's loss, the first the guard kept

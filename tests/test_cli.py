@@ -1,11 +1,14 @@
 """cli.py: flags from a dataclass, typed, finite, unabbreviated, with the nearest flag named on a typo; flag values
-from a TOML file, checked the same way."""
+from a TOML file, checked the same way; writes that never go through a link, and the clearing of a killed
+write's temporary files that leaves everything else alone."""
 
+import os
+import re
 from dataclasses import dataclass
 
 import pytest
 
-from cli import UserError, build_parser, flag, parse_flags
+from cli import UserError, atomic_write, build_parser, flag, lock_directory, parse_flags, remove_temporaries
 from conftest import run_script
 
 
@@ -119,3 +122,41 @@ def test_a_config_file_that_is_not_toml_or_not_there_is_refused(tmp_path):
         parse_flags(build_parser(Example, "an example", config_file=True), ["--config", str(tmp_path / "latin1.toml")])
     with pytest.raises(UserError, match="--config nowhere.toml: No such file or directory: pass an existing TOML"):
         parse_flags(build_parser(Example, "an example", config_file=True), ["--config", "nowhere.toml"])
+
+
+def test_the_lock_is_never_written_through_a_link(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / ".lock").symlink_to(outside)
+    with pytest.raises(UserError, match=re.escape(f"{out_dir / '.lock'} is a symbolic link (to {outside})")):
+        lock_directory(out_dir)
+    assert outside.read_text() == "precious" and (out_dir / ".lock").is_symlink()
+    (out_dir / ".lock").unlink()
+    (out_dir / ".lock").symlink_to(tmp_path / "nowhere")  # dangling: nothing is made where it points
+    with pytest.raises(UserError, match="is a symbolic link"):
+        lock_directory(out_dir)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_an_atomic_write_replaces_a_link_and_never_writes_through_it(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    (tmp_path / "file").symlink_to(outside)
+    atomic_write(tmp_path / "file", lambda f: f.write(b"new"))
+    assert outside.read_text() == "precious" and not (tmp_path / "file").is_symlink()
+    assert (tmp_path / "file").read_text() == "new"
+
+
+def test_only_a_killed_writes_own_temporary_files_are_removed(tmp_path):
+    ours = [".metrics.jsonl.1234.0badcafe.tmp", ".iter-4-stopped.pt.99.12345678.tmp"]
+    theirs = [".notes.tmp", ".metrics.jsonl.tmp", ".other.txt.1234.0badcafe.tmp", ".a.b.tmp"]
+    for name in ours + theirs:
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".x.tmp").mkdir()  # a folder of that shape is nobody's temporary file either
+    (tmp_path / ".config.json.1.00000000.tmp").mkdir()
+    remove_temporaries(tmp_path, lambda name: name in ("metrics.jsonl", "config.json") or name.endswith(".pt"))
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(theirs + [".x.tmp", ".config.json.1.00000000.tmp"])
+    assert os.listdir(tmp_path / ".x.tmp") == []

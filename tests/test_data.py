@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fineweb import HEADER_BYTES, MAGIC, open_shard, read_shard_header, write_shard
+from fineweb import HEADER_BYTES, MAGIC, open_shard, read_shard_header, sampled_fingerprint, write_shard
 from cli import UserError
 from evaluation import val_batch_positions
 from fineweb import load_token_sources
@@ -193,15 +193,67 @@ def test_resuming_on_different_data_is_refused(tmp_path):
         ShardLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).load_state_dict(state)
 
 
-@pytest.mark.parametrize("size", [300, 200_000])  # hashed whole, and sampled
-def test_resuming_on_data_of_the_same_size_but_other_contents_is_refused(tmp_path, size):
-    make_shards(tmp_path, [size, 150], seed=0)
-    state = ShardLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).state_dict()
+@pytest.mark.parametrize("size", [300, 200_000])  # small, and large enough for 64 samples to miss a change
+def test_a_shard_changed_anywhere_in_place_is_refused_when_a_resumed_run_reads_it(tmp_path, size):
+    make_shards(tmp_path, [size], seed=0)
+    loader = ShardLoader(load_token_sources(tmp_path, "train"), 2, 8, 1)
+    loader.next_batch()  # the shard is fingerprinted at its first read
+    state = loader.state_dict()
     tokens = open_shard(tmp_path / "test_train_000000.bin").copy()
-    tokens[size // 2:size // 2 + 4000] += 1  # cheap, not exhaustive: a change between two samples would pass
+    before = sampled_fingerprint(tokens)
+    tokens[size // 2:size // 2 + 100] = (tokens[size // 2:size // 2 + 100] + 1) % 50257  # same size
     write_shard(tmp_path / "test_train_000000.bin", tokens)
-    with pytest.raises(UserError, match="test_train_000000.bin differs"):
-        ShardLoader(load_token_sources(tmp_path, "train"), 2, 8, 1).load_state_dict(state)
+    if size > 4 * 64 * 256:
+        assert sampled_fingerprint(tokens) == before  # what checkpoints kept before: blind to this change
+    resumed = ShardLoader(load_token_sources(tmp_path, "train"), 2, 8, 1)
+    resumed.load_state_dict(state)
+    with pytest.raises(UserError, match="test_train_000000.bin differs from when the run first read it"):
+        resumed.next_batch()
+
+
+def test_a_changed_shard_is_refused_when_the_resumed_run_reaches_it_and_not_before(tmp_path):
+    make_shards(tmp_path, [40, 40], seed=0)  # 2 steps of 16 tokens each
+    loader = ShardLoader(load_token_sources(tmp_path, "train"), 2, 8, 1, shuffle=False)
+    for _ in range(4):  # the first epoch: both shards read
+        loader.next_batch()
+    state = loader.state_dict()
+    assert all(state["fingerprints"])
+    first = loader.names[loader.order[0]]  # the next epoch's first shard
+    later = next(name for name in loader.names if name != first)
+    tokens = open_shard(tmp_path / later).copy()
+    tokens[20] = (tokens[20] + 1) % 50257
+    write_shard(tmp_path / later, tokens)
+    resumed = ShardLoader(load_token_sources(tmp_path, "train"), 2, 8, 1, shuffle=False)
+    resumed.load_state_dict(state)
+    resumed.next_batch()
+    resumed.next_batch()
+    with pytest.raises(UserError, match=f"{later} differs"):
+        resumed.next_batch()
+
+
+def test_a_checkpoint_of_sampled_fingerprints_still_resumes(tmp_path):
+    make_shards(tmp_path, [200_000], seed=0)
+    sources = load_token_sources(tmp_path, "train")
+    loader = ShardLoader(sources, 2, 8, 1)
+    loader.next_batch()
+    state = {**loader.state_dict(), "fingerprints": [sampled_fingerprint(sources[0][1])]}
+    expected = loader.next_batch()[0]
+    resumed = ShardLoader(sources, 2, 8, 1)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.next_batch()[0], expected)
+
+
+def test_a_loader_resumes_in_its_checkpoints_seed_order_whatever_it_read_before(tmp_path):
+    make_shards(tmp_path, [400], seed=0)
+    sources = load_token_sources(tmp_path, "train")
+    run = ShardLoader(sources, 2, 8, 1, seed=1)
+    run.next_batch()
+    state = run.state_dict()
+    expected = [run.next_batch()[0] for _ in range(10)]
+    resumed = ShardLoader(sources, 2, 8, 1, seed=2)  # a resume given another --seed
+    resumed.next_batch()  # a batch read ahead, as the trainer's prefetcher does before restoring
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, resumed.next_batch()[0]) for a in expected)
 
 
 def test_data_shorter_than_one_global_batch_is_refused(tmp_path):
@@ -233,4 +285,13 @@ def test_missing_data_directory_and_missing_shards_name_the_fix(tmp_path):
     with pytest.raises(UserError, match="fineweb.py"):
         load_token_sources(tmp_path / "nowhere", "train")
     with pytest.raises(UserError, match="no train shards"):
+        load_token_sources(tmp_path, "train")
+
+
+@pytest.mark.parametrize("kind", ["directory", "dangling link"])
+def test_a_name_like_a_shards_that_is_no_file_is_one_line(tmp_path, kind):
+    make_shards(tmp_path, [200])
+    odd = tmp_path / "test_train_000001.bin"
+    odd.mkdir() if kind == "directory" else odd.symlink_to(tmp_path / "gone.bin")
+    with pytest.raises(UserError, match=f"{odd} is named like a train shard but is"):
         load_token_sources(tmp_path, "train")

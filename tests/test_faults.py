@@ -14,7 +14,8 @@ import torch
 
 from fineweb import write_shard
 from checkpoint import load_checkpoint
-from conftest import INPUT_TXT, REPO, TINY, eval_records, read_metrics, run_script, run_torchrun, run_train, train_losses
+from conftest import (INPUT_TXT, REPO, SPIKE_GUARD, TINY, eval_records, read_metrics, run_script, run_torchrun,
+                      run_train, spiky_data, train_losses)
 
 FAULTS = REPO / "tests" / "fault_injection.py"
 
@@ -202,6 +203,46 @@ def test_repeated_non_finite_steps_stop_the_run_naming_the_step_and_the_last_che
     last_good = next(out_dir.glob("iter-4-*.pt"))
     assert line == (f"error: stopped at step 7: 3 steps in a row had a non-finite loss or gradient norm; the last "
                     f"good checkpoint is {last_good}: continue from it with a lower --learning_rate")
+
+
+def test_the_last_good_checkpoint_after_non_finite_steps_is_the_one_from_before_them(tmp_path):
+    out_dir = tmp_path / "out"  # checkpoints at 2 and 4: the one at 4 is written among the bad steps
+    result = run_with_fault("nan_steps:3,4,5", *run_args(out_dir, "--max_bad_steps", "3", "--eval_interval", "2"))
+    assert result.returncode == 1
+    assert f"the last good checkpoint is {next(out_dir.glob('iter-2-*.pt'))}:" in last_line(result.stderr)
+
+
+def test_a_run_stopped_after_a_loss_spike_resumes_to_the_same_figures_as_the_uninterrupted_run(tmp_path, spiky_run):
+    data, reference, _ = spiky_run  # steps 25 to 29 spike, and 27 rolls back to step 20
+    out_dir = tmp_path / "out"
+    stopped = run_with_fault("sigterm_at_step:25", *TINY, *SPIKE_GUARD, "--data", data, "--out_dir", out_dir)
+    assert stopped.returncode == 128 + signal.SIGTERM
+    assert "step 25: a loss spike, update skipped (1 in a row)" in stopped.stdout
+    assert last_line(stopped.stderr).startswith("stopped by SIGTERM after step 25: saved ")
+    assert "iter-26-stopped.pt, where step 26 is the next to run" in last_line(stopped.stderr)
+    resumed = run_train("--init_from", "resume", "--out_dir", out_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step 26: a loss spike, update skipped (2 in a row)" in resumed.stdout
+    assert train_losses(out_dir) == train_losses(reference)
+    assert eval_records(out_dir) == eval_records(reference)
+    rolled = lambda run: [r for r in read_metrics(run) if "rolled_back_to" in r]
+    assert rolled(out_dir) == rolled(reference)
+    final = load_checkpoint(next(out_dir.glob("iter-32-*.pt")))["model"]
+    expected = load_checkpoint(next(reference.glob("iter-32-*.pt")))["model"]
+    assert all(torch.equal(final[name], expected[name]) for name in expected)
+
+
+def test_loss_spikes_before_the_first_checkpoint_stop_the_run_with_the_weights_saved(tmp_path):
+    data = spiky_data(tmp_path / "shards", 25, 3)
+    out_dir = tmp_path / "out"
+    result = run_train(*TINY, *SPIKE_GUARD, "--data", data, "--out_dir", out_dir, "--eval_interval", "100")
+    assert result.returncode == 1
+    saved = out_dir / "iter-28-stopped.pt"
+    assert last_line(result.stderr) == (  # no update reached the weights: they are saved
+        f"error: stopped at step 27: 3 steps in a row had loss spikes; the last good checkpoint is {saved}: "
+        "continue from it with a lower --learning_rate")
+    checkpoint = load_checkpoint(saved)
+    assert checkpoint["progress"]["skipped_steps"] == 3 and checkpoint["spike_guard"]["bad_steps"] == 3
 
 
 def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoints(tmp_path):

@@ -712,3 +712,61 @@ def test_hub_errors_are_named(error_class, needle):
     error = type(error_class, (Exception,), {})("the library's message\nsecond line")
     message = describe_load_error(error, "HuggingFaceFW/fineweb-edu (sample-10BT)", hub=True)
     assert needle in message and "\n" not in message and "the library's message" in message
+
+
+# -----------------------------------------------------------------------------
+# Only fineweb.py's own files: a link at its lock, a user's temporary-looking or shard-looking files, a full disk
+
+
+def text_file(directory, name="doc.txt", chars=20_000):
+    (directory / name).write_text((REPO / "input.txt").read_text(encoding="utf-8")[:chars], encoding="utf-8")
+    return name
+
+
+def test_the_lock_is_never_written_through_a_link(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / ".lock").symlink_to(outside)
+    line = one_line_error(fineweb("--data_files", text_file(tmp_path), "--out_dir", "shards", *TINY, cwd=tmp_path))
+    assert "shards/.lock is a symbolic link" in line and "remove the link" in line
+    assert outside.read_text() == "precious"
+
+
+def test_a_rerun_and_a_restart_remove_only_what_fineweb_wrote(tmp_path):
+    out_dir = tmp_path / "shards"
+    out_dir.mkdir()
+    (out_dir / ".notes.tmp").write_text("a user's")
+    (out_dir / ".x.tmp").mkdir()  # a folder: it gave a traceback
+    (out_dir / ".manifest.json.1234.0badcafe.tmp").write_text("a killed write's")
+    (out_dir / "other_train_000001.bin").write_bytes(b"another program's, named like a shard")
+    args = ["--data_files", text_file(tmp_path), "--out_dir", "shards", *TINY]
+    first = fineweb(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "also holds 1 shard files this run did not make (other_train_000001.bin" in first.stderr
+    assert not (out_dir / ".manifest.json.1234.0badcafe.tmp").exists()
+    restarted = fineweb(*args, "--restart", "True", cwd=tmp_path)
+    assert restarted.returncode == 0, restarted.stderr
+    shards = [r["name"] for r in json.loads((out_dir / "manifest.json").read_text())["shards"]]
+    assert f"--restart: deleted {len(shards)} shards" in restarted.stdout
+    kept = [".notes.tmp", ".x.tmp", "other_train_000001.bin", "manifest.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(kept + shards)
+
+
+def test_a_manifest_that_does_not_fit_the_disk_is_one_line_and_a_rerun_resumes(tmpfs, tmp_path):
+    # a page each for the lock, the two shards (1,024 tokens: 3 kB) and the manifest; its rewrite after
+    # the second shard needs a fifth
+    page = os.sysconf("SC_PAGE_SIZE")
+    disk = tmpfs(4 * page)
+    args = ["--data_files", text_file(tmp_path), "--out_dir", disk / "shards", "--shard_size", "1024",
+            "--val_tokens", "1024", "--max_tokens", "2048", "--num_proc", "1"]
+    result = fineweb(*args, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (  # after the progress bars
+        f"error: cannot write {disk / 'shards' / 'manifest.json'} (No space left on device): make room or pick "
+        "another --out_dir, then rerun the same command to resume")
+    assert not list((disk / "shards").glob(".*"))
+    subprocess.run(["mount", "-o", f"remount,size={5 * page}", str(disk)], check=True)
+    rerun = fineweb(*args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads((disk / "shards" / "manifest.json").read_text())["complete"]

@@ -158,3 +158,24 @@ def test_bad_transformers_sources_get_one_line(tmp_path):
     result = run_train("--init_from", tmp_path / "llama", "--export_hf", tmp_path / "out", env=ONE_THREAD)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "holds a 'llama' model, not GPT-2" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["folder", "dangling"])
+def test_an_export_to_a_link_is_refused_in_one_line(kind, trained_run, tmp_path):
+    target = tmp_path / "target"
+    if kind == "folder":
+        target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(UserError, match=f"--export_hf {tmp_path / 'link'} is a symbolic link"):
+        export(trained_run[0] / "best_val_loss.pt", tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["link"] + (["target"] if kind == "folder" else []))
+
+
+def test_an_export_that_does_not_fit_the_disk_is_one_line_and_leaves_nothing(trained_run, tmpfs):
+    disk = tmpfs(2 << 20)  # the tiny model's weights alone are 13 MB
+    with pytest.raises(UserError) as error:
+        export(trained_run[0] / "best_val_loss.pt", disk / "hf")
+    assert str(error.value).startswith(f"--export_hf {disk / 'hf'} could not be written (")
+    assert "No space left on device" in str(error.value) and "\n" not in str(error.value)
+    assert list(disk.iterdir()) == []

@@ -41,3 +41,19 @@ def test_booleans_parse_true_and_false():
 def test_validation_names_the_problem():
     with pytest.raises(UserError, match="not divisible"):
         TrainConfig(n_embd=100, n_head=3).validate()
+
+
+def test_a_spike_window_past_its_limit_is_one_line():
+    config, _ = parse_args(["--spike_guard", "3", "--spike_window", str(10**30)])
+    with pytest.raises(UserError, match="--spike_window from 10 to 10000"):
+        config.validate()
+
+
+def test_a_resume_with_another_seed_is_refused_in_one_line(trained_run, tmp_path, capsys):
+    import train_gpt2
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt2.main(["--init_from", "resume", "--out_dir", str(trained_run[0]), "--seed", "7",
+                         "--max_iters", "10"])
+    assert exit_info.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "is seeded with 1337 (its initialization and data order): --seed 7 cannot change that" in line

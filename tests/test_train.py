@@ -22,7 +22,8 @@ from train_gpt2 import TrainConfig
 from evaluation import sample_text
 from rundir import pause_clock
 from train_gpt2 import GPT, GPTConfig, estimate_mfu, get_lr
-from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_torchrun, run_train, snapshot, train_losses
+from conftest import (INPUT_TXT, REPO, SPIKE_GUARD, TINY, read_metrics, run_torchrun, run_train, snapshot,
+                      spiky_data, train_losses)
 
 # -----------------------------------------------------------------------------
 # The learning-rate schedule
@@ -397,6 +398,9 @@ def test_a_users_file_named_like_a_checkpoint_is_never_read_pruned_or_resumed(tm
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "iter-100-my-notes.pt").write_text("notes")
+    (out_dir / ".notes.tmp").write_text("notes")  # named like temporary files, but not the trainer's
+    (out_dir / ".x.tmp").mkdir()
+    (out_dir / ".metrics.jsonl.1234.0badcafe.tmp").write_text("cut short")  # a killed write's, removed
     result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "4", "--eval_interval", "1",
                        "--keep_last", "1")
     assert result.returncode == 0, result.stderr
@@ -405,6 +409,59 @@ def test_a_users_file_named_like_a_checkpoint_is_never_read_pruned_or_resumed(tm
     assert "from step 4" in resumed.stdout
     assert (out_dir / "iter-100-my-notes.pt").read_text() == "notes"
     assert sorted(p.name for p in out_dir.glob("iter-*.pt"))[0] == "iter-100-my-notes.pt"
+    assert sorted(p.name for p in out_dir.glob(".*")) == [".notes.tmp", ".x.tmp"]
+
+
+def refused_in_process(argv, capsys):
+    """The trainer's main in this process, refusing: its one line."""
+    import train_gpt2
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt2.main([str(word) for word in argv])
+    assert exit_info.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    return line
+
+
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "config.json", "exit_status", "plot.png", "dangling"])
+def test_nothing_the_trainer_writes_goes_through_a_link_in_out_dir(name, tmp_path, capsys):
+    outside = tmp_path / "outside"
+    if name != "dangling":
+        outside.write_text("precious")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    link = out_dir / ("metrics.jsonl" if name == "dangling" else name)
+    link.symlink_to(outside)
+    line = refused_in_process([*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2"], capsys)
+    assert line == (f"error: {link} is a symbolic link (to {outside}): this program writes that file itself, "
+                    "never through a link; remove the link, then run again")
+    assert outside.read_text() == "precious" if name != "dangling" else not outside.exists()
+    assert sorted(p.name for p in out_dir.iterdir()) == [link.name]
+
+
+def test_a_resume_never_appends_through_a_link(trained_run, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    latest = sorted(trained_run[0].glob("iter-8-*.pt"))[0]
+    shutil.copy(latest, out_dir / latest.name)
+    outside = tmp_path / "metrics-elsewhere.jsonl"
+    shutil.copy(trained_run[0] / "metrics.jsonl", outside)
+    (out_dir / "metrics.jsonl").symlink_to(outside)
+    before = outside.read_bytes()
+    line = refused_in_process(["--init_from", "resume", "--out_dir", out_dir, "--max_iters", "10"], capsys)
+    assert f"{out_dir / 'metrics.jsonl'} is a symbolic link" in line
+    assert outside.read_bytes() == before
+
+
+def test_a_tracker_folder_that_is_a_link_is_refused(tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "tensorboard").symlink_to(elsewhere)
+    line = refused_in_process([*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2",
+                               "--tensorboard", "True"], capsys)
+    assert "--tensorboard True writes into the folder" in line and "which is a symbolic link" in line
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_resume_forgets_damaged_lines_of_the_metrics_log(tmp_path):
@@ -435,32 +492,35 @@ def test_a_run_records_its_data_path_so_eval_only_works_from_another_directory(t
 # Runs that look after themselves: the loss-spike guard, --auto_batch on a CPU
 
 
-def test_a_run_of_loss_spikes_goes_back_to_the_last_checkpoint_and_skips_their_batches(tmp_path):
-    from fineweb import get_tokenizer
-    tokens = np.array(get_tokenizer().encode_ordinary(INPUT_TXT.read_text()), dtype=np.uint16)
-    step_tokens = 4 * 2 * 32  # TINY's batch x accumulation x block
-    noise = np.random.default_rng(0).integers(0, 50257, 3 * step_tokens, dtype=np.uint16)
-    train = tokens[:100_000].copy()
-    train[25 * step_tokens:28 * step_tokens] = noise  # steps 25, 26 and 27 read random tokens
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    write_shard(shards / "x_val_000000.bin", tokens[-20_000:])
-    write_shard(shards / "x_train_000001.bin", train)
-    out_dir = tmp_path / "out"
-    result = run_train(*TINY, "--data", shards, "--out_dir", out_dir, "--shuffle", "False",
-                       "--max_iters", "32", "--eval_interval", "10", "--spike_guard", "3",
-                       "--spike_window", "10", "--lr_decay_iters", "100")  # a tight guard: the loss still falls
-    assert result.returncode == 0, result.stderr
+def test_a_region_of_loss_spikes_goes_back_to_the_checkpoint_before_it_and_none_of_it_is_applied(spiky_run):
+    _, out_dir, result = spiky_run  # the batches of steps 25 to 29 are random tokens
+    assert "spike guard: a step whose loss is more than 3 robust deviations above the median of the last 10 " \
+           "applied steps is skipped; 3 in a row go back to the last checkpoint before them" in result.stdout
     records = read_metrics(out_dir)
-    assert [r["step"] for r in records if r.get("loss_spike")] == [25, 26, 27]
+    # after the roll-back the guard still judges by the losses before the spikes: 28 and 29 are skipped too
+    assert [r["step"] for r in records if r.get("loss_spike")] == [25, 26, 27, 28, 29]
     (rolled,) = [r for r in records if "rolled_back_to" in r]
     assert rolled == {"step": 27, "rolled_back_to": 20, "skipped_batches": 8}
     assert "3 loss spikes in a row: the weights go back to" in result.stdout
     final = load_checkpoint(next(out_dir.glob("iter-32-*.pt")))
-    # the steps go on: the weights of step 20 trained on from step 28, the batches of 20 to 27 unused
-    assert final["loader"]["position"] == 32 * step_tokens and final["progress"]["skipped_steps"] == 3
-    after = [r for r in records if r["step"] > 27 and "train_loss" in r]
-    assert [r["step"] for r in after] == [28, 29, 30, 31] and all(r["train_loss"] < 9 for r in after)
+    # the steps go on: the weights of step 20 trained on from step 30, the batches of 20 to 29 unused
+    assert final["loader"]["position"] == 32 * 4 * 2 * 32 and final["progress"]["skipped_steps"] == 5
+    after = [r for r in records if r["step"] > 29 and "train_loss" in r]
+    assert [r["step"] for r in after] == [30, 31] and all(r["train_loss"] < 9 for r in after)
+
+
+def test_a_third_run_of_spikes_in_one_region_stops_naming_the_checkpoint_before_it(tmp_path):
+    data = spiky_data(tmp_path / "shards", 25, 9)  # steps 25 to 33; a checkpoint at 30, inside
+    out_dir = tmp_path / "out"
+    result = run_train(*TINY, *SPIKE_GUARD, "--data", data, "--out_dir", out_dir, "--max_iters", "40")
+    assert result.returncode == 1
+    records = read_metrics(out_dir)
+    assert [r["rolled_back_to"] for r in records if "rolled_back_to" in r] == [20, 20]
+    assert [r["step"] for r in records if r.get("loss_spike")] == list(range(25, 34))
+    before = next(out_dir.glob("iter-20-*.pt"))
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: stopped at step 33: 3 steps in a row had loss spikes; the last good checkpoint is {before}: "
+        "continue from it with a lower --learning_rate")
 
 
 def test_auto_batch_on_a_cpu_keeps_the_flags_and_says_so(tmp_path):
