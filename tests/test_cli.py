@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 
 from cli import UserError, build_parser, flag, parse_flags
-from conftest import run_script
+from conftest import run_main
 
 
 @dataclass
@@ -46,7 +46,7 @@ def test_a_mistyped_flag_names_the_nearest_one(capsys):
     ("hellaswag.py", ["--init_from", "gpt2", "--hellaswag_exampels", "3"]), ("fineweb.py", ["--shard_sise", "3"]),
 ])
 def test_every_script_refuses_bad_flags_in_one_line(script, args):
-    result = run_script(script, *args)
+    result = run_main(script, *args)
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "expected a finite number" in line or "did you mean" in line
