@@ -64,9 +64,9 @@ def test_fsdp_and_ddp_train_exactly_as_one_process_with_the_same_global_batch(tm
 
 
 def test_under_bfloat16_fsdp_trains_as_ddp_does_and_keeps_float32_weights_and_moments(tmp_path):
-    # one micro-step a rank: a CPU without bfloat16 matmuls emulates them, at ten times float32's cost
+    # one micro-step of 2 rows a rank: a CPU without bfloat16 matmuls emulates them, at ten times float32's cost
     common = [*TINY, "--data", INPUT_TXT, "--max_iters", "4", "--eval_interval", "4", "--dtype", "bfloat16",
-              "--gradient_accumulation_steps", "1"]
+              "--batch_size", "2", "--gradient_accumulation_steps", "1"]
     ddp = run_torchrun(*common, "--out_dir", tmp_path / "ddp")
     assert ddp.returncode == 0, ddp.stderr
     fsdp = run_torchrun(*common, "--out_dir", tmp_path / "fsdp", "--fsdp", "True")
