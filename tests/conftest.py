@@ -62,6 +62,9 @@ def run_main(script, *args, env=None, cwd=None):
     argv = [str(arg) for arg in args]
     main = importlib.import_module(Path(script).stem).main
     stdout, stderr = Captured(), Captured()
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
     saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
     returncode = 0
     try:
@@ -73,8 +76,7 @@ def run_main(script, *args, env=None, cwd=None):
             for action, category in (("ignore", DeprecationWarning), ("ignore", PendingDeprecationWarning),
                                      ("ignore", ImportWarning), ("ignore", ResourceWarning)):
                 warnings.simplefilter(action, category)
-            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
-                stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+            warnings.showwarning = show_warning
             try:
                 main(argv)
             except SystemExit as e:
