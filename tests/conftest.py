@@ -1,21 +1,39 @@
-"""Shared helpers for the tests: a tiny model configuration and a way to run the trainer for real."""
+"""Shared helpers for the tests: a tiny model configuration, and ways to run the trainer and the other scripts
+for real, in a process of their own or in this one."""
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
 
+# One thread for torch, here and in every process the tests start: the models are tiny, and on a machine whose
+# cores are busy a thread per core makes each step several times slower. Set before torch is imported, so that
+# this process and every child (which inherits the environment) starts with one.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # in case a plugin imported torch before this file
+
 REPO = Path(__file__).resolve().parent.parent
 INPUT_TXT = REPO / "input.txt"
 
-# 2 layers, 64 wide, short blocks: a real GPT-2 that trains in milliseconds per step on the CPU
+# 2 layers, 64 wide, short blocks: a real GPT-2 that trains in milliseconds per step on the CPU. No samples at
+# the evaluations (their 32 steps of decoding cost more than the training steps of a short run): the tests of
+# the samples ask for them with --num_samples; they draw from a generator of their own, so the losses are the
+# same with or without them.
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32", "--batch_size", "4",
         "--gradient_accumulation_steps", "2", "--device", "cpu", "--compile", "False", "--dtype", "float32",
         "--warmup_iters", "2", "--lr_decay_iters", "20", "--learning_rate", "3e-3", "--min_lr", "3e-4",
-        "--eval_iters", "2", "--log_interval", "1", "--hellaswag", "False"]
+        "--eval_iters", "2", "--log_interval", "1", "--hellaswag", "False", "--num_samples", "0"]
 
 
 def run_script(script, *args, env=None, cwd=None, timeout=300):
@@ -27,6 +45,60 @@ def run_script(script, *args, env=None, cwd=None, timeout=300):
 
 def run_train(*args, **kwargs):
     return run_script("train_gpt2.py", *args, **kwargs)
+
+
+class Captured(io.StringIO):
+    """A stream standing in for stdout or stderr (sample.py reconfigures its stdout's error handling)."""
+
+    def reconfigure(self, **kwargs):
+        pass
+
+
+def run_main(script, *args, env=None, cwd=None):
+    """One of the repo's scripts run through its main(argv) in this process, without the start-up of a new
+    Python and torch, answered as run_script answers: its exit status and what it printed, with warnings on
+    stderr and line ends read as a text pipe reads them. For the cases where a separate process is not the
+    point; environment variables that a library reads at import (PYTHONPATH, HF_HOME) need run_script."""
+    argv = [str(arg) for arg in args]
+    main = importlib.import_module(Path(script).stem).main
+    stdout, stderr = Captured(), Captured()
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    returncode = 0
+    try:
+        os.environ.update(env or {})
+        os.chdir(cwd or REPO)
+        sys.argv = [str(REPO / script), *argv]  # argparse names the script in its messages from argv[0]
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.resetwarnings()  # a fresh Python's filters: warnings shown once per place, to stderr
+            for action, category in (("ignore", DeprecationWarning), ("ignore", PendingDeprecationWarning),
+                                     ("ignore", ImportWarning), ("ignore", ResourceWarning)):
+                warnings.simplefilter(action, category)
+            warnings.showwarning = show_warning
+            try:
+                main(argv)
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    print(e.code, file=stderr)
+                returncode = 1 if isinstance(e.code, str) else e.code or 0
+            except Exception:  # as an uncaught exception ends a process: its traceback on stderr, status 1
+                traceback.print_exc(file=stderr)
+                returncode = 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    text = lambda stream: stream.getvalue().replace("\r\n", "\n").replace("\r", "\n")
+    return subprocess.CompletedProcess([sys.executable, str(REPO / script), *argv], returncode, text(stdout),
+                                       text(stderr))
+
+
+def train_in_process(*args, **kwargs):
+    """train_gpt2.py's main in this process (run_main): a run's behaviour without a process start-up."""
+    return run_main("train_gpt2.py", *args, **kwargs)
 
 
 def run_torchrun(*args, timeout=300):
@@ -100,10 +172,11 @@ SPIKE_GUARD = ["--shuffle", "False", "--spike_guard", "3", "--spike_window", "10
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """One finished tiny run on input.txt, shared by the tests that only read its outputs."""
+    """One finished tiny run on input.txt (with the default 4 samples at each evaluation), shared by the tests
+    that only read its outputs and the tests that compare another run with it."""
     out_dir = tmp_path_factory.mktemp("run") / "out"
-    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "8",
-                       "--eval_interval", "4")
+    result = train_in_process(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "8",
+                              "--eval_interval", "4", "--num_samples", "4")
     assert result.returncode == 0, result.stderr
     return out_dir, result
 

@@ -3,8 +3,9 @@ Run train_gpt2.py with a fault injected at an exact point, for tests/test_faults
 
     FAULT=kill_in_save:2 python tests/fault_injection.py <train_gpt2.py flags>
 
-The trainer itself has no test hooks: this wrapper patches its functions, then calls its main(). FAULT is
-NAME:ARG, one of
+The trainer itself has no test hooks: this wrapper patches its functions, then calls its main(). A test may
+also patch them in its own process for a while (`with injected(FAULT): ...`) where the fault does not end the
+process. FAULT is NAME:ARG, one of
     kill_at_step:S      SIGKILL this process inside optimizer step S (its update done, not yet recorded)
     kill_in_eval:N      SIGKILL inside the N-th evaluation
     kill_in_save:N      SIGKILL half way through writing the N-th checkpoint
@@ -18,6 +19,7 @@ NAME:ARG, one of
     budget_clock:SECONDS    --max_time's clock reads SECONDS more after each step, however long it took
 """
 
+import contextlib
 import errno
 import io
 import os
@@ -37,6 +39,9 @@ from cli import atomic_write  # noqa: E402
 
 counts = {"save": 0, "eval": 0}
 current_step = [None]
+# everything install() may replace: (owner, attribute name)
+PATCHED = [(train_gpt2.Trainer, "train_step"), (train_gpt2.Evaluation, "val_loss"),
+           (train_gpt2.GPT, "forward"), (checkpoint, "save_checkpoint")]
 
 
 def kill_self():
@@ -139,6 +144,21 @@ def install(fault):
         patch_step(lambda step: steps.__setitem__(0, steps[0] + 1))
     else:
         raise SystemExit(f"unknown FAULT {fault!r}")
+
+
+@contextlib.contextmanager
+def injected(fault):
+    """install(fault) for the length of a with block, in this process; the functions and counts restored
+    after it."""
+    originals = [(owner, name, vars(owner)[name]) for owner, name in PATCHED]
+    counts.update(save=0, eval=0)
+    current_step[0] = None
+    try:
+        install(fault)
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
 
 
 if __name__ == "__main__":

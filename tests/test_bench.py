@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_script
+from conftest import run_main
 
 TINY_BENCH = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32",
               "--batch_size", "4", "--gradient_accumulation_steps", "2", "--compile", "False", "--dtype", "float32",
@@ -12,7 +12,7 @@ TINY_BENCH = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", 
 
 
 def test_compare_times_both_steps_and_they_give_the_same_losses(tmp_path):
-    result = run_script("bench.py", *TINY_BENCH, "--compare", "True", "--rounds", "2",
+    result = run_main("bench.py", *TINY_BENCH, "--compare", "True", "--rounds", "2",
                         "--json_out", tmp_path / "bench.json")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -32,7 +32,7 @@ def test_compare_times_both_steps_and_they_give_the_same_losses(tmp_path):
 def test_fsdp_is_timed_on_a_process_group_of_one_with_the_same_losses(tmp_path):
     reports = []
     for fsdp in ("False", "True"):
-        result = run_script("bench.py", *TINY_BENCH, "--fsdp", fsdp, "--json_out", tmp_path / f"{fsdp}.json")
+        result = run_main("bench.py", *TINY_BENCH, "--fsdp", fsdp, "--json_out", tmp_path / f"{fsdp}.json")
         assert result.returncode == 0, result.stderr
         reports.append(json.loads((tmp_path / f"{fsdp}.json").read_text())["results"][0])
     whole, sharded = reports
@@ -43,5 +43,5 @@ def test_fsdp_is_timed_on_a_process_group_of_one_with_the_same_losses(tmp_path):
 
 
 def test_bad_flags_get_one_line(tmp_path):
-    result = run_script("bench.py", *TINY_BENCH, "--variant", "slow")
+    result = run_main("bench.py", *TINY_BENCH, "--variant", "slow")
     assert result.returncode == 1 and result.stderr.strip() == "error: --variant 'slow' is not one of fast, naive"

@@ -111,11 +111,11 @@ def test_a_version_1_checkpoint_is_upgraded_with_what_its_run_did(trained_run, t
 
 
 def test_a_version_1_checkpoint_resumes(trained_run, tmp_path):
-    from conftest import run_train
+    from conftest import train_in_process
     checkpoint = load_checkpoint(next(trained_run[0].glob("iter-8-*.pt")))
     path = tmp_path / "iter-8-loss-1.0000.pt"
     save_checkpoint(path, as_version_1(checkpoint))
-    result = run_train("--init_from", path, "--out_dir", tmp_path / "branch", "--max_iters", "10")
+    result = train_in_process("--init_from", path, "--out_dir", tmp_path / "branch", "--max_iters", "10")
     assert result.returncode == 0, result.stderr
     assert "from step 8" in result.stdout
     resumed = load_checkpoint(next((tmp_path / "branch").glob("iter-10-*.pt")))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from cli import UserError, atomic_write, build_parser, flag, lock_directory, parse_flags, remove_temporaries
-from conftest import run_script
+from conftest import run_main
 
 
 @dataclass
@@ -70,7 +70,7 @@ def test_an_unknown_flag_is_never_sent_to_help(capsys):
     ("hellaswag.py", ["--init_from", "gpt2", "--hellaswag_exampels", "3"]), ("fineweb.py", ["--shard_sise", "3"]),
 ])
 def test_every_script_refuses_bad_flags_in_one_line(script, args):
-    result = run_script(script, *args)
+    result = run_main(script, *args)
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "expected a finite number" in line or "did you mean" in line

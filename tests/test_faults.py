@@ -15,7 +15,8 @@ import torch
 from fineweb import write_shard
 from checkpoint import load_checkpoint
 from conftest import (INPUT_TXT, REPO, SPIKE_GUARD, TINY, eval_records, read_metrics, run_script, run_torchrun,
-                      run_train, spiky_data, train_losses)
+                      run_train, spiky_data, train_in_process, train_losses)
+from fault_injection import injected
 
 FAULTS = REPO / "tests" / "fault_injection.py"
 
@@ -27,6 +28,13 @@ def run_args(out_dir, *extra):
 
 def run_with_fault(fault, *args, **kwargs):
     return run_script(FAULTS, *args, env={"FAULT": fault}, **kwargs)
+
+
+def train_with_fault(fault, *args, **kwargs):
+    """The trainer in this process with a fault that does not end the process (a NaN, a full disk, a shard
+    cut short): its main, as conftest's train_in_process runs it."""
+    with injected(fault):
+        return train_in_process(*args, **kwargs)
 
 
 def start_with_fault(fault, *args, torchrun=False):
@@ -64,14 +72,14 @@ def assert_every_checkpoint_loads(out_dir):
 
 def delete_the_logs_of_a_run_without_checkpoints(out_dir):
     """What a user does before starting again: a new run refuses to write over another run's logs."""
-    refused = run_train(*run_args(out_dir))
+    refused = train_in_process(*run_args(out_dir))
     assert refused.returncode == 1 and "holds files of a run that wrote no checkpoint" in refused.stderr
     for name in ("metrics.jsonl", "config.json"):
         (out_dir / name).unlink()
 
 
 def assert_resumes_to_the_uninterrupted_run(out_dir, reference_dir):
-    resumed = run_train(*run_args(out_dir, "--init_from", "resume"))
+    resumed = train_in_process(*run_args(out_dir, "--init_from", "resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert train_losses(out_dir) == train_losses(reference_dir)
     assert eval_records(out_dir) == eval_records(reference_dir)
@@ -100,10 +108,10 @@ def test_killed_in_the_first_checkpoint_write_leaves_nothing_to_resume_and_resta
     killed = run_with_fault("kill_in_save:1", *run_args(out_dir))
     assert killed.returncode == -signal.SIGKILL
     assert not list(out_dir.glob("*.pt"))  # half a checkpoint never stands under a final name
-    resume = run_train(*run_args(out_dir, "--init_from", "resume"))
+    resume = train_in_process(*run_args(out_dir, "--init_from", "resume"))
     assert resume.returncode == 1 and "no iter-*.pt checkpoint" in resume.stderr
     delete_the_logs_of_a_run_without_checkpoints(out_dir)
-    again = run_train(*run_args(out_dir))
+    again = train_in_process(*run_args(out_dir))
     assert again.returncode == 0, again.stderr
     assert train_losses(out_dir) == train_losses(trained_run[0])
 
@@ -117,7 +125,8 @@ def test_sigkill_from_outside_during_a_slow_checkpoint_write(tmp_path, trained_r
     assert not list(out_dir.glob("iter-*.pt"))
     assert_every_checkpoint_loads(out_dir)
     delete_the_logs_of_a_run_without_checkpoints(out_dir)
-    again = run_train(*run_args(out_dir))  # nothing to resume: start again, the half-written file is cleared
+    # nothing to resume: start again, the half-written file is cleared
+    again = train_in_process(*run_args(out_dir))
     assert again.returncode == 0, again.stderr
     assert train_losses(out_dir) == train_losses(trained_run[0])
 
@@ -186,7 +195,7 @@ def test_sigterm_to_a_torchrun_job_stops_every_rank_with_a_checkpoint(tmp_path):
 
 def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
     out_dir = tmp_path / "out"
-    result = run_with_fault("nan_steps:3", *run_args(out_dir))
+    result = train_with_fault("nan_steps:3", *run_args(out_dir))
     assert result.returncode == 0, result.stderr
     assert "step 3: non-finite loss or gradient norm, update skipped (1 in a row)" in result.stdout
     assert any(m.get("skipped") and m["step"] == 3 for m in read_metrics(out_dir))
@@ -197,7 +206,7 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
 
 def test_repeated_non_finite_steps_stop_the_run_naming_the_step_and_the_last_checkpoint(tmp_path):
     out_dir = tmp_path / "out"
-    result = run_with_fault("nan_steps:5,6,7", *run_args(out_dir, "--max_bad_steps", "3"))
+    result = train_with_fault("nan_steps:5,6,7", *run_args(out_dir, "--max_bad_steps", "3"))
     assert result.returncode == 1
     line = last_line(result.stderr)
     last_good = next(out_dir.glob("iter-4-*.pt"))
@@ -247,7 +256,7 @@ def test_loss_spikes_before_the_first_checkpoint_stop_the_run_with_the_weights_s
 
 def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoints(tmp_path):
     out_dir = tmp_path / "out"
-    result = run_with_fault("disk_full_at:2", *run_args(out_dir))
+    result = train_with_fault("disk_full_at:2", *run_args(out_dir))
     assert result.returncode == 1
     line = last_line(result.stderr)
     assert "could not write checkpoint" in line and "No space left on device" in line
@@ -275,14 +284,15 @@ def test_a_best_copy_that_did_not_fit_is_written_on_resume_and_its_checkpoint_ne
     mount, resize = small_disk
     out_dir = mount / "out"
     args = [*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--eval_interval", "10"]
-    result = run_train(*args, "--max_iters", "10")  # iter-10 fits; its copy best_val_loss.pt does not
+    result = train_in_process(*args, "--max_iters", "10")  # iter-10 fits; its copy best_val_loss.pt does not
     assert result.returncode == 1
     line = last_line(result.stderr)
     assert "but not its copy" in line and "iter-10-loss-" in line and "No space left" in line, result.stderr
     assert "Traceback" not in result.stderr and not list(out_dir.glob(".*.tmp"))
     assert not (out_dir / "best_val_loss.pt").exists()
     resize("400m")
-    resumed = run_train("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "12", "--keep_last", "1")
+    resumed = train_in_process("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "12",
+                               "--keep_last", "1")
     assert resumed.returncode == 0, resumed.stderr
     assert "wrote " in resumed.stdout and "could not be written before" in resumed.stdout
     best = load_checkpoint(out_dir / "best_val_loss.pt")
@@ -293,12 +303,12 @@ def test_a_best_copy_that_did_not_fit_is_written_on_resume_and_its_checkpoint_ne
 def test_a_best_copy_that_still_does_not_fit_stops_the_resume_and_keeps_the_checkpoint(small_disk):
     mount, _ = small_disk
     out_dir = mount / "out"
-    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--eval_interval", "10",
-                       "--max_iters", "10")
+    result = train_in_process(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--eval_interval", "10",
+                              "--max_iters", "10")
     assert result.returncode == 1 and not (out_dir / "best_val_loss.pt").exists()
     for _ in range(2):  # the disk is still full: the copy fails again, before any step or pruning
-        resumed = run_train("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "20",
-                            "--keep_last", "1")
+        resumed = train_in_process("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "20",
+                                   "--keep_last", "1")
         assert resumed.returncode == 1
         assert "No space left on device" in last_line(resumed.stderr)
         assert load_checkpoint(next(out_dir.glob("iter-10-*.pt")))["progress"]["best_step"] == 10
@@ -327,7 +337,7 @@ def test_a_full_disk_while_logging_stops_in_one_line_without_a_cut_line(small_di
 
 def test_keep_last_keeps_the_newest_checkpoints_and_the_best(tmp_path):
     out_dir = tmp_path / "out"
-    result = run_train(*run_args(out_dir, "--eval_interval", "2", "--keep_last", "2"))
+    result = train_in_process(*run_args(out_dir, "--eval_interval", "2", "--keep_last", "2"))
     assert result.returncode == 0, result.stderr
     assert sorted(int(p.name.split("-")[1]) for p in out_dir.glob("iter-*.pt")) == [6, 8]
     best = load_checkpoint(out_dir / "best_val_loss.pt")
@@ -360,7 +370,7 @@ def test_token_ids_past_the_vocabulary_are_reported_with_the_file(tmp_path):
     tokens = np.random.default_rng(1).integers(0, 50257, 20000, dtype=np.uint16)
     tokens[::32] = 60000  # the first token of every 32-token row, so the first batch holds one, shuffled or not
     data = shard_dir(tmp_path, [tokens])
-    result = run_train(*TINY, "--data", data, "--out_dir", tmp_path / "out", "--max_iters", "4")
+    result = train_in_process(*TINY, "--data", data, "--out_dir", tmp_path / "out", "--max_iters", "4")
     assert result.returncode == 1
     line = last_line(result.stderr)
     assert line.startswith("error: t_train_000001.bin: token id 60000") and "outside GPT-2's vocabulary" in line
@@ -368,10 +378,11 @@ def test_token_ids_past_the_vocabulary_are_reported_with_the_file(tmp_path):
 
 def test_a_shard_truncated_during_the_run_is_reported_with_the_file(tmp_path):
     rng = np.random.default_rng(1)
-    data = shard_dir(tmp_path, [rng.integers(0, 50257, 20000, dtype=np.uint16) for _ in range(2)])
+    # shards of 2,000 tokens: the run opens the second (checking it again) after 7 steps of the first
+    data = shard_dir(tmp_path, [rng.integers(0, 50257, 2000, dtype=np.uint16) for _ in range(2)])
     victim = data / "t_train_000002.bin"
-    result = run_with_fault(f"truncate_shard_at_step:1@{victim}", *TINY, "--data", data, "--out_dir",
-                            tmp_path / "out", "--max_iters", "100", "--eval_interval", "100")
+    result = train_with_fault(f"truncate_shard_at_step:1@{victim}", *TINY, "--data", data, "--out_dir",
+                              tmp_path / "out", "--max_iters", "100", "--eval_interval", "100")
     assert result.returncode == 1
     line = last_line(result.stderr)
     assert line.startswith(f"error: {victim} changed")

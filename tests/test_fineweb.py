@@ -9,6 +9,7 @@ input.txt (tiny Shakespeare) cut into documents at blank lines.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -502,13 +503,27 @@ INPUT_CHANGES = {
 }
 
 
-@pytest.mark.parametrize("change", INPUT_CHANGES)
-def test_rerun_over_changed_input_files_is_refused(change, tmp_path):
+def copy_run(source, destination):
+    """A folder of inputs and the shards made from them, copied with the files' modification times, as the
+    manifest records them."""
+    shutil.copytree(source, destination, dirs_exist_ok=True)  # copy2: the times to the nanosecond
+
+
+@pytest.fixture(scope="module")
+def two_files_run(tmp_path_factory):
+    """Shards of a.jsonl and b.jsonl (*.jsonl), made in a folder of their own, to copy."""
+    root = tmp_path_factory.mktemp("two_files")
     docs = shakespeare_documents()[:400]
-    write_jsonl(tmp_path / "a.jsonl", docs[:200])
-    write_jsonl(tmp_path / "b.jsonl", docs[200:])
+    write_jsonl(root / "a.jsonl", docs[:200])
+    write_jsonl(root / "b.jsonl", docs[200:])
+    assert fineweb("--data_files", "*.jsonl", "--out_dir", "shards", *TINY, cwd=root).returncode == 0
+    return root
+
+
+@pytest.mark.parametrize("change", INPUT_CHANGES)
+def test_rerun_over_changed_input_files_is_refused(change, tmp_path, two_files_run):
+    copy_run(two_files_run, tmp_path)
     args = ["--data_files", "*.jsonl", "--out_dir", "shards", *TINY]
-    assert fineweb(*args, cwd=tmp_path).returncode == 0
     before = {p.name: p.read_bytes() for p in shard_paths(tmp_path / "shards")}
     make_change, needle = INPUT_CHANGES[change]
     make_change(tmp_path)
@@ -517,10 +532,18 @@ def test_rerun_over_changed_input_files_is_refused(change, tmp_path):
     assert {p.name: p.read_bytes() for p in shard_paths(tmp_path / "shards")} == before
 
 
-def test_manifest_without_input_records_is_refused_until_restart(tmp_path):
-    write_jsonl(tmp_path / "docs.jsonl", shakespeare_documents()[:200])
+@pytest.fixture(scope="module")
+def docs_run(tmp_path_factory):
+    """Shards of docs.jsonl, made in a folder of their own, to copy."""
+    root = tmp_path_factory.mktemp("docs")
+    write_jsonl(root / "docs.jsonl", shakespeare_documents()[:200])
+    assert fineweb("--data_files", "docs.jsonl", "--out_dir", "shards", *TINY, cwd=root).returncode == 0
+    return root
+
+
+def test_manifest_without_input_records_is_refused_until_restart(tmp_path, docs_run):
+    copy_run(docs_run, tmp_path)
     args = ["--data_files", "docs.jsonl", "--out_dir", "shards", *TINY]
-    assert fineweb(*args, cwd=tmp_path).returncode == 0
     manifest_path = tmp_path / "shards" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     del manifest["inputs"]  # as an older fineweb.py wrote it
@@ -535,10 +558,9 @@ def test_manifest_without_input_records_is_refused_until_restart(tmp_path):
 
 @pytest.mark.parametrize("damage", ["a list", "shards not a list", "a shard without tokens", "tokens a string",
                                     "inputs not records", "complete a string"])
-def test_a_damaged_manifest_is_refused_in_one_line_until_restart(damage, tmp_path):
-    write_jsonl(tmp_path / "docs.jsonl", shakespeare_documents()[:200])
+def test_a_damaged_manifest_is_refused_in_one_line_until_restart(damage, tmp_path, docs_run):
+    copy_run(docs_run, tmp_path)
     args = ["--data_files", "docs.jsonl", "--out_dir", "shards", *TINY]
-    assert fineweb(*args, cwd=tmp_path).returncode == 0
     manifest_path = tmp_path / "shards" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     if damage == "a list":
@@ -564,12 +586,13 @@ def test_a_damaged_manifest_is_refused_in_one_line_until_restart(damage, tmp_pat
 
 
 def test_trainer_trains_on_the_shards(parquet_shards, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train_gpt2.py"), "--data", str(parquet_shards), "--device", "cpu",
-         "--compile", "False", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32",
-         "--batch_size", "2", "--gradient_accumulation_steps", "1", "--max_iters", "3", "--eval_interval", "3",
-         "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "1", "--lr_decay_iters", "3",
-         "--out_dir", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    from conftest import train_in_process  # the trainer's main, in this process
+    result = train_in_process(
+        "--data", str(parquet_shards), "--device", "cpu",
+        "--compile", "False", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32",
+        "--batch_size", "2", "--gradient_accumulation_steps", "1", "--max_iters", "3", "--eval_interval", "3",
+        "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "1", "--lr_decay_iters", "3",
+        "--out_dir", str(tmp_path / "out"), "--num_samples", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in m for m in metrics) and any("train_loss" in m for m in metrics)

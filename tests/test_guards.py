@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import INPUT_TXT, REPO, TINY, run_script, run_train
+from conftest import INPUT_TXT, REPO, TINY, run_script, run_train, train_in_process
 from checkpoint import load_checkpoint
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, is_loss_spike, largest_fitting
 
@@ -152,8 +152,8 @@ def test_the_slurm_job_resubmits_itself_after_a_budget_stop_under_torchrun_and_n
 
 def test_a_profile_of_the_steps_asked_for_is_a_trace_and_a_table(tmp_path):
     out_dir = tmp_path / "out"
-    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "6",
-                       "--eval_interval", "6", "--profile_steps", "2:4")
+    result = train_in_process(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "6",
+                              "--eval_interval", "6", "--profile_steps", "2:4")
     assert result.returncode == 0, result.stderr
     trace = out_dir / "profile" / "steps-2-3.pt.trace.json"
     events = json.loads(trace.read_text())["traceEvents"]
@@ -163,8 +163,8 @@ def test_a_profile_of_the_steps_asked_for_is_a_trace_and_a_table(tmp_path):
 
 def test_a_profile_window_past_the_run_ends_with_it(tmp_path):
     out_dir = tmp_path / "out"
-    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "4",
-                       "--eval_interval", "4", "--profile_steps", "2:100")
+    result = train_in_process(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "4",
+                              "--eval_interval", "4", "--profile_steps", "2:100")
     assert result.returncode == 0, result.stderr
     assert (out_dir / "profile" / "steps-2-3.pt.trace.json").is_file()
 

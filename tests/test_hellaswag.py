@@ -24,6 +24,7 @@ from device import Distributed
 from hellaswag import (collate, evaluate, load_examples, padded_length, predict, render_examples, score_examples,
                        token_losses)
 from train_gpt2 import GPT, GPTConfig, TrainConfig, make_optimizers
+from conftest import run_main
 
 REPO = Path(__file__).resolve().parent.parent
 ROOF_CTX = "A man is sitting on a roof."
@@ -422,8 +423,9 @@ def test_command_line_scores_a_transformers_gpt2_saved_in_a_folder(tmp_path):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(tmp_path / "hf")
     data = write_jsonl(tmp_path / "data.jsonl", random_items(5) + ["oops"])
-    result = run_script(REPO / "hellaswag.py", "--init_from", tmp_path / "hf", "--data", data,
-                        "--hellaswag_examples", "4", "--dtype", "bfloat16")
+    # a batch of the 4 examples, not 16 (12 of padding): a CPU without bfloat16 matmuls emulates them, slowly
+    result = run_main("hellaswag.py", "--init_from", tmp_path / "hf", "--data", data,
+                      "--hellaswag_examples", "4", "--dtype", "bfloat16", "--batch_size", "4")
     assert result.returncode == 0, result.stderr
     assert parse_result(result.stdout)["n"] == 4
     assert f"warning: {data}:6: not JSON" in result.stderr
@@ -480,11 +482,11 @@ def hellaswag_records(out_dir):
 
 
 def test_the_trainer_scores_hellaswag_at_every_evaluation_and_two_ranks_count_the_same(tmp_path):
-    from conftest import run_torchrun, run_train
+    from conftest import run_torchrun, train_in_process
     data = tmp_path / "hs.jsonl"
     write_jsonl(data, random_items(12))
     common = ["--hellaswag_data", data, "--hellaswag_examples", "10"]
-    single = run_train(*trainer_args(tmp_path / "one", *common, "--gradient_accumulation_steps", "2"))
+    single = train_in_process(*trainer_args(tmp_path / "one", *common, "--gradient_accumulation_steps", "2"))
     assert single.returncode == 0, single.stderr
     records = hellaswag_records(tmp_path / "one")
     assert [r["step"] for r in records] == [0, 2] and all(r["hellaswag_n"] == 10 for r in records)
@@ -495,8 +497,8 @@ def test_the_trainer_scores_hellaswag_at_every_evaluation_and_two_ranks_count_th
 
 
 def test_the_trainer_warns_once_and_trains_on_without_hellaswag_data(tmp_path):
-    from conftest import run_train
-    result = run_train(*trainer_args(tmp_path / "out", "--hellaswag_data", tmp_path / "missing.jsonl"))
+    from conftest import train_in_process
+    result = train_in_process(*trainer_args(tmp_path / "out", "--hellaswag_data", tmp_path / "missing.jsonl"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("warning: HellaSwag is off for this run") == 1
     assert hellaswag_records(tmp_path / "out") == [{"step": 0}, {"step": 2}]
@@ -522,12 +524,12 @@ def test_the_model_flag_of_other_hellaswag_scripts_names_init_from(capsys):
 
 
 def test_eval_only_reports_hellaswag_for_a_checkpoint(tmp_path, trained_run):
-    from conftest import read_metrics, run_train
+    from conftest import read_metrics, train_in_process
     data = tmp_path / "hs.jsonl"
     write_jsonl(data, random_items(6))
     checkpoint = next(trained_run[0].glob("iter-8-*.pt"))
-    result = run_train(*trainer_args(tmp_path / "eval", "--eval_only", "True", "--init_from", checkpoint,
-                                     "--hellaswag_data", data))
+    result = train_in_process(*trainer_args(tmp_path / "eval", "--eval_only", "True", "--init_from", checkpoint,
+                              "--hellaswag_data", data))
     assert result.returncode == 0, result.stderr
     (record,) = read_metrics(tmp_path / "eval")
     assert record["hellaswag_n"] == 6 and 0 <= record["hellaswag_acc_norm"] <= 1

@@ -15,12 +15,11 @@ from hf_convert import export_hf
 from evaluation import val_batch_positions
 from fineweb import load_token_sources
 from train_gpt2 import GPT, load_start
-from conftest import INPUT_TXT, TINY, read_metrics, run_train
+from conftest import INPUT_TXT, TINY, read_metrics, run_train, train_in_process
 
 transformers = pytest.importorskip("transformers")
 
 N_VOCAB = 50257
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a 64-wide model runs faster on one thread, and the CPU is shared
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +69,7 @@ def test_export_of_a_trained_checkpoint_loads_in_transformers(trained_run, tmp_p
     run_dir, _ = trained_run
     checkpoint, folder = run_dir / "best_val_loss.pt", tmp_path / "exports" / "hf"
     # no data is needed to export: --data points nowhere
-    result = run_train("--init_from", checkpoint, "--export_hf", folder, "--data", tmp_path / "no-data",
-                       env=ONE_THREAD)
+    result = train_in_process("--init_from", checkpoint, "--export_hf", folder, "--data", tmp_path / "no-data")
     assert result.returncode == 0, result.stderr
     assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "generation_config.json",
                                                    "tokenizer.json", "tokenizer_config.json", "vocab.json",
@@ -121,7 +119,7 @@ def test_an_architecture_transformers_cannot_hold_is_refused_naming_the_field(tr
 
 def test_trainer_evaluates_and_fine_tunes_transformers_weights(hf_folder, tmp_path):
     common = [*TINY, "--block_size", "64", "--data", INPUT_TXT, "--init_from", hf_folder]
-    result = run_train(*common, "--out_dir", tmp_path / "eval", "--eval_only", "True", env=ONE_THREAD)
+    result = train_in_process(*common, "--out_dir", tmp_path / "eval", "--eval_only", "True")
     assert result.returncode == 0, result.stderr
     (record,) = read_metrics(tmp_path / "eval")
     # transformers' own loss on the same val batches (batch_size 4, eval_iters 2 from TINY)
@@ -135,8 +133,8 @@ def test_trainer_evaluates_and_fine_tunes_transformers_weights(hf_folder, tmp_pa
     assert record["step"] == 0 and record["val_loss"] == pytest.approx(np.mean(losses), abs=1e-5)
 
     # fine-tuning: the weights only, from step 0 with a fresh optimizer
-    result = run_train(*common, "--out_dir", tmp_path / "tune", "--max_iters", "2", "--eval_interval", "2",
-                       env=ONE_THREAD)
+    result = train_in_process(*common, "--out_dir", tmp_path / "tune", "--max_iters", "2",
+                              "--eval_interval", "2")
     assert result.returncode == 0, result.stderr
     train = [m for m in read_metrics(tmp_path / "tune") if "train_loss" in m]
     assert [m["step"] for m in train] == [0, 1]
@@ -147,7 +145,8 @@ def test_trainer_evaluates_and_fine_tunes_transformers_weights(hf_folder, tmp_pa
 
 
 def test_bad_transformers_sources_get_one_line(tmp_path):
-    env = {**ONE_THREAD, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}  # no network, empty cache
+    # no network, an empty cache: read when the hub's library is imported, so in a process of its own
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
     result = run_train("--init_from", "gpt2", "--export_hf", tmp_path / "out", env=env)
     assert result.returncode == 1 and not (tmp_path / "out").exists()
     assert result.stderr.strip().splitlines() == [
@@ -155,7 +154,7 @@ def test_bad_transformers_sources_get_one_line(tmp_path):
         "folder to --init_from"]
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    result = run_train("--init_from", tmp_path / "llama", "--export_hf", tmp_path / "out", env=ONE_THREAD)
+    result = train_in_process("--init_from", tmp_path / "llama", "--export_hf", tmp_path / "out")
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "holds a 'llama' model, not GPT-2" in result.stderr
 

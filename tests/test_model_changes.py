@@ -7,7 +7,6 @@ import re
 from dataclasses import dataclass
 
 import pytest
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

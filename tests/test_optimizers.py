@@ -5,10 +5,8 @@ the first evaluation at or below --target_val_loss."""
 import pytest
 import torch
 
-import settings
 import train_gpt2
 from checkpoint import load_checkpoint
-from cli import UserError
 from conftest import INPUT_TXT, TINY, read_metrics, run_torchrun, run_train, train_losses
 from train_gpt2 import GPT, GPTConfig, TrainConfig, make_optimizers, set_learning_rates, training_state_bytes
 
@@ -126,7 +124,7 @@ def test_the_first_evaluation_at_the_target_is_reported_and_can_end_the_run(tmp_
     assert record["step"] == first["step"] and record["val_loss"] == first["val_loss"]
     assert record["tokens"] == first["step"] * 4 * 2 * 32 and 0 < record["train_seconds"]
     assert f"--target_val_loss 9 reached at step {first['step']}" in out
-    assert f"target 9" in out and "reached at step" in out.split("done:")[1]  # and in the summary
+    assert "target 9" in out and "reached at step" in out.split("done:")[1]  # and in the summary
     # --stop_at_target: the run ends there, with that evaluation's checkpoint
     assert evaluations[-1]["step"] == first["step"] < 20
     assert load_checkpoint(next(tmp_path.glob(f"iter-{first['step']}-*.pt")))["progress"]["target"] == \

@@ -10,7 +10,7 @@ import struct
 import pytest
 
 import plot
-from conftest import INPUT_TXT, TINY, run_script, run_train
+from conftest import INPUT_TXT, TINY, run_main, run_script, run_train, train_in_process
 
 
 def png_size(path):
@@ -41,7 +41,7 @@ def legend(ax):
 def test_plot_command_draws_runs_side_by_side_with_hellaswag(tmp_path):
     pytest.importorskip("matplotlib")
     runs = [write_metrics(tmp_path / "run-a"), write_metrics(tmp_path / "run-b", hellaswag=True)]
-    result = run_script("plot.py", *runs, "--out", tmp_path / "plots" / "compare.png")
+    result = run_main("plot.py", *runs, "--out", tmp_path / "plots" / "compare.png")
     assert result.returncode == 0, result.stderr
     assert png_size(tmp_path / "plots" / "compare.png") == (1400, 500)  # two panels: loss and HellaSwag
     assert [p.name for p in (tmp_path / "plots").iterdir()] == ["compare.png"]  # no temporary file left
@@ -51,11 +51,11 @@ def test_without_out_one_run_is_drawn_beside_it_and_several_in_the_current_folde
     pytest.importorskip("matplotlib")
     run_a, run_b = write_metrics(tmp_path / "run-a"), write_metrics(tmp_path / "run-b")
     (tmp_path / "here").mkdir()
-    result = run_script("plot.py", run_a, cwd=tmp_path / "here")
+    result = run_main("plot.py", run_a, cwd=tmp_path / "here")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"wrote {tmp_path / 'run-a' / 'plot.png'}"
     assert png_size(tmp_path / "run-a" / "plot.png") == (700, 500)
-    result = run_script("plot.py", run_a, run_b, cwd=tmp_path / "here")
+    result = run_main("plot.py", run_a, run_b, cwd=tmp_path / "here")
     assert result.returncode == 0, result.stderr
     assert [p.name for p in (tmp_path / "here").iterdir()] == ["compare.png"]
     assert not (tmp_path / "run-b" / "plot.png").exists()
@@ -98,14 +98,14 @@ def test_runs_with_different_tokens_per_step_are_drawn_against_tokens(tmp_path):
 
 
 def test_help_describes_the_script_in_a_whole_sentence():
-    result = run_script("plot.py", "--help")
+    result = run_main("plot.py", "--help")
     assert result.returncode == 0
     description = " ".join(result.stdout.split("\n\n")[1].split())
     assert description == plot.__doc__.strip().splitlines()[0] and description.endswith(".")
 
 
 def test_a_mistyped_flag_gets_one_line_naming_the_real_one(tmp_path):
-    result = run_script("plot.py", write_metrics(tmp_path / "run"), "--outt", tmp_path / "plot.png")
+    result = run_main("plot.py", write_metrics(tmp_path / "run"), "--outt", tmp_path / "plot.png")
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("plot.py: error: unrecognized arguments: --outt") and "(did you mean --out?)" in line
@@ -124,7 +124,7 @@ def test_without_matplotlib_the_message_says_how_to_install_it(tmp_path):
 def test_an_out_path_that_cannot_be_written_gets_one_line(tmp_path):
     pytest.importorskip("matplotlib")
     (tmp_path / "a_file").write_text("")
-    result = run_script("plot.py", write_metrics(tmp_path / "run"), "--out", tmp_path / "a_file" / "plot.png")
+    result = run_main("plot.py", write_metrics(tmp_path / "run"), "--out", tmp_path / "a_file" / "plot.png")
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {tmp_path / 'a_file' / 'plot.png'} cannot be written")
@@ -132,14 +132,14 @@ def test_an_out_path_that_cannot_be_written_gets_one_line(tmp_path):
 
 
 def test_an_out_path_without_a_file_name_gets_one_line(tmp_path):
-    result = run_script("plot.py", write_metrics(tmp_path / "run"), "--out", ".", cwd=tmp_path)
+    result = run_main("plot.py", write_metrics(tmp_path / "run"), "--out", ".", cwd=tmp_path)
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()
     assert line == "error: --out . names no file: pass a .png path, such as plot.png"
 
 
 def test_a_missing_metrics_file_gets_one_line(tmp_path):
-    result = run_script("plot.py", tmp_path / "metrics.jsonl")
+    result = run_main("plot.py", tmp_path / "metrics.jsonl")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'metrics.jsonl'} not found: pass a run's "
                                                   f"--out_dir or the metrics.jsonl in it"]
@@ -164,8 +164,8 @@ def test_a_directory_without_metrics_gets_one_line(tmp_path, capsys):
 def test_the_trainer_redraws_the_plot_at_each_evaluation(tmp_path):
     pytest.importorskip("matplotlib")
     out_dir = tmp_path / "out"
-    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2", "--eval_interval", "2",
-                       "--plot", "True", env={"OMP_NUM_THREADS": "1"})
+    result = train_in_process(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2",
+                              "--eval_interval", "2", "--plot", "True")
     assert result.returncode == 0, result.stderr
     assert png_size(out_dir / "plot.png") == (700, 500)
 
@@ -213,7 +213,7 @@ def clean_png(tmp_path_factory):
     """The picture of write_metrics' run, labeled "run", drawn by plot.py."""
     pytest.importorskip("matplotlib")
     path = write_metrics(tmp_path_factory.mktemp("clean") / "run")
-    assert run_script("plot.py", path).returncode == 0
+    assert run_main("plot.py", path).returncode == 0
     return path.with_name("plot.png").read_bytes()
 
 
@@ -222,7 +222,7 @@ def test_damaged_lines_are_skipped_with_one_warning(tmp_path, damage, clean_png)
     lines = DAMAGED_LINES[damage]
     path = write_metrics(tmp_path / "run")
     with_lines(path, lines)
-    result = run_script("plot.py", path)
+    result = run_main("plot.py", path)
     assert result.returncode == 0, result.stderr
     assert len(lines) > 1  # so that the warning says "lines"
     warning = f"warning: {path}: {len(lines)} damaged lines skipped (first: line 2)"
@@ -235,7 +235,7 @@ def test_null_figures_and_a_last_line_being_written_are_no_damage(tmp_path, clea
     path = write_metrics(tmp_path / "run")  # its last line is cut short, without a newline
     null = b'{"step": 3, "val_loss": null, "hellaswag_acc_norm": null, "tokens": null}'
     with_lines(path, [null, b"", b"  "])
-    result = run_script("plot.py", path)
+    result = run_main("plot.py", path)
     assert result.returncode == 0 and result.stderr == ""
     assert path.with_name("plot.png").read_bytes() == clean_png
 
@@ -245,14 +245,14 @@ def test_a_run_with_nothing_to_draw_is_refused_in_one_line(tmp_path):
     damaged.parent.mkdir()
     lines = DAMAGED_LINES["not an object"] + [b'{"step": 0, "val_loss": null}\n']
     damaged.write_bytes(b"\n".join(lines))
-    result = run_script("plot.py", damaged)
+    result = run_main("plot.py", damaged)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [f"error: no losses in {damaged}, 4 damaged lines skipped "
                                           f"(first: line 1): mend the file or leave the run out"]
     empty = tmp_path / "empty" / "metrics.jsonl"
     empty.parent.mkdir()
     empty.write_bytes(b'{"step": 0, "train_lo')  # the first line, being written
-    result = run_script("plot.py", write_metrics(tmp_path / "run"), empty, cwd=tmp_path)
+    result = run_main("plot.py", write_metrics(tmp_path / "run"), empty, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"error: no losses in {empty} yet: plot a run after its "
                                           f"first log line, or leave it out"]
@@ -277,7 +277,7 @@ def test_a_damaged_config_json_gets_one_warning_and_no_fineweb_line(tmp_path, da
     path = write_metrics(tmp_path / "run")
     config = path.with_name("config.json")
     config.mkdir() if text is None else config.write_bytes(text)
-    result = run_script("plot.py", path)
+    result = run_main("plot.py", path)
     assert result.returncode == 0, result.stderr
     unknown = "the run's --data is unknown, so it is not taken for a FineWeb run"
     assert result.stderr.splitlines() == [f"warning: {config} {says}: {unknown}"]
@@ -303,18 +303,18 @@ def test_a_damaged_manifest_json_gets_one_warning_and_no_fineweb_line(tmp_path, 
     manifest.parent.mkdir()
     manifest.mkdir() if text is None else manifest.write_bytes(text)
     runs = [write_metrics(tmp_path / name / "run", data=manifest.parent) for name in ("a", "b")]
-    result = run_script("plot.py", runs[0], cwd=tmp_path)
+    result = run_main("plot.py", runs[0], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     warning = f"warning: {manifest} {says}: {manifest.parent} is not taken for FineWeb shards"
     assert result.stderr.splitlines() == [warning]
     assert runs[0].with_name("plot.png").read_bytes() == clean_png
-    result = run_script("plot.py", *runs, cwd=tmp_path)  # two runs on the same shards: one warning
+    result = run_main("plot.py", *runs, cwd=tmp_path)  # two runs on the same shards: one warning
     assert result.returncode == 0 and result.stderr.splitlines() == [warning]
     assert (tmp_path / "compare.png").is_file()
 
 
 def test_a_data_too_long_for_a_path_is_no_fineweb_run(tmp_path, clean_png):
     path = write_metrics(tmp_path / "run", data="x" * 5000)  # the trainer would refuse it; a hand edit
-    result = run_script("plot.py", path)
+    result = run_main("plot.py", path)
     assert result.returncode == 0 and result.stderr == ""
     assert path.with_name("plot.png").read_bytes() == clean_png

@@ -9,16 +9,18 @@ import torch
 import sample
 
 from fineweb import get_tokenizer
-from conftest import run_script
+from conftest import run_main, run_script
 from sampling import generate_tokens
 from train_gpt2 import load_start
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a 64-wide model runs faster on one thread, and the CPU is shared
 
 
-def run_sample(*args):
-    return run_script("sample.py", "--num_samples", "2", "--max_new_tokens", "16", "--device", "cpu",
-                      "--dtype", "float32", *args, env=ONE_THREAD)
+def run_sample(*args, run=run_script):
+    """sample.py in a process of its own (its samples stream to the sys.stdout it was imported with), or with
+    run=run_main through its main in this process, where its output is what stderr says."""
+    return run("sample.py", "--num_samples", "2", "--max_new_tokens", "16", "--device", "cpu",
+               "--dtype", "float32", *args, env=ONE_THREAD)
 
 
 def test_samples_are_reproducible_under_a_seed_and_are_what_generate_makes(trained_run, tmp_path):
@@ -59,7 +61,7 @@ def test_samples_are_reproducible_under_a_seed_and_are_what_generate_makes(train
 ])
 def test_bad_input_gets_one_line_and_exit_1(args, message, trained_run, tmp_path):
     args = [a.format(tmp=tmp_path) for a in args]
-    result = run_sample("--init_from", trained_run[0] / "best_val_loss.pt", *args)
+    result = run_sample("--init_from", trained_run[0] / "best_val_loss.pt", *args, run=run_main)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message.format(tmp=tmp_path)}"), result.stderr

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from cli import UserError
-from conftest import run_train
+from conftest import train_in_process
 from train_gpt2 import TrainConfig, parse_args
 
 
@@ -15,7 +15,7 @@ from train_gpt2 import TrainConfig, parse_args
 
 
 def test_help_lists_every_flag_with_its_default():
-    result = run_train("--help")
+    result = train_in_process("--help")
     assert result.returncode == 0
     for f in dataclasses.fields(TrainConfig):
         assert f"--{f.name}" in result.stdout

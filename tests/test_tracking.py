@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_train
+from conftest import INPUT_TXT, REPO, TINY, read_metrics, run_train, train_in_process
 from checkpoint import load_checkpoint
 from rundir import RunLog
 
@@ -223,8 +223,8 @@ def test_a_tracker_folder_that_is_a_file_is_named_at_start_up(flag, folder, tmp_
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / folder).write_text("a file of the user's")
-    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2", flag, "True",
-                       env=offline_wandb(tmp_path))
+    result = train_in_process(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2", flag, "True",
+                              env=offline_wandb(tmp_path))
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert f"{out_dir / folder}, which is a file" in line and f"{flag} False" in line

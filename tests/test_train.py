@@ -23,7 +23,7 @@ from evaluation import sample_text
 from rundir import pause_clock
 from train_gpt2 import GPT, GPTConfig, estimate_mfu, get_lr
 from conftest import (INPUT_TXT, REPO, SPIKE_GUARD, TINY, read_metrics, run_torchrun, run_train, snapshot,
-                      spiky_data, train_losses)
+                      spiky_data, train_in_process, train_losses)
 
 # -----------------------------------------------------------------------------
 # The learning-rate schedule
@@ -107,13 +107,22 @@ def test_checkpoint_holds_everything_a_restart_needs(trained_run):
                                    and "val_loss" in m)
 
 
-def test_resume_continues_with_exactly_the_losses_of_an_uninterrupted_run(trained_run, tmp_path):
-    full_dir, _ = trained_run
-    out_dir = tmp_path / "out"
-    first = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "4", "--eval_interval", "4")
+@pytest.fixture(scope="module")
+def run_to_4(tmp_path_factory):
+    """A tiny run stopped at its checkpoint of step 4 (trained_run's first half, trained on its own), and a
+    function that copies it into a test's folder, for the tests that resume it."""
+    out_dir = tmp_path_factory.mktemp("run_to_4") / "out"
+    first = train_in_process(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "4",
+                             "--eval_interval", "4")
     assert first.returncode == 0, first.stderr
-    resumed = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "8",
-                        "--eval_interval", "4", "--init_from", "resume")
+    return lambda destination: shutil.copytree(out_dir, destination)
+
+
+def test_resume_continues_with_exactly_the_losses_of_an_uninterrupted_run(trained_run, run_to_4, tmp_path):
+    full_dir, _ = trained_run
+    out_dir = run_to_4(tmp_path / "out")
+    resumed = train_in_process(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "8",
+                               "--eval_interval", "4", "--init_from", "resume")
     assert resumed.returncode == 0, resumed.stderr
     assert train_losses(out_dir) == train_losses(full_dir)  # bit for bit, steps 0-7
     final = load_checkpoint(next(out_dir.glob("iter-8-*.pt")))["model"]
@@ -125,8 +134,8 @@ def test_eval_only_reports_the_checkpoints_val_loss_without_training(trained_run
     run_dir, _ = trained_run
     checkpoint = next(run_dir.glob("iter-8-*.pt"))
     out_dir = tmp_path / "eval"
-    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--eval_only", "True",
-                       "--init_from", checkpoint)
+    result = train_in_process(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--eval_only", "True",
+                              "--init_from", checkpoint)
     assert result.returncode == 0, result.stderr
     (record,) = read_metrics(out_dir)
     expected = next(m["val_loss"] for m in read_metrics(run_dir) if m.get("step") == 8 and "val_loss" in m)
@@ -157,9 +166,8 @@ def test_the_samples_continue_the_sample_prompt():
 
 
 def test_the_trainer_prints_num_samples_from_sample_prompt(tmp_path):
-    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", tmp_path / "out", "--max_iters", "1",
-                       "--eval_interval", "1", "--sample_prompt", "ROMEO:", "--num_samples", "2",
-                       env={"OMP_NUM_THREADS": "1"})
+    result = train_in_process(*TINY, "--data", INPUT_TXT, "--out_dir", tmp_path / "out", "--max_iters", "1",
+                              "--eval_interval", "1", "--sample_prompt", "ROMEO:", "--num_samples", "2")
     assert result.returncode == 0, result.stderr
     samples = [line[len("  sample: "):] for line in result.stdout.splitlines() if line.startswith("  sample: ")]
     assert len(samples) == 4  # two at step 0, two at step 1
@@ -185,16 +193,16 @@ def test_the_progress_bars_rate_and_eta_leave_out_evaluation_time(monkeypatch):
 @pytest.mark.parametrize("run", [run_train, run_torchrun], ids=["one_process", "torchrun"])
 def test_compiled_model_trains_evaluates_and_samples(tmp_path, run):
     result = run(*TINY, "--data", INPUT_TXT, "--out_dir", tmp_path / "out", "--max_iters", "2",
-                 "--eval_interval", "2", "--compile", "True", "--gradient_checkpointing", "True")
+                 "--eval_interval", "2", "--compile", "True", "--gradient_checkpointing", "True",
+                 "--num_samples", "4")
     assert result.returncode == 0, result.stderr
     assert "Hello, I'm a language model," in result.stdout
     assert sorted(m["step"] for m in read_metrics(tmp_path / "out") if "val_loss" in m) == [0, 2]
 
 
-def test_two_torchrun_processes_match_one_process_with_twice_the_accumulation(tmp_path):
+def test_two_torchrun_processes_match_one_process_with_twice_the_accumulation(tmp_path, run_to_4):
     common = [*TINY, "--data", INPUT_TXT, "--max_iters", "4", "--eval_interval", "4"]
-    single = run_train(*common, "--out_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
-    assert single.returncode == 0, single.stderr
+    run_to_4(tmp_path / "one")  # the same run in one process, with TINY's 2 micro-steps
     ddp = run_torchrun(*common, "--out_dir", tmp_path / "two", "--gradient_accumulation_steps", "1",
                        "--backend", "gloo")  # what auto picks on the CPU, named
     assert ddp.returncode == 0, ddp.stderr
@@ -313,7 +321,7 @@ def test_bad_input_gets_one_line_and_a_nonzero_exit_and_touches_nothing(case, tm
         command.pop()
         env[key] = value
     before = snapshot(out_dir), snapshot(run_dir)
-    result = run_train(*command, env=env)
+    result = train_in_process(*command, env=env)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -329,12 +337,21 @@ CUSTOM = [*TINY, "--data", INPUT_TXT, "--eval_interval", "4", "--gradient_accumu
           "--warmup_iters", "3", "--lr_decay_iters", "12", "--learning_rate", "2e-3", "--eval_iters", "3"]
 
 
-def test_resume_with_only_init_from_restores_every_setting(tmp_path):
-    full = run_train(*CUSTOM, "--out_dir", tmp_path / "full", "--max_iters", "8")
-    assert full.returncode == 0, full.stderr
-    first = run_train(*CUSTOM, "--out_dir", tmp_path / "cut", "--max_iters", "4")
+@pytest.fixture(scope="module")
+def custom_run_to_4(tmp_path_factory):
+    """A run of CUSTOM's settings stopped at step 4, and a function that copies it into a test's folder (the
+    copy's config.json names this run's out_dir, as a moved run's does)."""
+    out_dir = tmp_path_factory.mktemp("custom") / "cut"
+    first = train_in_process(*CUSTOM, "--out_dir", out_dir, "--max_iters", "4")
     assert first.returncode == 0, first.stderr
-    resumed = run_train("--init_from", "resume", "--out_dir", tmp_path / "cut", "--max_iters", "8")
+    return lambda destination: shutil.copytree(out_dir, destination)
+
+
+def test_resume_with_only_init_from_restores_every_setting(tmp_path, custom_run_to_4):
+    full = train_in_process(*CUSTOM, "--out_dir", tmp_path / "full", "--max_iters", "8")
+    assert full.returncode == 0, full.stderr
+    custom_run_to_4(tmp_path / "cut")
+    resumed = train_in_process("--init_from", "resume", "--out_dir", tmp_path / "cut", "--max_iters", "8")
     assert resumed.returncode == 0, resumed.stderr
     assert "--max_iters: 4 -> 8 (command line)" in resumed.stdout
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")  # step by step, bit for bit
@@ -345,11 +362,10 @@ def test_resume_with_only_init_from_restores_every_setting(tmp_path):
     assert tokens == [(step + 1) * 4 * 3 * 32 for step in range(8)]
 
 
-def test_tokens_stay_true_when_the_batch_changes_on_resume(tmp_path):
-    first = run_train(*CUSTOM, "--out_dir", tmp_path / "out", "--max_iters", "4")
-    assert first.returncode == 0, first.stderr
-    resumed = run_train("--init_from", "resume", "--out_dir", tmp_path / "out", "--max_iters", "6",
-                        "--gradient_accumulation_steps", "1")
+def test_tokens_stay_true_when_the_batch_changes_on_resume(tmp_path, custom_run_to_4):
+    custom_run_to_4(tmp_path / "out")
+    resumed = train_in_process("--init_from", "resume", "--out_dir", tmp_path / "out", "--max_iters", "6",
+                               "--gradient_accumulation_steps", "1")
     assert resumed.returncode == 0, resumed.stderr
     assert "the global batch changes from 12 to 4 sequences per step" in resumed.stdout
     tokens = {m["step"]: m["tokens"] for m in read_metrics(tmp_path / "out") if "train_loss" in m}
@@ -360,7 +376,7 @@ def test_eval_only_with_nothing_else_scores_as_training_did_into_the_checkpoints
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run[0], run_dir)
     checkpoint = next(run_dir.glob("iter-8-*.pt"))
-    result = run_train("--eval_only", "True", "--init_from", checkpoint, cwd=tmp_path)
+    result = train_in_process("--eval_only", "True", "--init_from", checkpoint, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     logged = [m for m in read_metrics(run_dir) if m.get("step") == 8 and "val_loss" in m]
     assert len(logged) == 2 and logged[1]["eval_only"] is True
@@ -385,7 +401,7 @@ def test_a_second_trainer_on_the_same_out_dir_is_refused_and_the_first_is_unaffe
         assert time.monotonic() < deadline and first.poll() is None, first.communicate()
         time.sleep(0.05)
     for args in (["--init_from", "resume"], []):  # from scratch or resume alike
-        second = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "6", *args)
+        second = train_in_process(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "6", *args)
         assert second.returncode == 1
         (line,) = second.stderr.strip().splitlines()
         assert f"is in use by another trainer (pid {first.pid} on" in line
@@ -401,10 +417,10 @@ def test_a_users_file_named_like_a_checkpoint_is_never_read_pruned_or_resumed(tm
     (out_dir / ".notes.tmp").write_text("notes")  # named like temporary files, but not the trainer's
     (out_dir / ".x.tmp").mkdir()
     (out_dir / ".metrics.jsonl.1234.0badcafe.tmp").write_text("cut short")  # a killed write's, removed
-    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "4", "--eval_interval", "1",
-                       "--keep_last", "1")
+    result = train_in_process(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "4",
+                              "--eval_interval", "1", "--keep_last", "1")
     assert result.returncode == 0, result.stderr
-    resumed = run_train("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "5")
+    resumed = train_in_process("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "5")
     assert resumed.returncode == 0, resumed.stderr
     assert "from step 4" in resumed.stdout
     assert (out_dir / "iter-100-my-notes.pt").read_text() == "notes"
@@ -464,26 +480,25 @@ def test_a_tracker_folder_that_is_a_link_is_refused(tmp_path, capsys):
     assert list(elsewhere.iterdir()) == []
 
 
-def test_resume_forgets_damaged_lines_of_the_metrics_log(tmp_path):
-    out_dir = tmp_path / "out"
-    first = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "4", "--eval_interval", "4")
-    assert first.returncode == 0, first.stderr
+def test_resume_forgets_damaged_lines_of_the_metrics_log(tmp_path, run_to_4):
+    out_dir = run_to_4(tmp_path / "out")
     with open(out_dir / "metrics.jsonl", "ab") as f:
         f.write(b'{"val_loss": 1.0}\nnull\n\xff\xfe not text\n[1, 2]\n{"step": "x"}\n')
-    resumed = run_train("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "6")
+    resumed = train_in_process("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "6")
     assert resumed.returncode == 0, resumed.stderr
     assert [m["step"] for m in read_metrics(out_dir) if "train_loss" in m] == list(range(6))
 
 
 def test_a_run_records_its_data_path_so_eval_only_works_from_another_directory(tmp_path):
     out_dir = tmp_path / "out"
-    result = run_train(*TINY, "--data", "input.txt", "--out_dir", out_dir, "--max_iters", "2",
-                       "--eval_interval", "2", cwd=REPO)  # --data relative to the repo
+    result = train_in_process(*TINY, "--data", "input.txt", "--out_dir", out_dir, "--max_iters", "2",
+                              "--eval_interval", "2", cwd=REPO)  # --data relative to the repo
     assert result.returncode == 0, result.stderr
     assert json.loads((out_dir / "config.json").read_text())["data"] == str(INPUT_TXT)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    scored = run_train("--eval_only", "True", "--init_from", next(out_dir.glob("iter-2-*.pt")), cwd=elsewhere)
+    scored = train_in_process("--eval_only", "True", "--init_from", next(out_dir.glob("iter-2-*.pt")),
+                              cwd=elsewhere)
     assert scored.returncode == 0, scored.stderr
     assert read_metrics(out_dir)[-1]["eval_only"] is True
 
@@ -525,8 +540,8 @@ def test_a_third_run_of_spikes_in_one_region_stops_naming_the_checkpoint_before_
 
 def test_auto_batch_on_a_cpu_keeps_the_flags_and_says_so(tmp_path):
     out_dir = tmp_path / "out"
-    result = run_train(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2",
-                       "--eval_interval", "2", "--auto_batch", "True")
+    result = train_in_process(*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2",
+                              "--eval_interval", "2", "--auto_batch", "True")
     assert result.returncode == 0, result.stderr
     assert "--auto_batch: on cpu the flags' micro-batch of 4 is kept" in result.stdout
     config = json.loads((out_dir / "config.json").read_text())
