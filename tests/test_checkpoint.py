@@ -104,7 +104,8 @@ def test_a_version_1_checkpoint_is_upgraded_with_what_its_run_did(trained_run, t
     config = checkpoint["config"]
     tokens_per_step = config["batch_size"] * config["gradient_accumulation_steps"] * config["block_size"]
     assert upgraded["progress"] == {**checkpoint["progress"], "tokens": 8 * tokens_per_step, "best_step": None,
-                                    "skipped_steps": 0, "wandb_run_id": None}
+                                    "skipped_steps": 0, "wandb_run_id": None, "train_seconds": 0.0,
+                                    "target": None}  # the counters since version 2 count from the upgrade on
     # the loader of version 1 read its data in order: the upgraded run goes on reading it so
     assert upgraded["loader"]["shuffle"] is False and upgraded["config"]["shuffle"] is False
     assert upgraded["loader"]["fingerprints"] is None
