@@ -174,12 +174,15 @@ def hf_model(model_args, state):
                         "extra there): only a model of GPT-2's architecture converts") from None
     with torch.no_grad():
         for name, value in state.items():
-            value = value.t() if name.endswith(HF_TRANSPOSED) else value
+            transposed = name.endswith(HF_TRANSPOSED)
+            value = value.t() if transposed else value
             value = value[:VOCAB_SIZE] if name.endswith(("wte.weight", "lm_head.weight")) else value
             if value.shape != hf_state[name].shape:
-                raise UserError(f"transformers' GPT-2 cannot hold these weights ({name} is {tuple(value.shape)}, "
-                                f"GPT-2's {tuple(hf_state[name].shape)}): only a model of GPT-2's "
-                                "architecture converts")
+                ours, gpt2 = tuple(value.shape), tuple(hf_state[name].shape)
+                if transposed:  # said as this repo's Linear holds it (transformers' Conv1D has it transposed)
+                    ours, gpt2 = ours[::-1], gpt2[::-1]
+                raise UserError(f"transformers' GPT-2 cannot hold these weights ({name} is {ours}, GPT-2's "
+                                f"{gpt2}): only a model of GPT-2's architecture converts")
             hf_state[name].copy_(value)
     return hf.eval()
 

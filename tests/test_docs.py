@@ -5,7 +5,6 @@ set-up and test lines are the ones CI runs, and every link between the documents
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 

@@ -325,10 +325,16 @@ def long_run(tmp_path_factory):
     return args, root / "clean"
 
 
+def default_ctrl_c():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_run(args, out_dir, cwd, **popen):
-    """fineweb.py started in its own process group, returned once the second shard exists."""
+    """fineweb.py started in its own process group, returned once the second shard exists. Ctrl-C is set to
+    stop it, as in a terminal, whatever the tests inherited: a shell starts a background job (CI's, say) with
+    Ctrl-C ignored, and its processes pass that on."""
     process = subprocess.Popen([sys.executable, str(REPO / "fineweb.py"), *map(str, args), "--out_dir", out_dir],
-                               cwd=cwd, start_new_session=True, **popen)
+                               cwd=cwd, start_new_session=True, preexec_fn=default_ctrl_c, **popen)
     second = cwd / out_dir / "local_train_000001.bin"
     deadline = time.monotonic() + 60
     while not second.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -336,9 +342,9 @@ def start_run(args, out_dir, cwd, **popen):
     return process
 
 
-def check_stopped_part_way(out_dir):
+def check_stopped_part_way(out_dir, output=""):
     manifest = json.loads((out_dir / "manifest.json").read_text())
-    assert not manifest["complete"], "the run finished before it was stopped: make the corpus longer"
+    assert not manifest["complete"], f"the run finished before it was stopped: make the corpus longer\n{output}"
     for path in shard_paths(out_dir):
         read_shard_header(path)  # every shard under a final name is whole
 
@@ -349,7 +355,7 @@ def start_and_stop(args, out_dir, cwd, sig):
     process = start_run(args, out_dir, cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     os.killpg(process.pid, sig)
     _, stderr = process.communicate(timeout=60)
-    check_stopped_part_way(cwd / out_dir)
+    check_stopped_part_way(cwd / out_dir, f"exit status {process.returncode}, stderr:\n{stderr[-2000:]}")
     return process.returncode, stderr
 
 

@@ -422,13 +422,14 @@ def test_command_line_scores_a_transformers_gpt2_saved_in_a_folder(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(tmp_path / "hf")
-    data = write_jsonl(tmp_path / "data.jsonl", random_items(5) + ["oops"])
+    items = random_items(5)
+    data = write_jsonl(tmp_path / "data.jsonl", items[:2] + ["oops"] + items[2:])  # read before the 4th example
     # a batch of the 4 examples, not 16 (12 of padding): a CPU without bfloat16 matmuls emulates them, slowly
     result = run_main("hellaswag.py", "--init_from", tmp_path / "hf", "--data", data,
                       "--hellaswag_examples", "4", "--dtype", "bfloat16", "--batch_size", "4")
     assert result.returncode == 0, result.stderr
     assert parse_result(result.stdout)["n"] == 4
-    assert f"warning: {data}:6: not JSON" in result.stderr
+    assert f"warning: {data}:3: not JSON" in result.stderr
 
 
 @pytest.mark.parametrize("case", ["missing data", "missing checkpoint", "a trainer's checkpoint", "not a model folder",

@@ -103,16 +103,21 @@ def test_an_architecture_transformers_cannot_hold_is_refused_naming_the_field(tr
     class WithMLPWidth(train_gpt2.GPTConfig):  # a researcher's new field, past GPT-2's shape
         mlp_width: int = 4
 
+    @dataclass
+    class TrainConfigWithMLPWidth(WithMLPWidth, train_gpt2.TrainConfig):
+        pass  # what TrainConfig becomes when the field is written into GPTConfig
+
     checkpoint = torch.load(trained_run[0] / "best_val_loss.pt", weights_only=True)
     checkpoint["model_args"]["mlp_width"] = 3
     torch.save(checkpoint, tmp_path / "wide.pt")
     monkeypatch.setattr(train_gpt2, "GPTConfig", WithMLPWidth)
+    monkeypatch.setattr(train_gpt2, "TrainConfig", TrainConfigWithMLPWidth)
     with pytest.raises(UserError, match="transformers' GPT-2 has no mlp_width .this model's is 3, GPT-2's 4."):
         train_gpt2.export(train_gpt2.parse_args(["--init_from", str(tmp_path / "wide.pt"),
                                                   "--export_hf", str(tmp_path / "hf")])[0])
     state = our_model(trained_run[0] / "best_val_loss.pt").state_dict()
     state["transformer.h.0.mlp.c_fc.weight"] = state["transformer.h.0.mlp.c_fc.weight"][:96]  # hidden 3C
-    with pytest.raises(UserError, match="c_fc.weight is .96, 64., GPT-2's .64, 256.: only a model of GPT-2's"):
+    with pytest.raises(UserError, match="c_fc.weight is .96, 64., GPT-2's .256, 64..: only a model of GPT-2's"):
         export_hf(dataclasses.asdict(our_model(trained_run[0] / "best_val_loss.pt").config), state,
                   tmp_path / "hf")
 

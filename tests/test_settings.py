@@ -25,8 +25,10 @@ def test_help_lists_every_flag_with_its_default():
 
 def test_defaults_match_the_readme_training_command():
     config, _ = parse_args([])
-    assert (config.batch_size, config.block_size, config.n_layer, config.n_head, config.n_embd) == (8, 1024, 12, 12, 768)
-    assert (config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters) == (6e-4, 6e-5, 2000, 600000)
+    shape = (config.batch_size, config.block_size, config.n_layer, config.n_head, config.n_embd)
+    assert shape == (8, 1024, 12, 12, 768)
+    schedule = (config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters)
+    assert schedule == (6e-4, 6e-5, 2000, 600000)
     assert (config.max_iters, config.eval_interval, config.eval_iters) == (600000, 2000, 200)
     assert (config.gradient_accumulation_steps, config.compile, config.eval_only) == (5, True, False)
     assert (config.out_dir, config.weight_decay, config.grad_clip) == ("./out", 0.1, 1.0)
