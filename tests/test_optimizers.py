@@ -1,13 +1,14 @@
 """train_gpt2.py's optimizers: which parameters each one trains, each group's own learning rate under the
-schedule, Muon wherever AdamW runs (accumulation and DDP alike, exact resume, the refusals), and the report of
-the first evaluation at or below --target_val_loss."""
+schedule, Muon wherever AdamW runs (accumulation and DDP alike, exact resume, compiled, the spike guard's
+roll-back, the refusals), and the report of the first evaluation at or below --target_val_loss."""
 
 import pytest
 import torch
 
 import train_gpt2
 from checkpoint import load_checkpoint
-from conftest import INPUT_TXT, TINY, read_metrics, run_torchrun, run_train, train_losses
+from conftest import (INPUT_TXT, SPIKE_GUARD, TINY, read_metrics, run_torchrun, run_train, spiky_data,
+                      train_in_process, train_losses)
 from train_gpt2 import GPT, GPTConfig, TrainConfig, make_optimizers, set_learning_rates, training_state_bytes
 
 TINY_MODEL = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64)
@@ -70,6 +71,22 @@ def test_muon_resumes_exactly_and_lowers_the_loss_as_adamw_does(tmp_path):
     whole, resumed = train_losses(tmp_path / "whole"), train_losses(tmp_path / "resumed")
     assert resumed == {step: loss for step, loss in whole.items() if step >= 3}
     assert whole[5] < whole[0]
+
+
+def test_muon_trains_compiled_and_through_the_spike_guards_roll_back(tmp_path):
+    data = spiky_data(tmp_path / "shards", 25, 5)  # the batches of steps 25 to 29 are random tokens
+    out_dir = tmp_path / "out"
+    result = train_in_process(*TINY, *SPIKE_GUARD, *MUON, "--compile", "True", "--data", data,
+                              "--out_dir", out_dir)
+    assert result.returncode == 0, result.stderr
+    records = read_metrics(out_dir)
+    assert [r["step"] for r in records if r.get("loss_spike")] == [25, 26, 27, 28, 29]
+    (rolled,) = [r for r in records if "rolled_back_to" in r]
+    assert rolled["step"] == 27 and rolled["rolled_back_to"] == 20
+    after = [r for r in records if r["step"] > 29 and "train_loss" in r]
+    assert [r["step"] for r in after] == [30, 31] and all(r["train_loss"] < 9 for r in after)
+    final = load_checkpoint(next(out_dir.glob("iter-32-*.pt")))
+    assert set(final["optimizer"]) == {"muon", "adamw"} and final["config"]["compile"] is True
 
 
 def test_two_torchrun_processes_with_muon_match_one_process_with_twice_the_accumulation(tmp_path):
