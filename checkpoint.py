@@ -1,6 +1,7 @@
 """
 The one owner of the checkpoint format: what a checkpoint holds, how it is written, read, checked and
-upgraded, and the names of the checkpoints in a run directory. Nothing here needs the model class.
+upgraded, the model it describes built and checked against its weights (the model class handed in), and
+the names of the checkpoints in a run directory. Nothing here imports the model.
 
     checkpoint = make_checkpoint(parts, model_args=..., config=..., ...)  # each part's state_dict()
     save_checkpoint("out/iter-10-loss-5.0000.pt", checkpoint)
@@ -321,7 +322,7 @@ def check_fields(c, path):
     fields = {
         "a field": all(key in c for key in PARTS + ABOUT),
         "model": isinstance(c.get("model"), dict) and all(isinstance(v, torch.Tensor) for v in c["model"].values()),
-        # the model's own fields are checked by building it (train_gpt2.build_checkpoint_model)
+        # the model's own fields are checked by building it (build_checkpoint_model)
         "model_args": isinstance(model_args, dict) and all(isinstance(k, str) for k in model_args),
         "optimizer": isinstance(optimizers, dict) and len(optimizers) > 0
         and all(isinstance(o, dict) and isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)
@@ -364,6 +365,46 @@ def check_fields(c, path):
     bad = [name for name, ok in fields.items() if not ok]
     if bad:
         raise malformed(path, f"{bad[0]} has a wrong type or value")
+
+
+# -----------------------------------------------------------------------------
+# The model a checkpoint describes: built from its model_args, checked against its weights
+
+
+def build_checkpoint_model(checkpoint, model_class, config_class):
+    """The model_class (train_gpt2.GPT) of a checkpoint's model_args (config_class's fields, GPTConfig's; one
+    it lacks, at its default), first built on the meta device, so that weights which do not fit their
+    architecture (an n_embd of 10^9, say) are refused before any memory is taken."""
+    path, model_args = checkpoint["path"], checkpoint["model_args"]
+    names = {field.name for field in dataclasses.fields(config_class)}
+    if not isinstance(model_args, dict) or not set(model_args) <= names:
+        unknown = sorted(set(model_args) - names) if isinstance(model_args, dict) else "not a dict"
+        raise UserError(f"checkpoint {path} has an architecture field this GPTConfig lacks "
+                        f"({unknown}): it is damaged or from another version of the model")
+    try:
+        model_config = config_class(**model_args)
+    except UserError as e:
+        raise UserError(f"checkpoint {path} holds a malformed architecture ({e}): it is damaged; "
+                        "use another checkpoint of the run") from None
+    try:
+        with torch.device("meta"):
+            shapes = {name: t.shape for name, t in model_class(model_config).state_dict().items()}
+    except RuntimeError as e:  # past what a tensor can hold, even on the meta device
+        raise damaged_weights(path, e) from None
+    saved = {name: t.shape for name, t in checkpoint["model"].items()}
+    if saved != shapes:
+        wrong = sorted(name for name in set(saved) | set(shapes)
+                       if saved.get(name) != shapes.get(name))
+        raise damaged_weights(path, f"{wrong[0]} is {tuple(saved.get(wrong[0], ()))}, its "
+                                    f"architecture's {tuple(shapes.get(wrong[0], ()))}")
+    return model_class(model_config)
+
+
+def damaged_weights(path, reason):
+    lines = str(reason).strip().splitlines()
+    reason = " ".join(line.strip() for line in lines[1:3]) or (lines or [""])[0]
+    return UserError(f"checkpoint {path} does not match its own architecture ({reason}): it is "
+                     "damaged; use another checkpoint of the run")
 
 
 # -----------------------------------------------------------------------------

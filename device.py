@@ -1,8 +1,8 @@
 """
 Where and in what precision a script runs: --device and --dtype resolved against the machine, the autocast
-context for the dtype, the device's peak FLOP/s for the MFU figure, and a process's place among the ranks of
-a distributed run with the two rules every rank follows. Shared by training, evaluation, sampling and the
-benchmark.
+context for the dtype, the device's peak FLOP/s for the MFU figure, a process's place among the ranks of
+a distributed run with the two rules every rank follows, and the model and its batches put there (whole or
+sharded, wrapped in DDP, batches copied ahead). Shared by training, evaluation, sampling and the benchmark.
 """
 
 import contextlib
@@ -10,11 +10,14 @@ import datetime
 import math
 import os
 import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from cli import UserError
 
@@ -243,6 +246,42 @@ def lost_contact(error):
     return isinstance(error, RuntimeError) and any(w in str(error) for w in words)
 
 
+def run_on_ranks(program):
+    """Run program(join) as a script's whole run, where join(...) is setup_distributed, and exit as a
+    distributed run should: a UserError with its code (rank 0 prints its line; another rank prints an
+    error of its own, its data say, prefixed with its rank), Ctrl-C with 130, and a rank that lost contact
+    with the others at once, without tearing down a group that could wait on the gone peer."""
+    joined, code = [], 0  # joined: this process's Distributed, once it has one
+
+    def join(*args):
+        joined.append(setup_distributed(*args))
+        return joined[0]
+
+    try:
+        program(join)
+    except UserError as e:
+        code, message = e.code, f"error: {e}" if e.code == 1 else str(e)
+        if code == 1 and joined and not joined[0].is_master:
+            print(f"rank {joined[0].rank}: {message}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        code = 130
+        message = "error: interrupted: stopped at once; the checkpoints on disk are intact"
+    except Exception as e:
+        if not joined or joined[0].world_size == 1 or not lost_contact(e):
+            raise
+        print(f"error: rank {joined[0].rank} lost contact with the other processes "
+              f"({str(e).splitlines()[0]}): see their output; continue with --init_from resume",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if code:
+        if not joined or joined[0].is_master:
+            print(message, file=sys.stderr, flush=True)
+        sys.exit(code)
+
+
 def rank_device_and_backend(device, backend, fsdp, local_rank=None):
     """(device, backend) of a process of a distributed run: under torchrun (local_rank given) each process
     takes a GPU of its node, and the backend is NCCL on GPUs, Gloo on the CPU, unless backend names one.
@@ -298,3 +337,110 @@ def setup_distributed(device, timeout_seconds=600, fsdp=False, backend="auto"):
                                 timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     return Distributed(rank, local_rank or 0, world_size, device, control, sharded=fsdp)
+
+
+# -----------------------------------------------------------------------------
+# The model on the ranks: placed whole or sharded (FSDP), wrapped in DDP, and its batches
+
+
+def shard_model(model, device, dtype):
+    """FSDP2 over every rank: each block is a group of its own, gathered whole just before it runs
+    and freed after, and the root holds the rest (wte, which is also lm_head, wpe and ln_f), so the
+    tied weight stays one parameter. Each rank keeps its float32 shard of every weight, gradient and
+    AdamW moment; with bfloat16 the gathered weights are bfloat16 and the gradients reduced in
+    float32. Each shard is moved to device as it is cut, so the whole model never is."""
+    try:  # public in torch.distributed.fsdp from torch 2.6
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy()  # float32: the weights as they are
+    if dtype == "bfloat16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def place_model(model, dist_info, dtype, loss_kernel=True):
+    """The model on its device: whole, or under FSDP this rank's shards of it. On CUDA, float32
+    matmuls run as TF32 (training and evaluation alike, so that an evaluation repeats the one logged
+    in training)."""
+    model.output_loss.use_kernel = loss_kernel
+    if dist_info.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if dist_info.sharded:
+        return shard_model(model, dist_info.device, dtype)
+    return model.to(dist_info.device)
+
+
+def wrap_model(model, compile, dist_info):
+    """What every forward pass calls: the model compiled if asked, and that wrapped in DDP when
+    there are several processes (a sharded model, FSDP, is its own wrapper). Evaluation calls it
+    too, on some ranks only: DDP's forward pass without gradients is no collective, as long as it
+    does not broadcast buffers (a model's buffers, such as rotary tables, are the same on every
+    rank)."""
+    ddp = dist_info.world_size > 1 and not dist_info.sharded
+    version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    if ddp and compile and version < (2, 6):
+        # before 2.6, DDP's graph splitting refused the loss's autograd.Function (a higher-order op)
+        torch._dynamo.config.optimize_ddp = False
+    compiled = torch.compile(model) if compile else model
+    if not ddp:
+        return compiled
+    cuda = dist_info.device.startswith("cuda")
+    device_ids = [torch.device(dist_info.device).index] if cuda else None
+    return nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids,
+                                               broadcast_buffers=False)
+
+
+def set_gradient_sync(model, sync):
+    """Whether the next backward pass reduces the gradients over the ranks: DDP's flag (flipped
+    rather than entering no_sync(), so the loop stays flat; set before the forward pass, where DDP
+    reads it) or FSDP's."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model.require_backward_grad_sync = sync
+    else:
+        model.set_requires_gradient_sync(sync)  # FSDP2 (a compiled model passes it on)
+
+
+class Prefetcher:
+    """The loader's next batch read in a thread while the step runs, copied to the device from
+    pinned memory without blocking. state_dict() is the loader's state after the batches handed
+    out, not the one being read ahead, so that a checkpoint resumes at the right batch."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+        self.pin = device.startswith("cuda")
+        self.tokens_per_step = loader.tokens_per_step
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.start()
+
+    def start(self):
+        self.state = self.loader.state_dict()
+        self.pending = self.pool.submit(self.fetch)
+
+    def fetch(self):
+        x, y = self.loader.next_batch()
+        if self.pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y, self.loader.state_dict()
+
+    def next_batch(self):
+        x, y, self.state = self.pending.result()
+        self.pending = self.pool.submit(self.fetch)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.pending.result()  # the batch read ahead from the old state is dropped
+        self.loader.load_state_dict(state)
+        self.start()
+
+    def close(self):
+        self.pool.shutdown(wait=True)

@@ -12,6 +12,7 @@ matrices transposed (HF_TRANSPOSED), and its vocabulary is GPT-2's 50,257 where 
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -223,6 +224,18 @@ def save_hf_tokenizer(folder, max_length):
                                        encoding="utf-8")
     tokenizer = GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
     tokenizer.save_pretrained(folder)
+
+
+def export_model(model, path):
+    """export_hf of a model of this repo (a GPT): only GPT-2's own shape goes into transformers'
+    GPT2LMHeadModel, so a field of its config past it (one set off its default) is refused."""
+    for field in dataclasses.fields(model.config):
+        value = getattr(model.config, field.name)
+        if field.name not in HF_CONFIG_NAMES and value != field.default:
+            raise UserError(f"--export_hf: transformers' GPT-2 has no {field.name} (this model's "
+                            f"is {value!r}, GPT-2's {field.default!r}): "
+                            "only a model of GPT-2's architecture can be exported")
+    return export_hf(dataclasses.asdict(model.config), model.state_dict(), path)
 
 
 def export_hf(model_args, state, path):

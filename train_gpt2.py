@@ -7,43 +7,39 @@ Pre-train GPT-2: the model, the sharded token loader, the cosine LR schedule, th
     python train_gpt2.py --init_from resume                 # continue the run in --out_dir
     python train_gpt2.py --eval_only True --init_from out/best_val_loss.pt
 
-Every flag is a field of settings.TrainConfig (`--help` lists them). The file reads top to bottom:
-the model, the data, the schedule, the DDP/FSDP set-up, the Trainer (its train_step is one optimizer
-step, its loop the run) and main(), which runs export (--export_hf), evaluate_only (--eval_only) or
-train. The rest lives in files named for it (docs/code.md). Importing this file
-only defines things: `from train_gpt2 import GPT, GPTConfig`.
+Every flag is a field of TrainConfig (`--help` lists them). The file reads top to bottom: the
+model, the data, the schedule, the optimizers, the Trainer (its train_step is one optimizer step,
+its loop the run) and main(), which runs export (--export_hf), evaluate_only (--eval_only) or train
+on every rank. The rest, the model's placement on the ranks among it (device.py), lives in files
+named for it (docs/code.md). Importing this file only defines things:
+`from train_gpt2 import GPT, GPTConfig`.
 """
 
 import dataclasses
 import math
-import os
-import re
 import signal
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import rundir
 from checkpoint import (FullModelState, OptimizerStates, Progress, RNGState, RunCheckpoints,
-                        checkpoint_name, checkpoint_path, git_commit, load_checkpoint,
-                        make_checkpoint, restore)
+                        build_checkpoint_model, checkpoint_name, checkpoint_path, damaged_weights,
+                        git_commit, load_checkpoint, make_checkpoint, restore)
 from cli import StopSignal, UserError, flag
 from cross_entropy_kernel import OutputLayerLoss
-from device import (check_model_fits, device_peak_flops, lost_contact,
-                    make_autocast, resolve_dtype, setup_distributed)
+from device import (Prefetcher, check_model_fits, device_peak_flops, make_autocast, place_model,
+                    resolve_dtype, run_on_ranks, set_gradient_sync, wrap_model)
 from evaluation import Evaluation, evaluate_only
 from fineweb import (check_unchanged, check_vocab_size, fingerprint, load_token_sources,
                      read_span, sampled_fingerprint)
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, choose_micro_batch
-from hf_convert import HF_CONFIG_NAMES, export_hf, is_hf_model, load_gpt2_weights
+from hf_convert import export_model, is_hf_model, load_gpt2_weights
 from rundir import Plotter, RunLog, describe_target, pause_clock
 from sampling import generate_tokens
 from settings import (TrainSettings, check_architecture, parse_config, parse_duration,
@@ -349,45 +345,6 @@ class ShardLoader:
         self.skip_short_shards()
 
 
-class Prefetcher:
-    """The loader's next batch read in a thread while the step runs, copied to the device from
-    pinned memory without blocking. state_dict() is the loader's state after the batches handed
-    out, not the one being read ahead, so that a checkpoint resumes at the right batch."""
-
-    def __init__(self, loader, device):
-        self.loader, self.device = loader, device
-        self.pin = device.startswith("cuda")
-        self.tokens_per_step = loader.tokens_per_step
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.start()
-
-    def start(self):
-        self.state = self.loader.state_dict()
-        self.pending = self.pool.submit(self.fetch)
-
-    def fetch(self):
-        x, y = self.loader.next_batch()
-        if self.pin:
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y, self.loader.state_dict()
-
-    def next_batch(self):
-        x, y, self.state = self.pending.result()
-        self.pending = self.pool.submit(self.fetch)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, state):
-        self.pending.result()  # the batch read ahead from the old state is dropped
-        self.loader.load_state_dict(state)
-        self.start()
-
-    def close(self):
-        self.pool.shutdown(wait=True)
-
-
 # -----------------------------------------------------------------------------
 # The learning-rate schedule and the throughput figures
 
@@ -494,73 +451,6 @@ def optimizer_state_bytes(optimizer):
     """The bytes of the tensors an optimizer keeps (its moments, once it has stepped)."""
     return sum(value.numel() * value.element_size() for state in optimizer.state.values()
                for value in state.values() if isinstance(value, torch.Tensor))
-
-
-# -----------------------------------------------------------------------------
-# The distributed set-up: the model under DDP or FSDP (device.setup_distributed joins the ranks)
-
-def shard_model(model, device, dtype):
-    """FSDP2 over every rank: each block is a group of its own, gathered whole just before it runs
-    and freed after, and the root holds the rest (wte, which is also lm_head, wpe and ln_f), so the
-    tied weight stays one parameter. Each rank keeps its float32 shard of every weight, gradient and
-    AdamW moment; with bfloat16 the gathered weights are bfloat16 and the gradients reduced in
-    float32. Each shard is moved to device as it is cut, so the whole model never is."""
-    try:  # public in torch.distributed.fsdp from torch 2.6
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    except ImportError:
-        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy()  # float32: the weights as they are
-    if dtype == "bfloat16":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    return model
-
-
-def place_model(model, dist_info, dtype, loss_kernel=True):
-    """The model on its device: whole, or under FSDP this rank's shards of it. On CUDA, float32
-    matmuls run as TF32 (training and evaluation alike, so that an evaluation repeats the one logged
-    in training)."""
-    model.output_loss.use_kernel = loss_kernel
-    if dist_info.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if dist_info.sharded:
-        return shard_model(model, dist_info.device, dtype)
-    return model.to(dist_info.device)
-
-
-def wrap_model(model, compile, dist_info):
-    """What every forward pass calls: the model compiled if asked, and that wrapped in DDP when
-    there are several processes (a sharded model, FSDP, is its own wrapper). Evaluation calls it
-    too, on some ranks only: DDP's forward pass without gradients is no collective, as long as it
-    does not broadcast buffers (a model's buffers, such as rotary tables, are the same on every
-    rank)."""
-    ddp = dist_info.world_size > 1 and not dist_info.sharded
-    version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
-    if ddp and compile and version < (2, 6):
-        # before 2.6, DDP's graph splitting refused the loss's autograd.Function (a higher-order op)
-        torch._dynamo.config.optimize_ddp = False
-    compiled = torch.compile(model) if compile else model
-    if not ddp:
-        return compiled
-    cuda = dist_info.device.startswith("cuda")
-    device_ids = [torch.device(dist_info.device).index] if cuda else None
-    return nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids,
-                                               broadcast_buffers=False)
-
-
-def set_gradient_sync(model, sync):
-    """Whether the next backward pass reduces the gradients over the ranks: DDP's flag (flipped
-    rather than entering no_sync(), so the loop stays flat; set before the forward pass, where DDP
-    reads it) or FSDP's."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model.require_backward_grad_sync = sync
-    else:
-        model.set_requires_gradient_sync(sync)  # FSDP2 (a compiled model passes it on)
 
 
 # -----------------------------------------------------------------------------
@@ -862,7 +752,7 @@ def load_start(init_from, out_dir):
     if init_from != "resume" and is_hf_model(init_from):
         return GPT.from_pretrained(init_from).eval(), None
     checkpoint = load_checkpoint(checkpoint_path(init_from, out_dir))
-    model = build_checkpoint_model(checkpoint)
+    model = build_checkpoint_model(checkpoint, GPT, GPTConfig)
     try:
         model.load_state_dict(checkpoint.pop("model"))
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
@@ -870,53 +760,10 @@ def load_start(init_from, out_dir):
     return model.eval(), checkpoint
 
 
-def build_checkpoint_model(checkpoint):
-    """The GPT of a checkpoint's model_args (GPTConfig's fields; one it lacks, at its default),
-    first built on the meta device, so that weights which do not fit their architecture (an
-    n_embd of 10^9, say) are refused before any memory is taken."""
-    path, model_args = checkpoint["path"], checkpoint["model_args"]
-    names = {field.name for field in dataclasses.fields(GPTConfig)}
-    if not isinstance(model_args, dict) or not set(model_args) <= names:
-        unknown = sorted(set(model_args) - names) if isinstance(model_args, dict) else "not a dict"
-        raise UserError(f"checkpoint {path} has an architecture field this GPTConfig lacks "
-                        f"({unknown}): it is damaged or from another version of the model")
-    try:
-        model_config = GPTConfig(**model_args)
-    except UserError as e:
-        raise UserError(f"checkpoint {path} holds a malformed architecture ({e}): it is damaged; "
-                        "use another checkpoint of the run") from None
-    try:
-        with torch.device("meta"):
-            shapes = {name: t.shape for name, t in GPT(model_config).state_dict().items()}
-    except RuntimeError as e:  # past what a tensor can hold, even on the meta device
-        raise damaged_weights(path, e) from None
-    saved = {name: t.shape for name, t in checkpoint["model"].items()}
-    if saved != shapes:
-        wrong = sorted(name for name in set(saved) | set(shapes)
-                       if saved.get(name) != shapes.get(name))
-        raise damaged_weights(path, f"{wrong[0]} is {tuple(saved.get(wrong[0], ()))}, its "
-                                    f"architecture's {tuple(shapes.get(wrong[0], ()))}")
-    return GPT(model_config)
-
-
-def damaged_weights(path, reason):
-    lines = str(reason).strip().splitlines()
-    reason = " ".join(line.strip() for line in lines[1:3]) or (lines or [""])[0]
-    return UserError(f"checkpoint {path} does not match its own architecture ({reason}): it is "
-                     "damaged; use another checkpoint of the run")
-
-
 def export(config):
-    """--export_hf: a conversion, not a run; it reads no data and trains nothing. Only GPT-2's own
-    shape goes into transformers' GPT2LMHeadModel: a field of GPTConfig past it is refused."""
+    """--export_hf: a conversion, not a run; it reads no data and trains nothing (hf_convert)."""
     model, checkpoint = load_start(config.init_from, config.out_dir)
-    for field in dataclasses.fields(GPTConfig):
-        value = getattr(model.config, field.name)
-        if field.name not in HF_CONFIG_NAMES and value != field.default:
-            raise UserError(f"--export_hf: transformers' GPT-2 has no {field.name} (this model's "
-                            f"is {value!r}, GPT-2's {field.default!r}): "
-                            "only a model of GPT-2's architecture can be exported")
-    path = export_hf(dataclasses.asdict(model.config), model.state_dict(), config.export_hf)
+    path = export_model(model, config.export_hf)
     print(f"exported {checkpoint['path'] if checkpoint else config.init_from} to {path}")
 
 
@@ -947,7 +794,8 @@ def train(config, changes, dist_info, model, checkpoint, launched):
         check_model_fits(state_bytes, dist_info)
     continuing = checkpoint["path"] if checkpoint else None
     check = lambda: rundir.check_run_files(config.out_dir, continuing)
-    trainer, failed, status, lock = None, True, 1, None  # status: this launch's exit, left in out_dir
+    # status: this launch's exit, left in out_dir
+    trainer, failed, status, lock = None, True, 1, None
     try:
         if model is None:
             torch.manual_seed(config.seed)
@@ -1034,12 +882,13 @@ def start(argv):
 
 
 def main(argv=None):
-    dist_info, code, launched = None, 0, time.perf_counter()
-    try:
+    launched = time.perf_counter()
+
+    def program(join):
         config, changes, model, checkpoint = start(argv)
         config.validate()
-        dist_info = setup_distributed(config.device, config.ddp_timeout,
-                                      config.fsdp and not config.export_hf, config.backend)
+        dist_info = join(config.device, config.ddp_timeout, config.fsdp and not config.export_hf,
+                         config.backend)
         if config.export_hf:
             dist_info.on_rank0(lambda: export(config), "export the model")
         elif config.eval_only:  # the model placed (sharded under FSDP) as training places it
@@ -1047,28 +896,8 @@ def main(argv=None):
             evaluate_only(config, dist_info, model, checkpoint, place)
         else:
             train(config, changes, dist_info, model, checkpoint, launched)
-    except UserError as e:
-        code, message = e.code, f"error: {e}" if e.code == 1 else str(e)
-        if code == 1 and dist_info is not None and not dist_info.is_master:  # its own data, say
-            print(f"rank {dist_info.rank}: {message}", file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        code = 130
-        message = "error: interrupted: stopped at once; the checkpoints on disk are intact"
-    except Exception as e:
-        if dist_info is None or dist_info.world_size == 1 or not lost_contact(e):
-            raise
-        # a peer is gone: tearing the group down could wait on it, so leave without
-        print(f"error: rank {dist_info.rank} lost contact with the other processes "
-              f"({str(e).splitlines()[0]}): see their output; continue with --init_from resume",
-              file=sys.stderr, flush=True)
-        os._exit(1)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if code:
-        if dist_info is None or dist_info.is_master:
-            print(message, file=sys.stderr, flush=True)
-        sys.exit(code)
+
+    run_on_ranks(program)
 
 
 if __name__ == "__main__":
