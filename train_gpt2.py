@@ -664,14 +664,13 @@ class Trainer:
                       ms_per_step=ms_per_step, tokens_per_sec=tokens_per_sec, mfu=mfu,
                       tokens=self.progress.tokens)
 
-    def loop(self, stop, launched=None):
+    def loop(self, stop, launched, checkpoint_bytes):
         """Train from the current step to max_iters: evaluate (and checkpoint) every eval_interval
         steps and at the end, log every log_interval steps; stop with a checkpoint on a signal, or
-        before the next step would pass --max_time, counted from launched (guards.TimeBudget)."""
+        before the next step would pass --max_time, counted from launched (guards.TimeBudget, which
+        guesses a checkpoint's write from its checkpoint_bytes until one is written)."""
         config = self.config
-        state_bytes = training_state_bytes(self.model.config, config)
-        budget = TimeBudget(parse_duration(config.max_time), launched,
-                            state_bytes["weights"] + state_bytes["optimizer"])
+        budget = TimeBudget(parse_duration(config.max_time), launched, checkpoint_bytes)
         profile_steps = parse_step_range(config.profile_steps) if self.dist_info.is_master else None
         profiler = StepProfiler(profile_steps, config.out_dir, self.device, self.log.print,
                                 config.max_iters)
@@ -819,7 +818,8 @@ def train(config, changes, dist_info, model, checkpoint, launched):
             log.print(line)
         with StopSignal(verbose=dist_info.is_master) as stop:
             try:
-                trainer.loop(stop, launched)
+                checkpoint_bytes = state_bytes["weights"] + state_bytes["optimizer"]
+                trainer.loop(stop, launched, checkpoint_bytes)
                 log.raise_if_failed(dist_info)
             except UserError as e:
                 failed = e.code == 1  # a stop on a signal or the budget saved a checkpoint
