@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import fineweb
 from cli import UserError, build_parser, flag
 from cross_entropy_kernel import kernel_runs_on
 from device import Distributed, device_peak_flops, resolve_device, setup_distributed
 from rundir import RunLog
-from fineweb import load_token_sources
 from train_gpt2 import (GPT, ShardLoader, TrainConfig, Trainer, estimate_mfu, new_model_config,
                         set_learning_rates)
 
@@ -98,9 +98,11 @@ def measure(config):
     # --fsdp: a process group of one (bench.py is one process), as `python train_gpt2.py --fsdp True` makes
     dist_info = setup_distributed(device, config.ddp_timeout, fsdp=True) if config.fsdp else Distributed(device=device)
     try:
-        sources = load_token_sources(config.data, "train")
+        tokenizer = fineweb.load_tokenizer(config.tokenizer)
+        sources = fineweb.load_token_sources(config.data, "train", tokenizer)
         make_loader = lambda: ShardLoader(sources, config.batch_size, config.block_size,
-                                          config.gradient_accumulation_steps, seed=config.seed, shuffle=config.shuffle)
+                                          config.gradient_accumulation_steps, seed=config.seed, shuffle=config.shuffle,
+                                          n_vocab=tokenizer.n_vocab)
         torch.manual_seed(config.seed)
         trainer = Trainer(config, dist_info, GPT(new_model_config(config)),
                           RunLog(".", enabled=False), loader=make_loader(), evaluation=None)

@@ -13,7 +13,8 @@ the parts' states under PARTS (the model, the optimizer, the GradScaler, the loa
 counters, the spike guard's state: {} in files from before it was kept) and what the run is under ABOUT
 (the format version, the architecture, the whole config, the number
 of processes and the micro-batch they trained with, the torch version and git commit, the val loss it
-was saved after). The model and optimizer
+was saved after, and the tokenizer: its sha256, and its file's content where it is not GPT-2's; None in
+files from before it was kept, which were all GPT-2's). The model and optimizer
 states are those one process's state_dict() gives, whatever wrote them (one process, DDP or FSDP), so any
 checkpoint resumes under any of them. In a run directory the trainer names its checkpoints
 iter-{step}-loss-{val loss}.pt and iter-{step}-stopped.pt, keeps a copy of the best as best_val_loss.pt, and
@@ -39,7 +40,7 @@ from cli import UserError, atomic_write
 CHECKPOINT_VERSION = 3
 PARTS = ("model", "optimizer", "scaler", "loader", "rng", "progress", "spike_guard")
 ABOUT = ("version", "model_args", "config", "world_size", "micro_batch", "torch_version", "git_commit",
-         "val_loss")
+         "val_loss", "tokenizer")
 
 
 @dataclass
@@ -267,6 +268,7 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} has format version {checkpoint['version']!r}, this code reads "
                         f"{CHECKPOINT_VERSION} (and 1, 2)")
     checkpoint.setdefault("spike_guard", {})  # a file from before it was kept: an empty guard
+    checkpoint.setdefault("tokenizer", None)  # likewise: GPT-2's (fineweb.checkpoint_tokenizer)
     check_fields(checkpoint, path)
     checkpoint["path"] = path
     return checkpoint
@@ -318,7 +320,7 @@ def check_fields(c, path):
     config's flags are checked where they become a TrainConfig, the architecture where it becomes a model,
     the tensors where the model and optimizer load them."""
     model_args, loader, progress, rng = c.get("model_args"), c.get("loader"), c.get("progress"), c.get("rng")
-    optimizers, guard = c.get("optimizer"), c.get("spike_guard")
+    optimizers, guard, tokenizer = c.get("optimizer"), c.get("spike_guard"), c.get("tokenizer")
     fields = {
         "a field": all(key in c for key in PARTS + ABOUT),
         "model": isinstance(c.get("model"), dict) and all(isinstance(v, torch.Tensor) for v in c["model"].values()),
@@ -361,6 +363,9 @@ def check_fields(c, path):
         and all(is_int(guard[k]) for k in ("in_a_row", "bad_steps", "roll_backs"))
         and guard["in_a_row"] <= guard["bad_steps"]
         and (guard["back_to"] is None or isinstance(guard["back_to"], str)),
+        "tokenizer": tokenizer is None or isinstance(tokenizer, dict)
+        and all(isinstance(tokenizer.get(k), str) for k in ("name", "sha256"))
+        and (tokenizer.get("content") is None or isinstance(tokenizer["content"], str)),
     }
     bad = [name for name, ok in fields.items() if not ok]
     if bad:

@@ -1,9 +1,9 @@
 """
 What the trainer scores at every evaluation: the val loss over fixed batches, zero-shot HellaSwag
-(hellaswag.py), and a few samples printed to see. It is handed the model; under several processes
-each rank scores its share and every rank returns the figures for all of them.
+(hellaswag.py), and a few samples printed to see. It is handed the model and its tokenizer; under several
+processes each rank scores its share and every rank returns the figures for all of them.
 
-    evaluation = Evaluation(config, block_size, dist_info, log)  # the val batches, HellaSwag's data
+    evaluation = Evaluation(config, block_size, dist_info, log, tokenizer)  # the val batches, HellaSwag's data
     scores = evaluation.scores(model, autocast)                  # {"val_loss": ..., ...}
 """
 
@@ -14,7 +14,7 @@ import torch
 import hellaswag
 from cli import UserError
 from device import make_autocast, resolve_dtype
-from fineweb import EOT_TOKEN, check_vocab_size, get_tokenizer, load_token_sources, read_span
+from fineweb import check_vocab_size, load_token_sources, load_tokenizer, read_span
 from rundir import RunLog, claim_out_dir
 
 # -----------------------------------------------------------------------------
@@ -42,14 +42,14 @@ def val_batch_positions(sources, batch_size, block_size, eval_iters):
 # The evaluations, and the samples
 
 
-
 class Evaluation:
     """What every evaluation scores: the fixed val batches (the same each time, so that losses
-    compare) and the HellaSwag examples (None when off or unavailable). Built before the model, so
-    that bad data fails before any work."""
+    compare) and the HellaSwag examples (None when off or unavailable), in the tokenizer's tokens.
+    Built before the model, so that bad data fails before any work."""
 
-    def __init__(self, config, block_size, dist_info, log):
-        self.sources = load_token_sources(config.data, "val")
+    def __init__(self, config, block_size, dist_info, log, tokenizer):
+        self.tokenizer = tokenizer
+        self.sources = load_token_sources(config.data, "val", tokenizer)
         self.positions = val_batch_positions(self.sources, config.batch_size, block_size,
                                              config.eval_iters)
         self.batch_size, self.block_size, self.dist_info = config.batch_size, block_size, dist_info
@@ -67,7 +67,7 @@ class Evaluation:
         self.log.record(step=step, **scores, eval_seconds=round(seconds, 3), tokens=tokens)
         c = self.config
         for text in sample_text(generator_model, self.dist_info, autocast, c.seed + step,
-                                c.sample_prompt, c.num_samples):
+                                c.sample_prompt, c.num_samples, tokenizer=self.tokenizer):
             self.log.print(f"  sample: {text!r}")
         return scores, seconds
 
@@ -81,7 +81,8 @@ class Evaluation:
         loss_sum = torch.zeros(2, device=d.device)  # (sum of batch losses, batch count)
         for i in range(d.forward_passes(len(self.positions))):
             source, start = mine[i] if i < len(mine) else self.positions[0]
-            chunk = torch.from_numpy(read_span(*self.sources[source], start, B * T + 1))
+            chunk = torch.from_numpy(read_span(*self.sources[source], start, B * T + 1,
+                                               self.tokenizer.n_vocab))
             x, y = chunk[:-1].view(B, T).to(d.device), chunk[1:].view(B, T).to(d.device)
             with autocast:
                 _, loss = model(x, y, return_logits=False)  # chunked: never the full logits
@@ -106,7 +107,8 @@ class Evaluation:
         # hellaswag.py's own batch, whatever the training batch: its logits at the endings stay near
         # a GB however large the micro-batch
         result = hellaswag.evaluate(model, self.hellaswag, hellaswag.BATCH_SIZE, self.block_size,
-                                    autocast, self.dist_info, by_position=True)  # the trainer's GPT
+                                    autocast, self.dist_info, by_position=True,  # the trainer's GPT
+                                    tokenizer=self.tokenizer)
         return {"hellaswag_acc_norm": result["acc_norm"], "hellaswag_acc": result["acc"],
                 "hellaswag_n": result["n"]}
 
@@ -119,35 +121,38 @@ def describe_scores(scores, batches=None):
     return text
 
 
-def sample_text(model, dist_info, autocast, seed, prompt, num_samples=4, max_new_tokens=32):
+def sample_text(model, dist_info, autocast, seed, prompt, num_samples=4, max_new_tokens=32,
+                tokenizer=None):
     """num_samples continuations of prompt, on rank 0 (on every rank under FSDP, whose forward
-    passes every rank makes: the same text); an empty prompt starts a new document."""
+    passes every rank makes: the same text); an empty prompt starts a new document. tokenizer: the
+    model's, GPT-2's unless given."""
     if dist_info.forward_passes(int(num_samples > 0)) == 0:
         return []
-    enc = get_tokenizer()
-    ids = enc.encode(prompt, allowed_special="all") or [EOT_TOKEN]
+    tokenizer = tokenizer or load_tokenizer()
+    ids = tokenizer.encode_prompt(prompt) or [tokenizer.eot]
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dist_info.device)
     generator = torch.Generator(device=dist_info.device).manual_seed(seed)
     model.eval()
     with autocast:
-        out = model.generate(idx, max_new_tokens, top_k=50, vocab_limit=enc.n_vocab,
+        out = model.generate(idx, max_new_tokens, top_k=50, vocab_limit=tokenizer.n_vocab,
                              generator=generator)
     model.train()
-    return [enc.decode(row.tolist()) for row in out]
+    return [tokenizer.decode(row.tolist()) for row in out]
 
 
 # -----------------------------------------------------------------------------
 # --eval_only: a checkpoint scored as training scores it
 
 
-def evaluate_only(config, dist_info, model, checkpoint, place):
-    """--eval_only: the val loss (and HellaSwag) of the --init_from model, recorded in out_dir's
-    metrics.jsonl (the checkpoint's own folder unless --out_dir is given). place(model, dtype): the
-    model on its device as the trainer places it (this rank's shards under FSDP)."""
+def evaluate_only(config, dist_info, model, checkpoint, place, tokenizer):
+    """--eval_only: the val loss (and HellaSwag) of the --init_from model, read and written in its
+    tokenizer's tokens, recorded in out_dir's metrics.jsonl (the checkpoint's own folder unless --out_dir
+    is given). place(model, dtype): the model on its device as the trainer places it (this rank's shards
+    under FSDP)."""
     check_vocab_size(model.config.vocab_size,
-                     checkpoint["path"] if checkpoint else config.init_from)
+                     checkpoint["path"] if checkpoint else config.init_from, tokenizer)
     log = RunLog(config.out_dir, dist_info.is_master)
-    evaluation = Evaluation(config, model.config.block_size, dist_info, log)
+    evaluation = Evaluation(config, model.config.block_size, dist_info, log, tokenizer)
     dtype = resolve_dtype(config.dtype, dist_info.device, dist_info.sharded)
     # its one line goes to a directory no trainer is writing
     lock = dist_info.on_rank0(lambda: claim_out_dir(config.out_dir), "use --out_dir")

@@ -1,29 +1,25 @@
 """
-FineWeb-Edu -> GPT-2 token shards, and the one owner of the shard format and the tokenizer.
+FineWeb-Edu -> token shards; and the one owner of the shard format and the tokenizer.
 
-    python fineweb.py                                  # sample-10BT (~10B tokens) into ./edu_fineweb10B
+    python fineweb.py                                  # sample-10BT (~10B GPT-2 tokens) into ./edu_fineweb10B
     python fineweb.py --data_files 'my/*.parquet'      # local .parquet/.jsonl/.txt files instead of the Hub
+    python fineweb.py --tokenizer my/tokenizer.json    # another tokenizer than GPT-2's
     python fineweb.py --max_tokens 300_000_000         # a quick subset
 
-The documents are streamed through `datasets` (never held whole in memory nor stored twice), tokenized in a
-pool of processes with <|endoftext|> in front of each, and cut into shards of --shard_size tokens: the first
---val_tokens tokens make the val shard(s), the rest the train shards, a document that does not fit carrying
-on into the next shard. A rerun skips the shards already written and resumes after them; the result is
-byte-identical to an uninterrupted run. `python fineweb.py --help` lists the flags.
+The top of the file is what the trainer and the tools import: the shard format, the tokenizer, and the
+reading of the trainer's --data. Importing it loads neither `datasets` nor a process pool. The rest is the job:
+documents streamed through `datasets` (never held whole in memory nor stored twice), tokenized in a pool of
+processes with the end-of-text token in front of each, and cut into shards of --shard_size tokens: the first
+--val_tokens make the val shard(s), the rest the train shards, a document that does not fit carrying on into
+the next shard. A rerun skips the shards already written and resumes after them, byte-identical to an
+uninterrupted run. `python fineweb.py --help` lists the flags.
 
-The trainer (train_gpt2.py) imports the shard format and the tokenizer from here, so there is exactly one
-place that knows how a shard looks on disk.
-
-Shard format (the same as llm.c's, so shards are interchangeable with it):
-    header: 256 little-endian int32 = [MAGIC, VERSION, n_tokens, 0, 0, ...]   (1024 bytes)
-    body:   n_tokens little-endian uint16 token ids
-
-manifest.json beside the shards names the source and the settings, and lists every shard with its tokens,
-the documents that start in it, and the stream position where it ends ("end": [index of the next document,
-its tokens already written]), from which a rerun resumes. "complete" turns true when the run has finished.
-For local files it also records each one's size, modification time and fingerprint ("inputs"):
-a rerun over changed files is refused rather than mixing shards of the old and the new text, and
---restart True starts afresh.
+manifest.json beside the shards names the source, the tokenizer (the sha256 of its file) and the settings,
+and lists every shard with its tokens, the documents that start in it, and the stream position where it ends
+("end": [index of the next document, its tokens already written]), from which a rerun resumes. "complete"
+turns true when the run has finished. For local files it also records each one's size, modification time
+and fingerprint ("inputs"): a rerun over changed files, or with another tokenizer, is refused rather than
+mixing shards of the old and the new, and --restart True starts afresh.
 """
 
 import base64
@@ -48,31 +44,38 @@ import numpy as np
 from cli import UserError, atomic_write, build_parser, flag, lock_directory, remove_temporaries
 
 # -----------------------------------------------------------------------------
-# The shard format
+# The shard format: llm.c's
+#     header: 256 little-endian int32 = [MAGIC, version, n_tokens, 0, 0, ...]   (1024 bytes)
+#     body:   n_tokens token ids, little-endian uint16 (version 1) or uint32 (version 2)
+# Version 1 holds GPT-2's ids, version 2 those of a vocabulary past 65,536 ids, as llm.c's LLaMA 3 shards.
 
 MAGIC = 20240520
-VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50,257 ids fit in uint16
+TOKEN_DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}  # by version
 
 
-def write_shard(path, tokens):
-    """Write tokens to path as a shard, atomically."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise ValueError(f"token ids must fit in uint16 to be written to {path}")
+def shard_version(n_vocab):
+    """The shard version whose token ids hold a vocabulary of n_vocab ids."""
+    return 1 if n_vocab <= 2**16 else 2
+
+
+def write_shard(path, tokens, version=1):
+    """Write tokens to path as a shard of the version given, atomically."""
+    tokens, dtype = np.asarray(tokens), TOKEN_DTYPES[version]
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
+        raise ValueError(f"token ids must fit in {dtype.name} to be written to {path} as version {version}")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, len(tokens))
+    header[:3] = (MAGIC, version, len(tokens))
 
     def write(f):
         f.write(header.tobytes())
-        f.write(tokens.astype(TOKEN_DTYPE).tobytes())
+        f.write(tokens.astype(dtype).tobytes())
     atomic_write(path, write)
 
 
 def read_shard_header(path):
-    """Check a shard's header against its size and return its token count."""
+    """Check a shard's header against its size: its (token count, token dtype)."""
     path = Path(path)
     size = path.stat().st_size
     if size < HEADER_BYTES:
@@ -82,38 +85,29 @@ def read_shard_header(path):
     if header[0] != MAGIC:
         raise UserError(f"{path}: not a token shard (magic {header[0]}, expected {MAGIC}); "
                         f"regenerate it with `python fineweb.py`")
-    if header[1] != VERSION:
-        raise UserError(f"{path}: shard version {header[1]}, this code reads version {VERSION}; "
+    if header[1] not in TOKEN_DTYPES:
+        raise UserError(f"{path}: shard version {header[1]}, this code reads versions 1 and 2; "
                         f"regenerate it with `python fineweb.py`")
-    n_tokens = int(header[2])
-    expected = HEADER_BYTES + n_tokens * TOKEN_DTYPE.itemsize
+    n_tokens, dtype = int(header[2]), TOKEN_DTYPES[int(header[1])]
+    expected = HEADER_BYTES + n_tokens * dtype.itemsize
     if n_tokens <= 0 or size != expected:
         raise UserError(f"{path}: header says {n_tokens} tokens ({expected} bytes) but the file has {size} bytes; "
                         f"it is truncated or empty: delete it and rerun `python fineweb.py`")
-    return n_tokens
+    return n_tokens, dtype
 
 
 def open_shard(path):
     """The shard's tokens as a read-only memmap: nothing is loaded until it is indexed."""
-    n_tokens = read_shard_header(path)
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+    n_tokens, dtype = read_shard_header(path)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 
 
 def shard_valid(path, n_tokens):
     """Whether path is a readable shard of n_tokens tokens, by its header and size."""
     try:
-        return read_shard_header(path) == n_tokens
+        return read_shard_header(path)[0] == n_tokens
     except (OSError, UserError):
         return False
-
-
-def check_open_shard(tokens):
-    """A shard opened by open_shard still has the size it was opened with: reading a memmap whose file
-    shrank crashes the process instead of raising. Token arrays that are not shards pass."""
-    path = getattr(tokens, "filename", None)
-    if path is not None and os.stat(path).st_size != HEADER_BYTES + tokens.nbytes:
-        raise UserError(f"{path} changed size since the run began: restore it, or regenerate the data and "
-                        f"start a new run")
 
 
 # The naming rule that tells the splits apart: a shard of split S is a .bin file with S in its name (the
@@ -134,43 +128,178 @@ def shard_files(directory, split):
 
 
 # -----------------------------------------------------------------------------
-# The tokenizer: tiktoken's GPT-2 encoding, built from the vendored BPE ranks so it works offline
+# The tokenizer: GPT-2's by default (tiktoken, from the vendored BPE ranks, so that it works offline), any
+# tiktoken ranks file, or a Hugging Face `tokenizers` JSON file. It is known by what it is: the sha256 of the
+# file's bytes, which manifest.json, config.json and every checkpoint record.
 
-TOKENIZER_FILE = Path(__file__).resolve().parent / "gpt2.tiktoken"
+GPT2_TOKENIZER = Path(__file__).resolve().parent / "gpt2.tiktoken"
 # GPT-2's pre-tokenizer pattern, as tiktoken's gpt2/r50k_base encoding defines it
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-EOT_TOKEN = 50256
-VOCAB_SIZE = 50257  # token ids are 0 .. 50256; a model's embedding may be padded past this
+# a tokenizers JSON file's end-of-text token: the first of these that it has
+END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 
 
-@lru_cache(maxsize=1)
-def get_tokenizer():
-    import tiktoken
+class Tokenizer:
+    """A tokenizer as the repo uses it, whichever library runs it: encode(text) -> ids, with special tokens'
+    names read as text (documents, HellaSwag); encode_prompt(text) -> ids, those names read as the tokens
+    (a sample's prompt); decode(ids) -> text; eot, the end-of-text id in front of every document; n_vocab,
+    ids being 0 .. n_vocab - 1; and sha256, its identity, the hash of the file it was built from."""
 
-    ranks = {}
-    for line in TOKENIZER_FILE.read_bytes().splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=VOCAB_SIZE)
+    def __init__(self, name, content, path=None):
+        self.name, self.content, self.path = name, content, path
+        self.sha256 = hashlib.sha256(content).hexdigest()
+
+    def record(self):
+        """What manifest.json and config.json say of it."""
+        return {"name": self.name, "path": self.path, "sha256": self.sha256, "n_vocab": self.n_vocab,
+                "eot": self.eot}
+
+    def checkpoint_record(self):
+        """What a checkpoint says of it: its file's content too, so that the checkpoint alone samples and
+        exports (None for GPT-2's, which the repo holds)."""
+        gpt2 = self.sha256 == load_tokenizer().sha256
+        return {**self.record(), "content": None if gpt2 else self.content.decode("utf-8")}
 
 
-def tokenize_document(text):
-    """One document as uint16 tokens, with the <|endoftext|> that separates documents in front."""
-    tokens = [EOT_TOKEN]
-    tokens.extend(get_tokenizer().encode_ordinary(text))
-    return np.array(tokens, dtype=TOKEN_DTYPE)
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken ranks file (a base64 token and its rank a line, as gpt2.tiktoken and tiktoken's own
+    files): byte-level BPE of GPT-2's kind, text split by GPT-2's pattern, <|endoftext|> the id after the
+    last rank."""
+
+    def __init__(self, name, content, path=None):
+        super().__init__(name, content, path)
+        import tiktoken
+        ranks = {}
+        for line in content.splitlines():
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+        self.eot = max(ranks.values(), default=-1) + 1
+        self.encoding = tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                          special_tokens={END_OF_TEXT[0]: self.eot})
+        self.n_vocab = self.encoding.n_vocab
+        self.encode = self.encoding.encode_ordinary  # the bound method itself: called once a document
+
+    def encode_prompt(self, text):
+        return self.encoding.encode(text, allowed_special="all")
+
+    def decode(self, ids):
+        return self.encoding.decode(ids)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` JSON file, as Tokenizer.save writes it (tokenizer.json)."""
+
+    def __init__(self, name, content, path=None):
+        super().__init__(name, content, path)
+        from tokenizers import Tokenizer as Backend
+        self.backend = Backend.from_str(content.decode("utf-8"))
+        ids = [self.backend.token_to_id(token) for token in END_OF_TEXT]
+        if all(i is None for i in ids):
+            raise ValueError(f"it has none of the end-of-text tokens {', '.join(END_OF_TEXT)}: train it with "
+                             f"special_tokens=['{END_OF_TEXT[0]}']")
+        self.eot = next(i for i in ids if i is not None)
+        self.n_vocab = self.backend.get_vocab_size(with_added_tokens=True)
+        self.backend.encode_special_tokens = True  # as tiktoken's encode_ordinary: "<|endoftext|>" is text
+
+    def encode(self, text):
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text):
+        self.backend.encode_special_tokens = False
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = True
+
+    def decode(self, ids):
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+
+@lru_cache(maxsize=8)
+def make_tokenizer(name, content, path=None):
+    """The tokenizer a file's content defines: a JSON object is a tokenizers file, anything else tiktoken ranks.
+    Raises ValueError (of the library's, or its own) for content that is neither."""
+    kind = HFTokenizer if content.lstrip().startswith(b"{") else TiktokenTokenizer
+    try:
+        return kind(name, content, path)
+    except Exception as e:  # each library's parser raises types of its own: whatever it is, no tokenizer here
+        raise ValueError(first_line(e)) from None
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(spec="gpt2"):
+    """The tokenizer that --tokenizer names: gpt2 (GPT-2's), a tiktoken ranks file, or a tokenizers JSON file."""
+    path = GPT2_TOKENIZER if spec == "gpt2" else Path(spec).resolve()
+    try:
+        content = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"--tokenizer {spec} cannot be read ({e.strerror or e}): pass gpt2, a tiktoken ranks "
+                        f"file or a tokenizers JSON file") from None
+    try:  # the record names GPT-2's as --tokenizer does: where the repo is differs between machines
+        return make_tokenizer(path.name, content, spec if spec == "gpt2" else str(path))
+    except ValueError as e:
+        raise UserError(f"--tokenizer {spec} is neither a tiktoken ranks file nor a tokenizers JSON file that "
+                        f"works here ({e}): pass another") from None
+
+
+def checkpoint_tokenizer(record, path):
+    """The tokenizer of a checkpoint's record (checkpoint_record's; None in a checkpoint from before the
+    tokenizer was recorded: GPT-2's); path names the checkpoint in errors."""
+    if record is None or record.get("content") is None:
+        tokenizer = load_tokenizer()
+    else:
+        try:
+            tokenizer = make_tokenizer(record["name"], record["content"].encode("utf-8"))
+        except ValueError as e:
+            raise UserError(f"checkpoint {path}: its tokenizer cannot be built ({e}): it is damaged; use "
+                            f"another checkpoint of the run") from None
+    if record is not None and record["sha256"] != tokenizer.sha256:
+        raise UserError(f"checkpoint {path}: its tokenizer is not the one it records (sha256 "
+                        f"{record['sha256'][:12]}): it is damaged; use another checkpoint of the run")
+    return tokenizer
+
+
+def describe_tokenizer(record):
+    """A tokenizer's record in a few words, for messages."""
+    return f"{record.get('path') or record.get('name')} (sha256 {str(record.get('sha256'))[:12]})"
+
+
+def check_vocab_size(vocab_size, model, tokenizer):
+    """A model whose embedding has a row for every id of the tokenizer that its data is in."""
+    if vocab_size < tokenizer.n_vocab:
+        raise UserError(f"{model} has vocab_size={vocab_size}, fewer than the {tokenizer.n_vocab:,} token ids of "
+                        f"its tokenizer {tokenizer.name}: pass a model of that tokenizer's vocabulary (a new run's "
+                        f"--vocab_size follows its --tokenizer unless given)")
 
 
 # -----------------------------------------------------------------------------
-# Reading a split of the trainer's --data: shards, or a text file tokenized on the fly
+# Reading a split of the trainer's --data: shards (of the tokenizer their manifest.json names), or a text
+# file tokenized on the fly
+
+MANIFEST = "manifest.json"
+# what manifests said of GPT-2's tokenizer before they recorded its sha256
+LEGACY_TOKENIZERS = {"gpt2 (tiktoken), <|endoftext|> before each document": "gpt2"}
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def manifest_tokenizer(manifest):
+    """The record of the tokenizer a manifest names (an older fineweb.py's words for GPT-2's read as its
+    record); None if it names none."""
+    record = manifest.get("tokenizer")
+    if isinstance(record, str) and record in LEGACY_TOKENIZERS:
+        return load_tokenizer(LEGACY_TOKENIZERS[record]).record()
+    return record if isinstance(record, dict) and isinstance(record.get("sha256"), str) else None
+
 
 
 @lru_cache(maxsize=2)
-def tokenize_text_file(path):
-    """A whole text file as uint16 tokens, read once for both splits. A binary file (a token shard, say:
-    its header holds zero bytes) or an empty one is refused."""
+def tokenize_text_file(path, tokenizer):
+    """A whole text file's tokens, read once for both splits. A binary file (a token shard, say: its header
+    holds zero bytes) or an empty one is refused."""
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
@@ -181,21 +310,24 @@ def tokenize_text_file(path):
     if b"\0" in raw:
         raise UserError(f"--data {path} is a binary file, not text (a token shard?): pass the directory that "
                         f"holds the shards (--data DIR), or a text file")
-    tokens = get_tokenizer().encode_ordinary(raw.decode("utf-8", errors="replace"))
-    return np.array(tokens, dtype=np.uint16)
+    tokens = tokenizer.encode(raw.decode("utf-8", errors="replace"))
+    return np.array(tokens, dtype=TOKEN_DTYPES[shard_version(tokenizer.n_vocab)])
 
 
-def load_token_sources(data, split):
-    """[(name, tokens)] for one split: the shards of a directory, or 90/10 of a text file."""
-    path = Path(data)
+def load_token_sources(data, split, tokenizer=None):
+    """[(name, tokens)] for one split: the shards of a directory, or 90/10 of a text file, which the
+    tokenizer (GPT-2's unless given) tokenizes. Shards that manifest.json says are of another tokenizer
+    are refused."""
+    path, tokenizer = Path(data), tokenizer or load_tokenizer()
     if path.is_file():
-        tokens = tokenize_text_file(str(path.resolve()))
+        tokens = tokenize_text_file(str(path.resolve()), tokenizer)
         n_train = int(0.9 * len(tokens))
         part = tokens[:n_train] if split == "train" else tokens[n_train:]
         return [(f"{path.name}[{split}]", part)]
     if not path.is_dir():
         raise UserError(f"--data {data}: no such file or directory; make shards with `python fineweb.py` "
                         f"or pass a text file such as --data input.txt")
+    check_shards_tokenizer(path, tokenizer)
     shards = shard_files(path, split)
     if not shards:
         raise UserError(f"no {split} shards (*{split}*.bin) in {data}/: run `python fineweb.py` to make them")
@@ -211,23 +343,35 @@ def load_token_sources(data, split):
                         f"remove it from {data}") from None
 
 
-def read_span(name, tokens, start, length, vocab_size=VOCAB_SIZE):
+def check_shards_tokenizer(directory, tokenizer):
+    """Refuse shards whose manifest.json names another tokenizer. Shards without one are taken as the run's."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return
+    fix = f"delete it (the shards are then taken as {tokenizer.name}'s) or rerun `python fineweb.py`"
+    record = manifest_tokenizer(read_json(path, fix))
+    if record is None:
+        raise UserError(f"{path} names no tokenizer: {fix}")
+    if record["sha256"] != tokenizer.sha256:
+        raise UserError(f"{directory} holds shards of the tokenizer {describe_tokenizer(record)} (its {MANIFEST} "
+                        f"says), and this run's is {describe_tokenizer(tokenizer.record())}: pass --data made with "
+                        f"this tokenizer (fineweb.py --tokenizer), or train a new run with --tokenizer "
+                        f"{record.get('path')}")
+
+
+def read_span(name, tokens, start, length, n_vocab):
     """tokens[start:start + length] as int64, checked on the way: a shard file that shrank since it was
     opened would crash the memmap read, and an id past the vocabulary would index past the embedding."""
-    check_open_shard(tokens)
+    path = getattr(tokens, "filename", None)
+    if path is not None and os.stat(path).st_size != HEADER_BYTES + tokens.nbytes:
+        raise UserError(f"{path} changed size since the run began: restore it, or regenerate the data and "
+                        f"start a new run")
     span = np.array(tokens[start:start + length], dtype=np.int64)
-    if span.size and span.max() >= vocab_size:
-        raise UserError(f"{name}: token id {span.max()} near offset {start} is outside GPT-2's vocabulary "
-                        f"of {vocab_size}: the shard is corrupt or from another tokenizer; regenerate it "
+    if span.size and span.max() >= n_vocab:
+        raise UserError(f"{name}: token id {span.max()} near offset {start} is outside the tokenizer's "
+                        f"{n_vocab:,} ids: the shard is corrupt or from another tokenizer; regenerate it "
                         f"with `python fineweb.py`")
     return span
-
-
-def check_vocab_size(vocab_size, model):
-    """A model whose embedding has a row for every id of GPT-2's tokenizer, which all the data is in."""
-    if vocab_size < VOCAB_SIZE:
-        raise UserError(f"{model} has vocab_size={vocab_size}, fewer than the {VOCAB_SIZE} token ids of "
-                        f"GPT-2's tokenizer that the data is made of: pass a model of GPT-2's vocabulary")
 
 
 def check_unchanged(tokens):
@@ -261,8 +405,10 @@ def sampled_fingerprint(tokens, samples=64, span=256):
     return digest.hexdigest()
 
 
+# =============================================================================
+# The job: documents in, shards out
 # -----------------------------------------------------------------------------
-# This script's configuration: its flags
+# Its flags
 
 MIN_SHARD_SIZE = 1024  # one GPT-2 context; below that the trainer could not take a single sequence from a shard
 MAX_SHARD_SIZE = 2**31 - 1  # the header's int32 token count
@@ -279,9 +425,12 @@ class FineWebConfig:
                                "document per .txt file); paths or globs, separated by commas or given as separate "
                                "words (as an unquoted glob gives them); empty: the Hub")
     text_column: str = flag("text", "the column holding each document's text")
+    tokenizer: str = flag("gpt2", "gpt2 (GPT-2's), a tiktoken ranks file (FILE.tiktoken) or a Hugging Face "
+                                  "tokenizers JSON file (tokenizer.json); manifest.json records its sha256")
     out_dir: str = flag("edu_fineweb10B", "where the shards and manifest.json are written")
-    shard_size: int = flag(10**8, f"tokens per shard (2 bytes each), at least {MIN_SHARD_SIZE}; the trainer takes "
-                                  f"each batch from within one shard, so keep it far above a batch")
+    shard_size: int = flag(10**8, f"tokens per shard (2 bytes each; 4 past 65,536 token ids), at least "
+                                  f"{MIN_SHARD_SIZE}; the trainer takes each batch from within one shard, so keep "
+                                  f"it far above a batch")
     val_tokens: int = flag(None, "tokens in the val split, taken first from the stream: a fixed "
                                  "amount whatever the dataset's size; 0 for none. Unset: 100000000 "
                                  "from the Hub; from --data_files a tenth of their tokens (as "
@@ -309,6 +458,26 @@ class FineWebConfig:
             raise UserError(f"--num_proc must be 1 or more, got {self.num_proc}")
         if not self.text_column:
             raise UserError("--text_column is empty: name the column that holds the text, such as text")
+
+
+def parse_args(argv=None):
+    argv = join_data_files(sys.argv[1:] if argv is None else list(argv))
+    return FineWebConfig(**vars(build_parser(FineWebConfig, __doc__.strip().splitlines()[0]).parse_args(argv)))
+
+
+def join_data_files(argv):
+    """argv with the words that follow --data_files's value, up to the next flag, joined to it by commas: an
+    unquoted glob reaches the script as one word per file, in the shell's order (the quoted glob is sorted by
+    Python, so the two can order files differently). The script takes no positional arguments, so those words
+    were an error before; the flags stay one value each, as cli.build_parser makes them."""
+    joined = []
+    for word in argv:
+        takes_more = joined and (joined[-1].startswith("--data_files=") or joined[-2:-1] == ["--data_files"])
+        if takes_more and not word.startswith("-"):
+            joined[-1] += "," + word
+        else:
+            joined.append(word)
+    return joined
 
 
 DEFAULT_VAL_TOKENS = 10**8
@@ -357,32 +526,9 @@ def estimated_tokens(files, builder, column):
     return size // BYTES_PER_TOKEN
 
 
-def parse_args(argv=None):
-    argv = join_data_files(sys.argv[1:] if argv is None else list(argv))
-    return FineWebConfig(**vars(build_parser(FineWebConfig, __doc__.strip().splitlines()[0]).parse_args(argv)))
-
-
-def join_data_files(argv):
-    """argv with the words that follow --data_files's value, up to the next flag, joined to it by commas: an
-    unquoted glob reaches the script as one word per file, in the shell's order (the quoted glob is sorted by
-    Python, so the two can order files differently). The script takes no positional arguments, so those words
-    were an error before; the flags stay one value each, as cli.build_parser makes them."""
-    joined = []
-    for word in argv:
-        if joined and takes_more_files(joined) and not word.startswith("-"):
-            joined[-1] += "," + word
-        else:
-            joined.append(word)
-    return joined
-
-
-def takes_more_files(words):
-    """Whether the last of the words so far is --data_files's value."""
-    return words[-1].startswith("--data_files=") or (len(words) > 1 and words[-2] == "--data_files")
-
-
 # -----------------------------------------------------------------------------
-# The source: documents streamed through `datasets`, from the Hub or from local files
+# The documents: streamed through `datasets` from the Hub or from local files, each local file a stream of
+# its own, so that whatever fails while it is read is reported with its name
 
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 BATCH_DOCS = 512  # documents per tokenizer task: ~2 MB of FineWeb text, a fraction of a second's work
@@ -428,26 +574,19 @@ def why_no_documents(path, builder):
     and, of a .jsonl file, up to its first non-blank byte."""
     if os.path.getsize(path) == 0:
         return "is empty (0 bytes)"
-    if builder == "json" and only_whitespace(path):
-        return "holds only blank lines"
+    if builder == "json":
+        with open(path, "rb") as f:
+            if not any(block.strip() for block in iter(lambda: f.read(1 << 20), b"")):
+                return "holds only blank lines"
     if builder == "parquet":
         import pyarrow.parquet as pq
         try:
             rows = pq.read_metadata(path).num_rows
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            return f"is not a readable parquet file ({reason})"
+            return f"is not a readable parquet file ({first_line(e)})"
         if rows == 0:
             return "is a parquet file without rows"
     return None
-
-
-def only_whitespace(path, chunk=1 << 20):
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            if block.strip():
-                return False
-    return True
 
 
 FINGERPRINT_WHOLE = 1 << 22  # files up to 4 MiB are hashed whole
@@ -476,33 +615,51 @@ def input_record(path):
             "fingerprint": digest.hexdigest()}
 
 
-def describe_load_error(error, source, hub):
-    """One line for an exception from `datasets` or the Hub, naming the problem and the fix. The Hub's
-    exception classes are matched by name: which ones get raised varies with the library versions."""
-    names = {cls.__name__ for cls in type(error).__mro__}
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+def read_errors():
+    """The exception types that reading a stream raises for a damaged file or a failed download: what
+    `datasets`, pyarrow and the Hub's client raise (their network errors are OSErrors), and ValueError
+    (pyarrow's ArrowInvalid, a JSON line that does not parse, text that is not UTF-8)."""
+    import datasets
+    import pyarrow as pa
+    return OSError, ValueError, pa.ArrowException, datasets.exceptions.DatasetsError
+
+
+def describe_read_error(error, source, files, path=None):
+    """One line for what reading the documents raised, naming the problem and the fix: a damaged local file
+    (path: a .jsonl line that is not JSON, a .txt file that is not UTF-8, a parquet page that does not
+    decode), the local files, or the Hub, by the exception types that `datasets` and the Hub's client
+    export."""
+    from datasets.config import HF_HUB_OFFLINE  # HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    reason = f"{type(error).__name__}: {first_line(error)}"
+    if path is not None and isinstance(error, UnicodeDecodeError):
+        return f"--data_files: {path} is not UTF-8 text: convert it to UTF-8 or leave it out, then rerun"
+    if path is not None:
+        return (f"--data_files: {path} cannot be read ({reason}): replace it with a sound copy or leave it out, "
+                f"then rerun")
+    if files:
+        return f"cannot read {source} ({reason}): check the files"
     offline_hint = ("download the dataset's parquet files on a machine with network access and pass "
                     "--data_files 'DIR/*.parquet'")
-    if hub and ("OfflineModeIsEnabled" in names or "OfflineModeIsEnabled" in str(error)):
+    if isinstance(error, (DatasetNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)):
+        return (f"{source} was not found on the Hugging Face Hub ({first_line(error)}); check --dataset and "
+                f"--name, e.g. HuggingFaceFW/fineweb-edu with sample-10BT")
+    if isinstance(error, HfHubHTTPError):
+        return f"the Hugging Face Hub refused {source}: {first_line(error)}"
+    if isinstance(error, OSError) and HF_HUB_OFFLINE:
         return (f"cannot stream {source}: offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set), so "
                 f"the Hugging Face Hub cannot be reached; unset it, or {offline_hint}")
-    if hub and names & {"DatasetNotFoundError", "RepositoryNotFoundError", "EntryNotFoundError"}:
-        return (f"{source} was not found on the Hugging Face Hub ({message}); check --dataset and --name, "
-                f"e.g. HuggingFaceFW/fineweb-edu with sample-10BT")
-    if hub and "BuilderConfig" in message:
-        return f"--name is not a configuration of {source}: {message}"
-    if hub and any("Connection" in n or "Timeout" in n or n == "LocalEntryNotFoundError" for n in names):
-        return (f"cannot reach the Hugging Face Hub to stream {source} ({message}); check the network "
+    if isinstance(error, OSError):  # the client's network errors, of whichever HTTP library, are OSErrors
+        return (f"cannot reach the Hugging Face Hub to stream {source} ({first_line(error)}); check the network "
                 f"connection, or {offline_hint}")
-    if hub and "HfHubHTTPError" in names:
-        return f"the Hugging Face Hub refused {source}: {message}"
-    return f"cannot read {source}: {type(error).__name__}: {message}"
+    return f"cannot read {source} ({reason})"
 
 
 def load_stream(config, files, builder):
-    """The IterableDataset of the documents, in a fixed order."""
-    # `datasets` would import torch (2 s, and a bigger process to fork) only to share an epoch counter with
-    # torch DataLoader workers, which are not used here
+    """The IterableDataset of the documents, in a fixed order, and its source's name."""
+    # `datasets` would import torch (2 s, and a bigger process) only to share an epoch counter with torch
+    # DataLoader workers, which are not used here
     os.environ.setdefault("USE_TORCH", "0")
     import datasets
     import huggingface_hub
@@ -520,8 +677,8 @@ def load_stream(config, files, builder):
         make = lambda: datasets.load_dataset(config.dataset, name=config.name or None, split="train", streaming=True)
     try:
         ds = make()
-    except Exception as e:
-        raise UserError(describe_load_error(e, source, hub=not files)) from None
+    except read_errors() as e:
+        raise UserError(describe_read_error(e, source, files)) from None
     if ds.features is not None:
         # checked before any document is read: pyarrow's parquet reader reads ahead in threads of its own through
         # a Python file object, and a reader thread that lets go of that file while the interpreter shuts down
@@ -532,102 +689,37 @@ def load_stream(config, files, builder):
     return ds.with_format("arrow"), source  # Arrow batches: no Python object per document in this process
 
 
-def document_batches(ds, source, column, skip, files):
-    """The texts as Arrow string arrays of up to BATCH_DOCS documents, less the first `skip` documents,
-    which a resumed run has already written. Skipping costs reading them, not tokenizing them."""
+def stream_batches(ds, files, source, column, skip):
+    """The texts as Arrow string arrays of BATCH_DOCS documents (or a few more), less the first `skip`, which a
+    resumed run has already written (skipping costs reading them, not tokenizing them). Each local file is read
+    as the stream's shard of its own (as `datasets` shards local files: one a file), so that an error names it;
+    a batch runs on from one file into the next."""
     import pyarrow as pa
-    batches = iter(ds.iter(batch_size=BATCH_DOCS))
-    checked, position = False, 0  # position: the stream's index of the next table's first document
-    while True:
-        try:
-            table = next(batches)
-        except StopIteration:
-            return
-        except Exception as e:
-            damaged = failing_file(e, files)
-            if damaged is not None:
-                raise UserError(describe_damaged_file(damaged, e)) from None
-            kept = "; the shards written so far are kept: rerun the same command to resume"
-            raise UserError(describe_load_error(e, source, hub=not files) + kept) from None
-        if not checked:  # again, for a stream whose columns are unknown until read (.txt files)
-            check_text_column(table.schema, source, column)
-            checked = True
-        if table.num_rows <= skip:
-            skip, position = skip - table.num_rows, position + table.num_rows
-            continue
-        # a compact copy: a pickled slice would carry its whole parent buffer to the worker
-        texts = pa.concat_arrays(table.column(column).slice(skip).chunks)
-        check_utf8(texts, position + skip, ds, files, source)
-        skip, position = 0, position + table.num_rows
-        yield texts
-
-
-def failing_file(error, files):
-    """Which of the local files `datasets` was reading when it raised error, None if it cannot tell.
-    Its errors seldom name the file, but its readers (_generate_tables of its json, parquet and text
-    builders) hold it in a variable `file`, which the traceback keeps."""
-    ours = {os.path.realpath(f): f for f in files}
-    found, tb = None, error.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        file = frame.f_locals.get("file") if frame.f_code.co_name == "_generate_tables" else None
-        if isinstance(file, str):
-            found = ours.get(os.path.realpath(file), found)
-        tb = tb.tb_next
-    return found
-
-
-def describe_damaged_file(path, error):
-    """One line for a local file that `datasets` failed to read: a .jsonl line that is not JSON, a
-    .txt file that is not UTF-8, a parquet page that does not decode."""
-    if isinstance(error, UnicodeDecodeError):
-        return (f"--data_files: {path} is not UTF-8 text: convert it to UTF-8 or leave it out, "
-                f"then rerun")
-    message = str(error).strip().splitlines()[0] if str(error).strip() else "no message"
-    return (f"--data_files: {path} cannot be read ({type(error).__name__}: {message}): replace it "
-            f"with a sound copy or leave it out, then rerun")
-
-
-def check_utf8(texts, first, ds, files, source):
-    """Refuse texts (an Arrow string array, the stream's documents from `first` on) that are not
-    valid UTF-8, which pyarrow's JSON and parquet readers pass on unchecked and the tokenizer fails
-    on."""
-    import pyarrow as pa
-    try:
-        texts.validate(full=True)  # at ~10 GB/s, a few percent of the main process's time
-        return
-    except pa.ArrowInvalid:
-        pass
-    document = first + next((i for i in range(len(texts)) if not decodes(texts, i)), 0)
-    found = file_of_document(ds, files, document) if files else None
-    if found is None:
-        raise UserError(f"{source}: document {document:,} (from 0) is not UTF-8 text: repair the "
-                        f"data")
-    path, index = found
-    raise UserError(f"--data_files: {path} holds text that is not UTF-8 (its document {index:,}, "
-                    f"from 0): repair or replace it, or leave it out, then rerun")
-
-
-def decodes(texts, i):
-    try:
-        texts[i].as_py()
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
-def file_of_document(ds, files, document):
-    """(the local file that holds the stream's document `document`, its index there), None if
-    unknown. Counts each file's documents by reading it alone: slow, but only for error messages."""
-    if ds.n_shards != len(files):  # a stream that does not read one file a shard
-        return None
-    for i, path in enumerate(files):
-        alone = ds.shard(num_shards=len(files), index=i, contiguous=True)
-        count = sum(table.num_rows for table in alone.iter(batch_size=BATCH_DOCS))
-        if document < count:
-            return path, document
-        document -= count
-    return None
+    errors = read_errors()
+    parts = ([(path, ds.shard(num_shards=len(files), index=i)) for i, path in enumerate(files)]
+             if files and ds.n_shards == len(files) else [(None, ds)])
+    chunks, size = [], 0  # the texts read and not yet handed on
+    for path, part in parts:
+        tables, first = iter(part.iter(batch_size=BATCH_DOCS)), 0  # first: the part's index of a table's first row
+        while True:
+            try:
+                table = next(tables)
+            except StopIteration:
+                break
+            except errors as e:
+                kept = "" if path else "; the shards written so far are kept: rerun the same command to resume"
+                raise UserError(describe_read_error(e, source, files, path) + kept) from None
+            check_text_column(table.schema, source, column)  # again, for a stream whose schema is read with it
+            if table.num_rows > skip:
+                texts = table.column(column).slice(skip)
+                check_utf8(texts, path, source, first + skip)
+                chunks, size = chunks + texts.chunks, size + len(texts)
+            skip, first = max(0, skip - table.num_rows), first + table.num_rows
+            if size >= BATCH_DOCS:
+                yield pa.concat_arrays(chunks)  # a compact copy: a slice would carry its parent's buffers along
+                chunks, size = [], 0
+    if chunks:
+        yield pa.concat_arrays(chunks)
 
 
 def check_text_column(schema, source, column):
@@ -640,11 +732,36 @@ def check_text_column(schema, source, column):
         raise UserError(f"column {column!r} of {source} holds {kind}, not text: pass --text_column NAME")
 
 
+def check_utf8(texts, path, source, first):
+    """Refuse texts (Arrow strings, documents `first` on of the local file path, or of the Hub's stream) that
+    are not valid UTF-8, which pyarrow's JSON and parquet readers pass on unchecked and the tokenizer fails
+    on."""
+    import pyarrow as pa
+    try:
+        texts.validate(full=True)  # at ~10 GB/s, a few percent of the main process's time
+        return
+    except pa.ArrowInvalid:
+        pass
+    bad = first + next(i for i in range(len(texts)) if not decodes(texts, i))
+    if path is None:
+        raise UserError(f"{source}: document {bad:,} (from 0) is not UTF-8 text: repair the data")
+    raise UserError(f"--data_files: {path} holds text that is not UTF-8 (its document {bad:,}, from 0): repair "
+                    f"or replace it, or leave it out, then rerun")
+
+
+def decodes(texts, i):
+    try:
+        texts[i].as_py()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def open_documents(config, files, builder, skip):
     """(batches of texts, their source's name, its document count or None), the first batch already read so
     that a wrong column or an unreachable Hub is reported before any work starts."""
     ds, source = load_stream(config, files, builder)
-    batches = document_batches(ds, source, config.text_column, skip, files)
+    batches = stream_batches(ds, files, source, config.text_column, skip)
     first = next(batches, None)
     try:
         total = ds.info.splits["train"].num_examples
@@ -654,87 +771,76 @@ def open_documents(config, files, builder, skip):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizing in a pool of processes
-
+# Tokenizing in processes: a ProcessPoolExecutor, which reports a worker that died (the OOM killer) as
+# BrokenProcessPool, where build-nanogpt's multiprocessing.Pool waits forever for the task it held, and cannot
+# even be terminated when the worker died holding the task queue's lock. (A worker killed in the moment that
+# its result crosses the pipe still leaves the executor waiting for the rest of it: kill the run, and rerun.)
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def init_worker(main_pid):
-    # Ctrl-C reaches the whole process group: the main process handles it and shuts the pool down
+def start_worker():
+    """In each tokenizer process: Ctrl-C, which reaches the whole process group, is left to the main process
+    (it stops the pool), and a kill ends the worker quietly. The worker ends when the main process dies,
+    however it dies (kill -9, the OOM killer): left waiting for work, it would keep the out_dir lock it holds
+    since the fork, and a rerun would be refused."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by submit(), see there
-    exit_with_parent(main_pid)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held back by submit, see there
+    import multiprocessing
+    sentinel = multiprocessing.parent_process().sentinel
+    threading.Thread(target=exit_with_main_process, args=(sentinel,), daemon=True).start()
 
 
-def exit_with_parent(main_pid):
-    """End this worker when the main process dies, however it dies (kill -9, the OOM killer). Left running, an
-    idle worker would wait for work forever, holding the out_dir lock it shares with the main process since
-    the fork, and the rerun would be refused until someone killed it by hand."""
-    if sys.platform == "linux":
-        # the kernel kills this process as soon as the thread that forked it exits: the main process's main
-        # thread, which submits all the work (see tokenized), so that is when the main process exits
-        import ctypes
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != main_pid:  # the main process died before the prctl, which then never fires
-        os._exit(1)
-    if sys.platform != "linux":
-        # without prctl (macOS), the parent pid changing (to init's or a subreaper's) is the only sign
-        threading.Thread(target=watch_parent, args=(main_pid,), name="watch_parent", daemon=True).start()
-
-
-def watch_parent(main_pid):
-    while os.getppid() == main_pid:
-        time.sleep(1)
+def exit_with_main_process(sentinel):
+    """Wait for the main process's sentinel (ready once it and the workers forked after this one, which hold a
+    copy, have exited: the last one forked goes first), then end this process."""
+    import multiprocessing.connection
+    multiprocessing.connection.wait([sentinel])
     os._exit(1)
 
 
-def submit(executor, batch):
-    """executor.submit(tokenize_batch, batch) with Ctrl-C and kill held back until it returns: a worker it
-    starts inherits the blocked signals, so none reaches the worker before init_worker sets it to ignore them."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
-        return executor.submit(tokenize_batch, batch)
+def submit(executor, *task):
+    """executor.submit(*task) with Ctrl-C and kill held back until it returns: a worker that it starts is born
+    with them held back, so that none reaches it before start_worker has set what they do there."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        return executor.submit(tokenize_batch, batch)
+        return executor.submit(*task)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def tokenize_batch(texts):
-    """Worker: an Arrow array of texts -> (their tokens end to end, (n,) uint16; each one's count, (docs,) int64;
-    the positions of the null texts, (nulls,) int64). A null text (a null, or a .jsonl row without the column)
-    becomes an empty document, not none: a document per row keeps the manifest's document index, from which a
-    rerun resumes, the row's index. The main process counts them and warns. A few arrays each way keep the
-    inter-process traffic to a few buffers per batch."""
-    docs = [tokenize_document(text or "") for text in texts.to_pylist()]
-    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+def tokenize_batch(texts, tokenizer_spec):
+    """In a tokenizer process: an Arrow array of texts -> (their tokens end to end, each with the end-of-text
+    token in front; each one's count, (docs,) int64; the positions of the null texts, (nulls,) int64). A null
+    text (a null, or a .jsonl row without the column) becomes an empty document, not none: a document per row
+    keeps the manifest's document index, from which a rerun resumes, the row's index. The main process counts
+    them and warns. A few arrays each way keep the inter-process traffic to a few buffers per batch."""
+    tokenizer = load_tokenizer(tokenizer_spec)  # built once a process (inherited from the main one, forked)
+    encode, eot, tokens, lengths = tokenizer.encode, tokenizer.eot, [], []
+    for text in texts.to_pylist():
+        start = len(tokens)
+        tokens.append(eot)
+        tokens += encode(text or "")
+        lengths.append(len(tokens) - start)
     nulls = (np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False)) if texts.null_count
              else np.empty(0, np.int64))
-    return (np.concatenate(docs) if docs else np.empty(0, TOKEN_DTYPE)), lengths, nulls
+    dtype = TOKEN_DTYPES[shard_version(tokenizer.n_vocab)]
+    return np.array(tokens, dtype=dtype), np.array(lengths, dtype=np.int64), nulls
 
 
-def tokenized(batches, num_proc):
-    """tokenize_batch of each batch, in order, on num_proc processes. At most two tasks per process wait ahead
-    of the consumer: Pool.imap would read the whole stream into its queue as fast as the source gives it.
-    A ProcessPoolExecutor, not a multiprocessing.Pool: a Pool waits forever for a worker that died (the OOM
-    killer) and can deadlock in terminate() when it kills a worker that is sending a result."""
+def tokenized(batches, tokenizer_spec, num_proc):
+    """tokenize_batch of each batch, in order, on num_proc processes (in this one for 1). At most two tasks per
+    process wait for the consumer, so that a fast source does not fill the memory, as Pool.imap's would."""
     if num_proc == 1:
-        yield from map(tokenize_batch, batches)
+        yield from (tokenize_batch(texts, tokenizer_spec) for texts in batches)
         return
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
-    executor = ProcessPoolExecutor(num_proc, mp_context=pool_context(), initializer=init_worker,
-                                   initargs=(os.getpid(),))
-    pending = collections.deque()
+    executor, pending = ProcessPoolExecutor(num_proc, initializer=start_worker), collections.deque()
     try:
-        for batch in batches:
-            pending.append(submit(executor, batch))
+        for texts in batches:
+            pending.append(submit(executor, tokenize_batch, texts, tokenizer_spec))
             if len(pending) > 2 * num_proc:
                 yield pending.popleft().result()
         while pending:
@@ -744,15 +850,6 @@ def tokenized(batches, num_proc):
                         "command to resume") from None
     finally:
         executor.shutdown(wait=True, cancel_futures=True)  # on an early stop, the running tasks finish first
-
-
-def pool_context():
-    """Fork on Linux, as Python did by default before 3.14 (forkserver since): a worker then inherits the
-    tokenizer already built and the signals blocked by submit(), and its parent is the main process, whose
-    death it watches (exit_with_parent). Elsewhere the platform's default, spawn, also makes the main process
-    the parent."""
-    import multiprocessing
-    return multiprocessing.get_context("fork") if sys.platform == "linux" else None
 
 
 # -----------------------------------------------------------------------------
@@ -794,10 +891,11 @@ def shard_prefix(dataset, files):
     return "data" if not prefix or any(split in prefix for split in SPLITS) else prefix  # see shard_split
 
 
-def shard_matches(path, tokens):
-    """Whether path already holds exactly these tokens (a rerun then leaves it alone)."""
+def shard_matches(path, tokens, version):
+    """Whether path already holds exactly these tokens as a shard of this version (a rerun leaves it alone)."""
     try:
-        return shard_valid(path, len(tokens)) and np.array_equal(open_shard(path), tokens)
+        return (shard_valid(path, len(tokens)) and read_shard_header(path)[1] == TOKEN_DTYPES[version]
+                and np.array_equal(open_shard(path), tokens))
     except OSError:
         return False
 
@@ -807,12 +905,13 @@ class ShardWriter:
     Keeps the stream position of the next token, (document index, tokens of it already written), which each
     shard's record stores as its "end" so that a rerun can start there."""
 
-    def __init__(self, out_dir, plan, limit, records, on_shard, bar):
+    def __init__(self, out_dir, plan, tokenizer, limit, records, on_shard, bar):
         self.out_dir, self.plan, self.limit = Path(out_dir), plan, limit
+        self.eot, self.version = tokenizer.eot, shard_version(tokenizer.n_vocab)
         self.records, self.on_shard, self.bar = list(records), on_shard, bar
         self.document, self.token = self.records[-1]["end"] if self.records else (0, 0)
         self.written = sum(r["tokens"] for r in self.records)
-        self.buffer = np.empty(plan.shard_size, dtype=TOKEN_DTYPE)
+        self.buffer = np.empty(plan.shard_size, dtype=TOKEN_DTYPES[self.version])
         self.start_shard()
 
     def start_shard(self):
@@ -843,14 +942,14 @@ class ShardWriter:
         tokens = self.buffer[:self.fill]
         name = self.plan.name(self.index)
         path = self.out_dir / name
-        if not shard_matches(path, tokens):
+        if not shard_matches(path, tokens, self.version):
             try:
-                write_shard(path, tokens)
+                write_shard(path, tokens, self.version)
             except OSError as e:  # a full disk, most likely: sample-10BT takes ~20 GB
                 raise UserError(f"cannot write {path} ({e.strerror}): make room or pick another --out_dir, "
                                 f"then rerun the same command to resume") from None
         self.records.append({"name": name, "split": self.plan.split(self.index), "tokens": int(self.fill),
-                             "documents": int(np.count_nonzero(tokens == EOT_TOKEN)),
+                             "documents": int(np.count_nonzero(tokens == self.eot)),
                              "end": [self.document, self.token]})
         self.written += self.fill
         self.on_shard(self.records)
@@ -871,18 +970,17 @@ class ShardWriter:
 # -----------------------------------------------------------------------------
 # The output directory and its manifest
 
-MANIFEST = "manifest.json"
-SETTINGS = ("source", "text_column", "tokenizer", "shard_size", "val_tokens", "shard_format")
+SETTINGS = ("source", "text_column", "shard_size", "val_tokens", "shard_format")  # and the tokenizer's sha256
 
 
-def settings_of(config, files, inputs, val_tokens):
+def settings_of(config, files, inputs, val_tokens, tokenizer):
     """What decides the shards' contents: a rerun resumes only into a directory made with the same.
     The inputs (input_record of each local file, None for the Hub) are compared by check_inputs."""
     source = ({"dataset": None, "name": None, "data_files": files} if files
               else {"dataset": config.dataset, "name": config.name, "data_files": None})
-    return {"source": source, "text_column": config.text_column, "tokenizer": "gpt2 (tiktoken), <|endoftext|> "
-            "before each document", "shard_size": config.shard_size, "val_tokens": val_tokens,
-            "shard_format": [MAGIC, VERSION], "inputs": inputs}
+    return {"source": source, "text_column": config.text_column, "tokenizer": tokenizer.record(),
+            "shard_size": config.shard_size, "val_tokens": val_tokens,
+            "shard_format": [MAGIC, shard_version(tokenizer.n_vocab)], "inputs": inputs}
 
 
 @contextlib.contextmanager
@@ -891,14 +989,15 @@ def locked_out_dir(out_dir):
     files a killed run left when it starts: two runs on one directory would delete each other's. A run that
     fails before writing anything takes the directory it created away again."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out_dir {out_dir} is a file: pass a directory (it is created if missing)")
-    created = not out_dir.exists()
     try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"--out_dir {out_dir} is a file: pass a directory (it is created if missing)")
+        created = not out_dir.exists()
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = lock_directory(out_dir, "fineweb.py")
-    except OSError as e:
-        raise UserError(f"--out_dir {out_dir} cannot be written ({e.strerror}): pick a writable directory") from None
+    except OSError as e:  # ENAMETOOLONG among them
+        raise UserError(f"--out_dir {out_dir} cannot be written ({e.strerror or e}): pick a writable directory") \
+            from None
     try:
         remove_temporaries(out_dir, lambda name: name == MANIFEST or SHARD_NAME.fullmatch(name))  # a killed run's
         yield out_dir
@@ -914,19 +1013,27 @@ def locked_out_dir(out_dir):
             lock.release()
 
 
+def read_json(path, fix):
+    """The JSON object in path; a file that cannot be read or parsed, or holds no object, is refused with fix."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested past what the parser takes
+        raise UserError(f"{path} cannot be read ({first_line(e)}): {fix}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is damaged (not a JSON object): {fix}")
+    return value
+
+
 def read_manifest(out_dir):
     """The manifest of an earlier run into out_dir, None if there is none; one of another shape (damaged,
-    edited) is refused."""
+    edited) is refused. An older fineweb.py's name for GPT-2's tokenizer reads as its record."""
     path = out_dir / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read ({e}): delete it and rerun") from None
+    manifest = read_json(path, restart_fix(out_dir))
+    manifest["tokenizer"] = manifest_tokenizer(manifest)
     if not manifest_shape_ok(manifest):
-        raise UserError(f"{path} is damaged (not the manifest fineweb.py writes): "
-                        f"{restart_fix(out_dir)}")
+        raise UserError(f"{path} is damaged (not the manifest fineweb.py writes): {restart_fix(out_dir)}")
     return manifest
 
 
@@ -939,19 +1046,26 @@ def manifest_shape_ok(manifest):
                           and all(is_count(n) for n in r["end"]))
     input_ok = lambda r: (isinstance(r, dict) and isinstance(r.get("path"), str) and is_count(r.get("size"))
                           and is_count(r.get("mtime_ns")) and isinstance(r.get("fingerprint"), str))
-    return (isinstance(manifest, dict) and isinstance(manifest.get("complete"), bool)
+    return (isinstance(manifest.get("complete"), bool)
             and isinstance(manifest.get("shards"), list) and all(map(shard_ok, manifest["shards"]))
             and isinstance(manifest.get("source"), dict) and isinstance(manifest.get("tokens"), dict)
+            and manifest["tokenizer"] is not None
             and (manifest.get("max_tokens") is None or is_count(manifest["max_tokens"]))
             and (manifest.get("inputs") is None or isinstance(manifest["inputs"], list)
                  and all(map(input_ok, manifest["inputs"]))))
 
 
 def check_manifest(manifest, settings, out_dir):
-    """Refuse the manifest of an earlier run made from other inputs or with other settings."""
+    """Refuse the manifest of an earlier run made from other inputs, with another tokenizer or with other
+    settings."""
     if manifest is None:
         return
     check_inputs(manifest, settings["inputs"], out_dir)  # first: it names the file that changed
+    there, now = manifest["tokenizer"], settings["tokenizer"]
+    if there["sha256"] != now["sha256"]:
+        raise UserError(f"{out_dir} holds shards of the tokenizer {describe_tokenizer(there)}, not of --tokenizer "
+                        f"{describe_tokenizer(now)}: pass --tokenizer {there.get('path')} or another --out_dir, or "
+                        f"{restart_fix(out_dir)} with the new tokenizer")
     for key in SETTINGS:
         if manifest.get(key) != settings[key]:
             there, now = (json.dumps(v)[:100] for v in (manifest.get(key), settings[key]))  # file lists run long
@@ -1058,6 +1172,7 @@ def run(config):
     files, builder = resolve_data_files(config.data_files)
     check_has_documents(files, builder)
     inputs = [input_record(f) for f in files] if files else None
+    tokenizer = load_tokenizer(config.tokenizer)
     limit = config.max_tokens or sys.maxsize
     with locked_out_dir(config.out_dir) as out_dir:
         if config.restart:
@@ -1066,7 +1181,7 @@ def run(config):
                   f"{out_dir}; should this run stop, rerun it without --restart to resume")
         manifest = read_manifest(out_dir)
         val_tokens, chosen = choose_val_tokens(config, files, builder, manifest)
-        settings = settings_of(config, files, inputs, val_tokens)
+        settings = settings_of(config, files, inputs, val_tokens, tokenizer)
         check_manifest(manifest, settings, out_dir)
         if is_up_to_date(manifest, out_dir, config.max_tokens):
             print(f"{out_dir} is complete ({len(manifest['shards'])} shards, {manifest['tokens']['total']:,} "
@@ -1078,13 +1193,13 @@ def run(config):
         if records:
             print(f"resuming after {len(records)} shards already in {out_dir}, at document {skip:,}")
         start, tokens_before = time.perf_counter(), sum(r["tokens"] for r in records)
-        get_tokenizer()  # built once, before the pool forks, so the workers inherit it
         batches, source, total_docs = open_documents(config, files, builder, skip)
         if chosen:
             print(f"val split: {val_tokens:,} tokens, {chosen} (pass --val_tokens N to choose)")
         save = lambda recs: write_manifest(out_dir, settings, recs, config.max_tokens, complete=False)
-        records, null_documents = write_shards(batches, out_dir, plan, limit, records, save, config.num_proc, skip,
-                                               total_docs)
+        writer = lambda bar: ShardWriter(out_dir, plan, tokenizer, limit, records, save, bar)
+        results = tokenized(batches, config.tokenizer, config.num_proc)
+        records, null_documents = write_shards(results, writer, skip, total_docs)
         write_manifest(out_dir, settings, records, config.max_tokens, complete=True)
         elapsed = time.perf_counter() - start
     tokens, documents = sum(r["tokens"] for r in records), sum(r["documents"] for r in records)
@@ -1100,15 +1215,15 @@ def run(config):
               f"which the trainer would read: delete them", file=sys.stderr)
 
 
-def write_shards(batches, out_dir, plan, limit, records, save, num_proc, skip, total_docs):
-    """Tokenize the batches and cut them into shards; the records of all shards, and how many of the documents
-    this run wrote had a null text."""
+def write_shards(results, make_writer, skip, total_docs):
+    """Cut the tokenized batches into shards (make_writer(bar): the ShardWriter); the records of all shards, and
+    how many of the documents this run wrote had a null text."""
     from tqdm import tqdm
     with tqdm(total=total_docs, initial=skip, unit="docs", desc="documents", position=0, dynamic_ncols=True) as docs, \
             tqdm(unit="tok", unit_scale=True, position=1, leave=False, dynamic_ncols=True) as shard_bar:
-        writer = ShardWriter(out_dir, plan, limit, records, save, shard_bar)
+        writer = make_writer(shard_bar)
         null_documents = 0
-        with contextlib.closing(tokenized(batches, num_proc)) as results:
+        with contextlib.closing(results):
             for tokens, lengths, nulls in results:
                 first = writer.document
                 writer.add(tokens, lengths)

@@ -6,8 +6,9 @@ HellaSwag, zero-shot: which of four endings does the model find most likely afte
     python train_gpt2.py --eval_only True --init_from out/best_val_loss.pt  # a checkpoint of the trainer
 
 On its own it scores transformers' GPT2LMHeadModel, as build-nanogpt's does: OpenAI's weights or a folder
-(save_pretrained, or the trainer's --export_hf). A checkpoint of the trainer is scored by the trainer's own
-model, with --eval_only, which runs this file's evaluate. The split is downloaded
+(save_pretrained, or the trainer's --export_hf), with the folder's tokenizer.json (GPT-2's without one). A
+checkpoint of the trainer is scored by the trainer's own model and tokenizer, with --eval_only, which runs
+this file's evaluate. The split is downloaded
 from the HellaSwag repository into --cache_dir on first use; without a network, pass a local copy with --data.
 Each ending is scored by the model's loss on its tokens after the context: `acc` picks the ending with the
 lowest total loss (the highest log-likelihood), `acc_norm` the lowest mean loss per token (it does not favour
@@ -18,7 +19,7 @@ The trainer calls it on every rank at each evaluation, with its GPT as its forwa
 
     examples = hellaswag.load_for_training(config, dist_info, log)  # once; None when unavailable
     result = hellaswag.evaluate(model, examples, batch_size, block_size, autocast, dist_info,
-                                by_position=True)  # the GPT computes logits at the endings alone
+                                by_position=True, tokenizer=tokenizer)  # logits at the endings alone
     result["acc_norm"], result["acc"], result["n"]                  # the same on every rank (summed)
 
 load_for_training turns the UserError of a split it cannot have into a warning: a run without HellaSwag
@@ -45,8 +46,8 @@ import torch.nn.functional as F
 
 from cli import UserError, atomic_write, build_parser, flag, run_command
 from device import Distributed, check_dtype, make_autocast, resolve_device, resolve_dtype
-from fineweb import VOCAB_SIZE, get_tokenizer
-from hf_convert import is_hf_model, load_hf_gpt2, quiet_hf_logs
+from fineweb import load_tokenizer
+from hf_convert import is_hf_model, load_hf_gpt2, model_tokenizer, quiet_hf_logs
 
 # -----------------------------------------------------------------------------
 # The data: the split files, downloaded once and cached, read line by line
@@ -142,17 +143,18 @@ def load_examples(source, cache_dir=None, limit=None, flag="--data"):
 # Rendering: one example as four rows of tokens, and the mask of the tokens that are scored
 
 
-def render_examples(examples, enc, max_tokens=None):
+def render_examples(examples, tokenizer, max_tokens=None):
     """Each example as the model sees it, a (tokens, mask, label) triple:
-    - tokens (4, N) long: row i is enc(ctx) + enc(" " + endings[i]), zero-padded on the right to the longest
+    - tokens (4, N) long: row i is encode(ctx) + encode(" " + endings[i]), zero-padded on the right to the longest
     - mask (4, N) bool: True on the ending's tokens, whose likelihood is scored
     - label: the index of the correct ending
-    The space goes with the ending because GPT-2's tokenizer folds a word's leading space into its token. A
+    The space goes with the ending because GPT-2's tokenizer (a byte-level BPE) folds a word's leading space into
+    its token. A
     row longer than max_tokens keeps its last max_tokens tokens: the context's start goes first, then the
     ending's, so as much of the ending as fits is scored. numpy builds the rows, a few times faster than a
     tensor each."""
     # one at a time: tiktoken's encode_ordinary_batch was 6 times slower for these short texts
-    encoded = [enc.encode_ordinary(text) for example in examples
+    encoded = [tokenizer.encode(text) for example in examples
                for text in [example["ctx"], *(" " + ending for ending in example["endings"])]]
     keep = slice(-max_tokens, None) if max_tokens else slice(None)
     rendered = []
@@ -240,15 +242,17 @@ def token_losses(model, x, y, scored, autocast, vocab_limit, positions=None):
 
 @torch.no_grad()
 def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024, autocast=None,
-                   vocab_limit=VOCAB_SIZE, progress=False, passes=0, by_position=False):
+                   vocab_limit=None, progress=False, passes=0, by_position=False, tokenizer=None):
     """(pred_sum, pred_norm) of each example, in the order given: a (len(examples), 2) long tensor.
     Examples go through the model longest first, batch_size at a time, so each batch pads little and the
     longest (the most memory) comes first. passes: call the model at least this many times, the calls past
     the examples on a batch of padding whose output is dropped (FSDP's lockstep: Distributed.forward_passes).
     by_position: the model computes logits at given positions alone (model(x, positions=...), the trainer's
     GPT): the endings are about a quarter of HellaSwag's tokens, the output layer a third of GPT-2 124M's
-    matmul FLOPs."""
-    rendered = [(tokens, mask) for tokens, mask, _ in render_examples(examples, get_tokenizer(), block_size + 1)]
+    matmul FLOPs. tokenizer: the model's (GPT-2's unless given); vocab_limit: its vocabulary, unless given."""
+    tokenizer = tokenizer or load_tokenizer()
+    vocab_limit = vocab_limit or tokenizer.n_vocab
+    rendered = [(tokens, mask) for tokens, mask, _ in render_examples(examples, tokenizer, block_size + 1)]
     order = sorted(range(len(rendered)), key=lambda i: -rendered[i][0].size(1))
     was_training = isinstance(model, nn.Module) and model.training
     if isinstance(model, nn.Module):
@@ -285,7 +289,7 @@ def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024
 
 
 def evaluate(model, examples, batch_size=16, block_size=1024, autocast=None, dist_info=None,
-             vocab_limit=VOCAB_SIZE, progress=False, by_position=False):
+             vocab_limit=None, progress=False, by_position=False, tokenizer=None):
     """Zero-shot HellaSwag accuracy: {"acc", "acc_norm", "n", "correct", "correct_norm"}.
 
     model maps tokens (B, T) to logits (B, T, V): a callable returning them, or a (logits, loss) tuple (the
@@ -295,12 +299,12 @@ def evaluate(model, examples, batch_size=16, block_size=1024, autocast=None, dis
     dist_info (device.Distributed; by default one process on the CPU) says the device and the ranks: rank r
     scores examples[r::world_size], as many forward passes as dist_info.forward_passes says, and with a
     process group the counts are summed over the ranks, so every rank returns the figures for all examples.
-    The model is put in eval mode and back in train mode if it was. by_position: see score_examples."""
+    The model is put in eval mode and back in train mode if it was. by_position, tokenizer: see score_examples."""
     d = dist_info or Distributed()
     share = examples[d.rank::d.world_size]
     passes = d.forward_passes(len(examples), batch_size)
     predictions = score_examples(model, share, d.device, batch_size, block_size, autocast, vocab_limit,
-                                 progress and d.is_master, passes, by_position)
+                                 progress and d.is_master, passes, by_position, tokenizer)
     labels = torch.tensor([int(example["label"]) for example in share], dtype=torch.long)
     counts = torch.stack([(predictions[:, 0] == labels).sum(), (predictions[:, 1] == labels).sum(),
                           torch.tensor(len(share))]).to(d.device)
@@ -395,14 +399,15 @@ def run(config):
         raise UserError(checkpoint_advice(config.init_from) if Path(config.init_from).is_file() else
                         f"--init_from {config.init_from} cannot be loaded: pass gpt2, gpt2-medium, gpt2-large "
                         f"or gpt2-xl (with a network), or a folder saved by save_pretrained")
+    tokenizer = model_tokenizer(config.init_from)
     with quiet_hf_logs():
-        model = load_hf_gpt2(config.init_from).eval().to(device)
+        model = load_hf_gpt2(config.init_from, tokenizer).eval().to(device)
     block_size = model.config.n_positions
     if config.compile:
         model = torch.compile(model)
     start = time.perf_counter()
     result = evaluate(model, examples, config.batch_size, block_size, make_autocast(device.split(":")[0], dtype),
-                      Distributed(device=device), progress=True)
+                      Distributed(device=device), progress=True, tokenizer=tokenizer)
     seconds = time.perf_counter() - start  # evaluate's final .tolist() has waited for the device
     print(f"acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | n {result['n']} | "
           f"{config.init_from} on {source}, {dtype} on {device} | "

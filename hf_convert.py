@@ -8,7 +8,9 @@ the model class. The trainer builds its GPT from them (--init_from gpt2) and exp
     export_hf(model_args, state, "out/hf")                # a folder that transformers loads
 
 Names are the same on both sides (transformer.h.0.attn.c_attn.weight, ...); transformers keeps four of the
-matrices transposed (HF_TRANSPOSED), and its vocabulary is GPT-2's 50,257 where ours may be padded.
+matrices transposed (HF_TRANSPOSED), and its vocabulary is the tokenizer's (GPT-2's 50,257) where ours may be
+padded. The tokenizer goes with the weights: a tiktoken one as GPT-2's vocab.json and merges.txt, a tokenizers
+JSON file as itself.
 """
 
 import contextlib
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from cli import UserError, current_umask
-from fineweb import EOT_TOKEN, VOCAB_SIZE, get_tokenizer
+from fineweb import HFTokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
 # Loading transformers' GPT-2
@@ -84,9 +86,16 @@ def from_cache_or_hub(model_class, name_or_path):
     return model_class.from_pretrained(name_or_path)
 
 
-def load_hf_gpt2(name_or_path):
+def model_tokenizer(name_or_path):
+    """The tokenizer of a transformers model: its folder's tokenizer.json (an export writes one), else GPT-2's."""
+    path = Path(name_or_path) / "tokenizer.json"
+    return load_tokenizer(str(path)) if name_or_path not in HF_GPT2_MODELS and path.is_file() else load_tokenizer()
+
+
+def load_hf_gpt2(name_or_path, tokenizer=None):
     """transformers' GPT2LMHeadModel for a hub name or a save_pretrained folder, checked to be the
-    architecture that this repo's GPT implements."""
+    architecture that this repo's GPT implements, with a row for every id of the tokenizer (GPT-2's unless
+    given)."""
     folder = Path(name_or_path)
     if name_or_path not in HF_GPT2_MODELS:
         try:
@@ -110,19 +119,19 @@ def load_hf_gpt2(name_or_path):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"could not load a transformers GPT-2 from {folder} ({reason}): pass a folder written by "
                         f"save_pretrained") from None
-    c, n_vocab = hf.config, VOCAB_SIZE
+    c, n_vocab = hf.config, (tokenizer or load_tokenizer()).n_vocab
     supported = {  # what GPT hard-codes: the tanh GELU, a 4x MLP, LayerNorm's default eps, SDPA's 1/sqrt(hs)
         "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
         "n_inner": c.n_inner in (None, 4 * c.n_embd),
         "layer_norm_epsilon": c.layer_norm_epsilon == 1e-5,
         "scale_attn_weights": c.scale_attn_weights,
         "scale_attn_by_inverse_layer_idx": not c.scale_attn_by_inverse_layer_idx,
-        "vocab_size": c.vocab_size >= n_vocab,  # GPT-2's tokenizer
+        "vocab_size": c.vocab_size >= n_vocab,  # the tokenizer's ids
     }
     for name, ok in supported.items():
         if not ok:
             raise UserError(f"{name_or_path} has {name}={getattr(c, name)}, which this repo's GPT does not "
-                            f"implement (GPT-2's tokenizer and architecture): pass a standard GPT-2")
+                            f"implement (its tokenizer and GPT-2's architecture): pass a standard GPT-2")
     return hf
 
 
@@ -141,10 +150,10 @@ def model_args_of(hf_config):
     return {ours: getattr(hf_config, theirs) for ours, theirs in HF_CONFIG_NAMES.items()}
 
 
-def load_gpt2_weights(name_or_path):
+def load_gpt2_weights(name_or_path, tokenizer=None):
     """(model_args, state dict in our names) of transformers' GPT-2 weights: a hub name or a folder. The
     vocabulary stays unpadded (50,257): padded rows would take part in the softmax and change the loss."""
-    hf = load_hf_gpt2(name_or_path)
+    hf = load_hf_gpt2(name_or_path, tokenizer)
     state = {}
     for name, value in hf.state_dict().items():
         if name.endswith((".attn.bias", ".attn.masked_bias")):
@@ -153,17 +162,19 @@ def load_gpt2_weights(name_or_path):
     return model_args_of(hf.config), state
 
 
-def hf_model(model_args, state):
+def hf_model(model_args, state, tokenizer=None):
     """transformers' GPT2LMHeadModel holding our weights (a state dict of our GPT), in eval mode. The padded
-    vocabulary rows are dropped, so its logits are over GPT-2's 50,257 tokens alone."""
+    vocabulary rows are dropped, so its logits are over the tokenizer's ids alone (GPT-2's 50,257 unless
+    another tokenizer is given)."""
+    tokenizer = tokenizer or load_tokenizer()
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         raise UserError("a model in transformers' format needs transformers: pip install transformers") from None
     a = model_args
-    hf_config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=a["block_size"], n_embd=a["n_embd"],
+    hf_config = GPT2Config(vocab_size=tokenizer.n_vocab, n_positions=a["block_size"], n_embd=a["n_embd"],
                            n_layer=a["n_layer"], n_head=a["n_head"], activation_function="gelu_new",
-                           tie_word_embeddings=True, bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN,
+                           tie_word_embeddings=True, bos_token_id=tokenizer.eot, eos_token_id=tokenizer.eot,
                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # this repo trains without dropout
     with quiet_hf_logs():
         hf = GPT2LMHeadModel(hf_config)
@@ -177,7 +188,7 @@ def hf_model(model_args, state):
         for name, value in state.items():
             transposed = name.endswith(HF_TRANSPOSED)
             value = value.t() if transposed else value
-            value = value[:VOCAB_SIZE] if name.endswith(("wte.weight", "lm_head.weight")) else value
+            value = value[:tokenizer.n_vocab] if name.endswith(("wte.weight", "lm_head.weight")) else value
             if value.shape != hf_state[name].shape:
                 ours, gpt2 = tuple(value.shape), tuple(hf_state[name].shape)
                 if transposed:  # said as this repo's Linear holds it (transformers' Conv1D has it transposed)
@@ -192,16 +203,17 @@ def hf_model(model_args, state):
 # Export: a folder that transformers loads
 
 
-def gpt2_vocab_and_merges():
-    """GPT-2's tokenizer in transformers' terms, rebuilt from the tiktoken ranks that fineweb.py loads (the
-    repo vendors gpt2.tiktoken, not vocab.json and merges.txt): the vocab maps each token, its bytes
-    spelled in GPT-2's printable byte alphabet, to its id; merge k makes token 256 + k from two others."""
+def gpt2_vocab_and_merges(tokenizer):
+    """A tiktoken tokenizer (GPT-2's, or another ranks file split by GPT-2's pattern) in transformers' terms,
+    rebuilt from its ranks (the repo vendors gpt2.tiktoken, not vocab.json and merges.txt): the vocab maps each
+    token, its bytes spelled in GPT-2's printable byte alphabet, to its id; merge k makes token 256 + k from two
+    others."""
     printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # bytes that print as themselves
     others = [b for b in range(256) if b not in printable]
     alphabet = {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
     spell = lambda token: "".join(alphabet[b] for b in token)
-    enc = get_tokenizer()
-    ranks = {enc.decode_single_token_bytes(i): i for i in range(EOT_TOKEN)}
+    eot = tokenizer.eot
+    ranks = {tokenizer.encoding.decode_single_token_bytes(i): i for i in range(eot)}
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         parts = [bytes([b]) for b in token]
@@ -211,14 +223,24 @@ def gpt2_vocab_and_merges():
         if len(parts) == 2:
             merges.append((spell(parts[0]), spell(parts[1])))
     vocab = {spell(token): rank for token, rank in ranks.items()}
-    vocab["<|endoftext|>"] = EOT_TOKEN
+    vocab["<|endoftext|>"] = eot
     return vocab, merges
 
 
-def save_hf_tokenizer(folder, max_length):
-    """vocab.json and merges.txt (as OpenAI's GPT-2 folder has them), and tokenizer.json through transformers."""
+def save_hf_tokenizer(folder, max_length, tokenizer):
+    """The tokenizer as transformers loads it: a tokenizers JSON file as itself, through transformers'
+    PreTrainedTokenizerFast; a tiktoken one as vocab.json and merges.txt (as OpenAI's GPT-2 folder has them),
+    and tokenizer.json through transformers."""
+    if isinstance(tokenizer, HFTokenizer):
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+        eot = tokenizer.backend.id_to_token(tokenizer.eot)
+        fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.content.decode("utf-8")),
+                                       bos_token=eot, eos_token=eot, model_max_length=max_length)
+        fast.save_pretrained(folder)
+        return
     from transformers import GPT2Tokenizer
-    vocab, merges = gpt2_vocab_and_merges()
+    vocab, merges = gpt2_vocab_and_merges(tokenizer)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
                                        encoding="utf-8")
@@ -226,36 +248,37 @@ def save_hf_tokenizer(folder, max_length):
     tokenizer.save_pretrained(folder)
 
 
-def export_model(model, path):
-    """export_hf of a model of this repo (a GPT): only GPT-2's own shape goes into transformers'
-    GPT2LMHeadModel, so a field of its config past it (one set off its default) is refused."""
+def export_model(model, path, tokenizer):
+    """export_hf of a model of this repo (a GPT) and its tokenizer: only GPT-2's own shape goes into
+    transformers' GPT2LMHeadModel, so a field of its config past it (one set off its default) is refused."""
     for field in dataclasses.fields(model.config):
         value = getattr(model.config, field.name)
         if field.name not in HF_CONFIG_NAMES and value != field.default:
             raise UserError(f"--export_hf: transformers' GPT-2 has no {field.name} (this model's "
                             f"is {value!r}, GPT-2's {field.default!r}): "
                             "only a model of GPT-2's architecture can be exported")
-    return export_hf(dataclasses.asdict(model.config), model.state_dict(), path)
+    return export_hf(dataclasses.asdict(model.config), model.state_dict(), path, tokenizer)
 
 
-def export_hf(model_args, state, path):
+def export_hf(model_args, state, path, tokenizer=None):
     """Write our weights (model_args and a state dict) to the folder path as a transformers GPT-2
-    (config.json, model.safetensors, generation_config.json and the tokenizer), which GPT2LMHeadModel and
-    pipelines load; both the generation config (max_length) and the tokenizer (model_max_length) carry the
-    context length. Written to a temporary folder beside path and renamed into place, so path never holds a
-    half-written export."""
+    (config.json, model.safetensors, generation_config.json and the tokenizer, GPT-2's unless another is
+    given), which GPT2LMHeadModel and pipelines load; both the generation config (max_length) and the
+    tokenizer (model_max_length) carry the context length. Written to a temporary folder beside path and
+    renamed into place, so path never holds a half-written export."""
     path = Path(path)
     if path.is_symlink():  # the rename below would not go through it, and replacing it loses it
         raise UserError(f"--export_hf {path} is a symbolic link (to {os.readlink(path)}): pass the folder it "
                         f"names, or a new one")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"--export_hf {path} already exists: remove it or pass a new folder")
-    hf = hf_model(model_args, state)
+    tokenizer = tokenizer or load_tokenizer()
+    hf = hf_model(model_args, state, tokenizer)
     block_size = model_args["block_size"]
     # generation stops at the context length: the position embedding has block_size rows, and transformers'
     # text-generation pipeline would otherwise ask for 256 new tokens and index past them
     hf.generation_config.max_length = block_size
-    hf.generation_config.pad_token_id = EOT_TOKEN  # GPT-2 has no pad token; generate() warns on every call without
+    hf.generation_config.pad_token_id = tokenizer.eot  # GPT-2 has no pad token; generate() warns on every call without
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -266,7 +289,7 @@ def export_hf(model_args, state, path):
     try:
         with quiet_hf_logs():
             hf.save_pretrained(tmp, safe_serialization=True)
-            save_hf_tokenizer(tmp, block_size)
+            save_hf_tokenizer(tmp, block_size, tokenizer)
         # mkdtemp makes the folder 0700 and transformers writes the weights 0600: both would hide the export
         # from other users
         os.chmod(tmp, 0o777 & ~current_umask())

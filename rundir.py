@@ -377,10 +377,11 @@ def start_trackers(config, progress, log):
         log.trackers.append(TensorBoardTracker(config.out_dir, progress.iter_num, records))
 
 
-def prepare_run_files(config, progress, evaluated_at_start, log, loader=None):
+def prepare_run_files(config, progress, evaluated_at_start, log, loader=None, tokenizer=None):
     """Clear what a killed run left, cut metrics.jsonl back to the checkpoint, write a best copy that is
     pending (best_val_loss.pt could not be written when its checkpoint was), start the trackers and write
-    config.json: the flags, and with --auto_batch the micro-batch the loader reads for them."""
+    config.json: the flags, with --auto_batch the micro-batch the loader reads for them, and the tokenizer
+    the model reads (its record: the sha256 of its file, its vocabulary)."""
     out_dir = Path(config.out_dir)
     try:
         remove_temporaries(out_dir, is_run_file)  # a killed run's, safe under the lock
@@ -391,6 +392,8 @@ def prepare_run_files(config, progress, evaluated_at_start, log, loader=None):
         flags = dataclasses.asdict(config)
         if config.auto_batch and loader is not None:
             flags["auto_batch_chosen"] = {"batch_size": loader.B, "gradient_accumulation_steps": loader.micro_steps}
+        if tokenizer is not None:
+            flags["tokenizer_record"] = tokenizer.record()
         atomic_write(out_dir / "config.json", lambda f: f.write(json.dumps(flags, indent=2).encode()))
     except OSError as e:
         raise UserError(f"cannot write into --out_dir {out_dir} ({e.strerror or e}): fix its permissions or "

@@ -10,7 +10,6 @@ Every flag is a field of SampleConfig below; `python sample.py --help` lists the
 is printed as it is generated, one sample after another; the same seed prints the same text.
 """
 
-import codecs
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,8 @@ import torch
 
 from cli import UserError, build_parser, flag
 from device import check_dtype, make_autocast, resolve_device, resolve_dtype
-from fineweb import EOT_TOKEN, check_vocab_size, get_tokenizer
+from fineweb import check_vocab_size, checkpoint_tokenizer
+from hf_convert import model_tokenizer
 from sampling import generate_tokens
 from train_gpt2 import load_start
 
@@ -68,23 +68,24 @@ def read_prompt(start):
 # Sampling, streamed
 
 
-def stream_sample(model, prompt, config, device, autocast, generator, out):
+def stream_sample(model, tokenizer, prompt, config, device, autocast, generator, out):
     """Write prompt and then each sampled token's text to out as soon as it is drawn; return the new ids."""
-    enc = get_tokenizer()
-    ids = enc.encode(prompt, allowed_special="all") or [EOT_TOKEN]  # no prompt: start a document, as in training
-    # a token can end in the middle of a character's UTF-8 bytes: the decoder holds them until it is whole
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    ids = tokenizer.encode_prompt(prompt) or [tokenizer.eot]  # no prompt: start a document, as in training
     out.write(prompt)
-    new_ids = []
+    new_ids, shown = [], ""
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     with autocast:
         for token in generate_tokens(lambda context: model(context)[0], idx, config.max_new_tokens,
                                      model.config.block_size, config.temperature, config.top_k or None,
-                                     vocab_limit=enc.n_vocab, generator=generator):
+                                     vocab_limit=tokenizer.n_vocab, generator=generator):
             new_ids.append(token.item())
-            out.write(decoder.decode(enc.decode_single_token_bytes(new_ids[-1])))
-            out.flush()
-    out.write(decoder.decode(b"", final=True))
+            text = tokenizer.decode(new_ids)
+            # a token can end in the middle of a character's UTF-8 bytes: they show once it is whole
+            if not text.endswith("\ufffd"):
+                out.write(text[len(shown):])
+                out.flush()
+                shown = text
+    out.write(tokenizer.decode(new_ids)[len(shown):])
     return new_ids
 
 
@@ -92,13 +93,16 @@ def sample(config, out=sys.stdout):
     prompt = read_prompt(config.start)  # before the model is loaded: a missing file fails fast
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    model, _ = load_start(config.init_from, ".")
-    check_vocab_size(model.config.vocab_size, config.init_from)  # the tokenizer's ids must index it
+    model, checkpoint = load_start(config.init_from, ".")
+    # the run's tokenizer, which its checkpoint holds; a transformers folder's own
+    tokenizer = (checkpoint_tokenizer(checkpoint["tokenizer"], checkpoint["path"]) if checkpoint
+                 else model_tokenizer(config.init_from))
+    check_vocab_size(model.config.vocab_size, config.init_from, tokenizer)  # the tokenizer's ids must index it
     model = model.to(device)
     autocast = make_autocast(device.split(":")[0], dtype)
     generator = torch.Generator(device=device).manual_seed(config.seed)  # one stream for all the samples
     for _ in range(config.num_samples):
-        stream_sample(model, prompt, config, device, autocast, generator, out)
+        stream_sample(model, tokenizer, prompt, config, device, autocast, generator, out)
         out.write("\n---------------\n")
         out.flush()
 

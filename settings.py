@@ -36,6 +36,9 @@ class TrainSettings:
     data: str = flag("edu_fineweb10B", "directory of token shards (made by fineweb.py), or a text "
                                        "file such as input.txt, tokenized on the fly and split "
                                        "90/10 into train/val")
+    tokenizer: str = flag("gpt2", "a new run's tokenizer: gpt2 (GPT-2's), a tiktoken ranks file or a "
+                                  "tokenizers JSON file; --data's shards must be of it, --vocab_size follows "
+                                  "it; a checkpoint's run keeps its own")
     out_dir: str = flag("./out", "where checkpoints, config.json and metrics.jsonl are written")
     init_from: str = flag("scratch", "'scratch', 'resume' (the latest checkpoint in out_dir), a "
                                      "checkpoint path, or GPT-2 weights to fine-tune: gpt2, "
@@ -328,13 +331,15 @@ def run_config(flags, explicit, checkpoint):
 
 
 def with_absolute_paths(config):
-    """The config with --data (and a --hellaswag_data file) as absolute paths where they exist, so
-    that a resume or an --eval_only run from another working directory finds the run's data."""
+    """The config with --data (and a --hellaswag_data or --tokenizer file) as absolute paths where they
+    exist, so that a resume or an --eval_only run from another working directory finds the run's data."""
     data = str(Path(config.data).resolve()) if Path(config.data).exists() else config.data
-    hellaswag_data = config.hellaswag_data
+    hellaswag_data, tokenizer = config.hellaswag_data, config.tokenizer
     if Path(hellaswag_data).is_file():
         hellaswag_data = str(Path(hellaswag_data).resolve())
-    return dataclasses.replace(config, data=data, hellaswag_data=hellaswag_data)
+    if tokenizer != "gpt2" and Path(tokenizer).is_file():  # gpt2 is GPT-2's, whatever files are here
+        tokenizer = str(Path(tokenizer).resolve())
+    return dataclasses.replace(config, data=data, hellaswag_data=hellaswag_data, tokenizer=tokenizer)
 
 
 def same_path(a, b):

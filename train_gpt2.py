@@ -36,8 +36,8 @@ from cross_entropy_kernel import OutputLayerLoss
 from device import (Prefetcher, check_model_fits, device_peak_flops, make_autocast, place_model,
                     resolve_dtype, run_on_ranks, set_gradient_sync, wrap_model)
 from evaluation import Evaluation, evaluate_only
-from fineweb import (check_unchanged, check_vocab_size, fingerprint, load_token_sources,
-                     read_span, sampled_fingerprint)
+from fineweb import (check_unchanged, check_vocab_size, checkpoint_tokenizer, fingerprint,
+                     load_token_sources, load_tokenizer, read_span, sampled_fingerprint)
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, choose_micro_batch
 from hf_convert import export_model, is_hf_model, load_gpt2_weights
 from rundir import Plotter, RunLog, describe_target, pause_clock
@@ -54,8 +54,8 @@ class GPTConfig:
     """The model's shape, named here alone: each field is also a flag of train_gpt2.py and a key of
     a checkpoint's model_args, and a checkpoint from before a field existed loads at its default."""
     block_size: int = flag(1024, "context length in tokens")
-    vocab_size: int = flag(50304, "vocabulary size: GPT-2's 50,257 tokens padded to a multiple "
-                                  "of 64 (faster matmuls)")
+    vocab_size: int = flag(50304, "vocabulary size: unless given, the tokenizer's padded to a "
+                                  "multiple of 64 (faster matmuls): GPT-2's 50,257 to 50,304")
     n_layer: int = flag(12, "transformer blocks")
     n_head: int = flag(12, "attention heads per block")
     n_embd: int = flag(768, "width of the residual stream")
@@ -228,10 +228,12 @@ class ShardLoader:
     `position` counts the tokens of the current shard used this epoch; a shard with less than a
     global batch left waits for the next epoch. Rows (micro_step * world_size + rank) of a global
     batch are this rank's micro-batch, so the batches depend on the data, seed, mode and global
-    batch shape alone, not on how ranks and micro-steps split it."""
+    batch shape alone, not on how ranks and micro-steps split it. n_vocab: the tokenizer's ids, which
+    every token read is checked to be among (GPT-2's unless given)."""
 
     def __init__(self, sources, batch_size, block_size, micro_steps, rank=0, world_size=1, seed=0,
-                 shuffle=True):
+                 shuffle=True, n_vocab=None):
+        self.n_vocab = n_vocab or load_tokenizer().n_vocab
         self.names = [name for name, _ in sources]
         self.shards = [tokens for _, tokens in sources]
         self.B, self.T, self.micro_steps = batch_size, block_size, micro_steps
@@ -289,7 +291,7 @@ class ShardLoader:
         starts = self.shard_windows()[first:first + self.rows_per_step]  # the global batch's
         mine = starts.reshape(self.micro_steps, self.world_size, self.B)[:, self.rank].flatten()
         name, tokens = self.names[index], self.shards[index]
-        windows = [read_span(name, tokens, start, self.T + 1) for start in mine]
+        windows = [read_span(name, tokens, start, self.T + 1, self.n_vocab) for start in mine]
         windows = np.stack(windows).reshape(self.micro_steps, self.B, self.T + 1)
         # numpy copies the inputs and targets out: torch's copy of these strided views went through
         # its thread pool, a thousand times slower on a busy CPU (BENCHMARKS.md)
@@ -301,7 +303,8 @@ class ShardLoader:
         xs, ys = [], []
         for micro_step in range(self.micro_steps):
             start = self.position + (micro_step * self.world_size + self.rank) * micro_batch_tokens
-            span = read_span(self.names[index], self.shards[index], start, micro_batch_tokens + 1)
+            span = read_span(self.names[index], self.shards[index], start, micro_batch_tokens + 1,
+                             self.n_vocab)
             chunk = torch.from_numpy(span)
             xs.append(chunk[:-1].view(self.B, self.T))
             ys.append(chunk[1:].view(self.B, self.T))
@@ -460,11 +463,14 @@ def optimizer_state_bytes(optimizer):
 class Trainer:
     """What a run carries from step to step: the model (the GPT, sharded in place under FSDP) and
     `wrapped`, what its forward passes call (compiled, under DDP); the optimizer, the GradScaler,
-    the batches and the counters (progress). Its checkpoint is those parts' state_dict()s (parts()).
+    the batches and the counters (progress). Its checkpoint is those parts' state_dict()s (parts()),
+    and the record of the tokenizer the model reads (GPT-2's unless given).
     """
 
-    def __init__(self, config, dist_info, model, log, *, loader, evaluation, checkpoint=None):
+    def __init__(self, config, dist_info, model, log, *, loader, evaluation, checkpoint=None,
+                 tokenizer=None):
         self.config, self.dist_info, self.log = config, dist_info, log
+        self.tokenizer = tokenizer or load_tokenizer()
         self.device = dist_info.device
         self.dtype = resolve_dtype(config.dtype, self.device, dist_info.sharded)
         device_type = self.device.split(":")[0]
@@ -624,7 +630,8 @@ class Trainer:
         checkpoint = make_checkpoint(self.parts(), model_args=dataclasses.asdict(self.model.config),
                                      config=dataclasses.asdict(self.config), val_loss=val_loss,
                                      world_size=self.dist_info.world_size, micro_batch=micro_batch,
-                                     torch_version=str(torch.__version__), git_commit=git_commit())
+                                     torch_version=str(torch.__version__), git_commit=git_commit(),
+                                     tokenizer=self.tokenizer.checkpoint_record())
         name = checkpoint_name(step, val_loss)
         best_step = self.progress.best_step
         write = lambda: self.checkpoints.write(name, checkpoint, best_step, self.log.print)
@@ -760,15 +767,19 @@ def load_start(init_from, out_dir):
 
 
 def export(config):
-    """--export_hf: a conversion, not a run; it reads no data and trains nothing (hf_convert)."""
+    """--export_hf: a conversion, not a run; it reads no data and trains nothing (hf_convert). The
+    tokenizer goes with the model: its checkpoint's, or --tokenizer with GPT-2 weights."""
     model, checkpoint = load_start(config.init_from, config.out_dir)
-    path = export_model(model, config.export_hf)
+    tokenizer = (checkpoint_tokenizer(checkpoint["tokenizer"], checkpoint["path"]) if checkpoint
+                 else load_tokenizer(config.tokenizer))
+    path = export_model(model, config.export_hf, tokenizer)
     print(f"exported {checkpoint['path'] if checkpoint else config.init_from} to {path}")
 
 
-def train(config, changes, dist_info, model, checkpoint, launched):
-    """Training from scratch, from GPT-2 weights or from a checkpoint; one process or many.
-    launched: when this process started (perf_counter), from which --max_time counts."""
+def train(config, changes, dist_info, model, checkpoint, launched, tokenizer):
+    """Training from scratch, from GPT-2 weights or from a checkpoint; one process or many; the data
+    in the tokenizer's tokens. launched: when this process started (perf_counter), from which
+    --max_time counts."""
     log = RunLog(config.out_dir, dist_info.is_master)
     model_config = model.config if model is not None else new_model_config(config)
     for line in changes + (resume_warnings(checkpoint["config"], config, checkpoint["world_size"],
@@ -778,15 +789,15 @@ def train(config, changes, dist_info, model, checkpoint, launched):
         raise UserError(f"{checkpoint['path']} is at step {checkpoint['progress']['iter_num']}, "
                         f"past --max_iters {config.max_iters}: raise --max_iters to train on")
     check_vocab_size(model_config.vocab_size,
-                     checkpoint["path"] if checkpoint else config.init_from)
+                     checkpoint["path"] if checkpoint else config.init_from, tokenizer)
     # everything the user gave is checked before a model is built, a step taken or out_dir touched
     resolve_dtype(config.dtype, dist_info.device, dist_info.sharded)
     dist_info.on_rank0(lambda: rundir.check_tracker_packages(config), "load a tracker's package")
-    evaluation = Evaluation(config, model_config.block_size, dist_info, log)
-    sources = load_token_sources(config.data, "train")
+    evaluation = Evaluation(config, model_config.block_size, dist_info, log, tokenizer)
+    sources = load_token_sources(config.data, "train", tokenizer)
     make_loader = lambda batch_size, micro_steps: ShardLoader(
         sources, batch_size, model_config.block_size, micro_steps, dist_info.rank,
-        dist_info.world_size, config.seed, config.shuffle)
+        dist_info.world_size, config.seed, config.shuffle, tokenizer.n_vocab)
     loader = make_loader(config.batch_size, config.gradient_accumulation_steps)
     state_bytes = training_state_bytes(model_config, config)
     if model is None:
@@ -801,7 +812,7 @@ def train(config, changes, dist_info, model, checkpoint, launched):
             model = GPT(model_config)
         # the checkpoint's state restored (and checked) before out_dir is touched
         trainer = Trainer(config, dist_info, model, log, loader=loader, evaluation=evaluation,
-                          checkpoint=checkpoint)
+                          checkpoint=checkpoint, tokenizer=tokenizer)
         lock = dist_info.on_rank0(lambda: rundir.claim_out_dir(config.out_dir, check),
                                   "use --out_dir")
         if config.auto_batch:
@@ -810,7 +821,8 @@ def train(config, changes, dist_info, model, checkpoint, launched):
                                                         trainer.optimizers.values()))
             size = choose_micro_batch(config, dist_info, trainer.try_micro_batch, unmade, log.print)
             trainer.use_micro_batch(size, make_loader)
-        files = (config, trainer.progress, trainer.evaluated_at_start, log, trainer.batches.loader)
+        files = (config, trainer.progress, trainer.evaluated_at_start, log, trainer.batches.loader,
+                 tokenizer)
         dist_info.on_rank0(lambda: rundir.prepare_run_files(*files), "prepare --out_dir")
         first_step, started = trainer.progress.iter_num, time.perf_counter()
         for line in rundir.header(trainer.model.num_params(non_embedding=False), dist_info,
@@ -867,25 +879,37 @@ def parse_args(argv=None):
 
 
 def start(argv):
-    """The config, and what --init_from names loaded: (config, changes, model, checkpoint)."""
+    """The config, and what --init_from names loaded: (config, changes, model, checkpoint,
+    tokenizer). The tokenizer is --tokenizer's for a new run, its checkpoint's for a checkpoint's
+    (which a --tokenizer given must be); a new run's --vocab_size follows it unless given."""
     flags, explicit = parse_args(argv)
-    if flags.export_hf or flags.init_from == "scratch":
-        return with_absolute_paths(flags), [], None, None
+    if flags.export_hf:  # the export loads its model and tokenizer on rank 0
+        return with_absolute_paths(flags), [], None, None, None
+    if flags.init_from == "scratch":
+        tokenizer = load_tokenizer(flags.tokenizer)
+        if "vocab_size" not in explicit:  # padded to a multiple of 64: faster matmuls
+            flags = dataclasses.replace(flags, vocab_size=-(-tokenizer.n_vocab // 64) * 64)
+        return with_absolute_paths(flags), [], None, None, tokenizer
     model, checkpoint = load_start(flags.init_from, flags.out_dir)
     model_args = dataclasses.asdict(model.config)
     check_architecture(explicit, flags, model_args)
     if checkpoint is None:  # GPT-2 weights: a new run, with the weights' architecture
-        return with_absolute_paths(dataclasses.replace(flags, **model_args)), [], model, None
+        config = with_absolute_paths(dataclasses.replace(flags, **model_args))
+        return config, [], model, None, load_tokenizer(flags.tokenizer)
     config, changes = run_config(flags, explicit, checkpoint)
+    tokenizer = checkpoint_tokenizer(checkpoint["tokenizer"], checkpoint["path"])
+    if "tokenizer" in explicit and load_tokenizer(flags.tokenizer).sha256 != tokenizer.sha256:
+        raise UserError(f"the model of {checkpoint['path']} reads the tokens of {tokenizer.name}, not of "
+                        f"--tokenizer {flags.tokenizer}: drop --tokenizer (a run keeps its tokenizer)")
     # the weights' architecture, whatever the checkpoint's flags say (a field they lack, say)
-    return dataclasses.replace(config, **model_args), changes, model, checkpoint
+    return dataclasses.replace(config, **model_args), changes, model, checkpoint, tokenizer
 
 
 def main(argv=None):
     launched = time.perf_counter()
 
     def program(join):
-        config, changes, model, checkpoint = start(argv)
+        config, changes, model, checkpoint, tokenizer = start(argv)
         config.validate()
         dist_info = join(config.device, config.ddp_timeout, config.fsdp and not config.export_hf,
                          config.backend)
@@ -893,9 +917,9 @@ def main(argv=None):
             dist_info.on_rank0(lambda: export(config), "export the model")
         elif config.eval_only:  # the model placed (sharded under FSDP) as training places it
             place = lambda model, dtype: place_model(model, dist_info, dtype, config.loss_kernel)
-            evaluate_only(config, dist_info, model, checkpoint, place)
+            evaluate_only(config, dist_info, model, checkpoint, place, tokenizer)
         else:
-            train(config, changes, dist_info, model, checkpoint, launched)
+            train(config, changes, dist_info, model, checkpoint, launched, tokenizer)
 
     run_on_ranks(program)
 

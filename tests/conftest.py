@@ -153,8 +153,8 @@ def spiky_data(directory, first_step, steps):
     """Shards of input.txt's tokens whose batches of steps first_step to first_step + steps - 1, read in
     order (--shuffle False) with TINY's batch, are random tokens: a loss spike each."""
     import numpy as np
-    from fineweb import get_tokenizer, write_shard
-    tokens = np.array(get_tokenizer().encode_ordinary(INPUT_TXT.read_text()), dtype=np.uint16)
+    from fineweb import load_tokenizer, write_shard
+    tokens = np.array(load_tokenizer().encode(INPUT_TXT.read_text()), dtype=np.uint16)
     step_tokens = 4 * 2 * 32  # TINY's batch x accumulation x block
     noise = np.random.default_rng(0).integers(0, 50257, steps * step_tokens, dtype=np.uint16)
     train = tokens[:100_000].copy()

@@ -227,8 +227,9 @@ def test_a_checkpoint_of_a_smaller_vocabulary_than_the_tokenizers_is_refused_in_
     checkpoint["optimizer"]["adamw"]["state"] = {}
     path = tmp_path / "iter-8-loss-1.0000.pt"
     save_checkpoint(path, checkpoint)
-    expected = (f"error: {path} has vocab_size=1000, fewer than the 50257 token ids of GPT-2's tokenizer that the "
-                "data is made of: pass a model of GPT-2's vocabulary")
+    expected = (f"error: {path} has vocab_size=1000, fewer than the 50,257 token ids of its tokenizer gpt2.tiktoken: "
+                "pass a model of that tokenizer's vocabulary (a new run's --vocab_size follows its --tokenizer unless "
+                "given)")
     for extra in (["--out_dir", tmp_path / "branch", "--max_iters", "10"], ["--eval_only", "True"]):
         assert refused_in_process(["--init_from", path, *extra], capsys) == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

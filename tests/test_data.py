@@ -26,7 +26,7 @@ def test_shard_round_trips_through_a_memmap(tmp_path):
     tokens = np.arange(1000, dtype=np.uint16)
     write_shard(tmp_path / "a.bin", tokens)
     assert (tmp_path / "a.bin").stat().st_size == HEADER_BYTES + 2000
-    assert read_shard_header(tmp_path / "a.bin") == 1000
+    assert read_shard_header(tmp_path / "a.bin") == (1000, np.dtype("<u2"))
     shard = open_shard(tmp_path / "a.bin")
     assert isinstance(shard, np.memmap)
     assert np.array_equal(shard, tokens)

@@ -22,9 +22,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fineweb import (EOT_TOKEN, ShardPlan, ShardWriter, describe_load_error,  # noqa: E402
-                     get_tokenizer, input_record, open_shard, parse_args, read_shard_header,
-                     tokenize_document)
+from fineweb import (ShardPlan, ShardWriter, describe_read_error, input_record, load_tokenizer,  # noqa: E402
+                     open_shard, parse_args, read_shard_header)
+
+GPT2 = load_tokenizer()
+EOT_TOKEN = GPT2.eot
 
 SMALL = ["--shard_size", "20000", "--val_tokens", "20000", "--num_proc", "2"]
 TINY = ["--shard_size", "2000", "--val_tokens", "2000", "--num_proc", "1"]
@@ -49,6 +51,11 @@ def write_jsonl(path, docs):
 def fineweb(*args, cwd, env=None, timeout=120):
     return subprocess.run([sys.executable, str(REPO / "fineweb.py"), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def tokenize_document(text):
+    """A document's tokens in a shard: the end-of-text token, then its text's."""
+    return np.array([EOT_TOKEN, *GPT2.encode(text)], dtype=np.uint16)
 
 
 def shard_paths(out_dir):
@@ -85,14 +92,15 @@ def parquet_shards(corpus, tmp_path_factory):
 
 
 def test_tokenizer_matches_gpt2():
-    enc = get_tokenizer()
-    assert enc.encode_ordinary("Hello, I'm a language model,") == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
-    assert len(enc.encode_ordinary((REPO / "input.txt").read_text(encoding="utf-8"))) == 338_025
-    assert tokenize_document("Hi")[0] == EOT_TOKEN
+    assert GPT2.encode("Hello, I'm a language model,") == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    assert len(GPT2.encode((REPO / "input.txt").read_text(encoding="utf-8"))) == 338_025
+    assert (GPT2.eot, GPT2.n_vocab) == (50256, 50257)
+    assert GPT2.encode("<|endoftext|>") != [EOT_TOKEN] and GPT2.encode_prompt("<|endoftext|>") == [EOT_TOKEN]
 
 
 def test_import_does_no_work(tmp_path):
-    code = "import sys, fineweb; print(sorted(m for m in ('datasets', 'tqdm', 'torch') if m in sys.modules))"
+    modules = "('datasets', 'tqdm', 'torch', 'pyarrow', 'multiprocessing.pool', 'tiktoken', 'tokenizers')"
+    code = f"import sys, fineweb; print(sorted(m for m in {modules} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0 and result.stdout == "[]\n" and result.stderr == ""
@@ -123,15 +131,14 @@ def test_shards_decode_to_the_documents(parquet_shards, corpus):
     assert np.array_equal(tokens, np.concatenate([tokenize_document(d) for d in docs]))
     starts = np.flatnonzero(tokens == EOT_TOKEN)
     assert starts[0] == 0 and len(starts) == len(docs)
-    enc = get_tokenizer()
-    assert [enc.decode(piece[1:].tolist()) for piece in np.split(tokens, starts[1:])] == docs
+    assert [GPT2.decode(piece[1:].tolist()) for piece in np.split(tokens, starts[1:])] == docs
 
 
 def test_counts_add_up(parquet_shards, corpus):
     _, docs = corpus
     manifest = json.loads((parquet_shards / "manifest.json").read_text())
     paths = shard_paths(parquet_shards)
-    sizes = [read_shard_header(p) for p in paths]
+    sizes = [read_shard_header(p)[0] for p in paths]
     assert manifest["complete"] and [s["name"] for s in manifest["shards"]] == [p.name for p in paths]
     assert [s["tokens"] for s in manifest["shards"]] == sizes
     assert sizes[0] == 20000 == manifest["tokens"]["val"]
@@ -220,7 +227,7 @@ def test_max_tokens_takes_a_prefix(parquet_shards, corpus, tmp_path):
     result = fineweb("--data_files", root / "part-*.parquet", "--out_dir", "shards", "--max_tokens", "50000", *SMALL,
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert [read_shard_header(p) for p in shard_paths(tmp_path / "shards")] == [20000, 20000, 10000]
+    assert [read_shard_header(p)[0] for p in shard_paths(tmp_path / "shards")] == [20000, 20000, 10000]
     assert np.array_equal(all_tokens(tmp_path / "shards"), all_tokens(parquet_shards)[:50000])
 
 
@@ -295,7 +302,7 @@ def test_writer_resumes_from_any_shard_end(tmp_path):
 
     def write(out_dir, records):
         out_dir.mkdir()
-        writer = ShardWriter(out_dir, plan, sys.maxsize, records, lambda r: None, NoBar())
+        writer = ShardWriter(out_dir, plan, GPT2, sys.maxsize, records, lambda r: None, NoBar())
         skip = records[-1]["end"][0] if records else 0
         for i in range(skip, len(docs), 5):
             batch = docs[i:i + 5]
@@ -424,6 +431,29 @@ def test_ctrl_c_stops_cleanly(long_run, tmp_path):
     assert returncode == 130 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted: no partial shard")
     assert not [p.name for p in (tmp_path / "stopped").iterdir() if p.name.endswith(".tmp")]
+
+
+# fineweb.py whose tokenizer processes SIGKILL themselves in their third task, as the OOM killer would
+DYING_WORKERS = ("import os, signal, sys, fineweb\n"
+                 "tokenize, tasks = fineweb.tokenize_batch, []\n"
+                 "def dying(*task):\n"
+                 "    tasks.append(task)\n"
+                 "    if len(tasks) == 3:\n"
+                 "        os.kill(os.getpid(), signal.SIGKILL)\n"
+                 "    return tokenize(*task)\n"
+                 "fineweb.tokenize_batch = dying\n"
+                 "fineweb.main(sys.argv[1:])\n")
+
+
+def test_a_tokenizer_process_that_dies_stops_the_run_in_one_line_and_a_rerun_resumes(long_run, tmp_path):
+    args, clean = long_run
+    died = subprocess.run([sys.executable, "-c", DYING_WORKERS, *map(str, args), "--out_dir", "died"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert died.returncode == 1 and "Traceback" not in died.stderr, died.stderr
+    assert died.stderr.strip().splitlines()[-1] == ("error: a tokenizer process died (out of memory?): lower "
+                                                    "--num_proc, then rerun the same command to resume")
+    check_stopped_part_way(tmp_path / "died", died.stderr)
+    assert_resumes_to_the_same_bytes(args, tmp_path / "died", clean)
 
 
 # -----------------------------------------------------------------------------
@@ -587,6 +617,26 @@ def test_a_damaged_manifest_is_refused_in_one_line_until_restart(damage, tmp_pat
     assert fineweb(*args, "--restart", "True", cwd=tmp_path).returncode == 0
 
 
+def test_a_manifest_nested_past_what_json_parses_is_one_line(tmp_path, docs_run):
+    copy_run(docs_run, tmp_path)
+    (tmp_path / "shards" / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused = one_line_error(fineweb("--data_files", "docs.jsonl", "--out_dir", "shards", *TINY, cwd=tmp_path))
+    assert "shards/manifest.json cannot be read (maximum recursion depth" in refused and "--restart True" in refused
+    from conftest import train_in_process  # the trainer's main, in this process
+    refused = one_line_error(train_in_process("--data", tmp_path / "shards", "--out_dir", tmp_path / "out"))
+    assert f"{tmp_path / 'shards' / 'manifest.json'} cannot be read (maximum recursion depth" in refused
+
+
+@pytest.mark.parametrize("flag", ["--out_dir", "--tokenizer", "--data_files"])
+def test_a_path_too_long_for_the_file_system_is_one_line_naming_it(flag, tmp_path):
+    long = "x" * 300  # past the 255 bytes a file name may have
+    args = {"--out_dir": ["--data_files", text_file(tmp_path), "--out_dir", long],
+            "--tokenizer": ["--data_files", text_file(tmp_path), "--tokenizer", long],
+            "--data_files": ["--data_files", long]}[flag]
+    refused = one_line_error(fineweb(*args, "--num_proc", "1", cwd=tmp_path))
+    assert refused.startswith(f"error: {flag}") and long in refused, refused
+
+
 # -----------------------------------------------------------------------------
 # The trainer reads the shards
 
@@ -731,16 +781,26 @@ def test_a_bad_text_column_is_refused_before_any_document_is_read(corpus, tmp_pa
     assert "no column 'body'" in refused[1], result.stdout
 
 
-@pytest.mark.parametrize("error_class, needle", [
-    ("DatasetNotFoundError", "not found on the Hugging Face Hub"),
-    ("ConnectionError", "cannot reach the Hugging Face Hub"),
-    ("ReadTimeout", "cannot reach the Hugging Face Hub"),
-    ("HfHubHTTPError", "refused"),
-])
-def test_hub_errors_are_named(error_class, needle):
-    error = type(error_class, (Exception,), {})("the library's message\nsecond line")
-    message = describe_load_error(error, "HuggingFaceFW/fineweb-edu (sample-10BT)", hub=True)
-    assert needle in message and "\n" not in message and "the library's message" in message
+def library_error(cls):
+    """An exception of one of the libraries' types, its constructor's arguments aside, as they raise it."""
+    error = cls.__new__(cls, "the library's message\nsecond line")
+    Exception.__init__(error, "the library's message\nsecond line")
+    return error
+
+
+def hub_errors():
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    return [(DatasetNotFoundError, "not found on the Hugging Face Hub"),
+            (RepositoryNotFoundError, "not found on the Hugging Face Hub"),
+            (ConnectionError, "cannot reach the Hugging Face Hub"), (TimeoutError, "cannot reach the Hugging Face Hub"),
+            (HfHubHTTPError, "refused"), (KeyError, "cannot read")]
+
+
+def test_hub_errors_are_named_by_their_types():
+    for cls, needle in hub_errors():
+        message = describe_read_error(library_error(cls), "HuggingFaceFW/fineweb-edu (sample-10BT)", files=[])
+        assert needle in message and "\n" not in message and "the library's message" in message, (cls, message)
 
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import hellaswag
-from fineweb import get_tokenizer
+from fineweb import load_tokenizer
 from checkpoint import OptimizerStates, Progress, RNGState, make_checkpoint, save_checkpoint
 from cli import UserError
 from device import Distributed
@@ -73,7 +73,7 @@ def render_example(example, enc, max_tokens=None):
 
 
 def test_render_example_is_the_context_then_each_ending_with_a_leading_space():
-    enc = get_tokenizer()
+    enc = load_tokenizer()
     tokens, mask, label = render_example(item(0, ROOF_CTX, ROOF_ENDINGS, 3), enc)
     ctx = enc.encode(ROOF_CTX)
     assert ctx == [32, 582, 318, 5586, 319, 257, 9753, 13]
@@ -89,7 +89,7 @@ def test_render_example_is_the_context_then_each_ending_with_a_leading_space():
 
 
 def test_render_example_keeps_the_last_max_tokens_of_each_row():
-    enc = get_tokenizer()
+    enc = load_tokenizer()
     ctx, ending, long_ending = "one two three four five six seven eight", "nine ten", "a b c d e f g h i j k"
     tokens, mask, _ = render_example(item(0, ctx, [ending, ending, ending, long_ending], 0), enc, max_tokens=6)
     row = enc.encode(ctx) + enc.encode(" " + ending)
@@ -116,7 +116,7 @@ def test_batches_have_a_fixed_row_count_and_few_lengths():
     lengths = [1, 32, 33, 48, 49, 64, 65, 97, 192, 200, 1000, 1024]
     assert [padded_length(n, 1024) for n in lengths] == [32, 32, 48, 48, 64, 64, 96, 128, 192, 256, 1024, 1024]
     assert padded_length(300, 100) == 100
-    enc = get_tokenizer()
+    enc = load_tokenizer()
     rendered = [render_example(example, enc)[:2] for example in random_items(3)]
     x, y, scored = collate(rendered, batch_size=5, block_size=1024)
     assert x.shape == y.shape == scored.shape == (20, 64)
@@ -166,7 +166,7 @@ def answer_items():
 
 @pytest.mark.parametrize("style", ["tensor", "tuple", "object"])
 def test_a_model_that_knows_the_right_endings_gets_them_all(style):
-    enc = get_tokenizer()
+    enc = load_tokenizer()
     examples = answer_items()
     model = KnowsTheAnswers([enc.encode(ex["ctx"]) + enc.encode(" " + ex["endings"][ex["label"]])
                              for ex in examples], style)
@@ -180,7 +180,7 @@ def test_a_model_that_knows_the_right_endings_gets_them_all(style):
 
 def reference_predictions(model, examples, block_size):
     """build-nanogpt's way, one example at a time, unpadded: the yardstick for the batched path."""
-    enc = get_tokenizer()
+    enc = load_tokenizer()
     predictions = []
     for example in examples:
         tokens, mask, _ = render_example(example, enc, max_tokens=block_size + 1)
@@ -214,7 +214,7 @@ def test_this_repos_gpt_computes_logits_at_the_endings_alone_with_the_same_losse
     rows_seen = []
     full_logits = lambda x: rows_seen.append(model(x)[0].shape) or model(x)  # a plain callable: every position
     with torch.no_grad():
-        x, y, scored = collate([render_example(ex, get_tokenizer(), 65)[:2] for ex in examples], 6, 64)
+        x, y, scored = collate([render_example(ex, load_tokenizer(), 65)[:2] for ex in examples], 6, 64)
         positions = scored.view(-1).nonzero().squeeze(1)
         at_endings = token_losses(model, x, y, scored, nullcontext(), 50257, positions)
         everywhere = token_losses(full_logits, x, y, scored, nullcontext(), 50257)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fineweb import get_tokenizer
+from fineweb import load_tokenizer
 from cli import UserError
 from hf_convert import export_hf
 from evaluation import val_batch_positions
@@ -81,7 +81,7 @@ def test_export_of_a_trained_checkpoint_loads_in_transformers(trained_run, tmp_p
     assert_same_logits(our_model(checkpoint), hf_model(folder), 32)
     text = INPUT_TXT.read_text()[:3000] + " caf\u00e9 \u65e5\u672c \U0001f916<|endoftext|>"
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    assert tokenizer(text)["input_ids"] == get_tokenizer().encode(text, allowed_special="all")
+    assert tokenizer(text)["input_ids"] == load_tokenizer().encode_prompt(text)
     with pytest.raises(UserError, match="already exists: remove it or pass a new folder"):
         export(checkpoint, folder)  # a second export never overwrites the first
 

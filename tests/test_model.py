@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fineweb import get_tokenizer
+from fineweb import load_tokenizer
 from train_gpt2 import GPT, GPTConfig, ShardLoader, TrainConfig, load_token_sources, make_optimizers
 from conftest import INPUT_TXT
 
@@ -108,7 +108,7 @@ def test_generate_is_reproducible_under_a_seed_and_decodes():
     runs = [model.generate(torch.zeros(2, 1, dtype=torch.long), 10, top_k=50, vocab_limit=50257,
                            generator=torch.Generator().manual_seed(42)) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
-    assert isinstance(get_tokenizer().decode(runs[0][0].tolist()), str)
+    assert isinstance(load_tokenizer().decode(runs[0][0].tolist()), str)
 
 
 def test_a_few_steps_on_input_txt_lower_the_loss():

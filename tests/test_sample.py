@@ -8,7 +8,7 @@ import torch
 
 import sample
 
-from fineweb import get_tokenizer
+from fineweb import load_tokenizer
 from conftest import run_main, run_script
 from sampling import generate_tokens
 from train_gpt2 import load_start
@@ -37,7 +37,7 @@ def test_samples_are_reproducible_under_a_seed_and_are_what_generate_makes(train
                                       seed=7, device="cpu", dtype="float32"), out=other_seed)
     assert other_seed.getvalue().startswith(prompt) and other_seed.getvalue() != first.stdout
     # the streamed text is the sampling loop's over the converted checkpoint, decoded in one go at the end
-    enc, model = get_tokenizer(), load_start(str(checkpoint), ".")[0]
+    enc, model = load_tokenizer(), load_start(str(checkpoint), ".")[0]
     generator, expected = torch.Generator().manual_seed(42), ""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocess ran: the same sums in the same order, so the same draws

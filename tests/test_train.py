@@ -15,7 +15,7 @@ import pytest
 import torch
 
 
-from fineweb import write_shard
+from fineweb import load_tokenizer, write_shard
 from checkpoint import load_checkpoint, save_checkpoint
 from device import Distributed
 from train_gpt2 import TrainConfig
@@ -89,8 +89,10 @@ def test_metrics_record_every_figure(trained_run):
 def test_config_json_is_the_run_config(trained_run):
     out_dir, _ = trained_run
     config = json.loads((out_dir / "config.json").read_text())
-    assert set(config) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(config) == {f.name for f in dataclasses.fields(TrainConfig)} | {"tokenizer_record"}
     assert config["n_layer"] == 2 and config["max_iters"] == 8 and config["compile"] is False
+    gpt2 = load_tokenizer()
+    assert config["tokenizer"] == "gpt2" and config["tokenizer_record"]["sha256"] == gpt2.sha256
 
 
 def test_checkpoint_holds_everything_a_restart_needs(trained_run):
