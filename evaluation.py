@@ -1,12 +1,14 @@
 """
-What the trainer scores at every evaluation: the val loss over fixed batches, zero-shot HellaSwag
+What the trainer scores at every evaluation: the val loss over fixed batches, and in bits per byte of the
+text they decode to (a figure that runs with different tokenizers share), zero-shot HellaSwag
 (hellaswag.py), and a few samples printed to see. It is handed the model and its tokenizer; under several
 processes each rank scores its share and every rank returns the figures for all of them.
 
     evaluation = Evaluation(config, block_size, dist_info, log, tokenizer)  # the val batches, HellaSwag's data
-    scores = evaluation.scores(model, autocast)                  # {"val_loss": ..., ...}
+    scores = evaluation.scores(model, autocast)                  # {"val_loss": ..., "val_bpb": ..., ...}
 """
 
+import math
 import time
 
 import torch
@@ -38,6 +40,19 @@ def val_batch_positions(sources, batch_size, block_size, eval_iters):
     return positions
 
 
+def val_tokens_per_byte(sources, positions, span, tokenizer):
+    """The val batches' targets (span tokens each) per byte of the UTF-8 text they decode to, the end-of-text
+    tokens (no text) left out: nats per token times this, over ln 2, are bits per byte."""
+    targets = [read_span(*sources[i], start + 1, span, tokenizer.n_vocab) for i, start in positions]
+    text = "".join(tokenizer.decode(t[t != tokenizer.eot].tolist()) for t in targets)
+    return sum(map(len, targets)) / max(len(text.encode("utf-8")), 1)
+
+
+def bits_per_byte(loss, tokens_per_byte):
+    """A loss in nats per token as bits per byte of text (nanochat's figure)."""
+    return loss * tokens_per_byte / math.log(2)
+
+
 # -----------------------------------------------------------------------------
 # The evaluations, and the samples
 
@@ -52,6 +67,8 @@ class Evaluation:
         self.sources = load_token_sources(config.data, "val", tokenizer)
         self.positions = val_batch_positions(self.sources, config.batch_size, block_size,
                                              config.eval_iters)
+        self.tokens_per_byte = val_tokens_per_byte(self.sources, self.positions,
+                                                   config.batch_size * block_size, tokenizer)
         self.batch_size, self.block_size, self.dist_info = config.batch_size, block_size, dist_info
         self.config, self.log = config, log
         self.hellaswag = hellaswag.load_for_training(config, dist_info, log)
@@ -73,8 +90,9 @@ class Evaluation:
 
     @torch.no_grad()
     def val_loss(self, model, autocast):
-        """The mean loss over the fixed val batches; rank r takes batches r, r + world_size, ... (a
-        lockstep pass past its share, under FSDP, runs the first batch again and is not counted)."""
+        """The mean loss over the fixed val batches, and in bits per byte; rank r takes batches r,
+        r + world_size, ... (a lockstep pass past its share, under FSDP, runs the first batch again and
+        is not counted)."""
         d, B, T = self.dist_info, self.batch_size, self.block_size
         mine = self.positions[d.rank::d.world_size]
         model.eval()
@@ -90,10 +108,11 @@ class Evaluation:
             loss_sum += torch.stack([loss.float() * counted, counted])
         model.train()
         loss_sum = d.sum(loss_sum)
-        return {"val_loss": (loss_sum[0] / loss_sum[1]).item()}
+        val_loss = (loss_sum[0] / loss_sum[1]).item()
+        return {"val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, self.tokens_per_byte)}
 
     def scores(self, model, autocast):
-        """Every evaluation's figures, the same on all ranks: {val_loss, and with HellaSwag
+        """Every evaluation's figures, the same on all ranks: {val_loss, val_bpb, and with HellaSwag
         hellaswag_acc_norm, hellaswag_acc, hellaswag_n}. An evaluation is a method that returns a
         dict of figures, listed here."""
         scores = {}
@@ -114,7 +133,8 @@ class Evaluation:
 
 
 def describe_scores(scores, batches=None):
-    text = f"val loss {scores['val_loss']:.4f}" + (f" over {batches} batches" if batches else "")
+    text = (f"val loss {scores['val_loss']:.4f}" + (f" over {batches} batches" if batches else "")
+            + f" | val bpb {scores['val_bpb']:.4f}")
     if "hellaswag_n" in scores:
         text += (f" | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f} "
                  f"({scores['hellaswag_n']})")

@@ -435,15 +435,17 @@ def describe_target(target):
             f"{target['train_seconds']:.1f} s of training): val loss {target['val_loss']:.4f}")
 
 
-def summary(out_dir, progress, last_checkpoint, first_step, seconds, target_val_loss=0.0):
-    """What a finished run did and where everything it wrote is, a line each."""
+def summary(out_dir, progress, last_checkpoint, first_step, seconds, target_val_loss=0.0, best_val_bpb=None):
+    """What a finished run did and where everything it wrote is, a line each; best_val_bpb: the best val loss
+    in bits per byte."""
     out_dir = Path(out_dir)
     best, metrics = out_dir / BEST_CHECKPOINT, out_dir / "metrics.jsonl"
     lines = [f"done: {progress.iter_num:,} steps, {progress.tokens:,} tokens; "
              f"{datetime.timedelta(seconds=round(seconds))} in this process, from step {first_step:,}"]
     row = lambda label, text: lines.append(f"  {label:<20} {text}")
     if best.exists():
-        row(f"best val loss {progress.best_val_loss:.4f}", best)
+        bpb = f" ({best_val_bpb:.4f} bpb)" if best_val_bpb is not None else ""
+        row(f"best val loss {progress.best_val_loss:.4f}{bpb}", best)
     if target_val_loss:
         row(f"target {target_val_loss:g}", describe_target(progress.target) if progress.target else
             "not reached")

@@ -35,7 +35,7 @@ from cli import StopSignal, UserError, flag
 from cross_entropy_kernel import OutputLayerLoss
 from device import (Prefetcher, check_model_fits, device_peak_flops, make_autocast, place_model,
                     resolve_dtype, run_on_ranks, set_gradient_sync, wrap_model)
-from evaluation import Evaluation, evaluate_only
+from evaluation import Evaluation, bits_per_byte, evaluate_only
 from fineweb import (check_unchanged, check_vocab_size, checkpoint_tokenizer, fingerprint,
                      load_token_sources, load_tokenizer, read_span, sampled_fingerprint)
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, choose_micro_batch
@@ -838,8 +838,9 @@ def train(config, changes, dist_info, model, checkpoint, launched, tokenizer):
                 raise
         failed, status = False, 0
         seconds = time.perf_counter() - started
+        best_bpb = bits_per_byte(trainer.progress.best_val_loss, evaluation.tokens_per_byte)
         for line in rundir.summary(config.out_dir, trainer.progress, trainer.checkpoints.latest,
-                                   first_step, seconds, config.target_val_loss):
+                                   first_step, seconds, config.target_val_loss, best_bpb):
             log.print(line)
     except (UserError, KeyboardInterrupt) as e:  # RESUMABLE_EXIT: stopped on --max_time
         status = getattr(e, "code", 130)

@@ -148,11 +148,12 @@ def test_eval_only_reports_the_checkpoints_val_loss_without_training(trained_run
 
 def test_a_run_ends_with_a_summary_of_where_everything_is(trained_run):
     out_dir, result = trained_run
-    best = min(m["val_loss"] for m in read_metrics(out_dir) if "val_loss" in m)
+    best, bpb = min((m["val_loss"], m["val_bpb"]) for m in read_metrics(out_dir) if "val_loss" in m)
     summary = result.stdout.strip().splitlines()[-5:]
     # 8 steps of 4 x 2 x 32 tokens
     assert re.fullmatch(r"done: 8 steps, 2,048 tokens; \d+:\d\d:\d\d in this process, from step 0", summary[0])
-    assert summary[1].split() == ["best", "val", "loss", f"{best:.4f}", str(out_dir / "best_val_loss.pt")]
+    assert summary[1].split() == ["best", "val", "loss", f"{best:.4f}", f"({bpb:.4f}", "bpb)",
+                                  str(out_dir / "best_val_loss.pt")]
     assert summary[2].split()[:3] == ["latest", "checkpoint", str(next(out_dir.glob("iter-8-*.pt")))]
     assert str(out_dir / "metrics.jsonl") in summary[3] and str(out_dir / "config.json") in summary[4]
 
