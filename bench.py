@@ -13,6 +13,13 @@ and checks that both give the same losses. --rounds N alternates the two N times
 that a machine that slows down for a while slows both. --fsdp True times the model sharded with FSDP2 over a
 process group of one: what FSDP's all-gathers, casts and float32 reductions cost on one GPU, and its peak memory
 (the state that N GPUs would split, plus what FSDP itself adds).
+
+--tokenize True times fineweb.py's tokenizing instead: one process (a tokenizer process's work) turning --data,
+a text file cut into documents at blank lines, into tokens with --tokenizer, in the batches fineweb.py hands
+its processes; tokens/s of the median pass over the file, by the clock and by this process's CPU time (which
+other processes on a busy machine do not stretch).
+
+    python bench.py --tokenize True --data input.txt --steps 10   # GPT-2's tokenizer on tiny Shakespeare
 """
 
 import json
@@ -49,6 +56,8 @@ class BenchConfig(TrainConfig):
     rounds: int = flag(1, "with --compare: alternate naive and fast this many times, pooling their steps")
     variant: str = flag("fast", "'fast' (the trainer's step) or 'naive' (the straightforward step)")
     json_out: str = flag("", "also write the results as JSON to this file")
+    tokenize: bool = flag(False, "time fineweb.py's tokenizing of --data (a text file) with --tokenizer in one "
+                                 "process instead, --steps passes over it after --warmup_steps")
 
 
 def parse_args(argv=None):
@@ -188,6 +197,33 @@ def compare(config):
 
 
 # -----------------------------------------------------------------------------
+# --tokenize: fineweb.py's tokenizing, in one process
+
+
+def tokenize_speed(config):
+    """Tokens/s of fineweb.tokenize_batch, the work of one tokenizer process, over --data's documents (a text
+    file cut at blank lines) in batches of fineweb.BATCH_DOCS: the median of --steps passes, by the clock and
+    by CPU time, after --warmup_steps passes (and the tokenizer built) untimed."""
+    import pyarrow as pa
+    try:
+        documents = Path(config.data).read_text(encoding="utf-8").split("\n\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--tokenize True: --data {config.data} is no text file ({e}): pass one, e.g. input.txt") \
+            from None
+    batches = [pa.array(documents[i:i + fineweb.BATCH_DOCS]) for i in range(0, len(documents), fineweb.BATCH_DOCS)]
+    fineweb.load_tokenizer(config.tokenizer)
+    seconds, cpu_seconds = [], []
+    for i in range(config.warmup_steps + config.steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        tokens = sum(len(fineweb.tokenize_batch(texts, config.tokenizer)[0]) for texts in batches)
+        seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - cpu_start)
+    median, cpu_median = (statistics.median(s[config.warmup_steps:]) for s in (seconds, cpu_seconds))
+    return {"tokenizer": config.tokenizer, "data": config.data, "documents": len(documents), "tokens": tokens,
+            "pass_ms": 1000 * median, "tokens_per_sec": tokens / median, "tokens_per_cpu_sec": tokens / cpu_median}
+
+
+# -----------------------------------------------------------------------------
 # Report
 
 
@@ -210,6 +246,14 @@ def main(argv=None):
             raise UserError(f"--variant {config.variant!r} is not one of fast, naive")
         if config.steps <= 0 or config.warmup_steps < 0 or config.rounds <= 0:
             raise UserError("--steps and --rounds must be positive and --warmup_steps 0 or more")
+        if config.tokenize:
+            result = tokenize_speed(config)
+            print(f"{result['tokens_per_sec']:,.0f} tokens/s in one process ({result['tokens_per_cpu_sec']:,.0f} "
+                  f"per CPU second): {result['tokens']:,} tokens of {result['documents']:,} documents of "
+                  f"{config.data} with {config.tokenizer} in {result['pass_ms']:.1f} ms (the median of "
+                  f"{config.steps} passes)")
+            print(json.dumps(result))
+            return
         if config.compare:
             results = compare(config)
         else:

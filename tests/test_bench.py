@@ -45,3 +45,16 @@ def test_fsdp_is_timed_on_a_process_group_of_one_with_the_same_losses(tmp_path):
 def test_bad_flags_get_one_line(tmp_path):
     result = run_main("bench.py", *TINY_BENCH, "--variant", "slow")
     assert result.returncode == 1 and result.stderr.strip() == "error: --variant 'slow' is not one of fast, naive"
+
+
+def test_tokenize_times_fineweb_tokenizing_input_txt_in_one_process():
+    from conftest import INPUT_TXT
+    from fineweb import load_tokenizer
+    result = run_main("bench.py", "--tokenize", "True", "--data", INPUT_TXT, "--steps", "1", "--warmup_steps", "0")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    documents = INPUT_TXT.read_text(encoding="utf-8").split("\n\n")
+    assert report["documents"] == len(documents) and report["tokenizer"] == "gpt2"
+    assert report["tokens"] == sum(len(load_tokenizer().encode(d)) + 1 for d in documents)  # an end-of-text each
+    assert report["tokens_per_sec"] > 0 and report["tokens_per_cpu_sec"] > 0
+    assert result.stdout.startswith(f"{report['tokens_per_sec']:,.0f} tokens/s in one process")
