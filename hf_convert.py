@@ -94,8 +94,8 @@ def model_tokenizer(name_or_path):
 
 def load_hf_gpt2(name_or_path, tokenizer=None):
     """transformers' GPT2LMHeadModel for a hub name or a save_pretrained folder, checked to be the
-    architecture that this repo's GPT implements, with a row for every id of the tokenizer (GPT-2's unless
-    given)."""
+    architecture that this repo's GPT implements, with a row for every id of the tokenizer (the model's own,
+    model_tokenizer's, unless given)."""
     folder = Path(name_or_path)
     if name_or_path not in HF_GPT2_MODELS:
         try:
@@ -119,7 +119,7 @@ def load_hf_gpt2(name_or_path, tokenizer=None):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"could not load a transformers GPT-2 from {folder} ({reason}): pass a folder written by "
                         f"save_pretrained") from None
-    c, n_vocab = hf.config, (tokenizer or load_tokenizer()).n_vocab
+    c, n_vocab = hf.config, (tokenizer or model_tokenizer(name_or_path)).n_vocab
     supported = {  # what GPT hard-codes: the tanh GELU, a 4x MLP, LayerNorm's default eps, SDPA's 1/sqrt(hs)
         "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
         "n_inner": c.n_inner in (None, 4 * c.n_embd),
