@@ -786,7 +786,8 @@ def start_worker():
     since the fork, and a rerun would be refused."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held back by submit, see there
+    if hasattr(signal, "pthread_sigmask"):  # not on Windows
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held back by submit, see there
     import multiprocessing
     sentinel = multiprocessing.parent_process().sentinel
     threading.Thread(target=exit_with_main_process, args=(sentinel,), daemon=True).start()
@@ -803,6 +804,8 @@ def exit_with_main_process(sentinel):
 def submit(executor, *task):
     """executor.submit(*task) with Ctrl-C and kill held back until it returns: a worker that it starts is born
     with them held back, so that none reaches it before start_worker has set what they do there."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        return executor.submit(*task)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         return executor.submit(*task)

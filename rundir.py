@@ -314,19 +314,20 @@ class TensorBoardTracker:
 
 
 class WandbTracker:
-    """--wandb_log True: each record to a Weights & Biases run by step, with the run's config. The checkpoints
-    keep the wandb run's id, so that a resumed run continues the same wandb run."""
+    """--wandb_log True: each record to a Weights & Biases run by step, with the run's config (flags: what
+    config.json holds, the flags themselves by default). The checkpoints keep the wandb run's id, so that a
+    resumed run continues the same wandb run."""
 
     name = "--wandb_log"
 
-    def __init__(self, config, run_id):
+    def __init__(self, config, run_id, flags=None):
         import wandb
 
         tracker_folder(config.out_dir, "wandb", "--wandb_log")
         name = config.wandb_run_name or Path(config.out_dir).resolve().name
         try:
             self.run = wandb.init(project=config.wandb_project, name=name, id=run_id, resume="allow",
-                                  dir=config.out_dir, config=dataclasses.asdict(config))
+                                  dir=config.out_dir, config=flags or dataclasses.asdict(config))
         except wandb.errors.Error as e:
             raise UserError(f"--wandb_log True: wandb could not start a run ({str(e).splitlines()[0]}): log in "
                             f"with `wandb login`, or set WANDB_MODE=offline to keep the run on disk") from None
@@ -364,12 +365,12 @@ def check_tracker_packages(config):
                 raise UserError(f"--{name} True needs {package}: pip install {package}") from None
 
 
-def start_trackers(config, progress, log):
+def start_trackers(config, progress, log, flags=None):
     """The trackers asked for by --wandb_log and --tensorboard, starting where the run starts: called after
     log.drop_after, so that a resumed run knows what metrics.jsonl keeps. Each joins log.trackers as it
-    starts, so that log.close() closes it whatever fails after."""
+    starts, so that log.close() closes it whatever fails after. flags: config.json's, which wandb keeps."""
     if config.wandb_log:  # first: it is the one that can fail (not logged in)
-        wandb_tracker = WandbTracker(config, progress.wandb_run_id)
+        wandb_tracker = WandbTracker(config, progress.wandb_run_id, flags)
         progress.wandb_run_id = wandb_tracker.run_id
         log.trackers.append(wandb_tracker)
     if config.tensorboard:
@@ -388,12 +389,12 @@ def prepare_run_files(config, progress, evaluated_at_start, log, loader=None, to
         (out_dir / EXIT_STATUS).unlink(missing_ok=True)  # an earlier launch's: this one's is written at its end
         log.drop_after(progress.iter_num, evaluated_at_start)
         write_pending_best(out_dir, progress.best_step, log)
-        start_trackers(config, progress, log)
         flags = dataclasses.asdict(config)
         if config.auto_batch and loader is not None:
             flags["auto_batch_chosen"] = {"batch_size": loader.B, "gradient_accumulation_steps": loader.micro_steps}
         if tokenizer is not None:
             flags["tokenizer_record"] = tokenizer.record()
+        start_trackers(config, progress, log, flags)
         atomic_write(out_dir / "config.json", lambda f: f.write(json.dumps(flags, indent=2).encode()))
     except OSError as e:
         raise UserError(f"cannot write into --out_dir {out_dir} ({e.strerror or e}): fix its permissions or "

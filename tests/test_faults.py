@@ -373,7 +373,7 @@ def test_token_ids_past_the_vocabulary_are_reported_with_the_file(tmp_path):
     result = train_in_process(*TINY, "--data", data, "--out_dir", tmp_path / "out", "--max_iters", "4")
     assert result.returncode == 1
     line = last_line(result.stderr)
-    assert line.startswith("error: t_train_000001.bin: token id 60000") and "outside GPT-2's vocabulary" in line
+    assert line.startswith("error: t_train_000001.bin: token id 60000") and "outside the tokenizer's 50,257 ids" in line
 
 
 def test_a_shard_truncated_during_the_run_is_reported_with_the_file(tmp_path):

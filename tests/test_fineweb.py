@@ -110,7 +110,7 @@ def test_import_does_no_work(tmp_path):
 def test_help_lists_every_flag_with_its_default(tmp_path):
     result = fineweb("--help", cwd=tmp_path)
     assert result.returncode == 0
-    for name in ("dataset", "name", "data_files", "text_column", "out_dir", "shard_size", "val_tokens",
+    for name in ("dataset", "name", "data_files", "text_column", "tokenizer", "out_dir", "shard_size", "val_tokens",
                  "max_tokens", "num_proc", "restart"):
         assert f"--{name}" in result.stdout
     text = " ".join(result.stdout.split())  # as argparse wraps it at any word
