@@ -49,6 +49,15 @@ from settings import (TrainSettings, check_architecture, parse_config, parse_dur
 # The model: GPT-2 as in the paper and OpenAI's code
 
 
+# The most each dimension of GPTConfig may be, checked before anything is built. Even on the meta
+# device a block takes milliseconds to build, so a count of blocks in the millions would run for
+# hours before the memory check could size the model (the deepest language models trained have
+# about a hundred); no machine holds a model wider, or of a larger vocabulary or context, than
+# MAX_DIMENSION, and below it no tensor's size overflows.
+MAX_LAYERS = 1024
+MAX_DIMENSION = 2**24
+
+
 @dataclass
 class GPTConfig:
     """The model's shape, named here alone: each field is also a flag of train_gpt2.py and a key of
@@ -61,11 +70,16 @@ class GPTConfig:
     n_embd: int = flag(768, "width of the residual stream")
 
     def __post_init__(self):
-        """A shape the model can be built in, else a one-line error."""
+        """A shape the model can be built in, else a one-line error: every dimension sized before
+        anything is built."""
         for field in dataclasses.fields(GPTConfig):
             value = getattr(self, field.name)
             if field.type is int and not (type(value) is int and value >= 1):
                 raise UserError(f"--{field.name} must be a positive integer, got {value!r}")
+            most = MAX_LAYERS if field.name == "n_layer" else MAX_DIMENSION
+            if field.type is int and value > most:
+                raise UserError(f"--{field.name} {value:,} is more than {most:,}, the most this "
+                                "model is built with: pass a smaller one")
         if self.n_embd % self.n_head != 0:
             raise UserError(f"--n_embd {self.n_embd} is not divisible by --n_head {self.n_head}: "
                             "pick sizes where n_embd = n_head * head size")

@@ -143,7 +143,10 @@ def crafted(checkpoint, field, value):
     ("loader.shards", "all", "malformed training state (loader"),
     ("model_args.n_head", 3, "malformed architecture (--n_embd 64 is not divisible by --n_head 3"),
     ("model_args.n_layer", "2", "malformed architecture (--n_layer must be a positive integer, got '2'"),
-    ("model_args.n_embd", 10**9, "does not match its own architecture (Storage size calculation overflowed"),
+    ("model_args.n_embd", 10**9, "malformed architecture (--n_embd 1,000,000,000 is more than 16,777,216"),
+    ("model_args.n_layer", 10**12, "malformed architecture (--n_layer 1,000,000,000,000 is more than 1,024"),
+    ("model_args.block_size", 10**15, "malformed architecture (--block_size 1,000,000,000,000,000 is more than"),
+    ("model_args.vocab_size", 10**20, "malformed architecture (--vocab_size 100,000,000,000,000,000,000 is more"),
     ("model_args.n_embd", 2**16, "(lm_head.weight is (50304, 64), its architecture's (50304, 65536))"),
     ("optimizer.adamw.state.4.exp_avg", torch.zeros(1), "parameter 4's exp_avg is torch.float32 (1,), the "
                                                          "parameter (256, 64)"),
