@@ -10,7 +10,8 @@ the names of the checkpoints in a run directory. Nothing here imports the model.
 
 A checkpoint is one file written by torch.save, readable with a bare torch.load(weights_only=True): a dict of
 the parts' states under PARTS (the model, the optimizer, the GradScaler, the loader, the RNG, the run's
-counters, the spike guard's state: {} in files from before it was kept) and what the run is under ABOUT
+counters, the spike guard's state and the val data's fingerprints: {} in files from before they were kept) and
+what the run is under ABOUT
 (the format version, the architecture, the whole config, the number
 of processes and the micro-batch they trained with, the torch version and git commit, the val loss it
 was saved after). The model and optimizer
@@ -37,7 +38,7 @@ from cli import UserError, atomic_write
 # What a checkpoint holds
 
 CHECKPOINT_VERSION = 3
-PARTS = ("model", "optimizer", "scaler", "loader", "rng", "progress", "spike_guard")
+PARTS = ("model", "optimizer", "scaler", "loader", "rng", "progress", "spike_guard", "val_data")
 ABOUT = ("version", "model_args", "config", "world_size", "micro_batch", "torch_version", "git_commit",
          "val_loss")
 
@@ -267,6 +268,7 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} has format version {checkpoint['version']!r}, this code reads "
                         f"{CHECKPOINT_VERSION} (and 1, 2)")
     checkpoint.setdefault("spike_guard", {})  # a file from before it was kept: an empty guard
+    checkpoint.setdefault("val_data", {})  # nor the val data's fingerprints: the val data is not checked
     check_fields(checkpoint, path)
     checkpoint["path"] = path
     return checkpoint
@@ -318,7 +320,7 @@ def check_fields(c, path):
     config's flags are checked where they become a TrainConfig, the architecture where it becomes a model,
     the tensors where the model and optimizer load them."""
     model_args, loader, progress, rng = c.get("model_args"), c.get("loader"), c.get("progress"), c.get("rng")
-    optimizers, guard = c.get("optimizer"), c.get("spike_guard")
+    optimizers, guard, val_data = c.get("optimizer"), c.get("spike_guard"), c.get("val_data")
     fields = {
         "a field": all(key in c for key in PARTS + ABOUT),
         "model": isinstance(c.get("model"), dict) and all(isinstance(v, torch.Tensor) for v in c["model"].values()),
@@ -361,6 +363,12 @@ def check_fields(c, path):
         and all(is_int(guard[k]) for k in ("in_a_row", "bad_steps", "roll_backs"))
         and guard["in_a_row"] <= guard["bad_steps"]
         and (guard["back_to"] is None or isinstance(guard["back_to"], str)),
+        "val_data": val_data == {} or isinstance(val_data, dict) and set(val_data) == {"sources", "fingerprints"}
+        and isinstance(val_data["sources"], list) and isinstance(val_data["fingerprints"], list)
+        and len(val_data["fingerprints"]) == len(val_data["sources"])
+        and all(isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], str) and is_int(s[1])
+                for s in val_data["sources"])
+        and all(f is None or isinstance(f, str) for f in val_data["fingerprints"]),
     }
     bad = [name for name, ok in fields.items() if not ok]
     if bad:

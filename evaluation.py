@@ -14,7 +14,8 @@ import torch
 import hellaswag
 from cli import UserError
 from device import make_autocast, resolve_dtype
-from fineweb import EOT_TOKEN, check_vocab_size, get_tokenizer, load_token_sources, read_span
+from fineweb import (EOT_TOKEN, check_vocab_size, fingerprint, get_tokenizer, load_token_sources,
+                     read_span)
 from rundir import RunLog, claim_out_dir
 
 # -----------------------------------------------------------------------------
@@ -46,7 +47,8 @@ def val_batch_positions(sources, batch_size, block_size, eval_iters):
 class Evaluation:
     """What every evaluation scores: the fixed val batches (the same each time, so that losses
     compare) and the HellaSwag examples (None when off or unavailable). Built before the model, so
-    that bad data fails before any work."""
+    that bad data fails before any work. Its state in a checkpoint is the val data's identity, so
+    that a resumed run refuses val data changed in place, as its loader refuses train data."""
 
     def __init__(self, config, block_size, dist_info, log):
         self.sources = load_token_sources(config.data, "val")
@@ -55,6 +57,36 @@ class Evaluation:
         self.batch_size, self.block_size, self.dist_info = config.batch_size, block_size, dist_info
         self.config, self.log = config, log
         self.hellaswag = hellaswag.load_for_training(config, dist_info, log)
+        self.fingerprints = None  # taken at the first checkpoint or resume
+
+    def read_fingerprints(self):
+        """The fingerprint of each val source the val batches read (None for the others: their
+        tokens are never scored), taken once a process (fineweb.fingerprint: 0.5 s per 100M
+        tokens)."""
+        if self.fingerprints is None:
+            read = {source for source, _ in self.positions}
+            self.fingerprints = [fingerprint(tokens) if i in read else None
+                                 for i, (_, tokens) in enumerate(self.sources)]
+        return self.fingerprints
+
+    def sizes(self):
+        return [[name, len(tokens)] for name, tokens in self.sources]
+
+    def state_dict(self):
+        return {"sources": self.sizes(), "fingerprints": self.read_fingerprints()}
+
+    def load_state_dict(self, state):
+        """Refuse val data that differs from the checkpoint's under the same --data: other sources
+        or sizes, or other contents in a source both runs read."""
+        if [list(source) for source in state["sources"]] != self.sizes():
+            raise UserError("the val data differs from the checkpoint's (source names or sizes "
+                            "changed): resume with the same --data")
+        now = self.read_fingerprints()
+        for (name, _), saved, fingerprint_now in zip(self.sources, state["fingerprints"], now):
+            if None not in (saved, fingerprint_now) and saved != fingerprint_now:
+                raise UserError(f"the val data has the checkpoint's source names and sizes but "
+                                f"other contents ({name} differs from when the run first read it): "
+                                "restore the data the run evaluated on, or start a new run")
 
     def report(self, step, model, generator_model, autocast, tokens):
         """The evaluation at a training step: its scores printed and recorded in metrics.jsonl, and

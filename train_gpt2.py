@@ -504,7 +504,7 @@ class Trainer:
                 log.print(f"--reset_optimizer: {config.optimizer}'s state starts afresh (the "
                           f"checkpoint's was {' + '.join(checkpoint['optimizer'])})")
             if not same_path(checkpoint["config"]["data"], config.data):
-                del parts["loader"]  # new data: its loader starts afresh
+                del parts["loader"], parts["val_data"]  # new data: its loader and fingerprints anew
             restore(checkpoint, parts)
             self.checkpoints.latest = checkpoint["path"]
 
@@ -514,7 +514,7 @@ class Trainer:
         return {"model": FullModelState(self.model, sharded),
                 "optimizer": OptimizerStates(self.model, self.optimizers, sharded),
                 "scaler": self.scaler, "loader": self.batches, "rng": RNGState(),
-                "progress": self.progress, "spike_guard": self.spikes}
+                "progress": self.progress, "spike_guard": self.spikes, "val_data": self.evaluation}
 
     def try_micro_batch(self, size):
         """A forward and backward pass at micro-batch size, the gradients dropped (--auto_batch)."""
