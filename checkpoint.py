@@ -315,6 +315,18 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_target_record(record, iter_num):
+    """Whether record is what the trainer keeps of the first evaluation at or below --target_val_loss
+    (Progress.target): the target, its val loss, step (not past the checkpoint's), tokens and training seconds."""
+    return (isinstance(record, dict) and set(record) == {"target_val_loss", "val_loss", "step", "tokens",
+                                                         "train_seconds"}
+            and all(is_number(record[key]) and math.isfinite(record[key])
+                    for key in ("target_val_loss", "val_loss", "train_seconds"))
+            and 0 < record["target_val_loss"] and record["val_loss"] <= record["target_val_loss"]
+            and record["train_seconds"] >= 0
+            and is_int(record["step"]) and record["step"] <= iter_num and is_int(record["tokens"]))
+
+
 def check_fields(c, path):
     """Every field of a checkpoint of the right type and in range, else the one-line malformed error. The
     config's flags are checked where they become a TrainConfig, the architecture where it becomes a model,
@@ -349,7 +361,7 @@ def check_fields(c, path):
              and progress["best_step"] <= progress["iter_num"])
         and (progress["wandb_run_id"] is None or isinstance(progress["wandb_run_id"], str))
         and is_number(progress["train_seconds"]) and progress["train_seconds"] >= 0
-        and (progress["target"] is None or isinstance(progress["target"], dict)),
+        and (progress["target"] is None or is_target_record(progress["target"], progress["iter_num"])),
         "config": isinstance(c.get("config"), dict),
         "world_size": is_int(c.get("world_size"), 1),
         "micro_batch": isinstance(c.get("micro_batch"), (list, tuple)) and len(c["micro_batch"]) == 2

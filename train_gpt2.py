@@ -40,7 +40,7 @@ from fineweb import (check_unchanged, check_vocab_size, fingerprint, load_token_
                      read_span, sampled_fingerprint)
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, choose_micro_batch
 from hf_convert import export_model, is_hf_model, load_gpt2_weights
-from rundir import Plotter, RunLog, describe_target, pause_clock
+from rundir import Plotter, RunLog, describe_target, pause_clock, target_notes, target_reached
 from sampling import generate_tokens
 from settings import (TrainSettings, check_architecture, parse_config, parse_duration,
                       parse_step_range, resume_warnings, run_config, same_path, with_absolute_paths)
@@ -660,11 +660,13 @@ class Trainer:
 
     def check_target(self, step, val_loss):
         """The first evaluation at or below --target_val_loss: its step, tokens and training seconds
-        kept in the run's progress, printed and recorded in metrics.jsonl."""
-        target = self.config.target_val_loss
-        if not target or self.progress.target is not None or val_loss > target:
+        kept in the run's progress, printed and recorded in metrics.jsonl. A target the run reached
+        before (its record, or a best val loss at or below it) is not reported again; a new one
+        given on resume is checked from there on (rundir.target_notes says which)."""
+        target, p = self.config.target_val_loss, self.progress
+        reached = target_reached(p, target) or p.best_val_loss <= target
+        if not target or val_loss > target or reached:
             return
-        p = self.progress
         p.target = {"target_val_loss": target, "val_loss": val_loss, "step": step,
                     "tokens": p.tokens, "train_seconds": round(p.train_seconds, 3)}
         self.log.print(f"step {step}: --target_val_loss {target:g} {describe_target(p.target)}")
@@ -707,7 +709,7 @@ class Trainer:
                     budget.record_evaluation(*self.evaluate_and_save(step))
                     interval_start, interval_steps = time.perf_counter(), 0  # not training time
                     pause_clock(bar, interval_start - eval_start)  # nor in the bar's rate and ETA
-                    target = self.progress.target
+                    target = target_reached(self.progress, config.target_val_loss)
                     if config.stop_at_target and target and target["step"] == step and step > 0:
                         break  # its checkpoint is written: the run ends here
                 if step == config.max_iters:
@@ -785,8 +787,11 @@ def train(config, changes, dist_info, model, checkpoint, launched):
     launched: when this process started (perf_counter), from which --max_time counts."""
     log = RunLog(config.out_dir, dist_info.is_master)
     model_config = model.config if model is not None else new_model_config(config)
-    for line in changes + (resume_warnings(checkpoint["config"], config, checkpoint["world_size"],
-                                           dist_info.world_size) if checkpoint else []):
+    if checkpoint is not None:
+        changes = (changes + resume_warnings(checkpoint["config"], config, checkpoint["world_size"],
+                                             dist_info.world_size)
+                   + target_notes(Progress(**checkpoint["progress"]), config))
+    for line in changes:
         log.print(line)
     if checkpoint is not None and checkpoint["progress"]["iter_num"] > config.max_iters:
         raise UserError(f"{checkpoint['path']} is at step {checkpoint['progress']['iter_num']}, "

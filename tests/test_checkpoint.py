@@ -163,6 +163,16 @@ def crafted(checkpoint, field, value):
     ("loader.fingerprints", ["abc", None, None], "malformed training state (loader"),
     ("spike_guard.recent", [3.0, float("nan")], "malformed training state (spike_guard"),
     ("spike_guard.bad_steps", -1, "malformed training state (spike_guard"),
+    ("progress.target", "reached", "malformed training state (progress"),
+    ("progress.target", {"step": 4}, "malformed training state (progress"),
+    ("progress.target", {"target_val_loss": 9.0, "val_loss": 8.0, "step": "four", "tokens": 1024,
+                         "train_seconds": 1.0}, "malformed training state (progress"),
+    ("progress.target", {"target_val_loss": 9.0, "val_loss": float("nan"), "step": 4, "tokens": 1024,
+                         "train_seconds": 1.0}, "malformed training state (progress"),
+    ("progress.target", {"target_val_loss": 9.0, "val_loss": 8.0, "step": 40, "tokens": 1024,
+                         "train_seconds": 1.0}, "malformed training state (progress"),  # past the checkpoint
+    ("val_data.fingerprints", ["abc", "def"], "malformed training state (val_data"),
+    ("val_data.sources", "all", "malformed training state (val_data"),
 ])
 def test_a_crafted_field_is_refused_in_one_line_before_any_training(field, value, message, trained_run, tmp_path,
                                                                    capsys):
