@@ -394,7 +394,8 @@ def check_fields(c, path):
 def build_checkpoint_model(checkpoint, model_class, config_class):
     """The model_class (train_gpt2.GPT) of a checkpoint's model_args (config_class's fields, GPTConfig's; one
     it lacks, at its default), first built on the meta device, so that weights which do not fit their
-    architecture (an n_embd of 10^9, say) are refused before any memory is taken."""
+    architecture, and weights or moments that no training writes (unsound_tensor), are refused before any
+    memory is taken."""
     path, model_args = checkpoint["path"], checkpoint["model_args"]
     names = {field.name for field in dataclasses.fields(config_class)}
     if not isinstance(model_args, dict) or not set(model_args) <= names:
@@ -408,16 +409,47 @@ def build_checkpoint_model(checkpoint, model_class, config_class):
                         "use another checkpoint of the run") from None
     try:
         with torch.device("meta"):
-            shapes = {name: t.shape for name, t in model_class(model_config).state_dict().items()}
+            meta_model = model_class(model_config)
     except RuntimeError as e:  # past what a tensor can hold, even on the meta device
         raise damaged_weights(path, e) from None
+    shapes = {name: t.shape for name, t in meta_model.state_dict().items()}
+    parameters = [name for name, _ in meta_model.named_parameters(remove_duplicate=False)]
     saved = {name: t.shape for name, t in checkpoint["model"].items()}
     if saved != shapes:
         wrong = sorted(name for name in set(saved) | set(shapes)
                        if saved.get(name) != shapes.get(name))
         raise damaged_weights(path, f"{wrong[0]} is {tuple(saved.get(wrong[0], ()))}, its "
                                     f"architecture's {tuple(shapes.get(wrong[0], ()))}")
+    unsound = unsound_tensor(checkpoint, parameters)
+    if unsound:
+        raise malformed(path, unsound)
     return model_class(model_config)
+
+
+# an optimizer's state entries that count steps or hold second moments, which no step makes negative
+NON_NEGATIVE = ("step", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def unsound_tensor(checkpoint, parameters):
+    """The first tensor of a checkpoint's weights (its model tensors named in parameters: the buffers may hold
+    anything) or optimizer state that training never writes, as a phrase that names it: one not of a real
+    floating-point dtype (integer, bool, complex), one holding NaN or inf (a run whose weights diverged), or a
+    step count or second moment below 0. None when every one is sound. The trainer writes no such checkpoint
+    (Trainer.save), and build_checkpoint_model refuses one."""
+    tensors = [(name, checkpoint["model"][name], False) for name in parameters]
+    for optimizer, saved in checkpoint["optimizer"].items():
+        for index, values in saved["state"].items():
+            for key, value in values.items() if isinstance(values, dict) else ():
+                if isinstance(value, torch.Tensor):  # check_optimizer_state refuses the others
+                    tensors.append((f"{optimizer}'s {key} of parameter {index}", value, key in NON_NEGATIVE))
+    for name, tensor, non_negative in tensors:
+        if not tensor.is_floating_point():
+            return f"{name} is {tensor.dtype}, not a floating-point tensor"
+        if not bool(torch.isfinite(tensor).all()):
+            return f"{name} holds {'NaN' if bool(torch.isnan(tensor).any()) else 'inf'}"
+        if non_negative and bool((tensor < 0).any()):
+            return f"{name} is negative"
+    return None
 
 
 def damaged_weights(path, reason):
@@ -431,7 +463,9 @@ def damaged_weights(path, reason):
 # The names in a run directory, the best copy and pruning
 
 BEST_CHECKPOINT = "best_val_loss.pt"
-CHECKPOINT_NAME = re.compile(r"iter-(\d+)-(?:loss-(?:\d+\.\d{4}|nan|inf)|stopped)\.pt")
+# a val loss of nan or inf is no checkpoint's: such a file (written before the trainer refused to save diverged
+# weights) is never resumed from, counted by --keep_last or pruned
+CHECKPOINT_NAME = re.compile(r"iter-(\d+)-(?:loss-\d+\.\d{4}|stopped)\.pt")
 
 
 def checkpoint_name(step, val_loss=None):
@@ -468,12 +502,14 @@ def checkpoint_path(init_from, out_dir):
     return latest_checkpoint(out_dir) if init_from == "resume" else Path(init_from)
 
 
-def prune_checkpoints(out_dir, keep_last):
-    """Delete all but the newest keep_last checkpoints. Called only after the newest is safely on disk and
-    the best weights are in best_val_loss.pt (RunCheckpoints.write)."""
+def prune_checkpoints(out_dir, keep_last, keep=()):
+    """Delete all but the newest keep_last checkpoints, and never those in keep. Called only after the newest
+    is safely on disk and the best weights are in best_val_loss.pt (RunCheckpoints.write)."""
+    keep = {Path(path).resolve() for path in keep}
     if keep_last > 0:
         for path in run_checkpoints(out_dir)[:-keep_last]:
-            path.unlink(missing_ok=True)
+            if path.resolve() not in keep:
+                path.unlink(missing_ok=True)
 
 
 def best_copy_holds(out_dir, step):
@@ -508,8 +544,9 @@ class RunCheckpoints:
         self.out_dir, self.keep_last = Path(out_dir), keep_last
         self.latest, self.best_pending = None, False
 
-    def write(self, name, checkpoint, best_step, log):
-        """Write checkpoint as out_dir/name, then the best copy if pending, then prune; log: a print."""
+    def write(self, name, checkpoint, best_step, log, keep=None):
+        """Write checkpoint as out_dir/name, then the best copy if pending, then prune all but keep (a path
+        or None: the checkpoint a run would go back to); log: a print."""
         path = self.out_dir / name
         try:
             save_checkpoint(path, checkpoint)
@@ -528,4 +565,4 @@ class RunCheckpoints:
                 raise UserError(f"wrote {path}, but not its copy {self.out_dir / BEST_CHECKPOINT} "
                                 f"({e.strerror or e}): {best.name} holds the best weights and is kept until the "
                                 f"copy is written; free disk space, then continue with --init_from resume") from None
-        prune_checkpoints(self.out_dir, self.keep_last)
+        prune_checkpoints(self.out_dir, self.keep_last, keep=[keep] if keep else [])

@@ -98,9 +98,12 @@ class Evaluation:
         self.log.print(f"step {step}: {describe_scores(scores)} | {seconds:.1f} s")
         self.log.record(step=step, **scores, eval_seconds=round(seconds, 3), tokens=tokens)
         c = self.config
-        for text in sample_text(generator_model, self.dist_info, autocast, c.seed + step,
-                                c.sample_prompt, c.num_samples):
-            self.log.print(f"  sample: {text!r}")
+        try:
+            for text in sample_text(generator_model, self.dist_info, autocast, c.seed + step,
+                                    c.sample_prompt, c.num_samples):
+                self.log.print(f"  sample: {text!r}")
+        except FloatingPointError as e:  # weights that diverged: the checkpoint's save says so
+            self.log.print(f"  samples: none ({e})")
         return scores, seconds
 
     @torch.no_grad()

@@ -98,7 +98,10 @@ def sample(config, out=sys.stdout):
     autocast = make_autocast(device.split(":")[0], dtype)
     generator = torch.Generator(device=device).manual_seed(config.seed)  # one stream for all the samples
     for _ in range(config.num_samples):
-        stream_sample(model, prompt, config, device, autocast, generator, out)
+        try:
+            stream_sample(model, prompt, config, device, autocast, generator, out)
+        except FloatingPointError as e:  # finite weights so large that their logits are not
+            raise UserError(f"--init_from {config.init_from}: {e}; sample an earlier checkpoint of the run") from None
         out.write("\n---------------\n")
         out.flush()
 

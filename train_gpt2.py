@@ -30,7 +30,7 @@ import torch.utils.checkpoint
 import rundir
 from checkpoint import (FullModelState, OptimizerStates, Progress, RNGState, RunCheckpoints,
                         build_checkpoint_model, checkpoint_name, checkpoint_path, damaged_weights,
-                        git_commit, load_checkpoint, make_checkpoint, restore)
+                        git_commit, load_checkpoint, make_checkpoint, restore, unsound_tensor)
 from cli import StopSignal, UserError, flag
 from cross_entropy_kernel import OutputLayerLoss
 from device import (Prefetcher, check_model_fits, device_peak_flops, make_autocast, place_model,
@@ -484,6 +484,9 @@ class Trainer:
         device_type = self.device.split(":")[0]
         self.model = place_model(model.train(), dist_info, self.dtype, config.loss_kernel)
         self.model.gradient_checkpointing = config.gradient_checkpointing
+        # the weights among the model's state (its buffers may hold anything), checked before a save
+        self.parameter_names = [name for name, _ in
+                                self.model.named_parameters(remove_duplicate=False)]
         self.wrapped = wrap_model(self.model, config.compile, dist_info)
         # made after sharding: under FSDP their moments are shards too
         self.optimizers = make_optimizers(self.model, config, device_type)
@@ -603,14 +606,22 @@ class Trainer:
         if spikes and guard.back_to is not None and guard.roll_backs < 2:
             return self.roll_back(step, guard.back_to)
         what = "loss spikes" if spikes else "a non-finite loss or gradient norm"
-        good = guard.back_to
-        if spikes and good is None:  # before any checkpoint, and no update reached the weights
+        good = None
+        if spikes and guard.back_to is None:  # before any checkpoint; no update reached the weights
             self.save(step + 1)
             good = self.checkpoints.latest
-        # back_to, not the latest: one written since the bad steps began may hold what made them
-        raise UserError(f"stopped at step {step}: {guard.bad_steps} steps in a row had {what}; the "
-                        f"last good checkpoint is {good or 'none'}: continue from it with a lower "
-                        "--learning_rate")
+        raise self.diverged(f"stopped at step {step}: {guard.bad_steps} steps in a row had {what}",
+                            good)
+
+    def diverged(self, why, good=None):
+        """The stop of a run that cannot go on, naming the checkpoint to go back to: good, or the
+        one from before its bad steps if it is in some (one written since they began may hold what
+        made them), else the latest, whose weights were sound (save writes no other)."""
+        guard = self.spikes
+        good = good or (guard.back_to if guard.bad_steps else self.checkpoints.latest)
+        fix = (f"the last good checkpoint is {good}: continue from it" if good else
+               "no checkpoint was written before it: start again")
+        return UserError(f"{why}; {fix} with a lower --learning_rate")
 
     def roll_back(self, step, path):
         """After max_bad_steps loss spikes in a row: the weights, optimizer state and RNG of the
@@ -630,7 +641,12 @@ class Trainer:
 
     def save(self, step, val_loss=None):
         """Rank 0 writes the checkpoint of `step` (and the best copy, if val_loss is the best), then
-        every rank learns whether that worked: a failed write stops the run on all of them."""
+        every rank learns whether that worked: a failed write stops the run on all of them. Weights
+        that diverged (a val loss, weight or moment not finite) are never written, where --keep_last
+        would count them and a resume pick them: the run stops, naming the last good checkpoint."""
+        if val_loss is not None and not math.isfinite(val_loss):
+            raise self.diverged(f"stopped at step {step}: its evaluation's val loss is {val_loss}: "
+                                "the weights have diverged, and are not saved")
         if val_loss is not None and val_loss < self.progress.best_val_loss:
             self.progress.best_val_loss, self.progress.best_step = val_loss, step
             self.checkpoints.best_pending = True
@@ -640,8 +656,15 @@ class Trainer:
                                      world_size=self.dist_info.world_size, micro_batch=micro_batch,
                                      torch_version=str(torch.__version__), git_commit=git_commit())
         name = checkpoint_name(step, val_loss)
-        best_step = self.progress.best_step
-        write = lambda: self.checkpoints.write(name, checkpoint, best_step, self.log.print)
+        best_step, back_to = self.progress.best_step, self.spikes.back_to
+
+        def write():  # on rank 0, which holds the whole state under FSDP too
+            unsound = unsound_tensor(checkpoint, self.parameter_names)
+            if unsound:
+                raise self.diverged(f"stopped after step {step - 1}: {unsound}: the weights have "
+                                    "diverged, and are not saved")
+            # the checkpoint a roll-back or the stop after bad steps names is never pruned
+            self.checkpoints.write(name, checkpoint, best_step, self.log.print, keep=back_to)
         self.dist_info.on_rank0(write, "write a checkpoint")
         self.checkpoints.latest = self.checkpoints.out_dir / name  # on every rank
 

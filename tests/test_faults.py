@@ -386,3 +386,46 @@ def test_a_shard_truncated_during_the_run_is_reported_with_the_file(tmp_path):
     assert result.returncode == 1
     line = last_line(result.stderr)
     assert line.startswith(f"error: {victim} changed")
+
+
+# -----------------------------------------------------------------------------
+# Weights that diverge: never saved, so never counted by --keep_last, called good or resumed from
+
+
+@pytest.mark.parametrize("fault, flags, stop", [
+    # finite weights of 1e30, whose val loss is nan, at an evaluation (the --keep_last 1 would have pruned step 4's)
+    ("", ["--learning_rate", "1e30", "--min_lr", "1e29", "--eval_interval", "1", "--keep_last", "1",
+          "--num_samples", "1"],  # whose logits no sample can be drawn from
+     "stopped at step 5: its evaluation's val loss is nan: the weights have diverged, and are not saved"),
+    # weights of inf when SIGTERM asks for a checkpoint
+    ("sigterm_at_step:4", ["--learning_rate", "1e300", "--min_lr", "1e299"],
+     "stopped after step 4: transformer.wte.weight holds "),
+    # and when --max_time does (each step 1 s on the budget's clock: steps 4 and 5 fit in 3 s)
+    ("budget_clock:1", ["--learning_rate", "1e300", "--min_lr", "1e299", "--max_time", "00:00:03"],
+     "stopped after step 5: transformer.wte.weight holds "),
+], ids=["val-loss-nan", "sigterm", "max-time"])
+def test_diverged_weights_are_never_saved_and_the_stop_names_the_last_good_checkpoint(fault, flags, stop, tmp_path,
+                                                                                     trained_run):
+    out_dir = tmp_path / "out"
+    first = train_in_process(*run_args(out_dir, "--max_iters", "4"))
+    assert first.returncode == 0, first.stderr
+    good = next(out_dir.glob("iter-4-*.pt"))
+    with injected(fault or "budget_clock:0"):
+        diverged = train_in_process("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "8", *flags)
+    assert diverged.returncode == 1
+    assert last_line(diverged.stderr).startswith(f"error: {stop}")
+    assert last_line(diverged.stderr).endswith(f"; the last good checkpoint is {good}: continue from it with a lower "
+                                               "--learning_rate")
+    assert [p.name for p in out_dir.glob("iter-*.pt")] == [good.name]  # nothing of the diverged weights
+    assert (out_dir / "exit_status").read_text() == "1\n"  # no job script queues it again
+    assert_resumes_to_the_uninterrupted_run(out_dir, trained_run[0])  # the command line's rates, not 1e30's
+
+
+def test_the_checkpoint_from_before_non_finite_steps_is_never_pruned_while_they_last(tmp_path):
+    out_dir = tmp_path / "out"  # checkpoints after every step, one kept: steps 5-7 bad, checkpoints at 6 and 7
+    result = train_with_fault("nan_steps:5,6,7", *run_args(out_dir, "--eval_interval", "1", "--keep_last", "1"))
+    assert result.returncode == 1
+    before_them = out_dir / next(p.name for p in out_dir.glob("iter-5-*.pt"))
+    assert f"the last good checkpoint is {before_them}:" in last_line(result.stderr)
+    assert load_checkpoint(before_them)["progress"]["iter_num"] == 5
+    assert sorted(p.name.split("-")[1] for p in out_dir.glob("iter-*.pt")) == ["5", "7"]

@@ -73,3 +73,15 @@ def test_help_describes_the_script_in_whole_sentences(capsys):
     assert exit.value.code == 0
     description = " ".join(capsys.readouterr().out.split("\n\n")[1].split())
     assert description == " ".join(sample.__doc__.strip().split("\n\n")[0].split()) and description.endswith(".")
+
+
+def test_a_model_whose_logits_are_not_finite_is_one_line(trained_run, tmp_path):
+    from checkpoint import load_checkpoint, save_checkpoint
+    checkpoint = load_checkpoint(trained_run[0] / "best_val_loss.pt")
+    checkpoint["model"] = {name: tensor * 1e30 for name, tensor in checkpoint["model"].items()}  # finite, diverged
+    save_checkpoint(tmp_path / "diverged.pt", checkpoint)
+    result = run_sample("--init_from", tmp_path / "diverged.pt", run=run_main)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: --init_from {tmp_path / 'diverged.pt'}: the model's logits are not finite: its weights have "
+        "diverged; sample an earlier checkpoint of the run"]
