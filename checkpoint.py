@@ -504,12 +504,17 @@ def checkpoint_path(init_from, out_dir):
 
 def prune_checkpoints(out_dir, keep_last, keep=()):
     """Delete all but the newest keep_last checkpoints, and never those in keep. Called only after the newest
-    is safely on disk and the best weights are in best_val_loss.pt (RunCheckpoints.write)."""
-    keep = {Path(path).resolve() for path in keep}
+    is safely on disk and the best weights are in best_val_loss.pt (RunCheckpoints.write). Returns [(path,
+    OSError)] for each that could not be deleted (immutable, say): it stays."""
+    failed, keep = [], {Path(path).resolve() for path in keep}
     if keep_last > 0:
         for path in run_checkpoints(out_dir)[:-keep_last]:
             if path.resolve() not in keep:
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as e:
+                    failed.append((path, e))
+    return failed
 
 
 def best_copy_holds(out_dir, step):
@@ -538,11 +543,13 @@ class RunCheckpoints:
     """The checkpoints a run writes into out_dir: each written whole, the best copied to best_val_loss.pt,
     then the oldest pruned to keep_last, so the best weights are never pruned before their copy is written.
     latest: the newest checkpoint written or resumed from. best_pending: the best evaluation's checkpoint
-    is not copied yet (just written, or its copy failed: a resumed run writes it first)."""
+    is not copied yet (just written, or its copy failed: a resumed run writes it first). A checkpoint that
+    cannot be pruned is a warning (once), not a stop: it stays, and the run goes on."""
 
     def __init__(self, out_dir, keep_last):
         self.out_dir, self.keep_last = Path(out_dir), keep_last
         self.latest, self.best_pending = None, False
+        self.unprunable = set()
 
     def write(self, name, checkpoint, best_step, log, keep=None):
         """Write checkpoint as out_dir/name, then the best copy if pending, then prune all but keep (a path
@@ -565,4 +572,8 @@ class RunCheckpoints:
                 raise UserError(f"wrote {path}, but not its copy {self.out_dir / BEST_CHECKPOINT} "
                                 f"({e.strerror or e}): {best.name} holds the best weights and is kept until the "
                                 f"copy is written; free disk space, then continue with --init_from resume") from None
-        prune_checkpoints(self.out_dir, self.keep_last, keep=[keep] if keep else [])
+        for failed, e in prune_checkpoints(self.out_dir, self.keep_last, keep=[keep] if keep else []):
+            if failed not in self.unprunable:
+                self.unprunable.add(failed)
+                log(f"warning: --keep_last {self.keep_last}: cannot delete {failed} ({e.strerror or e}); it "
+                    "stays, and the run goes on")

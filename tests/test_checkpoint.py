@@ -33,6 +33,14 @@ def test_pruning_never_touches_a_users_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter-1-my-notes.pt", "iter-6-loss-1.0000.pt"]
 
 
+def test_pruning_keeps_the_checkpoint_a_run_would_go_back_to(tmp_path):
+    touch(tmp_path, "iter-2-loss-3.0000.pt", "iter-4-loss-2.0000.pt", "iter-6-loss-1.0000.pt")
+    (tmp_path / "iter-7-stopped.pt").mkdir()  # not a file: never a checkpoint, never deleted
+    failed = prune_checkpoints(tmp_path, keep_last=1, keep=[f"{tmp_path}/./iter-2-loss-3.0000.pt"])
+    assert failed == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter-2-loss-3.0000.pt", "iter-6-loss-1.0000.pt", "iter-7-stopped.pt"]
+
+
 def test_names_follow_the_step_and_the_val_loss():
     assert checkpoint_name(40, 3.14159) == "iter-40-loss-3.1416.pt"
     assert checkpoint_name(40) == "iter-40-stopped.pt"

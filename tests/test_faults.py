@@ -429,3 +429,45 @@ def test_the_checkpoint_from_before_non_finite_steps_is_never_pruned_while_they_
     assert f"the last good checkpoint is {before_them}:" in last_line(result.stderr)
     assert load_checkpoint(before_them)["progress"]["iter_num"] == 5
     assert sorted(p.name.split("-")[1] for p in out_dir.glob("iter-*.pt")) == ["5", "7"]
+
+
+# -----------------------------------------------------------------------------
+# A checkpoint that cannot be pruned: a warning, and the run goes on
+
+
+def make_immutable(path):
+    """chattr +i on path (as root, on a file system that has the attribute), else the test is skipped."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i needs root and a file system with the attribute")
+
+
+@pytest.mark.parametrize("how", ["immutable", "permission", "busy"])
+def test_a_checkpoint_that_cannot_be_pruned_is_a_warning_and_the_run_goes_on(how, tmp_path, trained_run,
+                                                                           monkeypatch):
+    import errno
+    from pathlib import Path
+    out_dir = tmp_path / "out"
+    first = train_in_process(*run_args(out_dir, "--max_iters", "2", "--eval_interval", "2"))
+    assert first.returncode == 0, first.stderr
+    stuck = next(out_dir.glob("iter-2-*.pt"))
+    if how == "immutable":
+        make_immutable(stuck)
+    else:
+        original, code = Path.unlink, errno.EACCES if how == "permission" else errno.EBUSY
+
+        def unlink(path, missing_ok=False):
+            if path.name == stuck.name:
+                raise OSError(code, os.strerror(code), str(path))
+            return original(path, missing_ok=missing_ok)
+        monkeypatch.setattr(Path, "unlink", unlink)
+    try:
+        resumed = train_in_process(*run_args(out_dir, "--init_from", "resume", "--eval_interval", "2",
+                                             "--keep_last", "1"))
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr
+    warning = f"warning: --keep_last 1: cannot delete {stuck} ("
+    assert resumed.stdout.count(warning) == 1, resumed.stdout  # said once, not at every checkpoint
+    assert "; it stays, and the run goes on" in resumed.stdout
+    assert sorted(p.name.split("-")[1] for p in out_dir.glob("iter-*.pt")) == ["2", "8"]
+    assert train_losses(out_dir) == train_losses(trained_run[0])
