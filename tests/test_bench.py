@@ -45,3 +45,16 @@ def test_fsdp_is_timed_on_a_process_group_of_one_with_the_same_losses(tmp_path):
 def test_bad_flags_get_one_line(tmp_path):
     result = run_main("bench.py", *TINY_BENCH, "--variant", "slow")
     assert result.returncode == 1 and result.stderr.strip() == "error: --variant 'slow' is not one of fast, naive"
+
+
+@pytest.mark.parametrize("where, message", [
+    ("{tmp}", "--json_out {tmp} is a directory: pass a file name, such as {tmp}/bench.json"),
+    ("{tmp}/missing/bench.json", "--json_out {tmp}/missing/bench.json: {tmp}/missing is not a directory"),
+    ("{tmp}/a_file/bench.json", "--json_out {tmp}/a_file/bench.json: {tmp}/a_file is not a directory"),
+])
+def test_a_json_out_that_cannot_be_written_is_one_line_before_anything_is_timed(where, message, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = run_main("bench.py", *TINY_BENCH, "--json_out", where.format(tmp=tmp_path))
+    assert result.returncode == 1 and result.stdout == ""  # refused before the benchmark ran
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {message.format(tmp=tmp_path)}")
