@@ -333,6 +333,7 @@ def check_fields(c, path):
     the tensors where the model and optimizer load them."""
     model_args, loader, progress, rng = c.get("model_args"), c.get("loader"), c.get("progress"), c.get("rng")
     optimizers, guard, val_data = c.get("optimizer"), c.get("spike_guard"), c.get("val_data")
+    scaler = c.get("scaler")
     fields = {
         "a field": all(key in c for key in PARTS + ABOUT),
         "model": isinstance(c.get("model"), dict) and all(isinstance(v, torch.Tensor) for v in c["model"].values()),
@@ -341,7 +342,10 @@ def check_fields(c, path):
         "optimizer": isinstance(optimizers, dict) and len(optimizers) > 0
         and all(isinstance(o, dict) and isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)
                 for o in optimizers.values()),
-        "scaler": isinstance(c.get("scaler"), dict),
+        # a GradScaler's (float16): a NaN or 0 scale would skip every step, a negative count never grow it
+        "scaler": isinstance(scaler, dict)
+        and all(is_number(v) and math.isfinite(v) and v >= 0 for v in scaler.values())
+        and scaler.get("scale", 1) > 0,
         "loader": isinstance(loader, dict) and all(is_int(loader.get(k)) for k in ("epoch", "shard", "position"))
         and is_int(loader.get("seed")) and isinstance(loader.get("shuffle"), bool)
         and isinstance(loader.get("shards"), list) and loader["shard"] < max(len(loader["shards"]), 1)

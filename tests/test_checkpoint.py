@@ -180,6 +180,11 @@ def crafted(checkpoint, field, value):
                          "train_seconds": 1.0}, "malformed training state (progress"),
     ("progress.target", {"target_val_loss": 9.0, "val_loss": 8.0, "step": 40, "tokens": 1024,
                          "train_seconds": 1.0}, "malformed training state (progress"),  # past the checkpoint
+    ("scaler", {"scale": float("nan"), "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                "_growth_tracker": 0}, "malformed training state (scaler"),
+    ("scaler", {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                "_growth_tracker": -3}, "malformed training state (scaler"),
+    ("scaler.scale", "big", "malformed training state (scaler"),
     ("val_data.fingerprints", ["abc", "def"], "malformed training state (val_data"),
     ("val_data.sources", "all", "malformed training state (val_data"),
 ])
