@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 import fineweb
-from cli import UserError, build_parser, flag
+from cli import UserError, atomic_write, build_parser, flag
 from cross_entropy_kernel import kernel_runs_on
 from device import Distributed, device_peak_flops, resolve_device, setup_distributed
 from rundir import RunLog
@@ -254,6 +254,8 @@ def main(argv=None):
                   f"{config.steps} passes)")
             print(json.dumps(result))
             return
+        if config.json_out:
+            check_json_out(Path(config.json_out))
         if config.compare:
             results = compare(config)
         else:
@@ -271,7 +273,21 @@ def main(argv=None):
               f"over {len(fast['losses'])} steps")
     print(json.dumps({k: v for k, v in report.items() if k != "config"} | {"config": asdict(config)}))
     if config.json_out:
-        Path(config.json_out).write_text(json.dumps(report, indent=2))
+        try:
+            atomic_write(config.json_out, lambda f: f.write(json.dumps(report, indent=2).encode()))
+        except OSError as e:
+            print(f"error: --json_out {config.json_out} cannot be written ({e.strerror or e}); the results are "
+                  "the JSON line above", file=sys.stderr)
+            sys.exit(1)
+
+
+def check_json_out(path):
+    """--json_out, before anything is timed: a file name in a folder that exists, not a folder."""
+    if path.is_dir():
+        raise UserError(f"--json_out {path} is a directory: pass a file name, such as {path / 'bench.json'}")
+    if not path.parent.is_dir():
+        raise UserError(f"--json_out {path}: {path.parent} is not a directory: create it, or pass a file in one "
+                        "that is")
 
 
 if __name__ == "__main__":

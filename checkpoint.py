@@ -10,7 +10,8 @@ the names of the checkpoints in a run directory. Nothing here imports the model.
 
 A checkpoint is one file written by torch.save, readable with a bare torch.load(weights_only=True): a dict of
 the parts' states under PARTS (the model, the optimizer, the GradScaler, the loader, the RNG, the run's
-counters, the spike guard's state: {} in files from before it was kept) and what the run is under ABOUT
+counters, the spike guard's state and the val data's fingerprints: {} in files from before they were kept) and
+what the run is under ABOUT
 (the format version, the architecture, the whole config, the number
 of processes and the micro-batch they trained with, the torch version and git commit, the val loss it
 was saved after, and the tokenizer: its sha256, and its file's content where it is not GPT-2's; None in
@@ -38,7 +39,7 @@ from cli import UserError, atomic_write
 # What a checkpoint holds
 
 CHECKPOINT_VERSION = 3
-PARTS = ("model", "optimizer", "scaler", "loader", "rng", "progress", "spike_guard")
+PARTS = ("model", "optimizer", "scaler", "loader", "rng", "progress", "spike_guard", "val_data")
 ABOUT = ("version", "model_args", "config", "world_size", "micro_batch", "torch_version", "git_commit",
          "val_loss", "tokenizer")
 
@@ -269,6 +270,7 @@ def load_checkpoint(path):
                         f"{CHECKPOINT_VERSION} (and 1, 2)")
     checkpoint.setdefault("spike_guard", {})  # a file from before it was kept: an empty guard
     checkpoint.setdefault("tokenizer", None)  # likewise: GPT-2's (fineweb.checkpoint_tokenizer)
+    checkpoint.setdefault("val_data", {})  # nor the val data's fingerprints: the val data is not checked
     check_fields(checkpoint, path)
     checkpoint["path"] = path
     return checkpoint
@@ -315,12 +317,25 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_target_record(record, iter_num):
+    """Whether record is what the trainer keeps of the first evaluation at or below --target_val_loss
+    (Progress.target): the target, its val loss, step (not past the checkpoint's), tokens and training seconds."""
+    return (isinstance(record, dict) and set(record) == {"target_val_loss", "val_loss", "step", "tokens",
+                                                         "train_seconds"}
+            and all(is_number(record[key]) and math.isfinite(record[key])
+                    for key in ("target_val_loss", "val_loss", "train_seconds"))
+            and 0 < record["target_val_loss"] and record["val_loss"] <= record["target_val_loss"]
+            and record["train_seconds"] >= 0
+            and is_int(record["step"]) and record["step"] <= iter_num and is_int(record["tokens"]))
+
+
 def check_fields(c, path):
     """Every field of a checkpoint of the right type and in range, else the one-line malformed error. The
     config's flags are checked where they become a TrainConfig, the architecture where it becomes a model,
     the tensors where the model and optimizer load them."""
     model_args, loader, progress, rng = c.get("model_args"), c.get("loader"), c.get("progress"), c.get("rng")
     optimizers, guard, tokenizer = c.get("optimizer"), c.get("spike_guard"), c.get("tokenizer")
+    val_data, scaler = c.get("val_data"), c.get("scaler")
     fields = {
         "a field": all(key in c for key in PARTS + ABOUT),
         "model": isinstance(c.get("model"), dict) and all(isinstance(v, torch.Tensor) for v in c["model"].values()),
@@ -329,7 +344,10 @@ def check_fields(c, path):
         "optimizer": isinstance(optimizers, dict) and len(optimizers) > 0
         and all(isinstance(o, dict) and isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)
                 for o in optimizers.values()),
-        "scaler": isinstance(c.get("scaler"), dict),
+        # a GradScaler's (float16): a NaN or 0 scale would skip every step, a negative count never grow it
+        "scaler": isinstance(scaler, dict)
+        and all(is_number(v) and math.isfinite(v) and v >= 0 for v in scaler.values())
+        and scaler.get("scale", 1) > 0,
         "loader": isinstance(loader, dict) and all(is_int(loader.get(k)) for k in ("epoch", "shard", "position"))
         and is_int(loader.get("seed")) and isinstance(loader.get("shuffle"), bool)
         and isinstance(loader.get("shards"), list) and loader["shard"] < max(len(loader["shards"]), 1)
@@ -349,7 +367,7 @@ def check_fields(c, path):
              and progress["best_step"] <= progress["iter_num"])
         and (progress["wandb_run_id"] is None or isinstance(progress["wandb_run_id"], str))
         and is_number(progress["train_seconds"]) and progress["train_seconds"] >= 0
-        and (progress["target"] is None or isinstance(progress["target"], dict)),
+        and (progress["target"] is None or is_target_record(progress["target"], progress["iter_num"])),
         "config": isinstance(c.get("config"), dict),
         "world_size": is_int(c.get("world_size"), 1),
         "micro_batch": isinstance(c.get("micro_batch"), (list, tuple)) and len(c["micro_batch"]) == 2
@@ -366,6 +384,12 @@ def check_fields(c, path):
         "tokenizer": tokenizer is None or isinstance(tokenizer, dict)
         and all(isinstance(tokenizer.get(k), str) for k in ("name", "sha256"))
         and (tokenizer.get("content") is None or isinstance(tokenizer["content"], str)),
+        "val_data": val_data == {} or isinstance(val_data, dict) and set(val_data) == {"sources", "fingerprints"}
+        and isinstance(val_data["sources"], list) and isinstance(val_data["fingerprints"], list)
+        and len(val_data["fingerprints"]) == len(val_data["sources"])
+        and all(isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], str) and is_int(s[1])
+                for s in val_data["sources"])
+        and all(f is None or isinstance(f, str) for f in val_data["fingerprints"]),
     }
     bad = [name for name, ok in fields.items() if not ok]
     if bad:
@@ -379,7 +403,8 @@ def check_fields(c, path):
 def build_checkpoint_model(checkpoint, model_class, config_class):
     """The model_class (train_gpt2.GPT) of a checkpoint's model_args (config_class's fields, GPTConfig's; one
     it lacks, at its default), first built on the meta device, so that weights which do not fit their
-    architecture (an n_embd of 10^9, say) are refused before any memory is taken."""
+    architecture, and weights or moments that no training writes (unsound_tensor), are refused before any
+    memory is taken."""
     path, model_args = checkpoint["path"], checkpoint["model_args"]
     names = {field.name for field in dataclasses.fields(config_class)}
     if not isinstance(model_args, dict) or not set(model_args) <= names:
@@ -393,16 +418,47 @@ def build_checkpoint_model(checkpoint, model_class, config_class):
                         "use another checkpoint of the run") from None
     try:
         with torch.device("meta"):
-            shapes = {name: t.shape for name, t in model_class(model_config).state_dict().items()}
+            meta_model = model_class(model_config)
     except RuntimeError as e:  # past what a tensor can hold, even on the meta device
         raise damaged_weights(path, e) from None
+    shapes = {name: t.shape for name, t in meta_model.state_dict().items()}
+    parameters = [name for name, _ in meta_model.named_parameters(remove_duplicate=False)]
     saved = {name: t.shape for name, t in checkpoint["model"].items()}
     if saved != shapes:
         wrong = sorted(name for name in set(saved) | set(shapes)
                        if saved.get(name) != shapes.get(name))
         raise damaged_weights(path, f"{wrong[0]} is {tuple(saved.get(wrong[0], ()))}, its "
                                     f"architecture's {tuple(shapes.get(wrong[0], ()))}")
+    unsound = unsound_tensor(checkpoint, parameters)
+    if unsound:
+        raise malformed(path, unsound)
     return model_class(model_config)
+
+
+# an optimizer's state entries that count steps or hold second moments, which no step makes negative
+NON_NEGATIVE = ("step", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def unsound_tensor(checkpoint, parameters):
+    """The first tensor of a checkpoint's weights (its model tensors named in parameters: the buffers may hold
+    anything) or optimizer state that training never writes, as a phrase that names it: one not of a real
+    floating-point dtype (integer, bool, complex), one holding NaN or inf (a run whose weights diverged), or a
+    step count or second moment below 0. None when every one is sound. The trainer writes no such checkpoint
+    (Trainer.save), and build_checkpoint_model refuses one."""
+    tensors = [(name, checkpoint["model"][name], False) for name in parameters]
+    for optimizer, saved in checkpoint["optimizer"].items():
+        for index, values in saved["state"].items():
+            for key, value in values.items() if isinstance(values, dict) else ():
+                if isinstance(value, torch.Tensor):  # check_optimizer_state refuses the others
+                    tensors.append((f"{optimizer}'s {key} of parameter {index}", value, key in NON_NEGATIVE))
+    for name, tensor, non_negative in tensors:
+        if not tensor.is_floating_point():
+            return f"{name} is {tensor.dtype}, not a floating-point tensor"
+        if not bool(torch.isfinite(tensor).all()):
+            return f"{name} holds {'NaN' if bool(torch.isnan(tensor).any()) else 'inf'}"
+        if non_negative and bool((tensor < 0).any()):
+            return f"{name} is negative"
+    return None
 
 
 def damaged_weights(path, reason):
@@ -416,7 +472,9 @@ def damaged_weights(path, reason):
 # The names in a run directory, the best copy and pruning
 
 BEST_CHECKPOINT = "best_val_loss.pt"
-CHECKPOINT_NAME = re.compile(r"iter-(\d+)-(?:loss-(?:\d+\.\d{4}|nan|inf)|stopped)\.pt")
+# a val loss of nan or inf is no checkpoint's: such a file (written before the trainer refused to save diverged
+# weights) is never resumed from, counted by --keep_last or pruned
+CHECKPOINT_NAME = re.compile(r"iter-(\d+)-(?:loss-\d+\.\d{4}|stopped)\.pt")
 
 
 def checkpoint_name(step, val_loss=None):
@@ -453,12 +511,19 @@ def checkpoint_path(init_from, out_dir):
     return latest_checkpoint(out_dir) if init_from == "resume" else Path(init_from)
 
 
-def prune_checkpoints(out_dir, keep_last):
-    """Delete all but the newest keep_last checkpoints. Called only after the newest is safely on disk and
-    the best weights are in best_val_loss.pt (RunCheckpoints.write)."""
+def prune_checkpoints(out_dir, keep_last, keep=()):
+    """Delete all but the newest keep_last checkpoints, and never those in keep. Called only after the newest
+    is safely on disk and the best weights are in best_val_loss.pt (RunCheckpoints.write). Returns [(path,
+    OSError)] for each that could not be deleted (immutable, say): it stays."""
+    failed, keep = [], {Path(path).resolve() for path in keep}
     if keep_last > 0:
         for path in run_checkpoints(out_dir)[:-keep_last]:
-            path.unlink(missing_ok=True)
+            if path.resolve() not in keep:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as e:
+                    failed.append((path, e))
+    return failed
 
 
 def best_copy_holds(out_dir, step):
@@ -487,14 +552,17 @@ class RunCheckpoints:
     """The checkpoints a run writes into out_dir: each written whole, the best copied to best_val_loss.pt,
     then the oldest pruned to keep_last, so the best weights are never pruned before their copy is written.
     latest: the newest checkpoint written or resumed from. best_pending: the best evaluation's checkpoint
-    is not copied yet (just written, or its copy failed: a resumed run writes it first)."""
+    is not copied yet (just written, or its copy failed: a resumed run writes it first). A checkpoint that
+    cannot be pruned is a warning (once), not a stop: it stays, and the run goes on."""
 
     def __init__(self, out_dir, keep_last):
         self.out_dir, self.keep_last = Path(out_dir), keep_last
         self.latest, self.best_pending = None, False
+        self.unprunable = set()
 
-    def write(self, name, checkpoint, best_step, log):
-        """Write checkpoint as out_dir/name, then the best copy if pending, then prune; log: a print."""
+    def write(self, name, checkpoint, best_step, log, keep=None):
+        """Write checkpoint as out_dir/name, then the best copy if pending, then prune all but keep (a path
+        or None: the checkpoint a run would go back to); log: a print."""
         path = self.out_dir / name
         try:
             save_checkpoint(path, checkpoint)
@@ -513,4 +581,8 @@ class RunCheckpoints:
                 raise UserError(f"wrote {path}, but not its copy {self.out_dir / BEST_CHECKPOINT} "
                                 f"({e.strerror or e}): {best.name} holds the best weights and is kept until the "
                                 f"copy is written; free disk space, then continue with --init_from resume") from None
-        prune_checkpoints(self.out_dir, self.keep_last)
+        for failed, e in prune_checkpoints(self.out_dir, self.keep_last, keep=[keep] if keep else []):
+            if failed not in self.unprunable:
+                self.unprunable.add(failed)
+                log(f"warning: --keep_last {self.keep_last}: cannot delete {failed} ({e.strerror or e}); it "
+                    "stays, and the run goes on")

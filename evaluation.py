@@ -16,7 +16,8 @@ import torch
 import hellaswag
 from cli import UserError
 from device import make_autocast, resolve_dtype
-from fineweb import check_vocab_size, load_token_sources, load_tokenizer, read_span
+from fineweb import (check_vocab_size, fingerprint, load_token_sources, load_tokenizer,
+                     read_span)
 from rundir import RunLog, claim_out_dir
 
 # -----------------------------------------------------------------------------
@@ -60,7 +61,9 @@ def bits_per_byte(loss, tokens_per_byte):
 class Evaluation:
     """What every evaluation scores: the fixed val batches (the same each time, so that losses
     compare) and the HellaSwag examples (None when off or unavailable), in the tokenizer's tokens.
-    Built before the model, so that bad data fails before any work."""
+    Built before the model, so that bad data fails before any work. Its state in a checkpoint is the
+    val data's identity, so that a resumed run refuses val data changed in place, as its loader
+    refuses train data."""
 
     def __init__(self, config, block_size, dist_info, log, tokenizer):
         self.tokenizer = tokenizer
@@ -72,6 +75,36 @@ class Evaluation:
         self.batch_size, self.block_size, self.dist_info = config.batch_size, block_size, dist_info
         self.config, self.log = config, log
         self.hellaswag = hellaswag.load_for_training(config, dist_info, log)
+        self.fingerprints = None  # taken at the first checkpoint or resume
+
+    def read_fingerprints(self):
+        """The fingerprint of each val source the val batches read (None for the others: their
+        tokens are never scored), taken once a process (fineweb.fingerprint: 0.5 s per 100M
+        tokens)."""
+        if self.fingerprints is None:
+            read = {source for source, _ in self.positions}
+            self.fingerprints = [fingerprint(tokens) if i in read else None
+                                 for i, (_, tokens) in enumerate(self.sources)]
+        return self.fingerprints
+
+    def sizes(self):
+        return [[name, len(tokens)] for name, tokens in self.sources]
+
+    def state_dict(self):
+        return {"sources": self.sizes(), "fingerprints": self.read_fingerprints()}
+
+    def load_state_dict(self, state):
+        """Refuse val data that differs from the checkpoint's under the same --data: other sources
+        or sizes, or other contents in a source both runs read."""
+        if [list(source) for source in state["sources"]] != self.sizes():
+            raise UserError("the val data differs from the checkpoint's (source names or sizes "
+                            "changed): resume with the same --data")
+        now = self.read_fingerprints()
+        for (name, _), saved, fingerprint_now in zip(self.sources, state["fingerprints"], now):
+            if None not in (saved, fingerprint_now) and saved != fingerprint_now:
+                raise UserError(f"the val data has the checkpoint's source names and sizes but "
+                                f"other contents ({name} differs from when the run first read it): "
+                                "restore the data the run evaluated on, or start a new run")
 
     def report(self, step, model, generator_model, autocast, tokens):
         """The evaluation at a training step: its scores printed and recorded in metrics.jsonl, and
@@ -83,9 +116,12 @@ class Evaluation:
         self.log.print(f"step {step}: {describe_scores(scores)} | {seconds:.1f} s")
         self.log.record(step=step, **scores, eval_seconds=round(seconds, 3), tokens=tokens)
         c = self.config
-        for text in sample_text(generator_model, self.dist_info, autocast, c.seed + step,
-                                c.sample_prompt, c.num_samples, tokenizer=self.tokenizer):
-            self.log.print(f"  sample: {text!r}")
+        try:
+            for text in sample_text(generator_model, self.dist_info, autocast, c.seed + step,
+                                    c.sample_prompt, c.num_samples, tokenizer=self.tokenizer):
+                self.log.print(f"  sample: {text!r}")
+        except FloatingPointError as e:  # weights that diverged: the checkpoint's save says so
+            self.log.print(f"  samples: none ({e})")
         return scores, seconds
 
     @torch.no_grad()

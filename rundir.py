@@ -436,6 +436,31 @@ def describe_target(target):
             f"{target['train_seconds']:.1f} s of training): val loss {target['val_loss']:.4f}")
 
 
+def target_reached(progress, target_val_loss):
+    """The record of the first evaluation at or below target_val_loss (progress.target, if it is of that
+    target: a resume may give another), or None."""
+    record = progress.target
+    return record if record is not None and record["target_val_loss"] == target_val_loss else None
+
+
+def target_notes(progress, config):
+    """What a run resumed from a checkpoint (its progress) says of a --target_val_loss it reached before:
+    it trains on past it, without --stop_at_target stopping it again (the first evaluation at or below a
+    target is reported once). A target it has not reached is checked from the first evaluation on."""
+    target = config.target_val_loss
+    record, stops = target_reached(progress, target), " (--stop_at_target stops at that evaluation alone)"
+    if not target or (record is None and progress.best_val_loss > target):
+        return []
+    reached = describe_target(record) if record else reached_before(progress.iter_num)
+    return [f"note: --target_val_loss {target:g} was {reached}; this run trains on past it to --max_iters "
+            f"{config.max_iters:,}" + (stops if config.stop_at_target else "")]
+
+
+def reached_before(step):
+    """A target first reached at an evaluation a checkpoint does not record: before a resume gave it."""
+    return f"reached before step {step:,} (its first evaluation at or below it is in metrics.jsonl)"
+
+
 def summary(out_dir, progress, last_checkpoint, first_step, seconds, target_val_loss=0.0, best_val_bpb=None):
     """What a finished run did and where everything it wrote is, a line each; best_val_bpb: the best val loss
     in bits per byte."""
@@ -448,8 +473,9 @@ def summary(out_dir, progress, last_checkpoint, first_step, seconds, target_val_
         bpb = f" ({best_val_bpb:.4f} bpb)" if best_val_bpb is not None else ""
         row(f"best val loss {progress.best_val_loss:.4f}{bpb}", best)
     if target_val_loss:
-        row(f"target {target_val_loss:g}", describe_target(progress.target) if progress.target else
-            "not reached")
+        record = target_reached(progress, target_val_loss)
+        row(f"target {target_val_loss:g}", describe_target(record) if record else
+            reached_before(first_step) if progress.best_val_loss <= target_val_loss else "not reached")
     if last_checkpoint is not None:
         row("latest checkpoint", f"{last_checkpoint}  (to train on: --init_from resume --max_iters N)")
     row("every figure", f"{metrics}  (python plot.py {metrics})")

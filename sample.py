@@ -51,17 +51,25 @@ class SampleConfig:
         check_dtype(self.dtype)
 
 
+MAX_PROMPT_CHARS = 10**6  # far past any model's context: a longer file is no prompt (/dev/zero, say)
+
+
 def read_prompt(start):
-    """--start: the prompt itself, or FILE:path."""
+    """--start: the prompt itself, or FILE:path, of which at most MAX_PROMPT_CHARS + 1 characters are read."""
     if not start.startswith("FILE:"):
         return start
     path = Path(start[len("FILE:"):])
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            prompt = f.read(MAX_PROMPT_CHARS + 1)
     except OSError as e:
         raise UserError(f"--start {start}: cannot read {path} ({e.strerror}): pass an existing text file") from None
     except UnicodeDecodeError:
         raise UserError(f"--start {start}: {path} is not UTF-8 text") from None
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError(f"--start {start}: {path} is longer than {MAX_PROMPT_CHARS:,} characters, too long for a "
+                        "prompt: pass a shorter text file")
+    return prompt
 
 
 # -----------------------------------------------------------------------------
@@ -102,7 +110,10 @@ def sample(config, out=sys.stdout):
     autocast = make_autocast(device.split(":")[0], dtype)
     generator = torch.Generator(device=device).manual_seed(config.seed)  # one stream for all the samples
     for _ in range(config.num_samples):
-        stream_sample(model, tokenizer, prompt, config, device, autocast, generator, out)
+        try:
+            stream_sample(model, tokenizer, prompt, config, device, autocast, generator, out)
+        except FloatingPointError as e:  # finite weights so large that their logits are not
+            raise UserError(f"--init_from {config.init_from}: {e}; sample an earlier checkpoint of the run") from None
         out.write("\n---------------\n")
         out.flush()
 

@@ -18,10 +18,13 @@ def generate_tokens(logits_of, idx, max_new_tokens, block_size, temperature=1.0,
     """Yield max_new_tokens sampled (B, 1) batches of ids after idx (B, T), each as soon as it is
     drawn. The model sees the last block_size tokens; ids at or past vocab_limit (a padded
     vocabulary's extra rows) are never sampled; temperature 0 is the likeliest token (the smallest
-    positive temperature)."""
+    positive temperature). Logits that are not finite (a model whose weights diverged) raise
+    FloatingPointError: no token can be drawn from them."""
     for _ in range(max_new_tokens):
         logits = logits_of(idx[:, -block_size:])[:, -1, :vocab_limit].float()
         logits = logits / max(temperature, 1e-6)
+        if not bool(torch.isfinite(logits).all()):  # a wait for the device, a token at a time
+            raise FloatingPointError("the model's logits are not finite: its weights have diverged")
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
             logits = logits.masked_fill(logits < kth, float("-inf"))

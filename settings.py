@@ -247,9 +247,16 @@ def parse_step_range(text):
     return int(first), int(end)
 
 
+# the flags that name a file or folder, which an empty value would silently make the current
+# directory ('' is '.') or nothing at all
+PATH_FLAGS = ("data", "out_dir", "init_from", "hellaswag_data")
+
+
 def check_types(config):
-    """Each field of its declared type, and every float finite: a config read from a checkpoint or
-    built in code is held to what the command line's parser guarantees."""
+    """Each field of its declared type, every float finite and every string free of NUL characters
+    (which no path holds, and which a --config file can give where a command line cannot), and no
+    path flag empty: a config read from a file or a checkpoint, or built in code, is held to what
+    the command line's parser guarantees."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         kinds = (int, float) if field.type is float else (field.type,)
@@ -257,6 +264,12 @@ def check_types(config):
             raise UserError(f"--{field.name} must be {field.type.__name__}, got {value!r}")
         if field.type is float and not math.isfinite(value):
             raise UserError(f"--{field.name} must be a finite number, got {value!r}")
+        if field.type is str and "\0" in value:
+            raise UserError(f"--{field.name} {value!r} holds a NUL character, which no path or "
+                            "name can: remove it")
+        if field.name in PATH_FLAGS and not value:
+            raise UserError(f"--{field.name} is empty: give it a value ('.' for the current "
+                            "directory)")
 
 
 def check_batch_fits_host(config):
@@ -280,7 +293,9 @@ def parse_config(config_class, argv=None):
     parser = build_parser(config_class, "Pre-train GPT-2: the sharded loader, the cosine LR "
                                         "schedule, the DDP or FSDP loop.", config_file=True)
     args, explicit = parse_flags(parser, argv)
-    return config_class(**vars(args)), explicit
+    config = config_class(**vars(args))
+    check_types(config)  # before --init_from or --out_dir is read (validate checks them again)
+    return config, explicit
 
 
 # -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch.utils.checkpoint
 import rundir
 from checkpoint import (FullModelState, OptimizerStates, Progress, RNGState, RunCheckpoints,
                         build_checkpoint_model, checkpoint_name, checkpoint_path, damaged_weights,
-                        git_commit, load_checkpoint, make_checkpoint, restore)
+                        git_commit, load_checkpoint, make_checkpoint, restore, unsound_tensor)
 from cli import StopSignal, UserError, flag
 from cross_entropy_kernel import OutputLayerLoss
 from device import (Prefetcher, check_model_fits, device_peak_flops, make_autocast, place_model,
@@ -40,13 +40,22 @@ from fineweb import (check_unchanged, check_vocab_size, checkpoint_tokenizer, fi
                      load_token_sources, load_tokenizer, read_span, sampled_fingerprint)
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, choose_micro_batch
 from hf_convert import export_model, is_hf_model, load_gpt2_weights
-from rundir import Plotter, RunLog, describe_target, pause_clock
+from rundir import Plotter, RunLog, describe_target, pause_clock, target_notes, target_reached
 from sampling import generate_tokens
 from settings import (TrainSettings, check_architecture, parse_config, parse_duration,
                       parse_step_range, resume_warnings, run_config, same_path, with_absolute_paths)
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 as in the paper and OpenAI's code
+
+
+# The most each dimension of GPTConfig may be, checked before anything is built. Even on the meta
+# device a block takes milliseconds to build, so a count of blocks in the millions would run for
+# hours before the memory check could size the model (the deepest language models trained have
+# about a hundred); no machine holds a model wider, or of a larger vocabulary or context, than
+# MAX_DIMENSION, and below it no tensor's size overflows.
+MAX_LAYERS = 1024
+MAX_DIMENSION = 2**24
 
 
 @dataclass
@@ -61,11 +70,16 @@ class GPTConfig:
     n_embd: int = flag(768, "width of the residual stream")
 
     def __post_init__(self):
-        """A shape the model can be built in, else a one-line error."""
+        """A shape the model can be built in, else a one-line error: every dimension sized before
+        anything is built."""
         for field in dataclasses.fields(GPTConfig):
             value = getattr(self, field.name)
             if field.type is int and not (type(value) is int and value >= 1):
                 raise UserError(f"--{field.name} must be a positive integer, got {value!r}")
+            most = MAX_LAYERS if field.name == "n_layer" else MAX_DIMENSION
+            if field.type is int and value > most:
+                raise UserError(f"--{field.name} {value:,} is more than {most:,}, the most this "
+                                "model is built with: pass a smaller one")
         if self.n_embd % self.n_head != 0:
             raise UserError(f"--n_embd {self.n_embd} is not divisible by --n_head {self.n_head}: "
                             "pick sizes where n_embd = n_head * head size")
@@ -476,6 +490,9 @@ class Trainer:
         device_type = self.device.split(":")[0]
         self.model = place_model(model.train(), dist_info, self.dtype, config.loss_kernel)
         self.model.gradient_checkpointing = config.gradient_checkpointing
+        # the weights among the model's state (its buffers may hold anything), checked before a save
+        self.parameter_names = [name for name, _ in
+                                self.model.named_parameters(remove_duplicate=False)]
         self.wrapped = wrap_model(self.model, config.compile, dist_info)
         # made after sharding: under FSDP their moments are shards too
         self.optimizers = make_optimizers(self.model, config, device_type)
@@ -496,7 +513,7 @@ class Trainer:
                 log.print(f"--reset_optimizer: {config.optimizer}'s state starts afresh (the "
                           f"checkpoint's was {' + '.join(checkpoint['optimizer'])})")
             if not same_path(checkpoint["config"]["data"], config.data):
-                del parts["loader"]  # new data: its loader starts afresh
+                del parts["loader"], parts["val_data"]  # new data: its loader and fingerprints anew
             restore(checkpoint, parts)
             self.checkpoints.latest = checkpoint["path"]
 
@@ -506,7 +523,7 @@ class Trainer:
         return {"model": FullModelState(self.model, sharded),
                 "optimizer": OptimizerStates(self.model, self.optimizers, sharded),
                 "scaler": self.scaler, "loader": self.batches, "rng": RNGState(),
-                "progress": self.progress, "spike_guard": self.spikes}
+                "progress": self.progress, "spike_guard": self.spikes, "val_data": self.evaluation}
 
     def try_micro_batch(self, size):
         """A forward and backward pass at micro-batch size, the gradients dropped (--auto_batch)."""
@@ -595,14 +612,22 @@ class Trainer:
         if spikes and guard.back_to is not None and guard.roll_backs < 2:
             return self.roll_back(step, guard.back_to)
         what = "loss spikes" if spikes else "a non-finite loss or gradient norm"
-        good = guard.back_to
-        if spikes and good is None:  # before any checkpoint, and no update reached the weights
+        good = None
+        if spikes and guard.back_to is None:  # before any checkpoint; no update reached the weights
             self.save(step + 1)
             good = self.checkpoints.latest
-        # back_to, not the latest: one written since the bad steps began may hold what made them
-        raise UserError(f"stopped at step {step}: {guard.bad_steps} steps in a row had {what}; the "
-                        f"last good checkpoint is {good or 'none'}: continue from it with a lower "
-                        "--learning_rate")
+        raise self.diverged(f"stopped at step {step}: {guard.bad_steps} steps in a row had {what}",
+                            good)
+
+    def diverged(self, why, good=None):
+        """The stop of a run that cannot go on, naming the checkpoint to go back to: good, or the
+        one from before its bad steps if it is in some (one written since they began may hold what
+        made them), else the latest, whose weights were sound (save writes no other)."""
+        guard = self.spikes
+        good = good or (guard.back_to if guard.bad_steps else self.checkpoints.latest)
+        fix = (f"the last good checkpoint is {good}: continue from it" if good else
+               "no checkpoint was written before it: start again")
+        return UserError(f"{why}; {fix} with a lower --learning_rate")
 
     def roll_back(self, step, path):
         """After max_bad_steps loss spikes in a row: the weights, optimizer state and RNG of the
@@ -622,7 +647,12 @@ class Trainer:
 
     def save(self, step, val_loss=None):
         """Rank 0 writes the checkpoint of `step` (and the best copy, if val_loss is the best), then
-        every rank learns whether that worked: a failed write stops the run on all of them."""
+        every rank learns whether that worked: a failed write stops the run on all of them. Weights
+        that diverged (a val loss, weight or moment not finite) are never written, where --keep_last
+        would count them and a resume pick them: the run stops, naming the last good checkpoint."""
+        if val_loss is not None and not math.isfinite(val_loss):
+            raise self.diverged(f"stopped at step {step}: its evaluation's val loss is {val_loss}: "
+                                "the weights have diverged, and are not saved")
         if val_loss is not None and val_loss < self.progress.best_val_loss:
             self.progress.best_val_loss, self.progress.best_step = val_loss, step
             self.checkpoints.best_pending = True
@@ -633,8 +663,15 @@ class Trainer:
                                      torch_version=str(torch.__version__), git_commit=git_commit(),
                                      tokenizer=self.tokenizer.checkpoint_record())
         name = checkpoint_name(step, val_loss)
-        best_step = self.progress.best_step
-        write = lambda: self.checkpoints.write(name, checkpoint, best_step, self.log.print)
+        best_step, back_to = self.progress.best_step, self.spikes.back_to
+
+        def write():  # on rank 0, which holds the whole state under FSDP too
+            unsound = unsound_tensor(checkpoint, self.parameter_names)
+            if unsound:
+                raise self.diverged(f"stopped after step {step - 1}: {unsound}: the weights have "
+                                    "diverged, and are not saved")
+            # the checkpoint a roll-back or the stop after bad steps names is never pruned
+            self.checkpoints.write(name, checkpoint, best_step, self.log.print, keep=back_to)
         self.dist_info.on_rank0(write, "write a checkpoint")
         self.checkpoints.latest = self.checkpoints.out_dir / name  # on every rank
 
@@ -653,11 +690,13 @@ class Trainer:
 
     def check_target(self, step, val_loss):
         """The first evaluation at or below --target_val_loss: its step, tokens and training seconds
-        kept in the run's progress, printed and recorded in metrics.jsonl."""
-        target = self.config.target_val_loss
-        if not target or self.progress.target is not None or val_loss > target:
+        kept in the run's progress, printed and recorded in metrics.jsonl. A target the run reached
+        before (its record, or a best val loss at or below it) is not reported again; a new one
+        given on resume is checked from there on (rundir.target_notes says which)."""
+        target, p = self.config.target_val_loss, self.progress
+        reached = target_reached(p, target) or p.best_val_loss <= target
+        if not target or val_loss > target or reached:
             return
-        p = self.progress
         p.target = {"target_val_loss": target, "val_loss": val_loss, "step": step,
                     "tokens": p.tokens, "train_seconds": round(p.train_seconds, 3)}
         self.log.print(f"step {step}: --target_val_loss {target:g} {describe_target(p.target)}")
@@ -700,7 +739,7 @@ class Trainer:
                     budget.record_evaluation(*self.evaluate_and_save(step))
                     interval_start, interval_steps = time.perf_counter(), 0  # not training time
                     pause_clock(bar, interval_start - eval_start)  # nor in the bar's rate and ETA
-                    target = self.progress.target
+                    target = target_reached(self.progress, config.target_val_loss)
                     if config.stop_at_target and target and target["step"] == step and step > 0:
                         break  # its checkpoint is written: the run ends here
                 if step == config.max_iters:
@@ -782,8 +821,11 @@ def train(config, changes, dist_info, model, checkpoint, launched, tokenizer):
     --max_time counts."""
     log = RunLog(config.out_dir, dist_info.is_master)
     model_config = model.config if model is not None else new_model_config(config)
-    for line in changes + (resume_warnings(checkpoint["config"], config, checkpoint["world_size"],
-                                           dist_info.world_size) if checkpoint else []):
+    if checkpoint is not None:
+        changes = (changes + resume_warnings(checkpoint["config"], config, checkpoint["world_size"],
+                                             dist_info.world_size)
+                   + target_notes(Progress(**checkpoint["progress"]), config))
+    for line in changes:
         log.print(line)
     if checkpoint is not None and checkpoint["progress"]["iter_num"] > config.max_iters:
         raise UserError(f"{checkpoint['path']} is at step {checkpoint['progress']['iter_num']}, "

@@ -41,7 +41,7 @@ counts = {"save": 0, "eval": 0}
 current_step = [None]
 # everything install() may replace: (owner, attribute name)
 PATCHED = [(train_gpt2.Trainer, "train_step"), (train_gpt2.Evaluation, "val_loss"),
-           (train_gpt2.GPT, "forward"), (checkpoint, "save_checkpoint")]
+           (train_gpt2.GPT, "forward"), (checkpoint, "save_checkpoint"), (train_gpt2, "TimeBudget")]
 
 
 def kill_self():

@@ -58,3 +58,16 @@ def test_tokenize_times_fineweb_tokenizing_input_txt_in_one_process():
     assert report["tokens"] == sum(len(load_tokenizer().encode(d)) + 1 for d in documents)  # an end-of-text each
     assert report["tokens_per_sec"] > 0 and report["tokens_per_cpu_sec"] > 0
     assert result.stdout.startswith(f"{report['tokens_per_sec']:,.0f} tokens/s in one process")
+
+
+@pytest.mark.parametrize("where, message", [
+    ("{tmp}", "--json_out {tmp} is a directory: pass a file name, such as {tmp}/bench.json"),
+    ("{tmp}/missing/bench.json", "--json_out {tmp}/missing/bench.json: {tmp}/missing is not a directory"),
+    ("{tmp}/a_file/bench.json", "--json_out {tmp}/a_file/bench.json: {tmp}/a_file is not a directory"),
+])
+def test_a_json_out_that_cannot_be_written_is_one_line_before_anything_is_timed(where, message, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = run_main("bench.py", *TINY_BENCH, "--json_out", where.format(tmp=tmp_path))
+    assert result.returncode == 1 and result.stdout == ""  # refused before the benchmark ran
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {message.format(tmp=tmp_path)}")

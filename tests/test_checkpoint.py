@@ -20,7 +20,8 @@ def touch(directory, *names):
 
 def test_only_the_trainers_own_names_are_checkpoints(tmp_path):
     touch(tmp_path, "iter-1-my-notes.pt", "iter-2-loss-3.1416.pt", "iter-9-stopped.pt", "iter-9-loss-2.0000.pt",
-          "iter-10-loss-2.5.pt", "iter-x-loss-1.0000.pt", "best_val_loss.pt", "iter-12-loss-nan.pt.bak")
+          "iter-10-loss-2.5.pt", "iter-x-loss-1.0000.pt", "best_val_loss.pt", "iter-12-loss-nan.pt.bak",
+          "iter-11-loss-nan.pt", "iter-12-loss-inf.pt")  # diverged weights: never resumed from nor counted
     assert [p.name for p in run_checkpoints(tmp_path)] == ["iter-2-loss-3.1416.pt", "iter-9-stopped.pt",
                                                            "iter-9-loss-2.0000.pt"]
     assert latest_checkpoint(tmp_path).name == "iter-9-loss-2.0000.pt"
@@ -30,6 +31,14 @@ def test_pruning_never_touches_a_users_file(tmp_path):
     touch(tmp_path, "iter-1-my-notes.pt", "iter-2-loss-3.0000.pt", "iter-4-loss-2.0000.pt", "iter-6-loss-1.0000.pt")
     prune_checkpoints(tmp_path, keep_last=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter-1-my-notes.pt", "iter-6-loss-1.0000.pt"]
+
+
+def test_pruning_keeps_the_checkpoint_a_run_would_go_back_to(tmp_path):
+    touch(tmp_path, "iter-2-loss-3.0000.pt", "iter-4-loss-2.0000.pt", "iter-6-loss-1.0000.pt")
+    (tmp_path / "iter-7-stopped.pt").mkdir()  # not a file: never a checkpoint, never deleted
+    failed = prune_checkpoints(tmp_path, keep_last=1, keep=[f"{tmp_path}/./iter-2-loss-3.0000.pt"])
+    assert failed == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter-2-loss-3.0000.pt", "iter-6-loss-1.0000.pt", "iter-7-stopped.pt"]
 
 
 def test_names_follow_the_step_and_the_val_loss():
@@ -143,7 +152,10 @@ def crafted(checkpoint, field, value):
     ("loader.shards", "all", "malformed training state (loader"),
     ("model_args.n_head", 3, "malformed architecture (--n_embd 64 is not divisible by --n_head 3"),
     ("model_args.n_layer", "2", "malformed architecture (--n_layer must be a positive integer, got '2'"),
-    ("model_args.n_embd", 10**9, "does not match its own architecture (Storage size calculation overflowed"),
+    ("model_args.n_embd", 10**9, "malformed architecture (--n_embd 1,000,000,000 is more than 16,777,216"),
+    ("model_args.n_layer", 10**12, "malformed architecture (--n_layer 1,000,000,000,000 is more than 1,024"),
+    ("model_args.block_size", 10**15, "malformed architecture (--block_size 1,000,000,000,000,000 is more than"),
+    ("model_args.vocab_size", 10**20, "malformed architecture (--vocab_size 100,000,000,000,000,000,000 is more"),
     ("model_args.n_embd", 2**16, "(lm_head.weight is (50304, 64), its architecture's (50304, 65536))"),
     ("optimizer.adamw.state.4.exp_avg", torch.zeros(1), "parameter 4's exp_avg is torch.float32 (1,), the "
                                                          "parameter (256, 64)"),
@@ -160,6 +172,21 @@ def crafted(checkpoint, field, value):
     ("loader.fingerprints", ["abc", None, None], "malformed training state (loader"),
     ("spike_guard.recent", [3.0, float("nan")], "malformed training state (spike_guard"),
     ("spike_guard.bad_steps", -1, "malformed training state (spike_guard"),
+    ("progress.target", "reached", "malformed training state (progress"),
+    ("progress.target", {"step": 4}, "malformed training state (progress"),
+    ("progress.target", {"target_val_loss": 9.0, "val_loss": 8.0, "step": "four", "tokens": 1024,
+                         "train_seconds": 1.0}, "malformed training state (progress"),
+    ("progress.target", {"target_val_loss": 9.0, "val_loss": float("nan"), "step": 4, "tokens": 1024,
+                         "train_seconds": 1.0}, "malformed training state (progress"),
+    ("progress.target", {"target_val_loss": 9.0, "val_loss": 8.0, "step": 40, "tokens": 1024,
+                         "train_seconds": 1.0}, "malformed training state (progress"),  # past the checkpoint
+    ("scaler", {"scale": float("nan"), "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                "_growth_tracker": 0}, "malformed training state (scaler"),
+    ("scaler", {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                "_growth_tracker": -3}, "malformed training state (scaler"),
+    ("scaler.scale", "big", "malformed training state (scaler"),
+    ("val_data.fingerprints", ["abc", "def"], "malformed training state (val_data"),
+    ("val_data.sources", "all", "malformed training state (val_data"),
 ])
 def test_a_crafted_field_is_refused_in_one_line_before_any_training(field, value, message, trained_run, tmp_path,
                                                                    capsys):
@@ -247,3 +274,38 @@ def test_a_checkpoint_from_before_the_spike_guard_was_kept_resumes_with_an_empty
                      "--spike_guard", "6"])
     resumed = load_checkpoint(next((tmp_path / "branch").glob("iter-9-*.pt")))
     assert len(resumed["spike_guard"]["recent"]) == 1  # step 8's loss, the first the guard kept
+
+
+def spoiled(tensor, kind):
+    """tensor as no run of the trainer writes it."""
+    return {"nan": lambda t: t.clone().fill_(float("nan")), "inf": lambda t: t.clone().fill_(float("inf")),
+            "negative": lambda t: -1.0 - t.abs(), "integer": lambda t: t.long(),
+            "complex": lambda t: t.to(torch.complex64)}[kind](tensor)
+
+
+@pytest.mark.parametrize("where, kind, message", [
+    ("model.transformer.h.0.attn.c_attn.weight", "nan", "transformer.h.0.attn.c_attn.weight holds NaN"),
+    ("model.transformer.ln_f.bias", "inf", "transformer.ln_f.bias holds inf"),
+    ("model.transformer.h.1.mlp.c_fc.weight", "integer", "transformer.h.1.mlp.c_fc.weight is torch.int64, not a "
+                                                         "floating-point tensor"),
+    ("model.transformer.wpe.weight", "complex", "transformer.wpe.weight is torch.complex64, not a floating-point"),
+    ("optimizer.3.exp_avg", "nan", "adamw's exp_avg of parameter 3 holds NaN"),
+    ("optimizer.3.exp_avg_sq", "negative", "adamw's exp_avg_sq of parameter 3 is negative"),
+    ("optimizer.0.step", "negative", "adamw's step of parameter 0 is negative"),
+], ids=lambda value: value if isinstance(value, str) and " " not in value else None)
+def test_a_tensor_no_training_writes_is_refused_naming_it_by_every_tool(where, kind, message, trained_run, tmp_path,
+                                                                          capsys):
+    from conftest import run_main
+    checkpoint = load_checkpoint(next(trained_run[0].glob("iter-8-*.pt")))
+    part, name = where.split(".", 1)
+    tensors = checkpoint["model"] if part == "model" else checkpoint["optimizer"]["adamw"]["state"][int(name[0])]
+    key = name if part == "model" else name.split(".")[1]
+    tensors[key] = spoiled(tensors[key], kind)
+    path = tmp_path / "iter-8-loss-1.0000.pt"
+    save_checkpoint(path, checkpoint)
+    expected = f"error: checkpoint {path} holds a malformed training state ({message}"
+    for extra in (["--out_dir", tmp_path / "branch", "--max_iters", "10"], ["--eval_only", "True"]):
+        assert refused_in_process(["--init_from", path, *extra], capsys).startswith(expected)
+    sampled = run_main("sample.py", "--init_from", path, "--device", "cpu", "--max_new_tokens", "2")
+    assert sampled.returncode == 1 and sampled.stderr.strip().startswith(expected), sampled.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

@@ -2,6 +2,7 @@
 a run. Each run is compared with the uninterrupted run (conftest's trained_run) or checked for a clear
 message, and every checkpoint on disk must load at every point."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -386,3 +387,88 @@ def test_a_shard_truncated_during_the_run_is_reported_with_the_file(tmp_path):
     assert result.returncode == 1
     line = last_line(result.stderr)
     assert line.startswith(f"error: {victim} changed")
+
+
+# -----------------------------------------------------------------------------
+# Weights that diverge: never saved, so never counted by --keep_last, called good or resumed from
+
+
+@pytest.mark.parametrize("fault, flags, stop", [
+    # finite weights of 1e30, whose val loss is nan, at an evaluation (the --keep_last 1 would have pruned step 4's)
+    ("", ["--learning_rate", "1e30", "--min_lr", "1e29", "--eval_interval", "1", "--keep_last", "1",
+          "--num_samples", "1"],  # whose logits no sample can be drawn from
+     "stopped at step 5: its evaluation's val loss is nan: the weights have diverged, and are not saved"),
+    # weights of inf when SIGTERM asks for a checkpoint
+    ("sigterm_at_step:4", ["--learning_rate", "1e300", "--min_lr", "1e299"],
+     "stopped after step 4: transformer.wte.weight holds "),
+    # and when --max_time does (each step 1 s on the budget's clock: steps 4 and 5 fit in 3 s)
+    ("budget_clock:1", ["--learning_rate", "1e300", "--min_lr", "1e299", "--max_time", "00:00:03"],
+     "stopped after step 5: transformer.wte.weight holds "),
+], ids=["val-loss-nan", "sigterm", "max-time"])
+def test_diverged_weights_are_never_saved_and_the_stop_names_the_last_good_checkpoint(fault, flags, stop, tmp_path,
+                                                                                     trained_run):
+    out_dir = tmp_path / "out"
+    first = train_in_process(*run_args(out_dir, "--max_iters", "4"))
+    assert first.returncode == 0, first.stderr
+    good = next(out_dir.glob("iter-4-*.pt"))
+    with injected(fault) if fault else contextlib.nullcontext():
+        diverged = train_in_process("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "8", *flags)
+    assert diverged.returncode == 1
+    assert last_line(diverged.stderr).startswith(f"error: {stop}")
+    assert last_line(diverged.stderr).endswith(f"; the last good checkpoint is {good}: continue from it with a lower "
+                                               "--learning_rate")
+    assert [p.name for p in out_dir.glob("iter-*.pt")] == [good.name]  # nothing of the diverged weights
+    assert (out_dir / "exit_status").read_text() == "1\n"  # no job script queues it again
+    assert_resumes_to_the_uninterrupted_run(out_dir, trained_run[0])  # the command line's rates, not 1e30's
+
+
+def test_the_checkpoint_from_before_non_finite_steps_is_never_pruned_while_they_last(tmp_path):
+    out_dir = tmp_path / "out"  # checkpoints after every step, one kept: steps 5-7 bad, checkpoints at 6 and 7
+    result = train_with_fault("nan_steps:5,6,7", *run_args(out_dir, "--eval_interval", "1", "--keep_last", "1"))
+    assert result.returncode == 1
+    before_them = out_dir / next(p.name for p in out_dir.glob("iter-5-*.pt"))
+    assert f"the last good checkpoint is {before_them}:" in last_line(result.stderr)
+    assert load_checkpoint(before_them)["progress"]["iter_num"] == 5
+    assert sorted(p.name.split("-")[1] for p in out_dir.glob("iter-*.pt")) == ["5", "7"]
+
+
+# -----------------------------------------------------------------------------
+# A checkpoint that cannot be pruned: a warning, and the run goes on
+
+
+def make_immutable(path):
+    """chattr +i on path (as root, on a file system that has the attribute), else the test is skipped."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i needs root and a file system with the attribute")
+
+
+@pytest.mark.parametrize("how", ["immutable", "permission", "busy"])
+def test_a_checkpoint_that_cannot_be_pruned_is_a_warning_and_the_run_goes_on(how, tmp_path, trained_run,
+                                                                           monkeypatch):
+    import errno
+    from pathlib import Path
+    out_dir = tmp_path / "out"
+    first = train_in_process(*run_args(out_dir, "--max_iters", "2", "--eval_interval", "2"))
+    assert first.returncode == 0, first.stderr
+    stuck = next(out_dir.glob("iter-2-*.pt"))
+    if how == "immutable":
+        make_immutable(stuck)
+    else:
+        original, code = Path.unlink, errno.EACCES if how == "permission" else errno.EBUSY
+
+        def unlink(path, missing_ok=False):
+            if path.name == stuck.name:
+                raise OSError(code, os.strerror(code), str(path))
+            return original(path, missing_ok=missing_ok)
+        monkeypatch.setattr(Path, "unlink", unlink)
+    try:
+        resumed = train_in_process(*run_args(out_dir, "--init_from", "resume", "--eval_interval", "2",
+                                             "--keep_last", "1"))
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr
+    warning = f"warning: --keep_last 1: cannot delete {stuck} ("
+    assert resumed.stdout.count(warning) == 1, resumed.stdout  # said once, not at every checkpoint
+    assert "; it stays, and the run goes on" in resumed.stdout
+    assert sorted(p.name.split("-")[1] for p in out_dir.glob("iter-*.pt")) == ["2", "8"]
+    assert train_losses(out_dir) == train_losses(trained_run[0])

@@ -5,11 +5,13 @@ trace."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from conftest import INPUT_TXT, REPO, TINY, run_script, run_train, train_in_process
+from conftest import INPUT_TXT, REPO, TINY, run_script, run_train, train_in_process, train_losses
 from checkpoint import load_checkpoint
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, is_loss_spike, largest_fitting
 
@@ -149,6 +151,47 @@ def test_the_slurm_job_resubmits_itself_after_a_budget_stop_under_torchrun_and_n
     # refused before it held out_dir, it wrote no exit_status, and the first launch's 75 was removed
     assert not (out_dir / "exit_status").exists()
     assert log.read_text() == "slurm_job.sh --gradient_accumulation_steps 1\n"  # nothing queued
+
+
+def test_a_slurm_job_stopped_by_sigterm_queues_the_next_which_resumes_it_exactly(tmp_path):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "sbatch").write_text('#!/bin/sh\necho "$@" >> "$SBATCH_LOG"\n')
+    (stubs / "sbatch").chmod(0o755)
+    run = [*TINY, "--data", str(INPUT_TXT), "--eval_interval", "1000"]
+    (tmp_path / "tiny.toml").write_text(as_toml([*run, "--max_iters", "1000"]))
+    out_dir, log = tmp_path / "out", tmp_path / "sbatch.log"
+    out_dir.mkdir()
+    for name in ("iter-1-my-notes.pt", "iter-2-loss-3.1.pt", "iter-3-stopped.pt.bak"):  # a user's, no checkpoints
+        (out_dir / name).write_text("notes")
+    env = {**os.environ, "PATH": f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "SBATCH_LOG": str(log), "CONFIG": str(tmp_path / "tiny.toml"), "OUT_DIR": str(out_dir), "NPROC": "1"}
+    # the job in a process group of its own, every process of which SLURM signals at the job's time limit
+    first = subprocess.Popen(["bash", "slurm_job.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = out_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and '"train_loss"' in metrics.read_text()):
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGTERM)
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, stderr
+    assert "from step 0" in stdout and "stopped by SIGTERM" in stderr  # a new run, whatever the user's files
+    (stopped,) = out_dir.glob("iter-*-stopped.pt")
+    assert log.read_text() == "slurm_job.sh\n"  # the next part queued, as after a --max_time stop
+    steps = load_checkpoint(stopped)["progress"]["iter_num"] + 3
+    second = subprocess.run(["bash", "slurm_job.sh", "--max_iters", str(steps)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)  # the next job, made to end soon
+    assert second.returncode == 0, second.stderr
+    assert f"from step {steps - 3}" in second.stdout
+    assert log.read_text() == "slurm_job.sh\n"  # done: nothing more queued
+    reference = tmp_path / "reference"
+    uninterrupted = train_in_process(*run, "--max_iters", steps, "--out_dir", reference)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    assert train_losses(out_dir) == train_losses(reference)
+    assert all((out_dir / name).read_text() == "notes"
+               for name in ("iter-1-my-notes.pt", "iter-2-loss-3.1.pt", "iter-3-stopped.pt.bak"))
 
 
 def test_a_profile_of_the_steps_asked_for_is_a_trace_and_a_table(tmp_path):

@@ -2,6 +2,8 @@
 schedule, Muon wherever AdamW runs (accumulation and DDP alike, exact resume, compiled, the spike guard's
 roll-back, the refusals), and the report of the first evaluation at or below --target_val_loss."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -146,3 +148,42 @@ def test_the_first_evaluation_at_the_target_is_reported_and_can_end_the_run(tmp_
     assert evaluations[-1]["step"] == first["step"] < 20
     assert load_checkpoint(next(tmp_path.glob(f"iter-{first['step']}-*.pt")))["progress"]["target"] == \
         {k: record[k] for k in ("target_val_loss", "val_loss", "step", "tokens", "train_seconds")}
+
+
+def test_a_resume_checks_a_new_target_and_says_when_the_target_was_reached_before(tmp_path):
+    # val loss 10.24 at step 4 and 9.51 at step 8 (one thread): 10.3 is first reached at step 4
+    first = tmp_path / "first"
+    stopped = train_in_process(*TINY, "--data", INPUT_TXT, "--out_dir", first, "--max_iters", "10",
+                               "--eval_interval", "2", "--target_val_loss", "10.3", "--stop_at_target", "True")
+    assert stopped.returncode == 0, stopped.stderr
+    assert sorted(p.name.split("-")[1] for p in first.glob("iter-*.pt")) == ["2", "4"]  # stopped at the target
+    resume = lambda name, *flags: train_in_process("--init_from", "resume", "--out_dir",
+                                                   shutil.copytree(first, tmp_path / name), *flags)
+    targets = lambda out_dir: [m for m in read_metrics(out_dir) if "target_val_loss" in m]
+    summary = lambda result: result.stdout.split("done:")[1]
+
+    same = resume("same")  # the same flags: it says that the target is behind it, and trains on
+    assert same.returncode == 0, same.stderr
+    assert ("note: --target_val_loss 10.3 was reached at step 4 (1,024 tokens" in same.stdout
+            and "; this run trains on past it to --max_iters 10 (--stop_at_target stops at that evaluation alone)"
+            in same.stdout)
+    assert next((tmp_path / "same").glob("iter-10-*.pt"))
+    assert [m["step"] for m in targets(tmp_path / "same")] == [4] and "reached at step 4" in summary(same)
+
+    lower = resume("lower", "--target_val_loss", "9.6")  # a new target: checked, and the run stops there
+    assert lower.returncode == 0, lower.stderr
+    assert "--target_val_loss: 10.3 -> 9.6 (command line)" in lower.stdout and "note:" not in lower.stdout
+    (record,) = [m for m in targets(tmp_path / "lower") if m["target_val_loss"] == 9.6]
+    evaluations = {m["step"]: m["val_loss"] for m in read_metrics(tmp_path / "same") if "val_loss" in m}
+    assert record["step"] == min(step for step, loss in evaluations.items() if loss <= 9.6) == 8
+    assert record["val_loss"] == evaluations[8] and record["tokens"] == 8 * 4 * 2 * 32
+    assert max(m["step"] for m in read_metrics(tmp_path / "lower")) == 8  # stopped at it
+    assert "target 9.6" in summary(lower) and "reached at step 8" in summary(lower)
+    assert load_checkpoint(next((tmp_path / "lower").glob("iter-8-*.pt")))["progress"]["target"]["step"] == 8
+
+    higher = resume("higher", "--target_val_loss", "10.5", "--max_iters", "6")  # passed before this resume
+    assert higher.returncode == 0, higher.stderr
+    assert ("note: --target_val_loss 10.5 was reached before step 4 (its first evaluation at or below it is in "
+            "metrics.jsonl); this run trains on past it to --max_iters 6" in higher.stdout)
+    assert [m["target_val_loss"] for m in targets(tmp_path / "higher")] == [10.3]  # nothing new reported
+    assert "target 10.5" in summary(higher) and "reached before step 4" in summary(higher)

@@ -58,8 +58,14 @@ def test_samples_are_reproducible_under_a_seed_and_are_what_generate_makes(train
     (["--start", "FILE:{tmp}/missing.txt"], "--start FILE:{tmp}/missing.txt: cannot read"),
     (["--seed", "-1"], "--seed must be from 0 to 2**63 - 1, got -1"),
     (["--seed", str(2**70)], "--seed must be from 0 to 2**63 - 1"),
+    # a prompt file is read up to a cap, whatever it is
+    (["--start", "FILE:/dev/zero"], "--start FILE:/dev/zero: /dev/zero is longer than 1,000,000 characters"),
+    (["--start", "FILE:{tmp}/long.txt"], "--start FILE:{tmp}/long.txt: {tmp}/long.txt is longer than 1,000,000"),
+    (["--start", "FILE:/dev/urandom"], "--start FILE:/dev/urandom: /dev/urandom is not UTF-8 text"),
+    (["--start", "FILE:{tmp}"], "--start FILE:{tmp}: cannot read {tmp} (Is a directory)"),
 ])
 def test_bad_input_gets_one_line_and_exit_1(args, message, trained_run, tmp_path):
+    (tmp_path / "long.txt").write_text("a" * 1_000_001)
     args = [a.format(tmp=tmp_path) for a in args]
     result = run_sample("--init_from", trained_run[0] / "best_val_loss.pt", *args, run=run_main)
     assert result.returncode == 1
@@ -73,3 +79,15 @@ def test_help_describes_the_script_in_whole_sentences(capsys):
     assert exit.value.code == 0
     description = " ".join(capsys.readouterr().out.split("\n\n")[1].split())
     assert description == " ".join(sample.__doc__.strip().split("\n\n")[0].split()) and description.endswith(".")
+
+
+def test_a_model_whose_logits_are_not_finite_is_one_line(trained_run, tmp_path):
+    from checkpoint import load_checkpoint, save_checkpoint
+    checkpoint = load_checkpoint(trained_run[0] / "best_val_loss.pt")
+    checkpoint["model"] = {name: tensor * 1e30 for name, tensor in checkpoint["model"].items()}  # finite, diverged
+    save_checkpoint(tmp_path / "diverged.pt", checkpoint)
+    result = run_sample("--init_from", tmp_path / "diverged.pt", run=run_main)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: --init_from {tmp_path / 'diverged.pt'}: the model's logits are not finite: its weights have "
+        "diverged; sample an earlier checkpoint of the run"]

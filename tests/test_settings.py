@@ -59,3 +59,44 @@ def test_a_resume_with_another_seed_is_refused_in_one_line(trained_run, tmp_path
     assert exit_info.value.code == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "is seeded with 1337 (its initialization and data order): --seed 7 cannot change that" in line
+
+
+@pytest.mark.parametrize("flag", ["out_dir", "data", "init_from", "hellaswag_data", "export_hf", "wandb_run_name",
+                                  "sample_prompt"])
+def test_a_nul_character_from_a_config_file_is_one_line_before_any_path_is_used(flag, tmp_path, capsys):
+    (tmp_path / "nul.toml").write_text(f'{flag} = "out\\u0000put"\n')  # TOML's escape: a real NUL in the value
+    line = refused(["--config", tmp_path / "nul.toml"], capsys)
+    assert line == f"error: --{flag} 'out\\x00put' holds a NUL character, which no path or name can: remove it"
+    assert list(tmp_path.iterdir()) == [tmp_path / "nul.toml"]
+
+
+@pytest.mark.parametrize("flag", ["out_dir", "data", "init_from", "hellaswag_data"])
+def test_an_empty_path_flag_is_refused_instead_of_meaning_the_current_directory(flag, tmp_path, capsys):
+    line = refused([f"--{flag}", ""], capsys, cwd=tmp_path)
+    assert line == f"error: --{flag} is empty: give it a value ('.' for the current directory)"
+    assert list(tmp_path.iterdir()) == []  # nothing written into the current directory
+
+
+def test_a_checkpoints_config_with_a_nul_character_is_a_damaged_checkpoint(trained_run, tmp_path, capsys):
+    from checkpoint import load_checkpoint, save_checkpoint
+    checkpoint = load_checkpoint(next(trained_run[0].glob("iter-8-*.pt")))
+    checkpoint["config"]["data"] = "input\0.txt"
+    save_checkpoint(tmp_path / "iter-8-loss-1.0000.pt", checkpoint)
+    line = refused(["--init_from", tmp_path / "iter-8-loss-1.0000.pt", "--out_dir", tmp_path / "branch"], capsys)
+    assert "holds a malformed config (--data 'input\\x00.txt' holds a NUL character" in line
+
+
+def refused(argv, capsys, cwd=None):
+    """The trainer's main in this process (in cwd), refusing: its one line."""
+    import os
+    import train_gpt2
+    before = os.getcwd()
+    try:
+        os.chdir(cwd or before)
+        with pytest.raises(SystemExit) as exit_info:
+            train_gpt2.main([str(word) for word in argv])
+    finally:
+        os.chdir(before)
+    assert exit_info.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    return line

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 
-from fineweb import load_tokenizer, write_shard
+from fineweb import load_tokenizer, open_shard, write_shard
 from checkpoint import load_checkpoint, save_checkpoint
 from device import Distributed
 from train_gpt2 import TrainConfig
@@ -279,6 +279,11 @@ BAD_INPUTS = {
     "huge seed": (["--seed", str(2**70)], "--seed must be from 0 to 2**63 - 1"),
     "huge ddp timeout": (["--ddp_timeout", str(10**15)], "is more than a day"),
     "model too large for memory": (["--n_embd", "131072", "--n_head", "1"], "more than the"),
+    # sized before anything is built: a count of blocks past any model's would take hours even on the meta device
+    "too many blocks": (["--n_layer", str(10**12)], "--n_layer 1,000,000,000,000 is more than 1,024, the most"),
+    "too wide": (["--n_embd", str(10**9), "--n_head", "1"], "--n_embd 1,000,000,000 is more than 16,777,216"),
+    "too large a vocabulary": (["--vocab_size", str(10**20)], "--vocab_size 100,000,000,000,000,000,000 is more"),
+    "too long a context": (["--block_size", str(10**12)], "--block_size 1,000,000,000,000 is more than 16,777,216"),
     "damaged loader state": (["--init_from", "{bad_loader}", "--out_dir", "{tmp}/branch", "--max_iters", "8"],
                              "holds a malformed training state"),
     "export under a file": (["--init_from", "{checkpoint}", "--export_hf", "{file}/hf"], "cannot be written"),
@@ -504,6 +509,68 @@ def test_a_run_records_its_data_path_so_eval_only_works_from_another_directory(t
                               cwd=elsewhere)
     assert scored.returncode == 0, scored.stderr
     assert read_metrics(out_dir)[-1]["eval_only"] is True
+
+
+def val_data_edited(data, kind):
+    """The edit of kind to data's val split (a copy of input.txt, or shards of its tokens), made in place."""
+    if kind == "a token in a text file's last 10%":
+        text = data.read_text()
+        at = text.rindex(" the ")  # one token for another: the same count, the train part's the same
+        data.write_text(text[:at] + " and " + text[at + 5:])
+    elif kind == "2 bytes of a val shard":
+        raw = bytearray((data / "x_val_000000.bin").read_bytes())
+        raw[-64:-62] = b"\x01\x01" if raw[-64:-62] != b"\x01\x01" else b"\x02\x01"  # token 257 (or 258)
+        (data / "x_val_000000.bin").write_bytes(raw)
+    elif kind == "a val shard cut short":
+        write_shard(data / "x_val_000000.bin", open_shard(data / "x_val_000000.bin")[:-10].copy())
+    elif kind == "another val shard":
+        shutil.copyfile(data / "x_val_000000.bin", data / "x_val_000001.bin")
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("a token in a text file's last 10%", "the val data has the checkpoint's source names and sizes but other "
+                                          "contents (data.txt[val] differs from when the run first read it)"),
+    ("2 bytes of a val shard", "the val data has the checkpoint's source names and sizes but other contents "
+                               "(x_val_000000.bin differs from when the run first read it)"),
+    ("a val shard cut short", "the val data differs from the checkpoint's (source names or sizes changed)"),
+    ("another val shard", "the val data differs from the checkpoint's (source names or sizes changed)"),
+])
+def test_val_data_changed_in_place_is_refused_on_resume_as_train_data_is(kind, message, tmp_path, trained_run):
+    import fineweb
+    if "text file" in kind:
+        data = tmp_path / "data.txt"
+        shutil.copyfile(INPUT_TXT, data)
+    else:
+        data = tmp_path / "shards"
+        data.mkdir()
+        tokens = np.array(fineweb.load_tokenizer().encode(INPUT_TXT.read_text()), dtype=np.uint16)
+        write_shard(data / "x_train_000001.bin", tokens[:100_000])
+        write_shard(data / "x_val_000000.bin", tokens[-20_000:])
+    out_dir, args = tmp_path / "out", [*TINY, "--data", data, "--max_iters", "8", "--eval_interval", "4"]
+    first = train_in_process(*args, "--out_dir", out_dir, "--max_iters", "4")
+    assert first.returncode == 0, first.stderr
+    copy = shutil.copyfile if data.is_file() else shutil.copytree
+    copy(data, tmp_path / "pristine")
+    val_data_edited(data, kind)
+    fineweb.tokenize_text_file.cache_clear()  # read afresh, as a resumed run's new process does
+    if "text file" in kind:  # the train split is untouched: it is the val split that is refused
+        train = [fineweb.load_token_sources(path, "train")[0][1] for path in (data, INPUT_TXT)]
+        assert np.array_equal(*train)
+    before = snapshot(out_dir)
+    refused = train_in_process(*args, "--out_dir", out_dir, "--init_from", "resume")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [f"error: {message}: restore the data the run evaluated on, or "
+                                                   "start a new run" if "contents" in message else
+                                                   f"error: {message}: resume with the same --data"]
+    assert snapshot(out_dir) == before
+    if data.is_dir():
+        shutil.rmtree(data)
+    copy(tmp_path / "pristine", data)  # the data restored: the run goes on exactly
+    fineweb.tokenize_text_file.cache_clear()
+    resumed = train_in_process(*args, "--out_dir", out_dir, "--init_from", "resume")
+    assert resumed.returncode == 0, resumed.stderr
+    if "text file" in kind:  # input.txt's own tokens
+        assert train_losses(out_dir) == train_losses(trained_run[0])
 
 
 # -----------------------------------------------------------------------------
