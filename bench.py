@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cli import UserError, build_parser, flag
+from cli import UserError, build_parser, flag, run_command
 from cross_entropy_kernel import kernel_runs_on
 from device import Distributed, device_peak_flops, resolve_device, setup_distributed
 from rundir import RunLog
@@ -42,13 +42,13 @@ from train_gpt2 import (GPT, ShardLoader, TrainConfig, Trainer, estimate_mfu, ne
 
 @dataclass
 class BenchConfig(TrainConfig):
-    data: str = flag("input.txt", "token shards or a text file to draw the batches from")
+    data: str = flag("input.txt", "token shards or a text file to draw the batches from", path=True)
     steps: int = flag(10, "timed optimizer steps")
     warmup_steps: int = flag(3, "untimed steps first (compilation, allocator and cache warm-up)")
     compare: bool = flag(False, "also time the straightforward step, each variant in its own process")
     rounds: int = flag(1, "with --compare: alternate naive and fast this many times, pooling their steps")
     variant: str = flag("fast", "'fast' (the trainer's step) or 'naive' (the straightforward step)")
-    json_out: str = flag("", "also write the results as JSON to this file")
+    json_out: str = flag("", "also write the results as JSON to this file", path=True)
 
 
 def parse_args(argv=None):
@@ -201,20 +201,19 @@ def table(results):
 
 
 def main(argv=None):
-    try:
-        config = parse_args(argv)
-        config.validate()
-        if config.variant not in ("fast", "naive"):
-            raise UserError(f"--variant {config.variant!r} is not one of fast, naive")
-        if config.steps <= 0 or config.warmup_steps < 0 or config.rounds <= 0:
-            raise UserError("--steps and --rounds must be positive and --warmup_steps 0 or more")
-        if config.compare:
-            results = compare(config)
-        else:
-            results = [measure(config)]
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_command(lambda: run(parse_args(argv)))
+
+
+def run(config):
+    config.validate()
+    if config.variant not in ("fast", "naive"):
+        raise UserError(f"--variant {config.variant!r} is not one of fast, naive")
+    if config.steps <= 0 or config.warmup_steps < 0 or config.rounds <= 0:
+        raise UserError("--steps and --rounds must be positive and --warmup_steps 0 or more")
+    if config.compare:
+        results = compare(config)
+    else:
+        results = [measure(config)]
     report = {"config": asdict(config), "torch": str(torch.__version__), "results": results}
     print(table(results))
     if config.compare:

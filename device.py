@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cli import UserError
+from cli import UserError, path_error
 
 # -----------------------------------------------------------------------------
 # The device and the dtype
@@ -219,6 +219,10 @@ class Distributed:
                 result = action()
             except UserError as e:
                 error = e
+            except OSError as e:  # on a path (the user's): its one line, on every rank
+                error = path_error(e)
+                if error is None:
+                    raise
         if self.any(error is not None):
             raise error or UserError(f"rank 0 could not {what}: see its message")
         return result
@@ -249,7 +253,8 @@ def lost_contact(error):
 def run_on_ranks(program):
     """Run program(join) as a script's whole run, where join(...) is setup_distributed, and exit as a
     distributed run should: a UserError with its code (rank 0 prints its line; another rank prints an
-    error of its own, its data say, prefixed with its rank), Ctrl-C with 130, and a rank that lost contact
+    error of its own, its data say, prefixed with its rank), an OSError on a path as cli.path_error's
+    UserError, Ctrl-C with 130, and a rank that lost contact
     with the others at once, without tearing down a group that could wait on the gone peer."""
     joined, code = [], 0  # joined: this process's Distributed, once it has one
 
@@ -258,7 +263,12 @@ def run_on_ranks(program):
         return joined[0]
 
     try:
-        program(join)
+        try:
+            program(join)
+        except OSError as e:  # on a path the user gave: cli.path_error's line, as a UserError's
+            if path_error(e) is None:
+                raise
+            raise path_error(e) from None
     except UserError as e:
         code, message = e.code, f"error: {e}" if e.code == 1 else str(e)
         if code == 1 and joined and not joined[0].is_master:

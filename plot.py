@@ -25,7 +25,7 @@ import math
 import sys
 from pathlib import Path
 
-from cli import OneLineParser, UserError, atomic_write
+from cli import OneLineParser, UserError, atomic_write, parse_nested, parse_path, run_command
 
 # -----------------------------------------------------------------------------
 # Reading runs
@@ -71,8 +71,8 @@ def parse_record(line):
     UTF-8), not an object, no whole step >= 0, or tokens or a figure neither a number nor null (null
     is how the trainer writes a NaN loss: no point, but no damage)."""
     try:
-        record = json.loads(line)
-    except (ValueError, RecursionError):  # RecursionError: brackets nested past Python's stack
+        record = parse_nested(json.loads, line)
+    except ValueError:  # not JSON, not UTF-8, or nested past Python's stack
         return None
     if not isinstance(record, dict):
         return None
@@ -133,8 +133,8 @@ def read_json(path):
     except ValueError:  # from a --data that no path holds
         raise ValueError("cannot be read (a NUL in its name)") from None
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
+        return parse_nested(json.loads, text)
+    except ValueError:
         raise ValueError("is not JSON") from None
 
 
@@ -306,23 +306,25 @@ def run_metrics(run):
 
 def build_parser():
     parser = OneLineParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
-    parser.add_argument("metrics", nargs="+", metavar="run",
+    parser.add_argument("metrics", nargs="+", metavar="run", type=parse_path,
                         help="runs, one per line drawn: a run's --out_dir, or the metrics.jsonl in it")
-    parser.add_argument("--out", help="the PNG to write (default: plot.png beside the metrics.jsonl of a single "
-                                      "run, compare.png in the current folder for several runs)")
+    parser.add_argument("--out", type=parse_path,
+                        help="the PNG to write (default: plot.png beside the metrics.jsonl of a single run, "
+                             "compare.png in the current folder for several runs)")
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    paths = [run_metrics(run) for run in args.metrics]
-    out = args.out or default_out(paths)
-    try:
-        plot_runs(paths, out)
-    except (UserError, MatplotlibMissing) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"wrote {out}")
+    def command():
+        args = build_parser().parse_args(argv)
+        paths = [run_metrics(run) for run in args.metrics]
+        out = args.out or default_out(paths)
+        try:
+            plot_runs(paths, out)
+        except MatplotlibMissing as e:
+            raise UserError(str(e)) from None
+        print(f"wrote {out}")
+    run_command(command)
 
 
 if __name__ == "__main__":

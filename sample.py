@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError, build_parser, flag
+from cli import UserError, build_parser, flag, run_command, shown_path
 from device import check_dtype, make_autocast, resolve_device, resolve_dtype
 from fineweb import EOT_TOKEN, check_vocab_size, get_tokenizer
 from sampling import generate_tokens
@@ -30,7 +30,7 @@ from train_gpt2 import load_start
 @dataclass
 class SampleConfig:
     init_from: str = flag("out-shakespeare/best_val_loss.pt", "a checkpoint of train_gpt2.py (the quick start's by "
-                          "default), gpt2 (or gpt2-medium, gpt2-large, gpt2-xl) or a transformers folder")
+                          "default), gpt2 (or gpt2-medium, gpt2-large, gpt2-xl) or a transformers folder", path=True)
     start: str = flag("", "the prompt, or FILE:path to read it from a file; empty starts a new document")
     num_samples: int = flag(4, "samples to draw, one after another")
     max_new_tokens: int = flag(100, "tokens to generate for each sample")
@@ -59,7 +59,8 @@ def read_prompt(start):
     try:
         return path.read_text(encoding="utf-8")
     except OSError as e:
-        raise UserError(f"--start {start}: cannot read {path} ({e.strerror}): pass an existing text file") from None
+        raise UserError(f"--start FILE:{shown_path(path)}: cannot read it ({e.strerror}): pass an existing text "
+                        "file") from None
     except UnicodeDecodeError:
         raise UserError(f"--start {start}: {path} is not UTF-8 text") from None
 
@@ -108,17 +109,13 @@ def sample(config, out=sys.stdout):
 
 
 def main(argv=None):
-    try:
+    def command():
         args = build_parser(SampleConfig, __doc__.strip().split("\n\n")[0]).parse_args(argv)  # the first paragraph
         config = SampleConfig(**vars(args))
         config.validate()
         sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character shows '?' instead
         sample(config)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.code)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_command(command)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,6 @@ def test_samples_are_reproducible_under_a_seed_and_are_what_generate_makes(train
     (["--init_from", "{tmp}/missing.pt"], "checkpoint {tmp}/missing.pt not found"),
     (["--start", "FILE:{tmp}/missing.txt"], "--start FILE:{tmp}/missing.txt: cannot read"),
     (["--seed", "-1"], "--seed must be from 0 to 2**63 - 1, got -1"),
-    (["--seed", str(2**70)], "--seed must be from 0 to 2**63 - 1"),
 ])
 def test_bad_input_gets_one_line_and_exit_1(args, message, trained_run, tmp_path):
     args = [a.format(tmp=tmp_path) for a in args]
