@@ -7,6 +7,7 @@ sharded, wrapped in DDP, batches copied ahead). Shared by training, evaluation, 
 
 import contextlib
 import datetime
+import inspect
 import math
 import os
 import re
@@ -403,8 +404,10 @@ def wrap_model(model, compile, dist_info):
         return compiled
     cuda = dist_info.device.startswith("cuda")
     device_ids = [torch.device(dist_info.device).index] if cuda else None
-    return nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids,
-                                               broadcast_buffers=False)
+    # torch 2.13 renamed broadcast_buffers (deprecated, with a warning on every rank) forward_sync_buffers
+    renamed = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_buffer_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+    return nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids, **no_buffer_sync)
 
 
 def set_gradient_sync(model, sync):
