@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from cli import UserError, build_parser, flag, run_command
 from cross_entropy_kernel import kernel_runs_on
-from device import Distributed, device_peak_flops, resolve_device, setup_distributed
+from device import Distributed, device_peak_flops, resolve_device, setup_distributed, warn_if_cpu_busy
 from rundir import RunLog
 from fineweb import load_token_sources
 from train_gpt2 import (GPT, ShardLoader, TrainConfig, Trainer, estimate_mfu, new_model_config,
@@ -210,6 +210,7 @@ def run(config):
         raise UserError(f"--variant {config.variant!r} is not one of fast, naive")
     if config.steps <= 0 or config.warmup_steps < 0 or config.rounds <= 0:
         raise UserError("--steps and --rounds must be positive and --warmup_steps 0 or more")
+    warn_if_cpu_busy(resolve_device(config.device))  # a busy core's figures are not the machine's
     if config.compare:
         results = compare(config)
     else:

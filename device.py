@@ -54,6 +54,13 @@ def busy_cpu_warning():
     return None
 
 
+def warn_if_cpu_busy(device):
+    """busy_cpu_warning on stderr, for a script about to run on the CPU (the trainer's is in its header)."""
+    warning = busy_cpu_warning() if device == "cpu" else None
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+
+
 def make_autocast(device_type, dtype):
     """Mixed precision by --dtype: matmuls in bfloat16/float16, reductions and the loss in float32."""
     if dtype == "float32":

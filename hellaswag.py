@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UserError, atomic_write, build_parser, flag, parse_nested, run_command
-from device import Distributed, check_dtype, make_autocast, resolve_device, resolve_dtype
+from device import Distributed, check_dtype, make_autocast, resolve_device, resolve_dtype, warn_if_cpu_busy
 from fineweb import VOCAB_SIZE, get_tokenizer
 from hf_convert import is_hf_model, load_hf_gpt2, quiet_hf_logs
 
@@ -388,6 +388,7 @@ def checkpoint_advice(path):
 def run(config):
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    warn_if_cpu_busy(device)
     source = config.data or config.split
     examples, problems = load_examples(source, config.cache_dir, config.hellaswag_examples or None)
     report_problems(problems)

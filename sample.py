@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cli import UserError, build_parser, flag, run_command, shown_path
-from device import check_dtype, make_autocast, resolve_device, resolve_dtype
+from device import check_dtype, make_autocast, resolve_device, resolve_dtype, warn_if_cpu_busy
 from fineweb import EOT_TOKEN, check_vocab_size, get_tokenizer
 from sampling import generate_tokens
 from train_gpt2 import load_start
@@ -93,6 +93,7 @@ def sample(config, out=sys.stdout):
     prompt = read_prompt(config.start)  # before the model is loaded: a missing file fails fast
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    warn_if_cpu_busy(device)
     model, _ = load_start(config.init_from, ".")
     check_vocab_size(model.config.vocab_size, config.init_from)  # the tokenizer's ids must index it
     model = model.to(device)
