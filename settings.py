@@ -361,7 +361,8 @@ def check_architecture(explicit, config, model_args):
 
 
 def resume_warnings(saved, config, saved_world_size, world_size):
-    """What a change of batch shape or data on resume costs, one warning each."""
+    """What a change of batch shape or data on resume costs, and steps added past the decay's end,
+    one warning each."""
     before, now = saved, dataclasses.asdict(config)
     sequences = lambda c, w: c["batch_size"] * c["gradient_accumulation_steps"] * w  # a step's
     warnings = []
@@ -377,4 +378,11 @@ def resume_warnings(saved, config, saved_world_size, world_size):
         warnings.append(f"warning: --data changes from {before['data']} to {config.data}: training "
                         "goes on with the new data from its first batch, and the val batches "
                         "change")
+    if config.max_iters > max(before["max_iters"], config.lr_decay_iters):
+        # the schedule is the run's: its decay ended, and the steps added past it stay at min_lr
+        first = max(before["max_iters"], config.lr_decay_iters)
+        warnings.append(f"warning: --max_iters {config.max_iters} runs past --lr_decay_iters "
+                        f"{config.lr_decay_iters}, where the cosine decay ends: steps {first:,} to "
+                        f"{config.max_iters - 1:,} train at --min_lr {config.min_lr:g}; to decay "
+                        f"over them, pass --lr_decay_iters {config.max_iters} too")
     return warnings
