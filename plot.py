@@ -14,10 +14,10 @@ labeled with the run's folder. A damaged line of a metrics.jsonl (cut short, not
 is skipped with one warning for the file; a run with no loss to draw is refused.
 
 OpenAI's GPT-2 124M is drawn for comparison: its HellaSwag acc_norm in the HellaSwag panel, its val loss on
-FineWeb-Edu only where a run trained on FineWeb (elsewhere the losses are of other text and do not compare). A run is on FineWeb
-when the `data` in its config.json (beside its metrics.jsonl) is a directory whose name contains "fineweb" (the
-trainer's default, edu_fineweb10B) or whose manifest.json, written by fineweb.py, names a FineWeb dataset. A
-relative `data` is read from the current directory, as the trainer read it.
+FineWeb-Edu only where a run trained on FineWeb (elsewhere the losses are of other text and do not compare). A run
+is on FineWeb when the `data` in its config.json (beside its metrics.jsonl) is a directory whose name contains
+"fineweb" (the trainer's default, edu_fineweb10B) or whose manifest.json, written by fineweb.py, names a FineWeb
+dataset. A relative `data` is read from the current directory, as the trainer read it.
 
 Needs matplotlib (in requirements.txt), which training does not: `python train_gpt2.py --plot True` redraws
 {out_dir}/plot.png at every evaluation when it is installed.
