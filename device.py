@@ -7,6 +7,7 @@ sharded, wrapped in DDP, batches copied ahead). Shared by training, evaluation, 
 
 import contextlib
 import datetime
+import functools
 import inspect
 import math
 import os
@@ -141,9 +142,30 @@ def cpu_flags():
     return set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
 
 
+@functools.cache
 def cpu_has_bf16():
-    """bfloat16 matmul instructions (AVX512-BF16 or AMX): there bf16 autocast trains faster than float32."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    """bfloat16 matmul instructions (AVX512-BF16 or AMX) that oneDNN may use: there bf16 autocast trains
+    faster than float32; elsewhere bfloat16 is emulated, several times slower. torch says which the CPU has
+    (on any system) and whether oneDNN may use them (ONEDNN_MAX_CPU_ISA can forbid it); a torch too old to
+    say leaves /proc/cpuinfo's flags."""
+    has_avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if has_avx512_bf16 is None:
+        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return (has_avx512_bf16() or has_amx()) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def cpu_without_bf16_note(dtype):
+    """The line a CPU run starts with where the CPU has no bfloat16 instructions (None elsewhere): the
+    README's quick start takes about a minute where it has them."""
+    if cpu_has_bf16():
+        return None
+    if dtype == "bfloat16":
+        what = "--dtype bfloat16 is emulated here, slower than float32 (--dtype auto)"
+    else:
+        what = "it trains in float32, several times slower than on a CPU with them"
+    return ("note: this CPU has no bfloat16 matmul instructions (AVX-512 BF16 or AMX; `lscpu | grep -E "
+            f"'avx512_bf16|amx_bf16'` shows them): {what}")
 
 
 # -----------------------------------------------------------------------------

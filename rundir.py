@@ -27,7 +27,7 @@ from checkpoint import (BEST_CHECKPOINT, CHECKPOINT_NAME, best_copy_holds, evalu
                         run_checkpoints, save_best)
 from cli import (NO_FOLLOW, UserError, atomic_write, lock_directory, parse_nested, refuse_links, remove_temporaries,
                  shown_path)
-from device import busy_cpu_warning
+from device import busy_cpu_warning, cpu_without_bf16_note
 
 # -----------------------------------------------------------------------------
 # The directory: one run, one writer, and only the trainer's own files touched
@@ -427,11 +427,12 @@ def write_pending_best(out_dir, best_step, log):
 
 
 def header(n_params, dist_info, dtype, tokens_per_step, first_step):
-    """The lines a run starts with: a warning where the CPU is busy, then what trains where."""
+    """The lines a run starts with: a warning where the CPU is busy, a note where it has no bfloat16
+    instructions, then what trains where."""
     where, lines = dist_info.device, []
     if where == "cpu":
         where += f" ({torch.get_num_threads()} threads)"
-        lines += filter(None, [busy_cpu_warning()])
+        lines += filter(None, [busy_cpu_warning(), cpu_without_bf16_note(dtype)])
     lines.append(f"GPT-2 {n_params / 1e6:.2f}M parameters | {dist_info.world_size} process(es) on "
                  f"{where} | {dtype} | {tokens_per_step:,} tokens/step | torch {torch.__version__} | "
                  f"commit {git_commit()} | from step {first_step}")

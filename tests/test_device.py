@@ -76,3 +76,27 @@ def test_every_script_on_the_cpu_warns_when_its_threads_would_fight_a_busy_machi
     assert "warning: the CPU is busy (load 7.5 on 2 cores) and torch runs 2 threads" in result.stderr
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # threads chosen by hand: no warning
     assert "the CPU is busy" not in run_main(script, *args).stderr
+
+
+def test_a_run_on_a_cpu_without_bfloat16_instructions_says_so_in_its_first_lines(monkeypatch):
+    import rundir
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
+    first_lines = rundir.header(7e6, device.Distributed(), "float32", 1024, 0)
+    assert first_lines[0] == ("note: this CPU has no bfloat16 matmul instructions (AVX-512 BF16 or AMX; `lscpu | grep "
+                              "-E 'avx512_bf16|amx_bf16'` shows them): it trains in float32, several times slower "
+                              "than on a CPU with them")
+    assert "emulated here, slower than float32" in rundir.header(7e6, device.Distributed(), "bfloat16", 1024, 0)[0]
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)
+    assert len(rundir.header(7e6, device.Distributed(), "bfloat16", 1024, 0)) == 1  # what trains where, alone
+
+
+def test_bfloat16_counts_as_there_only_where_onednn_may_use_it():
+    """ONEDNN_MAX_CPU_ISA=AVX2 (how to try an AVX2 CPU's path on a newer one) forbids oneDNN the bfloat16
+    instructions: the CPU then counts as one without them, whatever it has."""
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    limited = subprocess.run([sys.executable, "-c", "import device; print(device.cpu_has_bf16())"], cwd=REPO,
+                             env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True)
+    assert limited.stdout.strip() == "False", limited.stderr
