@@ -70,3 +70,9 @@ def test_a_resume_that_adds_steps_past_the_decays_end_says_they_train_at_min_lr(
         "train at --min_lr 0.0002; to decay over them, pass --lr_decay_iters 400 too"]
     assert resume_warnings(saved, resumed(max_iters=400, lr_decay_iters=400), 1, 1) == []
     assert resume_warnings(saved, resumed(), 1, 1) == []  # the run as it was planned
+
+
+def test_a_config_built_in_code_or_read_from_a_checkpoint_holds_its_integers_to_64_bits():
+    with pytest.raises(UserError, match=r"--max_iters 1180591620717411303424 is past the largest integer a flag "
+                                        r"takes \(2\*\*63 - 1\)"):
+        TrainConfig(max_iters=2**70).validate()
