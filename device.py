@@ -170,9 +170,9 @@ def cpu_without_bf16_note(dtype):
 
 def float32_newton_schulz_where_bf16_is_emulated():
     """torch.optim.Muon orthogonalizes each update by Newton-Schulz iterations in bfloat16, which a CPU
-    without bfloat16 instructions emulates, 20 times slower than float32 (BENCHMARKS.md). On such a CPU,
-    and only there, they run in float32: torch's function is replaced by one that hands every other call
-    (GPUs, CPUs with the instructions) to it unchanged. A torch without that function is left alone."""
+    without bfloat16 instructions emulates, slowly: there they took most of Muon's step (BENCHMARKS.md). On
+    such a CPU, and only there, they run in float32: torch's function is replaced by one that hands every
+    other call (GPUs, CPUs with the instructions) to it unchanged. A torch without it is left alone."""
     try:
         from torch.optim import _muon
     except ImportError:  # before torch 2.9: no Muon
@@ -330,9 +330,10 @@ def run_on_ranks(program):
         try:
             program(join)
         except OSError as e:  # on a path the user gave: cli.path_error's line, as a UserError's
-            if path_error(e) is None:
+            error = path_error(e)
+            if error is None:
                 raise
-            raise path_error(e) from None
+            raise error from None
     except UserError as e:
         code, message = e.code, f"error: {e}" if e.code == 1 else str(e)
         if code == 1 and joined and not joined[0].is_master:

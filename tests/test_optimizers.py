@@ -33,8 +33,8 @@ def test_muon_trains_the_blocks_matrices_and_adamw_everything_else():
 
 
 def test_muons_newton_schulz_runs_in_float32_only_where_the_cpu_emulates_bfloat16(monkeypatch):
-    """torch.optim.Muon's iterations are bfloat16, which a CPU without the instructions emulates (20 times
-    float32's time there): on such a CPU they run in float32; on any other device or CPU, torch's own."""
+    """torch.optim.Muon's iterations are bfloat16, which a CPU without the instructions emulates, slowly: on
+    such a CPU they run in float32; on any other device or CPU, torch's own."""
     import device
     from torch.optim import _muon
     monkeypatch.setattr(_muon, "_zeropower_via_newtonschulz", _muon._zeropower_via_newtonschulz)  # put back after
