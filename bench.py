@@ -36,9 +36,9 @@ import torch
 import torch.distributed as dist
 
 import fineweb
-from cli import UserError, atomic_write, build_parser, flag
+from cli import UserError, atomic_write, build_parser, flag, run_command
 from cross_entropy_kernel import kernel_runs_on
-from device import Distributed, device_peak_flops, resolve_device, setup_distributed
+from device import Distributed, device_peak_flops, resolve_device, setup_distributed, warn_if_cpu_busy
 from rundir import RunLog
 from train_gpt2 import (GPT, ShardLoader, TrainConfig, Trainer, estimate_mfu, new_model_config,
                         set_learning_rates)
@@ -49,13 +49,13 @@ from train_gpt2 import (GPT, ShardLoader, TrainConfig, Trainer, estimate_mfu, ne
 
 @dataclass
 class BenchConfig(TrainConfig):
-    data: str = flag("input.txt", "token shards or a text file to draw the batches from")
+    data: str = flag("input.txt", "token shards or a text file to draw the batches from", path=True)
     steps: int = flag(10, "timed optimizer steps")
     warmup_steps: int = flag(3, "untimed steps first (compilation, allocator and cache warm-up)")
     compare: bool = flag(False, "also time the straightforward step, each variant in its own process")
     rounds: int = flag(1, "with --compare: alternate naive and fast this many times, pooling their steps")
     variant: str = flag("fast", "'fast' (the trainer's step) or 'naive' (the straightforward step)")
-    json_out: str = flag("", "also write the results as JSON to this file")
+    json_out: str = flag("", "also write the results as JSON to this file", path=True)
     tokenize: bool = flag(False, "time fineweb.py's tokenizing of --data (a text file) with --tokenizer in one "
                                  "process instead, --steps passes over it after --warmup_steps")
 
@@ -239,30 +239,30 @@ def table(results):
 
 
 def main(argv=None):
-    try:
-        config = parse_args(argv)
-        config.validate()
-        if config.variant not in ("fast", "naive"):
-            raise UserError(f"--variant {config.variant!r} is not one of fast, naive")
-        if config.steps <= 0 or config.warmup_steps < 0 or config.rounds <= 0:
-            raise UserError("--steps and --rounds must be positive and --warmup_steps 0 or more")
-        if config.tokenize:
-            result = tokenize_speed(config)
-            print(f"{result['tokens_per_sec']:,.0f} tokens/s in one process ({result['tokens_per_cpu_sec']:,.0f} "
-                  f"per CPU second): {result['tokens']:,} tokens of {result['documents']:,} documents of "
-                  f"{config.data} with {config.tokenizer} in {result['pass_ms']:.1f} ms (the median of "
-                  f"{config.steps} passes)")
-            print(json.dumps(result))
-            return
-        if config.json_out:
-            check_json_out(Path(config.json_out))
-        if config.compare:
-            results = compare(config)
-        else:
-            results = [measure(config)]
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_command(lambda: run(parse_args(argv)))
+
+
+def run(config):
+    config.validate()
+    if config.variant not in ("fast", "naive"):
+        raise UserError(f"--variant {config.variant!r} is not one of fast, naive")
+    if config.steps <= 0 or config.warmup_steps < 0 or config.rounds <= 0:
+        raise UserError("--steps and --rounds must be positive and --warmup_steps 0 or more")
+    if config.json_out:
+        check_json_out(Path(config.json_out))
+    warn_if_cpu_busy(resolve_device(config.device))  # a busy core's figures are not the machine's
+    if config.tokenize:
+        result = tokenize_speed(config)
+        print(f"{result['tokens_per_sec']:,.0f} tokens/s in one process ({result['tokens_per_cpu_sec']:,.0f} "
+              f"per CPU second): {result['tokens']:,} tokens of {result['documents']:,} documents of "
+              f"{config.data} with {config.tokenizer} in {result['pass_ms']:.1f} ms (the median of "
+              f"{config.steps} passes)")
+        print(json.dumps(result))
+        return
+    if config.compare:
+        results = compare(config)
+    else:
+        results = [measure(config)]
     report = {"config": asdict(config), "torch": str(torch.__version__), "results": results}
     print(table(results))
     if config.compare:

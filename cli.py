@@ -11,12 +11,14 @@ signal. Nobody's format and no script's logic: the scripts import these directly
     config = Config(**vars(build_parser(Config, "what the script does").parse_args()))
 
 A script whose parser is built with config_file=True also takes --config FILE.toml, flag values in a file, and
-parses with parse_flags, which says which flags were given (in the file or on the command line).
+parses with parse_flags, which says which flags were given (in the file or on the command line). A field made with
+flag(..., path=True) is a path: its parser refuses one that the system cannot take (a name too long, a NUL byte).
 """
 
 import argparse
 import dataclasses
 import difflib
+import errno
 import math
 import os
 import re
@@ -42,25 +44,78 @@ class UserError(ValueError):
 
 
 def run_command(command):
-    """Run a script's command(): a UserError ends it with its one line on stderr and its exit code,
-    Ctrl-C with status 130."""
+    """Run a script's command(): a UserError ends it with its one line on stderr and its exit code, an
+    OSError on a path with path_error's line, Ctrl-C with status 130."""
     try:
         command()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.code)
+    except OSError as e:
+        error = path_error(e)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.code)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+# -----------------------------------------------------------------------------
+# What the user hands a script: paths the system may refuse, files nested past Python's stack
+
+
+def shown_path(path, limit=160):
+    """A path as a message names it: whole, or where it is longer than limit its two ends around an ellipsis."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:100]}...{text[-40:]} ({len(text):,} characters)"
+
+
+def path_error(error):
+    """The one line for an OSError on a path (a name longer than the file system takes, a folder that is
+    a file, no permission): the path, what the system said, and the fix; None for an error that names no
+    path. Every script's main ends with it where an OSError on a path reaches it."""
+    if not isinstance(error, OSError) or error.filename is None:
+        return None
+    fix = "pass a shorter path" if error.errno == errno.ENAMETOOLONG else "check the path, or pass another"
+    return UserError(f"{shown_path(os.fsdecode(error.filename))}: {error.strerror or error}: {fix}")
+
+
+def parse_path(text):
+    """A path flag's value, checked before any work: one that no file can ever have (a name or a whole
+    path longer than the file system allows, a loop of links, a NUL byte) is refused. Any other is taken,
+    existing or not: the script says what it needs there, and path_error catches the rest."""
+    try:
+        os.stat(text)
+    except OSError as e:
+        if e.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+            raise argparse.ArgumentTypeError(str(path_error(e))) from None
+    except ValueError:  # a NUL byte, which no system takes in a path
+        raise argparse.ArgumentTypeError(f"{shown_path(repr(text))} holds a NUL byte: pass a path "
+                                         "without one") from None
+    return text
+
+
+def parse_nested(parse, text):
+    """parse(text), json.loads or tomllib.loads, where text may nest deeper than Python's stack
+    ([[[[... 100,000 levels): a RecursionError becomes the ValueError that every other malformed text
+    raises, which each reader turns into its one line naming the file."""
+    try:
+        return parse(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to read (brackets or braces past Python's recursion "
+                         "limit)") from None
 
 
 # -----------------------------------------------------------------------------
 # Flags from a dataclass: each field is a flag, its help in the field's metadata
 
 
-def flag(default, help, other_names=()):
+def flag(default, help, other_names=(), path=False):
     """A dataclass field that build_parser makes a flag. other_names: how other scripts spell it (build-nanogpt's
-    --model_type for --init_from, say); not accepted, but an unknown flag among them is pointed to this one."""
-    return dataclasses.field(default=default, metadata={"help": help, "other_names": other_names})
+    --model_type for --init_from, say); not accepted, but an unknown flag among them is pointed to this one.
+    path: the value is a path, checked by parse_path."""
+    return dataclasses.field(default=default, metadata={"help": help, "other_names": other_names, "path": path})
 
 
 def parse_bool(text):
@@ -82,8 +137,29 @@ def parse_float(text):
     return value
 
 
-PARSERS = {"bool": parse_bool, "int": int, "float": parse_float, "str": str,
-           bool: parse_bool, int: int, float: parse_float, str: str}
+INT64 = 2**63  # torch's sizes, counts and seeds are 64-bit
+
+
+def parse_int(text):
+    """An integer: what int() reads (underscores, and every script's decimal digits: '٣' is 3, '１２' is 12;
+    not superscripts, which int() refuses), within the 64-bit range that torch takes. A float ('1e20',
+    '300.0') is refused, not rounded."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None and text.strip().lstrip("+-").replace("_", "").isdecimal():
+        value = INT64  # more digits than int() reads: far past the range
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if not -INT64 <= value < INT64:
+        raise argparse.ArgumentTypeError(f"{shown_path(text, 40)} is past the largest integer a flag takes "
+                                         "(2**63 - 1)")
+    return value
+
+
+PARSERS = {"bool": parse_bool, "int": parse_int, "float": parse_float, "str": str,
+           bool: parse_bool, int: parse_int, float: parse_float, str: str}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -124,7 +200,7 @@ def build_parser(config_class, description, config_file=False):
     parser.other_names = {name: f"--{f.name}" for f in dataclasses.fields(config_class)
                           for name in f.metadata.get("other_names", ())}
     for f in dataclasses.fields(config_class):
-        kind = PARSERS.get(f.type, f.type)
+        kind = parse_path if f.metadata.get("path") else PARSERS.get(f.type, f.type)
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata.get("help", ""),
                             metavar=f.name.upper() if kind is not parse_bool else "{True,False}")
     return parser
@@ -145,7 +221,7 @@ def parse_flags(parser, argv):
 
 
 # what a TOML value must be for each flag type, and how to say it
-TOML_TYPES = {parse_bool: ((bool,), "true or false"), int: ((int,), "an integer"),
+TOML_TYPES = {parse_bool: ((bool,), "true or false"), parse_int: ((int,), "an integer"),
               parse_float: ((int, float), "a number"), str: ((str,), "a string in quotes")}
 
 
@@ -156,10 +232,10 @@ def read_toml(path):
         import tomli as tomllib
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            return parse_nested(tomllib.loads, f.read().decode())  # TOML is UTF-8
     except OSError as e:
-        raise UserError(f"--config {path}: {e.strerror or e}: pass an existing TOML file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML must be UTF-8
+        raise UserError(f"--config {shown_path(path)}: {e.strerror or e}: pass an existing TOML file") from None
+    except ValueError as e:  # not TOML, not UTF-8, or nested past the stack
         raise UserError(f"--config {path} is not valid TOML ({e}): fix the file") from None
 
 

@@ -7,6 +7,8 @@ sharded, wrapped in DDP, batches copied ahead). Shared by training, evaluation, 
 
 import contextlib
 import datetime
+import functools
+import inspect
 import math
 import os
 import re
@@ -19,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cli import UserError
+from cli import UserError, path_error
 
 # -----------------------------------------------------------------------------
 # The device and the dtype
@@ -51,6 +53,13 @@ def busy_cpu_warning():
                 f"{torch.get_num_threads()} threads: if steps are slow, set OMP_NUM_THREADS=1 (or fewer "
                 f"threads than idle cores)")
     return None
+
+
+def warn_if_cpu_busy(device):
+    """busy_cpu_warning on stderr, for a script about to run on the CPU (the trainer's is in its header)."""
+    warning = busy_cpu_warning() if device == "cpu" else None
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
 
 def make_autocast(device_type, dtype):
@@ -133,9 +142,64 @@ def cpu_flags():
     return set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
 
 
+@functools.cache
 def cpu_has_bf16():
-    """bfloat16 matmul instructions (AVX512-BF16 or AMX): there bf16 autocast trains faster than float32."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    """bfloat16 matmul instructions (AVX512-BF16 or AMX) that oneDNN may use: there bf16 autocast trains
+    faster than float32; elsewhere bfloat16 is emulated, several times slower. torch says which the CPU has
+    (on any system) and whether oneDNN may use them (ONEDNN_MAX_CPU_ISA can forbid it); a torch too old to
+    say leaves /proc/cpuinfo's flags."""
+    has_avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if has_avx512_bf16 is None:
+        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return (has_avx512_bf16() or has_amx()) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def cpu_without_bf16_note(dtype):
+    """The line a CPU run starts with where the CPU has no bfloat16 instructions (None elsewhere): the
+    README's quick start takes about a minute where it has them."""
+    if cpu_has_bf16():
+        return None
+    if dtype == "bfloat16":
+        what = "--dtype bfloat16 is emulated here, slower than float32 (--dtype auto)"
+    else:
+        what = "it trains in float32, several times slower than on a CPU with them"
+    return ("note: this CPU has no bfloat16 matmul instructions (AVX-512 BF16 or AMX; `lscpu | grep -E "
+            f"'avx512_bf16|amx_bf16'` shows them): {what}")
+
+
+def float32_newton_schulz_where_bf16_is_emulated():
+    """torch.optim.Muon orthogonalizes each update by Newton-Schulz iterations in bfloat16, which a CPU
+    without bfloat16 instructions emulates, slowly: there they took most of Muon's step (BENCHMARKS.md). On
+    such a CPU, and only there, they run in float32: torch's function is replaced by one that hands every
+    other call (GPUs, CPUs with the instructions) to it unchanged. A torch without it is left alone."""
+    try:
+        from torch.optim import _muon
+    except ImportError:  # before torch 2.9: no Muon
+        return
+    torch_newton_schulz = getattr(_muon, "_zeropower_via_newtonschulz", None)
+    if torch_newton_schulz is None or hasattr(torch_newton_schulz, "torch_newton_schulz"):
+        return
+
+    def newton_schulz(grad, ns_coefficients, ns_steps, eps):
+        if grad.device.type != "cpu" or cpu_has_bf16():
+            return torch_newton_schulz(grad, ns_coefficients, ns_steps, eps)
+        return newton_schulz_float32(grad, ns_coefficients, ns_steps, eps)
+    newton_schulz.torch_newton_schulz = torch_newton_schulz
+    _muon._zeropower_via_newtonschulz = newton_schulz
+
+
+def newton_schulz_float32(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim.Muon's quintic Newton-Schulz iterations (torch/optim/_muon.py), in float32."""
+    a, b, c = ns_coefficients
+    x = grad.float()
+    if grad.size(0) > grad.size(1):
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # its spectral norm at most 1
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if grad.size(0) > grad.size(1) else x
 
 
 # -----------------------------------------------------------------------------
@@ -219,6 +283,10 @@ class Distributed:
                 result = action()
             except UserError as e:
                 error = e
+            except OSError as e:  # on a path (the user's): its one line, on every rank
+                error = path_error(e)
+                if error is None:
+                    raise
         if self.any(error is not None):
             raise error or UserError(f"rank 0 could not {what}: see its message")
         return result
@@ -249,7 +317,8 @@ def lost_contact(error):
 def run_on_ranks(program):
     """Run program(join) as a script's whole run, where join(...) is setup_distributed, and exit as a
     distributed run should: a UserError with its code (rank 0 prints its line; another rank prints an
-    error of its own, its data say, prefixed with its rank), Ctrl-C with 130, and a rank that lost contact
+    error of its own, its data say, prefixed with its rank), an OSError on a path as cli.path_error's
+    UserError, Ctrl-C with 130, and a rank that lost contact
     with the others at once, without tearing down a group that could wait on the gone peer."""
     joined, code = [], 0  # joined: this process's Distributed, once it has one
 
@@ -258,7 +327,13 @@ def run_on_ranks(program):
         return joined[0]
 
     try:
-        program(join)
+        try:
+            program(join)
+        except OSError as e:  # on a path the user gave: cli.path_error's line, as a UserError's
+            error = path_error(e)
+            if error is None:
+                raise
+            raise error from None
     except UserError as e:
         code, message = e.code, f"error: {e}" if e.code == 1 else str(e)
         if code == 1 and joined and not joined[0].is_master:
@@ -393,8 +468,10 @@ def wrap_model(model, compile, dist_info):
         return compiled
     cuda = dist_info.device.startswith("cuda")
     device_ids = [torch.device(dist_info.device).index] if cuda else None
-    return nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids,
-                                               broadcast_buffers=False)
+    # torch 2.13 renamed broadcast_buffers (deprecated, with a warning on every rank) forward_sync_buffers
+    renamed = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_buffer_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+    return nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids, **no_buffer_sync)
 
 
 def set_gradient_sync(model, sync):

@@ -44,8 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError, atomic_write, build_parser, flag, run_command
-from device import Distributed, check_dtype, make_autocast, resolve_device, resolve_dtype
+from cli import UserError, atomic_write, build_parser, flag, parse_nested, run_command
+from device import Distributed, check_dtype, make_autocast, resolve_device, resolve_dtype, warn_if_cpu_busy
 from fineweb import load_tokenizer
 from hf_convert import is_hf_model, load_hf_gpt2, model_tokenizer, quiet_hf_logs
 
@@ -88,9 +88,11 @@ def split_path(split, cache_dir=None, flag="--data"):
 def parse_example(line):
     """One jsonl line as an example dict with ctx, 4 endings and an int label; ValueError saying what is wrong."""
     try:
-        example = json.loads(line)
+        example = parse_nested(json.loads, line)
     except json.JSONDecodeError as e:
         raise ValueError(f"not JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:  # nested past Python's stack
+        raise ValueError(f"not JSON ({e})") from None
     if not isinstance(example, dict):
         raise ValueError(f"not a JSON object but {type(example).__name__}")
     missing = [key for key in ("ctx", "endings", "label") if key not in example]
@@ -105,7 +107,7 @@ def parse_example(line):
         # scored, they would compare whitespace alone; identical ones tie, the tie goes to ending 0, and that
         # counts as correct whenever the label is 0
         raise ValueError("'endings' are all empty")
-    if isinstance(label, str) and label.isdigit():
+    if isinstance(label, str) and label.isdecimal():  # the digits int() reads (not superscripts)
         label = int(label)  # the copy on the Hugging Face hub stores labels as strings
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < 4:
         raise ValueError(f"'label' is {label!r}, not 0, 1, 2 or 3")
@@ -344,11 +346,12 @@ def load_for_training(config, dist_info, log):
 class HellaSwagConfig:
     init_from: str = flag("", "the model to score, in transformers' format: gpt2, gpt2-medium, gpt2-large, "
                               "gpt2-xl, or a transformers folder (save_pretrained)",
-                          other_names=("--model", "--model_type", "-m", "--checkpoint"))  # build-nanogpt's -m
+                          other_names=("--model", "--model_type", "-m", "--checkpoint"),  # build-nanogpt's -m
+                          path=True)
     split: str = flag("val", "the split to score, downloaded into --cache_dir on first use: train, val or test "
                              "(test has no labels)")
-    data: str = flag("", "a local HellaSwag jsonl file, scored instead of --split")
-    cache_dir: str = flag(DEFAULT_CACHE_DIR, "where downloaded splits are kept")
+    data: str = flag("", "a local HellaSwag jsonl file, scored instead of --split", path=True)
+    cache_dir: str = flag(DEFAULT_CACHE_DIR, "where downloaded splits are kept", path=True)
     hellaswag_examples: int = flag(0, "score only the first N examples (0: all)", other_names=("--limit",))
     batch_size: int = flag(BATCH_SIZE, "examples per forward pass, four rows each")
     device: str = flag("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'")
@@ -389,6 +392,7 @@ def checkpoint_advice(path):
 def run(config):
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    warn_if_cpu_busy(device)
     source = config.data or config.split
     examples, problems = load_examples(source, config.cache_dir, config.hellaswag_examples or None)
     report_problems(problems)
@@ -406,7 +410,8 @@ def run(config):
     if config.compile:
         model = torch.compile(model)
     start = time.perf_counter()
-    result = evaluate(model, examples, config.batch_size, block_size, make_autocast(device.split(":")[0], dtype),
+    batch_size = min(config.batch_size, len(examples))  # the rows past the examples would be padding
+    result = evaluate(model, examples, batch_size, block_size, make_autocast(device.split(":")[0], dtype),
                       Distributed(device=device), progress=True, tokenizer=tokenizer)
     seconds = time.perf_counter() - start  # evaluate's final .tolist() has waited for the device
     print(f"acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | n {result['n']} | "

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError, current_umask
+from cli import UserError, current_umask, parse_nested
 from fineweb import HFTokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def load_hf_gpt2(name_or_path, tokenizer=None):
     folder = Path(name_or_path)
     if name_or_path not in HF_GPT2_MODELS:
         try:
-            model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+            model_type = parse_nested(json.loads, (folder / "config.json").read_text()).get("model_type")
         except (OSError, ValueError, AttributeError) as e:
             raise UserError(f"{folder}/config.json cannot be read ({e}): pass a folder written by "
                             f"save_pretrained") from None

@@ -3,18 +3,21 @@ Plot training runs from their metrics.jsonl files: losses and HellaSwag accuracy
 
     python plot.py out                                        # writes out/plot.png, from out/metrics.jsonl
     python plot.py out-a out-b/metrics.jsonl                  # writes compare.png here
+    python plot.py out --y full                               # the loss axis from the first step's loss
 
 Train and val loss are drawn against the step, with tokens on the top axis; runs whose steps hold different
 numbers of tokens (another batch, or a batch changed on resume) are drawn against tokens instead, the one scale
-they share. HellaSwag accuracy gets a panel of its own where a run measured it. One line per run, labeled with
-the run's folder. A damaged line of a metrics.jsonl (cut short, not JSON, a figure that is not a number)
+they share. The loss axis is zoomed to the trained part (--y zoom): a run's loss falls from about 11 in its first
+steps, and an axis from 11 would squash the range where runs differ; --y full shows every loss, --y log every
+loss on a log scale. HellaSwag accuracy gets a panel of its own where a run measured it. One line per run,
+labeled with the run's folder. A damaged line of a metrics.jsonl (cut short, not JSON, a figure that is not a number)
 is skipped with one warning for the file; a run with no loss to draw is refused.
 
-OpenAI's GPT-2 124M is drawn for comparison: its HellaSwag acc_norm always, its val loss on FineWeb-Edu only
-where a run trained on FineWeb (elsewhere the losses are of other text and do not compare). A run is on FineWeb
-when the `data` in its config.json (beside its metrics.jsonl) is a directory whose name contains "fineweb" (the
-trainer's default, edu_fineweb10B) or whose manifest.json, written by fineweb.py, names a FineWeb dataset. A
-relative `data` is read from the current directory, as the trainer read it.
+OpenAI's GPT-2 124M is drawn for comparison: its HellaSwag acc_norm in the HellaSwag panel, its val loss on
+FineWeb-Edu only where a run trained on FineWeb (elsewhere the losses are of other text and do not compare). A run
+is on FineWeb when the `data` in its config.json (beside its metrics.jsonl) is a directory whose name contains
+"fineweb" (the trainer's default, edu_fineweb10B) or whose manifest.json, written by fineweb.py, names a FineWeb
+dataset. A relative `data` is read from the current directory, as the trainer read it.
 
 Needs matplotlib (in requirements.txt), which training does not: `python train_gpt2.py --plot True` redraws
 {out_dir}/plot.png at every evaluation when it is installed.
@@ -25,7 +28,7 @@ import math
 import sys
 from pathlib import Path
 
-from cli import OneLineParser, UserError, atomic_write
+from cli import OneLineParser, UserError, atomic_write, parse_nested, parse_path, run_command
 
 # -----------------------------------------------------------------------------
 # Reading runs
@@ -35,6 +38,8 @@ GPT2_124M_HELLASWAG = 0.2955  # HellaSwag acc_norm, as build-nanogpt measured it
 GPT2_124M_VAL_LOSS = 3.2924  # on the FineWeb-Edu val shard
 PANEL_INCHES = (7, 5)
 DPI = 100  # so each panel is 700 x 500 pixels
+Y_AXES = ("zoom", "full", "log")  # --y
+UNTRAINED = 0.1  # the first tenth of each run, left out of the zoomed loss axis
 
 
 class MatplotlibMissing(ImportError):
@@ -71,8 +76,8 @@ def parse_record(line):
     UTF-8), not an object, no whole step >= 0, or tokens or a figure neither a number nor null (null
     is how the trainer writes a NaN loss: no point, but no damage)."""
     try:
-        record = json.loads(line)
-    except (ValueError, RecursionError):  # RecursionError: brackets nested past Python's stack
+        record = parse_nested(json.loads, line)
+    except ValueError:  # not JSON, not UTF-8, or nested past Python's stack
         return None
     if not isinstance(record, dict):
         return None
@@ -133,8 +138,8 @@ def read_json(path):
     except ValueError:  # from a --data that no path holds
         raise ValueError("cannot be read (a NUL in its name)") from None
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
+        return parse_nested(json.loads, text)
+    except ValueError:
         raise ValueError("is not JSON") from None
 
 
@@ -193,6 +198,25 @@ def x_axis(runs):
     return "step", None
 
 
+def zoomed_loss_limits(runs, x, floor=None):
+    """(bottom, top) of the loss axis zoomed to the trained part (--y zoom): from the lowest loss (or floor, a
+    baseline drawn beside them) to the highest after the first tenth of each run's steps (or tokens), with 5%
+    to spare; None where there is no loss."""
+    lowest, trained = [] if floor is None else [floor], []
+    for _, records in runs:
+        points = [point for key in ("train_loss", "val_loss") for point in zip(*series(records, key, x))]
+        if not points:
+            continue
+        first, last = min(at for at, _ in points), max(at for at, _ in points)
+        lowest += [loss for _, loss in points]
+        trained += [loss for at, loss in points if at >= first + UNTRAINED * (last - first)]
+    if not trained:
+        return None
+    bottom, top = min(lowest), max(trained)
+    margin = 0.05 * (top - bottom) or 0.05 * abs(top) or 0.1
+    return bottom - margin, top + margin
+
+
 def run_labels(paths):
     """Each run's folder name, or its whole path where two runs share a name."""
     names = [Path(p).resolve().parent.name for p in paths]
@@ -203,12 +227,13 @@ def run_labels(paths):
 # Drawing
 
 
-def plot_runs(paths, out):
-    """Draw the runs of the metrics.jsonl files in paths into the PNG out, replacing it atomically."""
+def plot_runs(paths, out, y="zoom"):
+    """Draw the runs of the metrics.jsonl files in paths into the PNG out, replacing it atomically. y: the
+    loss axis, one of Y_AXES."""
     if not Path(out).name:  # "/" or ".": atomic_write needs a file name to put its temporary beside
         example = Path(out) / "plot.png"
         raise UserError(f"--out {out} names no file: pass a .png path, such as {example}")
-    fig = figure(paths)
+    fig = figure(paths, y)
     import matplotlib.pyplot as plt
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -220,9 +245,10 @@ def plot_runs(paths, out):
         plt.close(fig)
 
 
-def figure(paths):
-    """The matplotlib figure of the runs of the metrics.jsonl files in paths. A run with nothing to
-    draw is refused; one with damaged lines gets a warning and is drawn from the rest."""
+def figure(paths, y="zoom"):
+    """The matplotlib figure of the runs of the metrics.jsonl files in paths, its loss axis as y says (one of
+    Y_AXES). A run with nothing to draw is refused; one with damaged lines gets a warning and is drawn from
+    the rest."""
     reads = [read_run(path) for path in paths]
     for path, (records, damaged) in zip(paths, reads):
         if not any(series(records, key)[0] for key in ("train_loss", "val_loss")):
@@ -236,21 +262,21 @@ def figure(paths):
             warn(f"{path}: {skipped(damaged)}")
     runs = list(zip(run_labels(paths), (records for records, _ in reads)))
     datas = dict.fromkeys(run_data(path) for path in paths)  # shared shards: read, warned of, once
-    return draw(runs, fineweb=any([is_fineweb(data) for data in datas]))
+    return draw(runs, fineweb=any([is_fineweb(data) for data in datas]), y=y)
 
 
 def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
-def draw(runs, fineweb):
+def draw(runs, fineweb, y="zoom"):
     """A matplotlib figure of runs, [(label, records)]: a loss panel, and a HellaSwag panel where a run has
-    HellaSwag. fineweb: draw GPT-2 124M's FineWeb-Edu val loss."""
+    HellaSwag. fineweb: draw GPT-2 124M's FineWeb-Edu val loss. y: the loss axis, one of Y_AXES."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import EngFormatter
+        from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter, ScalarFormatter
     except ImportError:
         raise MatplotlibMissing("plot.py needs matplotlib: pip install matplotlib") from None
 
@@ -267,6 +293,15 @@ def draw(runs, fineweb):
     if fineweb:
         loss_ax.axhline(GPT2_124M_VAL_LOSS, color="r", ls="--", lw=1, label="OpenAI GPT-2 124M val (FineWeb-Edu)")
     loss_ax.set(xlabel=x, ylabel="loss", title="loss")
+    limits = zoomed_loss_limits(runs, x, GPT2_124M_VAL_LOSS if fineweb else None) if y == "zoom" else None
+    if limits is not None:
+        loss_ax.set_ylim(*limits)
+        loss_ax.set_title("loss (zoomed past each run's first tenth; --y full: all)")
+    if y == "log":  # a tick at every whole loss: a decade of 1 to 10 would have none between
+        loss_ax.set_yscale("log")
+        loss_ax.yaxis.set_major_locator(LogLocator(subs=range(1, 10)))
+        loss_ax.yaxis.set_major_formatter(ScalarFormatter())
+        loss_ax.yaxis.set_minor_formatter(NullFormatter())
     if ratio is not None:
         top = loss_ax.secondary_xaxis("top", functions=(lambda s: s * ratio, lambda t: t / ratio))
         top.set_xlabel("tokens")
@@ -306,23 +341,28 @@ def run_metrics(run):
 
 def build_parser():
     parser = OneLineParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
-    parser.add_argument("metrics", nargs="+", metavar="run",
+    parser.add_argument("metrics", nargs="+", metavar="run", type=parse_path,
                         help="runs, one per line drawn: a run's --out_dir, or the metrics.jsonl in it")
-    parser.add_argument("--out", help="the PNG to write (default: plot.png beside the metrics.jsonl of a single "
-                                      "run, compare.png in the current folder for several runs)")
+    parser.add_argument("--y", choices=Y_AXES, default="zoom",
+                        help="the loss axis: zoom (from the lowest loss to the highest after each run's first "
+                             "tenth), full (every loss) or log (every loss, on a log scale)")
+    parser.add_argument("--out", type=parse_path,
+                        help="the PNG to write (default: plot.png beside the metrics.jsonl of a single run, "
+                             "compare.png in the current folder for several runs)")
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    paths = [run_metrics(run) for run in args.metrics]
-    out = args.out or default_out(paths)
-    try:
-        plot_runs(paths, out)
-    except (UserError, MatplotlibMissing) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"wrote {out}")
+    def command():
+        args = build_parser().parse_args(argv)
+        paths = [run_metrics(run) for run in args.metrics]
+        out = args.out or default_out(paths)
+        try:
+            plot_runs(paths, out, args.y)
+        except MatplotlibMissing as e:
+            raise UserError(str(e)) from None
+        print(f"wrote {out}")
+    run_command(command)
 
 
 if __name__ == "__main__":

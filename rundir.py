@@ -25,8 +25,9 @@ import torch
 
 from checkpoint import (BEST_CHECKPOINT, CHECKPOINT_NAME, best_copy_holds, evaluated_checkpoint, git_commit,
                         run_checkpoints, save_best)
-from cli import NO_FOLLOW, UserError, atomic_write, lock_directory, refuse_links, remove_temporaries
-from device import busy_cpu_warning
+from cli import (NO_FOLLOW, UserError, atomic_write, lock_directory, parse_nested, refuse_links, remove_temporaries,
+                 shown_path)
+from device import busy_cpu_warning, cpu_without_bf16_note
 
 # -----------------------------------------------------------------------------
 # The directory: one run, one writer, and only the trainer's own files touched
@@ -47,15 +48,20 @@ def run_files(out_dir):
     return [p.name for p in run_checkpoints(path)] + [name for name in RUN_FILES if (path / name).exists()]
 
 
+LONGEST_NAME = 64  # of a file the trainer writes: a checkpoint's temporary, .iter-{step}-loss-{loss}.pt.{pid}.{hex}.tmp
+
+
 def make_out_dir(out_dir):
-    """Create out_dir and prove it writable."""
+    """Create out_dir and prove it writable, with a file whose name is as long as the longest the trainer
+    writes there: a path near the system's limit is refused now, not at the first checkpoint."""
     path = Path(out_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.NamedTemporaryFile(dir=path, prefix="." + "n" * (LONGEST_NAME - 9)):  # + 8 random
             pass
     except OSError as e:
-        raise UserError(f"--out_dir {out_dir} cannot be written ({e.strerror}): pick a writable directory") from None
+        fix = "pass a shorter path" if e.errno == errno.ENAMETOOLONG else "pick a writable directory"
+        raise UserError(f"--out_dir {shown_path(out_dir)} cannot be written ({e.strerror}): {fix}") from None
 
 
 def check_run_files(out_dir, continuing):
@@ -106,9 +112,9 @@ def claim_out_dir(out_dir, check=lambda: None):
 
 def parse_record(line):
     """A line of metrics.jsonl as a record (a dict with an int step), or None for a line that is not one: cut
-    short by a kill or a full disk, not JSON, not UTF-8."""
+    short by a kill or a full disk, not JSON, not UTF-8, nested past Python's stack."""
     try:
-        record = json.loads(line)
+        record = parse_nested(json.loads, line)
     except ValueError:
         return None
     if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
@@ -197,10 +203,16 @@ class RunLog:
     def drop_after(self, iter_num, evaluated_at_start):
         """Forget what an interrupted run logged past the point this run starts from (its checkpoint, or
         step 0): this run logs it again, so the file reads as if the run had never been interrupted. A line
-        that is not a record (cut short by a kill, or damaged) goes too."""
+        that is not a record (cut short by a kill, or damaged) goes too; a whole line that is damaged (not
+        JSON, nested past Python's stack) is said in one warning."""
         if not self.enabled or not self.path.exists():
             return
         lines = self.path.read_bytes().splitlines(keepends=True)
+        damaged = [number for number, line in enumerate(lines, 1)
+                   if line.endswith(b"\n") and parse_record(line) is None]
+        if damaged:
+            self.print(f"warning: {self.path}: {len(damaged)} damaged line(s) dropped, not records of a step "
+                       f"(first: line {damaged[0]})")
 
         def before(line):  # a run does not redo the evaluation its checkpoint was saved after
             record = parse_record(line)
@@ -419,11 +431,12 @@ def write_pending_best(out_dir, best_step, log):
 
 
 def header(n_params, dist_info, dtype, tokens_per_step, first_step):
-    """The lines a run starts with: a warning where the CPU is busy, then what trains where."""
+    """The lines a run starts with: a warning where the CPU is busy, a note where it has no bfloat16
+    instructions, then what trains where."""
     where, lines = dist_info.device, []
     if where == "cpu":
         where += f" ({torch.get_num_threads()} threads)"
-        lines += filter(None, [busy_cpu_warning()])
+        lines += filter(None, [busy_cpu_warning(), cpu_without_bf16_note(dtype)])
     lines.append(f"GPT-2 {n_params / 1e6:.2f}M parameters | {dist_info.world_size} process(es) on "
                  f"{where} | {dtype} | {tokens_per_step:,} tokens/step | torch {torch.__version__} | "
                  f"commit {git_commit()} | from step {first_step}")

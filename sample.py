@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError, build_parser, flag
-from device import check_dtype, make_autocast, resolve_device, resolve_dtype
+from cli import UserError, build_parser, flag, run_command, shown_path
+from device import check_dtype, make_autocast, resolve_device, resolve_dtype, warn_if_cpu_busy
 from fineweb import check_vocab_size, checkpoint_tokenizer
 from hf_convert import model_tokenizer
 from sampling import generate_tokens
@@ -30,7 +30,7 @@ from train_gpt2 import load_start
 @dataclass
 class SampleConfig:
     init_from: str = flag("out-shakespeare/best_val_loss.pt", "a checkpoint of train_gpt2.py (the quick start's by "
-                          "default), gpt2 (or gpt2-medium, gpt2-large, gpt2-xl) or a transformers folder")
+                          "default), gpt2 (or gpt2-medium, gpt2-large, gpt2-xl) or a transformers folder", path=True)
     start: str = flag("", "the prompt, or FILE:path to read it from a file; empty starts a new document")
     num_samples: int = flag(4, "samples to draw, one after another")
     max_new_tokens: int = flag(100, "tokens to generate for each sample")
@@ -63,7 +63,8 @@ def read_prompt(start):
         with open(path, encoding="utf-8") as f:
             prompt = f.read(MAX_PROMPT_CHARS + 1)
     except OSError as e:
-        raise UserError(f"--start {start}: cannot read {path} ({e.strerror}): pass an existing text file") from None
+        raise UserError(f"--start FILE:{shown_path(path)}: cannot read it ({e.strerror}): pass an existing text "
+                        "file") from None
     except UnicodeDecodeError:
         raise UserError(f"--start {start}: {path} is not UTF-8 text") from None
     if len(prompt) > MAX_PROMPT_CHARS:
@@ -101,6 +102,7 @@ def sample(config, out=sys.stdout):
     prompt = read_prompt(config.start)  # before the model is loaded: a missing file fails fast
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    warn_if_cpu_busy(device)
     model, checkpoint = load_start(config.init_from, ".")
     # the run's tokenizer, which its checkpoint holds; a transformers folder's own
     tokenizer = (checkpoint_tokenizer(checkpoint["tokenizer"], checkpoint["path"]) if checkpoint
@@ -123,17 +125,13 @@ def sample(config, out=sys.stdout):
 
 
 def main(argv=None):
-    try:
+    def command():
         args = build_parser(SampleConfig, __doc__.strip().split("\n\n")[0]).parse_args(argv)  # the first paragraph
         config = SampleConfig(**vars(args))
         config.validate()
         sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character shows '?' instead
         sample(config)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.code)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_command(command)
 
 
 if __name__ == "__main__":

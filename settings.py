@@ -10,6 +10,7 @@ config.json in a run directory is a TrainConfig written out (with --auto_batch, 
 chosen), and every checkpoint's "config" is one.
 """
 
+import argparse
 import dataclasses
 import math
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError, build_parser, flag, parse_flags
+from cli import INT64, UserError, build_parser, flag, parse_flags, parse_int
 from device import available_memory, check_dtype
 
 # -----------------------------------------------------------------------------
@@ -35,17 +36,18 @@ class TrainSettings:
     # data and files
     data: str = flag("edu_fineweb10B", "directory of token shards (made by fineweb.py), or a text "
                                        "file such as input.txt, tokenized on the fly and split "
-                                       "90/10 into train/val")
+                                       "90/10 into train/val", path=True)
     tokenizer: str = flag("gpt2", "a new run's tokenizer: gpt2 (GPT-2's), a tiktoken ranks file or a "
                                   "tokenizers JSON file; --data's shards must be of it, --vocab_size follows "
-                                  "it; a checkpoint's run keeps its own")
-    out_dir: str = flag("./out", "where checkpoints, config.json and metrics.jsonl are written")
+                                  "it; a checkpoint's run keeps its own", path=True)
+    out_dir: str = flag("./out", "where checkpoints, config.json and metrics.jsonl are written",
+                        path=True)
     init_from: str = flag("scratch", "'scratch', 'resume' (the latest checkpoint in out_dir), a "
                                      "checkpoint path, or GPT-2 weights to fine-tune: gpt2, "
                                      "gpt2-medium, gpt2-large, gpt2-xl or a transformers folder "
-                                     "(save_pretrained)")
+                                     "(save_pretrained)", path=True)
     export_hf: str = flag("", "write the --init_from model to this folder in transformers' GPT-2 "
-                              "format and exit")
+                              "format and exit", path=True)
     plot: bool = flag(False, "redraw out_dir/plot.png (losses, HellaSwag) at every evaluation; "
                              "needs matplotlib")
     tensorboard: bool = flag(False, "also write metrics.jsonl's figures to out_dir/tensorboard/, "
@@ -91,7 +93,7 @@ class TrainSettings:
     hellaswag_examples: int = flag(0, "score only the first N HellaSwag examples (0: all 10,042 of "
                                       "val)")
     hellaswag_data: str = flag("val", "the HellaSwag split to download, or a local jsonl file in "
-                                      "its format")
+                                      "its format", path=True)
     sample_prompt: str = flag(SAMPLE_PROMPT, "the prompt of the samples printed at each "
                                              "evaluation; empty starts a new document")
     num_samples: int = flag(4, "samples printed at each evaluation, 32 tokens each (0: none; at "
@@ -242,9 +244,13 @@ def parse_step_range(text):
     if not text:
         return None
     first, _, end = text.partition(":")
-    if not (first.isdigit() and end.isdigit() and int(first) < int(end)):
+    try:  # as an integer flag is read: a superscript or a step past 2**63 is no step
+        first, end = parse_int(first), parse_int(end)
+    except argparse.ArgumentTypeError:
+        first = end = None
+    if first is None or not 0 <= first < end:
         raise UserError(f"--profile_steps {text!r} is not A:B with 0 <= A < B: pass, say, 10:15")
-    return int(first), int(end)
+    return first, end
 
 
 # the flags that name a file or folder, which an empty value would silently make the current
@@ -262,6 +268,8 @@ def check_types(config):
         kinds = (int, float) if field.type is float else (field.type,)
         if isinstance(value, bool) != (field.type is bool) or not isinstance(value, kinds):
             raise UserError(f"--{field.name} must be {field.type.__name__}, got {value!r}")
+        if field.type is int and not -INT64 <= value < INT64:
+            raise UserError(f"--{field.name} {value} is past the largest integer a flag takes (2**63 - 1)")
         if field.type is float and not math.isfinite(value):
             raise UserError(f"--{field.name} must be a finite number, got {value!r}")
         if field.type is str and "\0" in value:
@@ -373,7 +381,8 @@ def check_architecture(explicit, config, model_args):
 
 
 def resume_warnings(saved, config, saved_world_size, world_size):
-    """What a change of batch shape or data on resume costs, one warning each."""
+    """What a change of batch shape or data on resume costs, and steps added past the decay's end,
+    one warning each."""
     before, now = saved, dataclasses.asdict(config)
     sequences = lambda c, w: c["batch_size"] * c["gradient_accumulation_steps"] * w  # a step's
     warnings = []
@@ -389,4 +398,11 @@ def resume_warnings(saved, config, saved_world_size, world_size):
         warnings.append(f"warning: --data changes from {before['data']} to {config.data}: training "
                         "goes on with the new data from its first batch, and the val batches "
                         "change")
+    if config.max_iters > max(before["max_iters"], config.lr_decay_iters):
+        # the schedule is the run's: its decay ended, and the steps added past it stay at min_lr
+        first = max(before["max_iters"], config.lr_decay_iters)
+        warnings.append(f"warning: --max_iters {config.max_iters} runs past --lr_decay_iters "
+                        f"{config.lr_decay_iters}, where the cosine decay ends: steps {first:,} to "
+                        f"{config.max_iters - 1:,} train at --min_lr {config.min_lr:g}; to decay "
+                        f"over them, pass --lr_decay_iters {config.max_iters} too")
     return warnings

@@ -33,7 +33,8 @@ from checkpoint import (FullModelState, OptimizerStates, Progress, RNGState, Run
                         git_commit, load_checkpoint, make_checkpoint, restore, unsound_tensor)
 from cli import StopSignal, UserError, flag
 from cross_entropy_kernel import OutputLayerLoss
-from device import (Prefetcher, check_model_fits, device_peak_flops, make_autocast, place_model,
+from device import (Prefetcher, check_model_fits, device_peak_flops,
+                    float32_newton_schulz_where_bf16_is_emulated, make_autocast, place_model,
                     resolve_dtype, run_on_ranks, set_gradient_sync, wrap_model)
 from evaluation import Evaluation, bits_per_byte, evaluate_only
 from fineweb import (check_unchanged, check_vocab_size, checkpoint_tokenizer, fingerprint,
@@ -430,6 +431,7 @@ def muon(groups, config, device_type):
     and biases. The matrices take --weight_decay too (decoupled, as AdamW's)."""
     matrices = {"params": groups["matrices"], "weight_decay": config.weight_decay,
                 "base_lr": config.muon_lr}
+    float32_newton_schulz_where_bf16_is_emulated()
     return {"muon": torch.optim.Muon([matrices], momentum=config.muon_momentum,
                                      adjust_lr_fn=config.muon_lr_scaling),
             "adamw": fused_adamw(adamw_groups(groups, config, ("tables", "gains_and_biases")),

@@ -2,6 +2,7 @@
 from a TOML file, checked the same way; writes that never go through a link, and the clearing of a killed
 write's temporary files that leaves everything else alone."""
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from cli import UserError, atomic_write, build_parser, flag, lock_directory, parse_flags, remove_temporaries
-from conftest import run_main
+from conftest import INPUT_TXT, TINY, eval_records, run_main, snapshot, train_losses
 
 
 @dataclass
@@ -160,3 +161,161 @@ def test_only_a_killed_writes_own_temporary_files_are_removed(tmp_path):
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(theirs + [".x.tmp", ".config.json.1.00000000.tmp"])
     assert os.listdir(tmp_path / ".x.tmp") == []
+
+
+# -----------------------------------------------------------------------------
+# Whole classes of bad input, each member in every script that takes it: one line, a non-zero exit, no traceback,
+# and nothing of a run touched
+
+LONG_NAME = "x" * 300  # past the 255 bytes of a name on every common file system
+DEEP = "[" * 100_000 + "]" * 100_000  # brackets nested past Python's stack
+
+
+def fill(args, tmp_path, values):
+    """args with {name} replaced by values[name], and {toml:TEXT} by a preset file holding TEXT."""
+    filled = []
+    for arg in args:
+        if arg.startswith("{toml:"):
+            (tmp_path / "preset.toml").write_text(arg[6:-1] + "\n", encoding="utf-8")
+            arg = str(tmp_path / "preset.toml")
+        filled.append(arg.format(**values))
+    return filled
+
+
+def refused_in_one_line(script, args, tmp_path, trained_run, *expected):
+    run_dir, _ = trained_run
+    values = {"long": tmp_path / LONG_NAME, "checkpoint": run_dir / "best_val_loss.pt", "run": run_dir,
+              "deep_path": tmp_path.joinpath(*["d" * 200] * 21), "tmp": tmp_path}
+    before = snapshot(run_dir)
+    result = run_main(script, *fill(args, tmp_path, values))
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert any(text in line for text in expected), line
+    assert snapshot(run_dir) == before
+    return line
+
+
+@pytest.mark.parametrize("script, args", [
+    ("train_gpt2.py", ["--out_dir", "{long}"]),
+    ("train_gpt2.py", ["--out_dir", "{deep_path}"]),  # short names, but past the system's whole path
+    ("train_gpt2.py", ["--data", "{long}"]),
+    ("train_gpt2.py", ["--init_from", "{long}"]),
+    ("train_gpt2.py", ["--init_from", "{checkpoint}", "--export_hf", "{long}"]),
+    ("train_gpt2.py", ["--hellaswag", "True", "--hellaswag_data", "{long}"]),
+    ("train_gpt2.py", ["--config", "{long}"]),
+    ("train_gpt2.py", ["--config", "{toml:out_dir = '/tmp/" + LONG_NAME + "'}"]),
+    ("sample.py", ["--init_from", "{long}"]),
+    ("sample.py", ["--init_from", "{checkpoint}", "--start", "FILE:{long}"]),
+    ("plot.py", ["{long}"]),
+    ("plot.py", ["{run}", "--out", "{long}/plot.png"]),
+    ("bench.py", ["--data", "{long}"]),
+    ("bench.py", ["--json_out", "{long}"]),
+    ("hellaswag.py", ["--init_from", "{long}"]),
+    ("hellaswag.py", ["--init_from", "gpt2", "--data", "{long}"]),
+    ("hellaswag.py", ["--init_from", "gpt2", "--cache_dir", "{long}"]),
+])
+def test_a_path_too_long_for_the_file_system_is_one_line_in_every_script(script, args, tmp_path, trained_run):
+    line = refused_in_one_line(script, args, tmp_path, trained_run, "File name too long")
+    assert "xxx...xxx" in line or "ddd...ddd" in line  # the path named, its middle left out
+
+
+def test_an_os_error_on_a_path_deep_in_a_run_is_one_line(tmp_path, trained_run):
+    """A path no flag was checked for: the --data kept in a checkpoint, too long here (a run moved from a
+    file system that takes longer names). The scripts' one place for OS errors says it."""
+    from checkpoint import load_checkpoint, save_checkpoint
+    checkpoint = load_checkpoint(trained_run[0] / "best_val_loss.pt")
+    checkpoint["config"]["data"] = str(tmp_path / LONG_NAME)
+    save_checkpoint(tmp_path / "moved.pt", checkpoint)
+    line = refused_in_one_line("train_gpt2.py", ["--init_from", "{tmp}/moved.pt", "--out_dir", "{tmp}/branch"],
+                               tmp_path, trained_run, "File name too long: pass a shorter path")
+    assert line.startswith("error: ") and not (tmp_path / "branch").exists()
+
+
+def test_an_out_dir_without_room_for_a_checkpoints_name_is_refused_before_training(tmp_path):
+    """The folder can be made, but a checkpoint's name inside it would pass the system's limit on a whole path:
+    refused before the first step, not at the first checkpoint."""
+    out_dir = tmp_path.joinpath(*["d" * 200] * 19)
+    out_dir = out_dir / ("e" * (os.pathconf(tmp_path, "PC_PATH_MAX") - 40 - len(str(out_dir))))
+    result = run_main("train_gpt2.py", *TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--max_iters", "2")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("(File name too long): pass a shorter path")
+    assert "step" not in result.stdout and not any(out_dir.iterdir())
+
+
+def test_files_nested_past_pythons_stack_are_one_line_naming_the_file(tmp_path, trained_run):
+    import hellaswag
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(DEEP)  # a transformers folder, as --init_from names one
+    for script, args, expected in [
+        ("train_gpt2.py", ["--config", "{toml:max_iters = " + DEEP + "}"], "preset.toml is not valid TOML (nested"),
+        ("train_gpt2.py", ["--init_from", "{tmp}/hf"], "hf/config.json cannot be read (nested"),
+        ("hellaswag.py", ["--init_from", "{tmp}/hf", "--data", "{tmp}/hellaswag.jsonl"], "hf/config.json cannot"),
+    ]:
+        (tmp_path / "hellaswag.jsonl").write_text('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}\n')
+        refused_in_one_line(script, args, tmp_path, trained_run, expected)
+    # a HellaSwag item: its line skipped, named with the file and line, the rest scored
+    (tmp_path / "hellaswag.jsonl").write_text('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}\n'
+                                              f'{{"ctx": {DEEP}}}\n')
+    examples, problems = hellaswag.load_examples(str(tmp_path / "hellaswag.jsonl"))
+    assert len(examples) == 1 and problems == [f"{tmp_path / 'hellaswag.jsonl'}:2: not JSON (nested too deeply to "
+                                               "read (brackets or braces past Python's recursion limit)); line skipped"]
+
+
+def test_a_metrics_line_nested_past_the_stack_is_dropped_on_resume_and_the_run_goes_on_exactly(tmp_path,
+                                                                                               trained_run):
+    run_dir, _ = trained_run
+    out_dir = tmp_path / "out"
+    common = [*TINY, "--data", INPUT_TXT, "--out_dir", out_dir, "--eval_interval", "4", "--num_samples", "4"]
+    assert run_main("train_gpt2.py", *common, "--max_iters", "4").returncode == 0
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(f'{{"step": 2, "x": {DEEP}}}\n')
+    result = run_main("train_gpt2.py", *common, "--max_iters", "8", "--init_from", "resume")
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {out_dir / 'metrics.jsonl'}: 1 damaged line(s) dropped" in result.stdout
+    assert train_losses(out_dir) == train_losses(run_dir) and eval_records(out_dir) == eval_records(run_dir)
+    # and plot.py draws the run around such a line, saying where it is
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(f'{{"step": 9, "x": {DEEP}}}\n')
+    if importlib.util.find_spec("matplotlib"):
+        plotted = run_main("plot.py", out_dir)
+        assert plotted.returncode == 0 and "1 damaged line skipped (first: line" in plotted.stderr
+
+
+@pytest.mark.parametrize("script, args", [
+    ("train_gpt2.py", ["--vocab_size", "1e20"]),
+    ("train_gpt2.py", ["--vocab_size", str(10**20)]),
+    ("train_gpt2.py", ["--n_embd", str(10**20), "--n_head", "1"]),
+    ("train_gpt2.py", ["--n_embd", "1" + "0" * 5000]),  # more digits than int() reads
+    ("train_gpt2.py", ["--max_iters", "300.0"]),
+    ("train_gpt2.py", ["--config", "{toml:n_embd = 100000000000000000000}"]),
+    ("bench.py", ["--vocab_size", str(10**20)]),
+    ("bench.py", ["--n_embd", "1e20"]),
+    ("sample.py", ["--max_new_tokens", str(2**64)]),
+    ("hellaswag.py", ["--init_from", "gpt2", "--batch_size", str(2**64)]),
+])
+def test_an_integer_flag_past_64_bits_or_a_float_is_one_line_before_anything_is_built(script, args, tmp_path,
+                                                                                      trained_run):
+    refused_in_one_line(script, args, tmp_path, trained_run, "past the largest integer a flag takes (2**63 - 1)",
+                        "expected an integer, got")
+
+
+@pytest.mark.parametrize("script, args", [
+    ("train_gpt2.py", ["--profile_steps", "¹:²"]),
+    ("train_gpt2.py", ["--config", "{toml:profile_steps = '1:²'}"]),
+    ("train_gpt2.py", ["--config", "{toml:max_iters = ²}"]),
+    ("train_gpt2.py", ["--max_iters", "²"]),
+    ("train_gpt2.py", ["--max_time", "¹:00:00"]),
+    ("bench.py", ["--profile_steps", "⁰:⁵"]),
+    ("sample.py", ["--num_samples", "³"]),
+    ("hellaswag.py", ["--init_from", "gpt2", "--batch_size", "²"]),
+])
+def test_superscript_digits_are_one_line_in_every_script(script, args, tmp_path, trained_run):
+    refused_in_one_line(script, args, tmp_path, trained_run, "expected an integer, got", "is not A:B",
+                        "is not a time", "is not valid TOML")
+
+
+def test_the_decimal_digits_of_any_script_are_numbers():
+    from settings import parse_step_range
+    assert parse("--max_iters", "٣٠٠", "--learning_rate", "６e-4") == Example(300, 6e-4, True)
+    assert parse("--max_iters", "１２") == Example(max_iters=12)
+    assert parse_step_range("١:٣") == (1, 3)

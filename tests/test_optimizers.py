@@ -34,6 +34,30 @@ def test_muon_trains_the_blocks_matrices_and_adamw_everything_else():
     assert sorted(adamw_alone) == sorted(n for n, _ in model.named_parameters())
 
 
+def test_muons_newton_schulz_runs_in_float32_only_where_the_cpu_emulates_bfloat16(monkeypatch):
+    """torch.optim.Muon's iterations are bfloat16, which a CPU without the instructions emulates, slowly: on
+    such a CPU they run in float32; on any other device or CPU, torch's own."""
+    import device
+    from torch.optim import _muon
+    monkeypatch.setattr(_muon, "_zeropower_via_newtonschulz", _muon._zeropower_via_newtonschulz)  # put back after
+    make_optimizers(GPT(TINY_MODEL), TrainConfig(optimizer="muon"), "cpu")  # puts the float32 path in
+    newton_schulz = _muon._zeropower_via_newtonschulz
+    torch_newton_schulz = newton_schulz.torch_newton_schulz
+    grad, args = torch.randn(192, 64, generator=torch.Generator().manual_seed(0)), ((3.4445, -4.7750, 2.0315), 5, 1e-7)
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)
+    assert torch.equal(newton_schulz(grad, *args), torch_newton_schulz(grad, *args))  # torch's, bit for bit
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
+    assert newton_schulz(torch.empty(8, 4, device="meta"), *args).dtype == torch.bfloat16  # not a CPU: torch's
+    update, in_bfloat16 = newton_schulz(grad, *args), torch_newton_schulz(grad, *args).float()
+    a, b, c = args[0]
+    reference = grad.double().T / grad.double().norm()  # the same iteration in float64
+    for _ in range(5):
+        gram = reference @ reference.T
+        reference = a * reference + (b * gram + c * gram @ gram) @ reference
+    error = lambda x: ((x - reference.T).norm() / reference.norm()).item()
+    assert update.dtype == torch.float32 and error(update) < 1e-5 < error(in_bfloat16) < 0.05
+
+
 def test_the_schedule_scales_each_groups_own_rate():
     config = TrainConfig(optimizer="muon", learning_rate=2e-3, min_lr=2e-4, muon_lr=0.02, warmup_iters=10,
                          lr_decay_iters=100)

@@ -97,6 +97,23 @@ def test_runs_with_different_tokens_per_step_are_drawn_against_tokens(tmp_path):
     assert [child.get_xlabel() for child in loss_ax.child_axes] == ["tokens"]
 
 
+def test_the_loss_axis_is_zoomed_to_the_trained_part_unless_asked_for_all_of_it(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = write_metrics(tmp_path / "run")  # losses from 10.5 (val, step 0) to 8.1 (train, step 19) over 20 steps
+    bottom, top = plot.figure([run]).axes[0].get_ylim()
+    # from the lowest loss to the highest from step 2 on (a tenth of the run): train's 9.8, with 5% to spare
+    assert (bottom, top) == (pytest.approx(8.1 - 0.085), pytest.approx(9.8 + 0.085))
+    full = plot.figure([run], y="full").axes[0]
+    assert full.get_ylim()[1] > 10.5 and full.get_yscale() == "linear"
+    assert plot.figure([run], y="log").axes[0].get_yscale() == "log"
+    records = [("run", plot.read_run(run)[0])]
+    assert plot.zoomed_loss_limits(records, "step", floor=3.2924)[0] < 3.2924  # GPT-2's line stays in view
+    result = run_main("plot.py", run, "--y", "log", "--out", tmp_path / "log.png")
+    assert result.returncode == 0 and png_size(tmp_path / "log.png") == (700, 500)
+    result = run_main("plot.py", run, "--y", "linear")
+    assert result.returncode == 2 and "argument --y: invalid choice: 'linear'" in result.stderr
+
+
 def test_help_describes_the_script_in_a_whole_sentence():
     result = run_main("plot.py", "--help")
     assert result.returncode == 0

@@ -57,12 +57,11 @@ def test_samples_are_reproducible_under_a_seed_and_are_what_generate_makes(train
     (["--init_from", "{tmp}/missing.pt"], "checkpoint {tmp}/missing.pt not found"),
     (["--start", "FILE:{tmp}/missing.txt"], "--start FILE:{tmp}/missing.txt: cannot read"),
     (["--seed", "-1"], "--seed must be from 0 to 2**63 - 1, got -1"),
-    (["--seed", str(2**70)], "--seed must be from 0 to 2**63 - 1"),
     # a prompt file is read up to a cap, whatever it is
     (["--start", "FILE:/dev/zero"], "--start FILE:/dev/zero: /dev/zero is longer than 1,000,000 characters"),
     (["--start", "FILE:{tmp}/long.txt"], "--start FILE:{tmp}/long.txt: {tmp}/long.txt is longer than 1,000,000"),
     (["--start", "FILE:/dev/urandom"], "--start FILE:/dev/urandom: /dev/urandom is not UTF-8 text"),
-    (["--start", "FILE:{tmp}"], "--start FILE:{tmp}: cannot read {tmp} (Is a directory)"),
+    (["--start", "FILE:{tmp}"], "--start FILE:{tmp}: cannot read it (Is a directory)"),
 ])
 def test_bad_input_gets_one_line_and_exit_1(args, message, trained_run, tmp_path):
     (tmp_path / "long.txt").write_text("a" * 1_000_001)

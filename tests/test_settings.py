@@ -7,6 +7,7 @@ import pytest
 
 from cli import UserError
 from conftest import train_in_process
+from settings import resume_warnings
 from train_gpt2 import TrainConfig, parse_args
 
 
@@ -46,7 +47,7 @@ def test_validation_names_the_problem():
 
 
 def test_a_spike_window_past_its_limit_is_one_line():
-    config, _ = parse_args(["--spike_guard", "3", "--spike_window", str(10**30)])
+    config, _ = parse_args(["--spike_guard", "3", "--spike_window", str(10**6)])
     with pytest.raises(UserError, match="--spike_window from 10 to 10000"):
         config.validate()
 
@@ -59,6 +60,22 @@ def test_a_resume_with_another_seed_is_refused_in_one_line(trained_run, tmp_path
     assert exit_info.value.code == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "is seeded with 1337 (its initialization and data order): --seed 7 cannot change that" in line
+
+
+def test_a_resume_that_adds_steps_past_the_decays_end_says_they_train_at_min_lr():
+    saved = dataclasses.asdict(TrainConfig(max_iters=300, lr_decay_iters=300, warmup_iters=30, min_lr=2e-4))
+    resumed = lambda **flags: TrainConfig(**{**saved, **flags})
+    assert resume_warnings(saved, resumed(max_iters=400), 1, 1) == [
+        "warning: --max_iters 400 runs past --lr_decay_iters 300, where the cosine decay ends: steps 300 to 399 "
+        "train at --min_lr 0.0002; to decay over them, pass --lr_decay_iters 400 too"]
+    assert resume_warnings(saved, resumed(max_iters=400, lr_decay_iters=400), 1, 1) == []
+    assert resume_warnings(saved, resumed(), 1, 1) == []  # the run as it was planned
+
+
+def test_a_config_built_in_code_or_read_from_a_checkpoint_holds_its_integers_to_64_bits():
+    with pytest.raises(UserError, match=r"--max_iters 1180591620717411303424 is past the largest integer a flag "
+                                        r"takes \(2\*\*63 - 1\)"):
+        TrainConfig(max_iters=2**70).validate()
 
 
 @pytest.mark.parametrize("flag", ["out_dir", "data", "init_from", "hellaswag_data", "export_hf", "wandb_run_name",
