@@ -283,7 +283,7 @@ BAD_INPUTS = {
     # sized before anything is built: a count of blocks past any model's would take hours even on the meta device
     "too many blocks": (["--n_layer", str(10**12)], "--n_layer 1,000,000,000,000 is more than 1,024, the most"),
     "too wide": (["--n_embd", str(10**9), "--n_head", "1"], "--n_embd 1,000,000,000 is more than 16,777,216"),
-    "too large a vocabulary": (["--vocab_size", str(10**20)], "--vocab_size 100,000,000,000,000,000,000 is more"),
+    "too large a vocabulary": (["--vocab_size", str(10**18)], "--vocab_size 1,000,000,000,000,000,000 is more"),
     "too long a context": (["--block_size", str(10**12)], "--block_size 1,000,000,000,000 is more than 16,777,216"),
     "damaged loader state": (["--init_from", "{bad_loader}", "--out_dir", "{tmp}/branch", "--max_iters", "8"],
                              "holds a malformed training state"),
