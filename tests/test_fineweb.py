@@ -621,20 +621,30 @@ def test_a_manifest_nested_past_what_json_parses_is_one_line(tmp_path, docs_run)
     copy_run(docs_run, tmp_path)
     (tmp_path / "shards" / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
     refused = one_line_error(fineweb("--data_files", "docs.jsonl", "--out_dir", "shards", *TINY, cwd=tmp_path))
-    assert "shards/manifest.json cannot be read (maximum recursion depth" in refused and "--restart True" in refused
+    assert "shards/manifest.json cannot be read (nested too deeply" in refused and "--restart True" in refused
     from conftest import train_in_process  # the trainer's main, in this process
     refused = one_line_error(train_in_process("--data", tmp_path / "shards", "--out_dir", tmp_path / "out"))
-    assert f"{tmp_path / 'shards' / 'manifest.json'} cannot be read (maximum recursion depth" in refused
+    assert f"{tmp_path / 'shards' / 'manifest.json'} cannot be read (nested too deeply" in refused
 
 
 @pytest.mark.parametrize("flag", ["--out_dir", "--tokenizer", "--data_files"])
 def test_a_path_too_long_for_the_file_system_is_one_line_naming_it(flag, tmp_path):
+    """--out_dir and --tokenizer are paths, refused by the parser as every script's are (cli.parse_path);
+    --data_files, a list of globs, matches no file."""
     long = "x" * 300  # past the 255 bytes a file name may have
     args = {"--out_dir": ["--data_files", text_file(tmp_path), "--out_dir", long],
             "--tokenizer": ["--data_files", text_file(tmp_path), "--tokenizer", long],
             "--data_files": ["--data_files", long]}[flag]
-    refused = one_line_error(fineweb(*args, "--num_proc", "1", cwd=tmp_path))
-    assert refused.startswith(f"error: {flag}") and long in refused, refused
+    result = fineweb(*args, "--num_proc", "1", cwd=tmp_path)
+    if flag == "--data_files":
+        refused = one_line_error(result)
+        assert refused.startswith(f"error: {flag}") and long in refused, refused
+    else:
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        (refused,) = result.stderr.strip().splitlines()
+        assert refused.startswith(f"fineweb.py: error: argument {flag}: xxx") and "xxx...xxx" in refused
+        assert "File name too long: pass a shorter path" in refused
+    assert not (tmp_path / "edu_fineweb10B").exists() and not list(tmp_path.rglob("*.bin"))
 
 
 # -----------------------------------------------------------------------------
