@@ -431,11 +431,9 @@ class FineWebConfig:
     shard_size: int = flag(10**8, f"tokens per shard (2 bytes each; 4 past 65,536 token ids), at least "
                                   f"{MIN_SHARD_SIZE}; the trainer takes each batch from within one shard, so keep "
                                   f"it far above a batch")
-    val_tokens: int = flag(None, "tokens in the val split, taken first from the stream: a fixed "
-                                 "amount whatever the dataset's size; 0 for none. Unset: 100000000 "
-                                 "from the Hub; from --data_files a tenth of their tokens (as "
-                                 "estimated from their sizes) up to that, and on a rerun what "
-                                 "manifest.json records")
+    val_tokens: int = flag(None, "tokens in the val split, taken first from the stream; 0 for none. Unset: "
+                                 "100000000 from the Hub; from --data_files a tenth of their tokens (as "
+                                 "estimated from their sizes) up to that")
     max_tokens: int = flag(0, "stop after this many tokens, val included, for a quick subset; 0 for all")
     num_proc: int = flag(max(1, (os.cpu_count() or 1) // 2),
                          "tokenizer processes; the default is half this machine's cores")
@@ -482,23 +480,15 @@ DEFAULT_VAL_TOKENS = 10**8
 BYTES_PER_TOKEN = 4  # GPT-2 takes 3.3 bytes of Shakespeare a token, about 4.5 of English web text
 
 
-def choose_val_tokens(config, files, builder, manifest):
-    """--val_tokens, else 100M from the Hub; from local files, which 100M would overrun unless they are big,
-    what the manifest of an earlier run records (a resumed run must split where it did), else a tenth of
-    their estimated tokens (or of --max_tokens) up to 100M. Printed for local files."""
-    if config.val_tokens is not None or not files:
-        val = DEFAULT_VAL_TOKENS if config.val_tokens is None else config.val_tokens
-    elif manifest is not None and isinstance(manifest.get("val_tokens"), int):
-        val = manifest["val_tokens"]
-        print(f"val split: {val:,} tokens, as {MANIFEST} records (pass --val_tokens N to choose)")
-    else:
+def choose_val_tokens(config, files, builder):
+    """--val_tokens; unset, 100M from the Hub, and from local files, which 100M would overrun unless they
+    are big, a tenth of their tokens up to that, estimated from their sizes (so the same on a rerun)."""
+    val = DEFAULT_VAL_TOKENS if config.val_tokens is None else config.val_tokens
+    if config.val_tokens is None and files:
         tokens = estimated_tokens(files, builder, config.text_column)
-        if 0 < config.max_tokens < tokens:
-            tokens, of = config.max_tokens, "--max_tokens"
-        else:
-            of = f"the ~{tokens:,} tokens estimated from the files' sizes"
-        val = min(DEFAULT_VAL_TOKENS, tokens // 10)
-        print(f"val split: {val:,} tokens, a tenth of {of} (pass --val_tokens N to choose)")
+        val = min(val, tokens // 10)
+        print(f"val split: {val:,} tokens, a tenth of the ~{tokens:,} tokens estimated from the files' sizes "
+              f"(pass --val_tokens N to choose)")
     if 0 < config.max_tokens <= val:
         raise UserError(f"--max_tokens {config.max_tokens} leaves nothing for training after --val_tokens "
                         f"{val}: raise --max_tokens or lower --val_tokens")
@@ -1105,6 +1095,7 @@ def run(config):
     check_has_documents(files, builder)
     inputs = [input_record(f) for f in files] if files else None
     tokenizer = load_tokenizer(config.tokenizer)
+    val_tokens = choose_val_tokens(config, files, builder)
     prefix, limit = shard_prefix(config.dataset, files), config.max_tokens or sys.maxsize
     with locked_out_dir(config.out_dir) as out_dir:
         if config.restart:
@@ -1112,7 +1103,6 @@ def run(config):
             print(f"--restart: deleted {deleted} shards and any {MANIFEST} from "
                   f"{out_dir}; should this run stop, rerun it without --restart to resume")
         manifest = read_manifest(out_dir)
-        val_tokens = choose_val_tokens(config, files, builder, manifest)
         settings = settings_of(config, files, inputs, val_tokens, tokenizer)
         check_manifest(manifest, settings, out_dir)
         if is_up_to_date(manifest, out_dir, config.max_tokens):
