@@ -587,15 +587,6 @@ def input_record(path):
     return {"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fingerprint": digest.hexdigest()}
 
 
-def read_errors():
-    """The exception types that reading a stream raises for a damaged file or a failed download: what
-    `datasets`, pyarrow and the Hub's client raise (their network errors are OSErrors), and ValueError
-    (pyarrow's ArrowInvalid, a JSON line that does not parse, text that is not UTF-8)."""
-    import datasets
-    import pyarrow as pa
-    return OSError, ValueError, pa.ArrowException, datasets.exceptions.DatasetsError
-
-
 def describe_read_error(error, source, files, path=None):
     """One line for what reading the documents raised, naming the problem and the fix: a damaged local file
     (path), the local files, or the Hub, told apart by the exception types that `datasets` and the Hub's
@@ -642,7 +633,7 @@ def load_stream(config, files, builder):
         print(f"streaming {source} from the Hugging Face Hub")
     try:
         ds = datasets.load_dataset(path, split="train", streaming=True, **options)
-    except read_errors() as e:
+    except Exception as e:  # whatever `datasets`, pyarrow or the Hub's client raise: described by its type
         raise UserError(describe_read_error(e, source, files)) from None
     if ds.features is not None:
         # before any document is read: pyarrow's parquet reader reads ahead in threads of its own, and one still
@@ -659,7 +650,6 @@ def stream_batches(ds, files, source, column, skip):
     as the stream's shard of its own (as `datasets` shards local files: one a file), so that an error names it;
     a batch runs on from one file into the next."""
     import pyarrow as pa
-    errors = read_errors()
     parts = ([(path, ds.shard(num_shards=len(files), index=i)) for i, path in enumerate(files)]
              if files and ds.n_shards == len(files) else [(None, ds)])
     chunks, size = [], 0  # the texts read and not yet handed on
@@ -670,7 +660,7 @@ def stream_batches(ds, files, source, column, skip):
                 table = next(tables)
             except StopIteration:
                 break
-            except errors as e:
+            except Exception as e:  # a damaged file (pyarrow's, json's or UTF-8's errors) or a failed download
                 kept = "" if path else "; the shards written so far are kept: rerun the same command to resume"
                 raise UserError(describe_read_error(e, source, files, path) + kept) from None
             check_text_column(table.schema, source, column)  # again, for a stream whose schema is read with it
@@ -897,7 +887,7 @@ class ShardWriter:
         try:
             write_shard(self.out_dir / name, tokens, self.version)
         except OSError as e:  # a full disk, most likely: sample-10BT takes ~20 GB
-            raise UserError(f"cannot write {self.out_dir / name} ({e.strerror}): make room or pick another "
+            raise UserError(f"cannot write {self.out_dir / name} ({e.strerror or e}): make room or pick another "
                             f"--out_dir, then rerun the same command to resume") from None
         self.records.append({"name": name, "split": self.plan.split(self.index), "tokens": int(self.fill),
                              "documents": int(np.count_nonzero(tokens == self.eot)),
@@ -1080,12 +1070,6 @@ def is_up_to_date(manifest, out_dir, max_tokens):
             and all(shard_valid(out_dir / r["name"], r["tokens"]) for r in manifest["shards"]))
 
 
-def stray_shards(out_dir, records):
-    """Shard files the trainer would read that this run did not make (an earlier run with other flags)."""
-    ours = {r["name"] for r in records}
-    return sorted(p.name for split in SPLITS for p in shard_files(out_dir, split) if p.name not in ours)
-
-
 # -----------------------------------------------------------------------------
 # The run
 
@@ -1133,8 +1117,9 @@ def run(config):
     if null_documents:
         print(f"warning: {null_documents:,} documents had no text (null) in column {config.text_column!r}; they "
               f"were written as empty documents", file=sys.stderr)
-    stray = stray_shards(out_dir, records)
-    if stray:
+    ours = {r["name"] for r in records}
+    stray = [p.name for split in SPLITS for p in shard_files(out_dir, split) if p.name not in ours]
+    if stray:  # an earlier run's with other flags, say, which the trainer would read with these
         print(f"warning: {out_dir} also holds {len(stray)} shard files this run did not make ({stray[0]}, ...), "
               f"which the trainer would read: delete them", file=sys.stderr)
 
@@ -1143,7 +1128,7 @@ def write_shards(results, writer, docs_bar):
     """Hand the tokenized batches to the writer until it is done or they run out; how many of the documents
     written had a null text (only those written: the last batch may run on past --max_tokens)."""
     null_documents = 0
-    with contextlib.closing(results):  # stops the processes at once when the writer is done first
+    with contextlib.closing(results):  # closed early (done, or an error), it shuts the pool down: tokenized's finally
         for tokens, lengths, nulls in results:
             first = writer.document
             writer.add(tokens, lengths)
