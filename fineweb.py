@@ -722,9 +722,9 @@ def open_documents(config, files, builder, skip):
 
 # -----------------------------------------------------------------------------
 # Tokenizing in processes: a ProcessPoolExecutor, which reports a worker that died (the OOM killer) as
-# BrokenProcessPool, where build-nanogpt's multiprocessing.Pool waits forever for the task it held. (A worker
-# killed in the moment that its result crosses the pipe still leaves the executor waiting: kill the run, and
-# rerun.)
+# BrokenProcessPool, where build-nanogpt's multiprocessing.Pool waits forever for the task it held, and cannot
+# even be terminated when the worker died holding the task queue's lock. (A worker killed in the moment that
+# its result crosses the pipe still leaves the executor waiting for the rest of it: kill the run, and rerun.)
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
@@ -764,7 +764,8 @@ def tokenize_batch(texts, tokenizer_spec):
     """In a tokenizer process: an Arrow array of texts -> (their tokens end to end, each with the end-of-text
     token in front; each one's count, (docs,) int64; the positions of the null texts, (nulls,) int64). A null
     text (a null, or a .jsonl row without the column) becomes an empty document, not none, so that the
-    manifest's document index, from which a rerun resumes, stays the row's index; the main process warns."""
+    manifest's document index, from which a rerun resumes, stays the row's index; the main process warns.
+    A few arrays each way keep the inter-process traffic to a few buffers per batch."""
     tokenizer = load_tokenizer(tokenizer_spec)  # built once a process (inherited from the main one, forked)
     encode, eot, tokens, lengths = tokenizer.encode, tokenizer.eot, [], []
     for text in texts.to_pylist():
