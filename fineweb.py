@@ -7,19 +7,12 @@ FineWeb-Edu -> token shards; and the one owner of the shard format and the token
     python fineweb.py --max_tokens 300_000_000         # a quick subset
 
 The top of the file is what the trainer and the tools import: the shard format, the tokenizer, and the
-reading of the trainer's --data. Importing it loads neither `datasets` nor a process pool. The rest is the job:
-documents streamed through `datasets` (never held whole in memory nor stored twice), tokenized in a pool of
-processes with the end-of-text token in front of each, and cut into shards of --shard_size tokens: the first
---val_tokens make the val shard(s), the rest the train shards, a document that does not fit carrying on into
-the next shard. A rerun skips the shards already written and resumes after them, byte-identical to an
-uninterrupted run. `python fineweb.py --help` lists the flags.
-
-manifest.json beside the shards names the source, the tokenizer (the sha256 of its file) and the settings,
-and lists every shard with its tokens, the documents that start in it, and the stream position where it ends
-("end": [index of the next document, its tokens already written]), from which a rerun resumes. "complete"
-turns true when the run has finished. For local files it also records each one's size, modification time
-and fingerprint ("inputs"): a rerun over changed files, or with another tokenizer, is refused rather than
-mixing shards of the old and the new, and --restart True starts afresh.
+reading of the trainer's --data; importing it loads neither `datasets` nor a process pool. The rest is the job:
+documents streamed through `datasets`, tokenized in a pool of processes with the end-of-text token in front of
+each, and cut into shards of --shard_size tokens, the first --val_tokens the val split. manifest.json beside
+the shards names the source, the tokenizer (the sha256 of its file), the settings, the local input files'
+fingerprints, and where each shard ends in the stream: a rerun resumes there, byte-identical to an
+uninterrupted run, and refuses changed inputs or settings rather than mix old and new (--restart True).
 """
 
 import base64
@@ -41,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import UserError, atomic_write, build_parser, flag, lock_directory, remove_temporaries
+from cli import (UserError, atomic_write, build_parser, flag, lock_directory, parse_nested, remove_temporaries,
+                 run_command)
 
 # -----------------------------------------------------------------------------
 # The shard format: llm.c's
@@ -139,6 +133,10 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 
 
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class Tokenizer:
     """A tokenizer as the repo uses it, whichever library runs it: encode(text) -> ids, with special tokens'
     names read as text (documents, HellaSwag); encode_prompt(text) -> ids, those names read as the tokens
@@ -162,15 +160,14 @@ class Tokenizer:
 
 
 class TiktokenTokenizer(Tokenizer):
-    """A tiktoken ranks file (a base64 token and its rank a line, as gpt2.tiktoken and tiktoken's own
-    files): byte-level BPE of GPT-2's kind, text split by GPT-2's pattern, <|endoftext|> the id after the
-    last rank."""
+    """A tiktoken ranks file (a base64 token and its rank a line, as gpt2.tiktoken): byte-level BPE of
+    GPT-2's kind, text split by GPT-2's pattern, <|endoftext|> the id after the last rank."""
 
     def __init__(self, name, content, path=None):
         super().__init__(name, content, path)
         import tiktoken
         ranks = {}
-        for line in content.splitlines():
+        for line in content.splitlines():  # as tiktoken.load does, from bytes rather than a path or URL
             if line:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
@@ -219,7 +216,7 @@ class HFTokenizer(Tokenizer):
 @lru_cache(maxsize=8)
 def make_tokenizer(name, content, path=None):
     """The tokenizer a file's content defines: a JSON object is a tokenizers file, anything else tiktoken ranks.
-    Raises ValueError (of the library's, or its own) for content that is neither."""
+    Raises ValueError for content that is neither."""
     kind = HFTokenizer if content.lstrip().startswith(b"{") else TiktokenTokenizer
     try:
         return kind(name, content, path)
@@ -282,8 +279,15 @@ MANIFEST = "manifest.json"
 LEGACY_TOKENIZERS = {"gpt2 (tiktoken), <|endoftext|> before each document": "gpt2"}
 
 
-def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+def read_json(path, fix):
+    """The JSON object in path; a file that cannot be read or parsed, or holds no object, is refused with fix."""
+    try:
+        value = parse_nested(json.loads, Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({first_line(e)}): {fix}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is damaged (not a JSON object): {fix}")
+    return value
 
 
 def manifest_tokenizer(manifest):
@@ -293,7 +297,6 @@ def manifest_tokenizer(manifest):
     if isinstance(record, str) and record in LEGACY_TOKENIZERS:
         return load_tokenizer(LEGACY_TOKENIZERS[record]).record()
     return record if isinstance(record, dict) and isinstance(record.get("sha256"), str) else None
-
 
 
 @lru_cache(maxsize=2)
@@ -336,11 +339,7 @@ def load_token_sources(data, split, tokenizer=None):
             what = "a link to nothing" if shard.is_symlink() and not shard.exists() else "not a file"
             raise UserError(f"{shard} is named like a {split} shard but is {what}: remove it from {data}, or "
                             f"rerun `python fineweb.py`")
-    try:
-        return [(shard.name, open_shard(shard)) for shard in shards]
-    except OSError as e:
-        raise UserError(f"{e.filename}: cannot be read as a shard ({e.strerror or e}): fix its permissions, or "
-                        f"remove it from {data}") from None
+    return [(shard.name, open_shard(shard)) for shard in shards]  # an OSError names its file (cli.path_error)
 
 
 def check_shards_tokenizer(directory, tokenizer):
@@ -426,16 +425,15 @@ class FineWebConfig:
                                "words (as an unquoted glob gives them); empty: the Hub")
     text_column: str = flag("text", "the column holding each document's text")
     tokenizer: str = flag("gpt2", "gpt2 (GPT-2's), a tiktoken ranks file (FILE.tiktoken) or a Hugging Face "
-                                  "tokenizers JSON file (tokenizer.json); manifest.json records its sha256")
-    out_dir: str = flag("edu_fineweb10B", "where the shards and manifest.json are written")
+                                  "tokenizers JSON file (tokenizer.json); manifest.json records its sha256",
+                          path=True)
+    out_dir: str = flag("edu_fineweb10B", "where the shards and manifest.json are written", path=True)
     shard_size: int = flag(10**8, f"tokens per shard (2 bytes each; 4 past 65,536 token ids), at least "
                                   f"{MIN_SHARD_SIZE}; the trainer takes each batch from within one shard, so keep "
                                   f"it far above a batch")
-    val_tokens: int = flag(None, "tokens in the val split, taken first from the stream: a fixed "
-                                 "amount whatever the dataset's size; 0 for none. Unset: 100000000 "
-                                 "from the Hub; from --data_files a tenth of their tokens (as "
-                                 "estimated from their sizes) up to that, and on a rerun what "
-                                 "manifest.json records")
+    val_tokens: int = flag(None, "tokens in the val split, taken first from the stream; 0 for none. Unset: "
+                                 "100000000 from the Hub; from --data_files a tenth of their tokens (as "
+                                 "estimated from their sizes) up to that")
     max_tokens: int = flag(0, "stop after this many tokens, val included, for a quick subset; 0 for all")
     num_proc: int = flag(max(1, (os.cpu_count() or 1) // 2),
                          "tokenizer processes; the default is half this machine's cores")
@@ -444,7 +442,8 @@ class FineWebConfig:
                                 "changed; other files stay")
 
     def validate(self):
-        """Raise UserError naming the problem and the fix; called before any work is done."""
+        """Raise UserError naming the problem and the fix; called before any work is done. (--max_tokens
+        against the val split: choose_val_tokens, which knows the split when --val_tokens is unset.)"""
         if not MIN_SHARD_SIZE <= self.shard_size <= MAX_SHARD_SIZE:
             raise UserError(f"--shard_size {self.shard_size} is out of range: pass {MIN_SHARD_SIZE} to "
                             f"{MAX_SHARD_SIZE} tokens (the default 100000000 makes 200 MB shards)")
@@ -452,8 +451,6 @@ class FineWebConfig:
             raise UserError(f"--val_tokens must be 0 or more, got {self.val_tokens}")
         if self.max_tokens < 0:
             raise UserError(f"--max_tokens must be 0 (no limit) or more, got {self.max_tokens}")
-        if self.val_tokens is not None:
-            check_leaves_training(self.max_tokens, self.val_tokens)
         if self.num_proc < 1:
             raise UserError(f"--num_proc must be 1 or more, got {self.num_proc}")
         if not self.text_column:
@@ -467,9 +464,8 @@ def parse_args(argv=None):
 
 def join_data_files(argv):
     """argv with the words that follow --data_files's value, up to the next flag, joined to it by commas: an
-    unquoted glob reaches the script as one word per file, in the shell's order (the quoted glob is sorted by
-    Python, so the two can order files differently). The script takes no positional arguments, so those words
-    were an error before; the flags stay one value each, as cli.build_parser makes them."""
+    unquoted glob reaches the script as one word per file, in the shell's order. The script takes no
+    positional arguments, so those words were an error before; every other flag stays one value."""
     joined = []
     for word in argv:
         takes_more = joined and (joined[-1].startswith("--data_files=") or joined[-2:-1] == ["--data_files"])
@@ -481,39 +477,27 @@ def join_data_files(argv):
 
 
 DEFAULT_VAL_TOKENS = 10**8
-VAL_SHARE = 10  # from local files, a tenth of their tokens makes the val split (up to the default)
 BYTES_PER_TOKEN = 4  # GPT-2 takes 3.3 bytes of Shakespeare a token, about 4.5 of English web text
 
 
-def check_leaves_training(max_tokens, val_tokens):
-    if 0 < max_tokens <= val_tokens:
-        raise UserError(f"--max_tokens {max_tokens} leaves nothing for training after --val_tokens "
-                        f"{val_tokens}: raise --max_tokens or lower --val_tokens")
-
-
-def choose_val_tokens(config, files, builder, manifest):
-    """--val_tokens, or when it is not given: 100M from the Hub; from local files, which 100M would
-    overrun unless they are big, the value the manifest of an earlier run records (a resumed run
-    must split where it did), else a tenth of their estimated tokens (or of --max_tokens) up to
-    100M. Returns the value and how it was chosen for local files, to print (else None)."""
-    if config.val_tokens is not None or not files:
-        val, how = DEFAULT_VAL_TOKENS if config.val_tokens is None else config.val_tokens, None
-    elif manifest is not None and isinstance(manifest.get("val_tokens"), int):
-        val, how = manifest["val_tokens"], f"as {MANIFEST} records"
-    else:
+def choose_val_tokens(config, files, builder):
+    """--val_tokens; unset, 100M from the Hub, and from local files, which 100M would overrun unless they
+    are big, a tenth of their tokens up to that, estimated from their sizes (so the same on a rerun)."""
+    val = DEFAULT_VAL_TOKENS if config.val_tokens is None else config.val_tokens
+    if config.val_tokens is None and files:
         tokens = estimated_tokens(files, builder, config.text_column)
-        if 0 < config.max_tokens < tokens:
-            tokens, of = config.max_tokens, "--max_tokens"
-        else:
-            of = f"the ~{tokens:,} tokens estimated from the files' sizes"
-        val, how = min(DEFAULT_VAL_TOKENS, tokens // VAL_SHARE), f"a tenth of {of}"
-    check_leaves_training(config.max_tokens, val)
-    return val, how
+        val = min(val, tokens // 10)
+        print(f"val split: {val:,} tokens, a tenth of the ~{tokens:,} tokens estimated from the files' sizes "
+              f"(pass --val_tokens N to choose)")
+    if 0 < config.max_tokens <= val:
+        raise UserError(f"--max_tokens {config.max_tokens} leaves nothing for training after --val_tokens "
+                        f"{val}: raise --max_tokens or lower --val_tokens")
+    return val
 
 
 def estimated_tokens(files, builder, column):
-    """Roughly the tokens in the local files, from their sizes at BYTES_PER_TOKEN: a parquet file's
-    text column uncompressed (its footer says), any other file whole."""
+    """Roughly the tokens in the local files at BYTES_PER_TOKEN: a parquet file's text column uncompressed
+    (its footer says), any other file whole."""
     if builder != "parquet":
         return sum(os.path.getsize(path) for path in files) // BYTES_PER_TOKEN
     import pyarrow.parquet as pq
@@ -560,33 +544,27 @@ def resolve_data_files(data_files):
 
 def check_has_documents(files, builder):
     """Refuse a file without documents before any work: `datasets` would fail on it with a message that does
-    not name it (StopIteration for empty .jsonl files, "BatchSize must be greater than 0" for a parquet file
-    without rows, whatever files come with it), or make an empty .txt file an empty document."""
+    not name it (StopIteration for an empty .jsonl file, "BatchSize must be greater than 0" for a parquet file
+    without rows), or make an empty .txt file an empty document. Reads a parquet file's footer and, of a .jsonl
+    file, up to its first non-blank byte."""
     for path in files:
-        problem = why_no_documents(path, builder)
+        problem = None
+        if os.path.getsize(path) == 0:
+            problem = "is empty (0 bytes)"
+        elif builder == "json":
+            with open(path, "rb") as f:
+                if not any(block.strip() for block in iter(lambda: f.read(1 << 20), b"")):
+                    problem = "holds only blank lines"
+        elif builder == "parquet":
+            import pyarrow.parquet as pq
+            try:
+                if pq.read_metadata(path).num_rows == 0:
+                    problem = "is a parquet file without rows"
+            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                problem = f"is not a readable parquet file ({first_line(e)})"
         if problem:
             raise UserError(f"--data_files: {path} {problem}: leave it out (delete it if a glob picks it up) or "
                             f"replace it with a complete copy")
-
-
-def why_no_documents(path, builder):
-    """What shows that the file holds no documents, None if it may hold some. Reads a parquet file's footer
-    and, of a .jsonl file, up to its first non-blank byte."""
-    if os.path.getsize(path) == 0:
-        return "is empty (0 bytes)"
-    if builder == "json":
-        with open(path, "rb") as f:
-            if not any(block.strip() for block in iter(lambda: f.read(1 << 20), b"")):
-                return "holds only blank lines"
-    if builder == "parquet":
-        import pyarrow.parquet as pq
-        try:
-            rows = pq.read_metadata(path).num_rows
-        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-            return f"is not a readable parquet file ({first_line(e)})"
-        if rows == 0:
-            return "is a parquet file without rows"
-    return None
 
 
 FINGERPRINT_WHOLE = 1 << 22  # files up to 4 MiB are hashed whole
@@ -594,65 +572,44 @@ FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 64, 1 << 16  # larger ones: 4 MiB spread
 
 
 def input_record(path):
-    """What tells whether a local file changed since its shards were made: its size, modification
-    time and a cheap fingerprint of its content (blake2b of the whole file when small, else of
-    evenly spaced blocks, the first and the last among them): a rerun over 20 GB reads megabytes."""
-    try:
-        stat = os.stat(path)
-        digest = hashlib.blake2b(stat.st_size.to_bytes(8, "little"), digest_size=16)
-        with open(path, "rb") as f:
-            if stat.st_size <= FINGERPRINT_WHOLE:
-                digest.update(f.read())
-            else:
-                last = stat.st_size - FINGERPRINT_BLOCK
-                for start in np.linspace(0, last, FINGERPRINT_BLOCKS).astype(np.int64):
-                    f.seek(int(start))
-                    digest.update(f.read(FINGERPRINT_BLOCK))
-    except OSError as e:
-        raise UserError(f"--data_files: {path} cannot be read ({e.strerror or e}): fix its "
-                        f"permissions or leave it out") from None
-    return {"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "fingerprint": digest.hexdigest()}
-
-
-def read_errors():
-    """The exception types that reading a stream raises for a damaged file or a failed download: what
-    `datasets`, pyarrow and the Hub's client raise (their network errors are OSErrors), and ValueError
-    (pyarrow's ArrowInvalid, a JSON line that does not parse, text that is not UTF-8)."""
-    import datasets
-    import pyarrow as pa
-    return OSError, ValueError, pa.ArrowException, datasets.exceptions.DatasetsError
+    """What tells whether a local file changed since its shards were made: its size, modification time and
+    a cheap fingerprint of its content (blake2b of the whole file when small, else of evenly spaced blocks,
+    the first and the last among them): a rerun over 20 GB reads megabytes."""
+    stat = os.stat(path)
+    digest = hashlib.blake2b(stat.st_size.to_bytes(8, "little"), digest_size=16)
+    with open(path, "rb") as f:
+        if stat.st_size <= FINGERPRINT_WHOLE:
+            digest.update(f.read())
+        else:
+            for start in np.linspace(0, stat.st_size - FINGERPRINT_BLOCK, FINGERPRINT_BLOCKS).astype(np.int64):
+                f.seek(int(start))
+                digest.update(f.read(FINGERPRINT_BLOCK))
+    return {"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fingerprint": digest.hexdigest()}
 
 
 def describe_read_error(error, source, files, path=None):
     """One line for what reading the documents raised, naming the problem and the fix: a damaged local file
-    (path: a .jsonl line that is not JSON, a .txt file that is not UTF-8, a parquet page that does not
-    decode), the local files, or the Hub, by the exception types that `datasets` and the Hub's client
-    export."""
-    from datasets.config import HF_HUB_OFFLINE  # HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set
+    (path), the local files, or the Hub, told apart by the exception types that `datasets` and the Hub's
+    client export."""
     from datasets.exceptions import DatasetNotFoundError
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
     reason = f"{type(error).__name__}: {first_line(error)}"
-    if path is not None and isinstance(error, UnicodeDecodeError):
-        return f"--data_files: {path} is not UTF-8 text: convert it to UTF-8 or leave it out, then rerun"
     if path is not None:
-        return (f"--data_files: {path} cannot be read ({reason}): replace it with a sound copy or leave it out, "
-                f"then rerun")
+        if isinstance(error, UnicodeDecodeError):  # a .txt file
+            return f"--data_files: {path} is not UTF-8 text: convert it to UTF-8 or leave it out, then rerun"
+        return (f"--data_files: {path} cannot be read ({reason}): replace it with a sound copy or leave it "
+                f"out, then rerun")
     if files:
         return f"cannot read {source} ({reason}): check the files"
-    offline_hint = ("download the dataset's parquet files on a machine with network access and pass "
-                    "--data_files 'DIR/*.parquet'")
     if isinstance(error, (DatasetNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)):
         return (f"{source} was not found on the Hugging Face Hub ({first_line(error)}); check --dataset and "
                 f"--name, e.g. HuggingFaceFW/fineweb-edu with sample-10BT")
     if isinstance(error, HfHubHTTPError):
         return f"the Hugging Face Hub refused {source}: {first_line(error)}"
-    if isinstance(error, OSError) and HF_HUB_OFFLINE:
-        return (f"cannot stream {source}: offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set), so "
-                f"the Hugging Face Hub cannot be reached; unset it, or {offline_hint}")
-    if isinstance(error, OSError):  # the client's network errors, of whichever HTTP library, are OSErrors
+    if isinstance(error, OSError):  # the client's network errors, of whichever HTTP library, and offline mode's
         return (f"cannot reach the Hugging Face Hub to stream {source} ({first_line(error)}); check the network "
-                f"connection, or {offline_hint}")
+                f"connection and that HF_HUB_OFFLINE is unset, or download the dataset's parquet files on a "
+                f"machine with network access and pass --data_files 'DIR/*.parquet'")
     return f"cannot read {source} ({reason})"
 
 
@@ -668,22 +625,20 @@ def load_stream(config, files, builder):
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     huggingface_hub.utils.logging.set_verbosity_error()  # retry warnings would bury the one-line error
     if files:
-        source = f"--data_files {config.data_files}"
-        extra = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is a document, not a line
-        make = lambda: datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+        source, path, options = f"--data_files {config.data_files}", builder, {"data_files": files}
+        if builder == "text":
+            options["sample_by"] = "document"  # a .txt file is one document, not one a line
     else:
-        source = f"{config.dataset} ({config.name})"
+        source, path, options = f"{config.dataset} ({config.name})", config.dataset, {"name": config.name or None}
         print(f"streaming {source} from the Hugging Face Hub")
-        make = lambda: datasets.load_dataset(config.dataset, name=config.name or None, split="train", streaming=True)
     try:
-        ds = make()
-    except read_errors() as e:
+        ds = datasets.load_dataset(path, split="train", streaming=True, **options)
+    except Exception as e:  # whatever `datasets`, pyarrow or the Hub's client raise: described by its type
         raise UserError(describe_read_error(e, source, files)) from None
     if ds.features is not None:
-        # checked before any document is read: pyarrow's parquet reader reads ahead in threads of its own through
-        # a Python file object, and a reader thread that lets go of that file while the interpreter shuts down
-        # (as it would at once after a bad column in the first batch) aborts the process with "terminate called
-        # without an active exception" after the one-line error, and exit status 134
+        # before any document is read: pyarrow's parquet reader reads ahead in threads of its own, and one still
+        # reading while the interpreter shuts down on the error aborts the process ("terminate called without an
+        # active exception", exit status 134)
         check_text_column(ds.features.arrow_schema, source, config.text_column)
         ds = ds.select_columns([config.text_column])
     return ds.with_format("arrow"), source  # Arrow batches: no Python object per document in this process
@@ -695,7 +650,6 @@ def stream_batches(ds, files, source, column, skip):
     as the stream's shard of its own (as `datasets` shards local files: one a file), so that an error names it;
     a batch runs on from one file into the next."""
     import pyarrow as pa
-    errors = read_errors()
     parts = ([(path, ds.shard(num_shards=len(files), index=i)) for i, path in enumerate(files)]
              if files and ds.n_shards == len(files) else [(None, ds)])
     chunks, size = [], 0  # the texts read and not yet handed on
@@ -706,7 +660,7 @@ def stream_batches(ds, files, source, column, skip):
                 table = next(tables)
             except StopIteration:
                 break
-            except errors as e:
+            except Exception as e:  # a damaged file (pyarrow's, json's or UTF-8's errors) or a failed download
                 kept = "" if path else "; the shards written so far are kept: rerun the same command to resume"
                 raise UserError(describe_read_error(e, source, files, path) + kept) from None
             check_text_column(table.schema, source, column)  # again, for a stream whose schema is read with it
@@ -742,19 +696,17 @@ def check_utf8(texts, path, source, first):
         return
     except pa.ArrowInvalid:
         pass
-    bad = first + next(i for i in range(len(texts)) if not decodes(texts, i))
+    bad = first
+    for i in range(len(texts)):
+        try:
+            texts[i].as_py()
+        except UnicodeDecodeError:
+            bad += i
+            break
     if path is None:
         raise UserError(f"{source}: document {bad:,} (from 0) is not UTF-8 text: repair the data")
     raise UserError(f"--data_files: {path} holds text that is not UTF-8 (its document {bad:,}, from 0): repair "
                     f"or replace it, or leave it out, then rerun")
-
-
-def decodes(texts, i):
-    try:
-        texts[i].as_py()
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 def open_documents(config, files, builder, skip):
@@ -763,10 +715,8 @@ def open_documents(config, files, builder, skip):
     ds, source = load_stream(config, files, builder)
     batches = stream_batches(ds, files, source, config.text_column, skip)
     first = next(batches, None)
-    try:
-        total = ds.info.splits["train"].num_examples
-    except (AttributeError, KeyError, TypeError):
-        total = None
+    splits = ds.info.splits  # None for local files
+    total = splits["train"].num_examples if splits and "train" in splits else None
     return itertools.chain([first] if first is not None else [], batches), source, total
 
 
@@ -784,21 +734,18 @@ def start_worker():
     (it stops the pool), and a kill ends the worker quietly. The worker ends when the main process dies,
     however it dies (kill -9, the OOM killer): left waiting for work, it would keep the out_dir lock it holds
     since the fork, and a rerun would be refused."""
+    import multiprocessing.connection
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "pthread_sigmask"):  # not on Windows
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held back by submit, see there
-    import multiprocessing
+    # ready once the main process and the workers forked after this one, which hold a copy, have exited
     sentinel = multiprocessing.parent_process().sentinel
-    threading.Thread(target=exit_with_main_process, args=(sentinel,), daemon=True).start()
 
-
-def exit_with_main_process(sentinel):
-    """Wait for the main process's sentinel (ready once it and the workers forked after this one, which hold a
-    copy, have exited: the last one forked goes first), then end this process."""
-    import multiprocessing.connection
-    multiprocessing.connection.wait([sentinel])
-    os._exit(1)
+    def exit_with_main_process():
+        multiprocessing.connection.wait([sentinel])
+        os._exit(1)
+    threading.Thread(target=exit_with_main_process, daemon=True).start()
 
 
 def submit(executor, *task):
@@ -816,9 +763,9 @@ def submit(executor, *task):
 def tokenize_batch(texts, tokenizer_spec):
     """In a tokenizer process: an Arrow array of texts -> (their tokens end to end, each with the end-of-text
     token in front; each one's count, (docs,) int64; the positions of the null texts, (nulls,) int64). A null
-    text (a null, or a .jsonl row without the column) becomes an empty document, not none: a document per row
-    keeps the manifest's document index, from which a rerun resumes, the row's index. The main process counts
-    them and warns. A few arrays each way keep the inter-process traffic to a few buffers per batch."""
+    text (a null, or a .jsonl row without the column) becomes an empty document, not none, so that the
+    manifest's document index, from which a rerun resumes, stays the row's index; the main process warns.
+    A few arrays each way keep the inter-process traffic to a few buffers per batch."""
     tokenizer = load_tokenizer(tokenizer_spec)  # built once a process (inherited from the main one, forked)
     encode, eot, tokens, lengths = tokenizer.encode, tokenizer.eot, [], []
     for text in texts.to_pylist():
@@ -884,6 +831,9 @@ class ShardPlan:
         return self.shard_size
 
 
+SHARD_NAME = re.compile(r"[a-z0-9]+_(train|val)_[0-9]{6,}\.bin")  # ShardPlan.name's, any prefix
+
+
 def shard_prefix(dataset, files):
     """local for local files (whatever --dataset says: they need not be FineWeb's); from the Hub,
     edufineweb for FineWeb-Edu, fineweb for FineWeb, else the dataset's name in letters, digits."""
@@ -892,15 +842,6 @@ def shard_prefix(dataset, files):
     base = dataset.rstrip("/").split("/")[-1].lower()
     prefix = "edufineweb" if base == "fineweb-edu" else re.sub(r"[^a-z0-9]", "", base)
     return "data" if not prefix or any(split in prefix for split in SPLITS) else prefix  # see shard_split
-
-
-def shard_matches(path, tokens, version):
-    """Whether path already holds exactly these tokens as a shard of this version (a rerun leaves it alone)."""
-    try:
-        return (shard_valid(path, len(tokens)) and read_shard_header(path)[1] == TOKEN_DTYPES[version]
-                and np.array_equal(open_shard(path), tokens))
-    except OSError:
-        return False
 
 
 class ShardWriter:
@@ -944,13 +885,11 @@ class ShardWriter:
     def flush(self):
         tokens = self.buffer[:self.fill]
         name = self.plan.name(self.index)
-        path = self.out_dir / name
-        if not shard_matches(path, tokens, self.version):
-            try:
-                write_shard(path, tokens, self.version)
-            except OSError as e:  # a full disk, most likely: sample-10BT takes ~20 GB
-                raise UserError(f"cannot write {path} ({e.strerror}): make room or pick another --out_dir, "
-                                f"then rerun the same command to resume") from None
+        try:
+            write_shard(self.out_dir / name, tokens, self.version)
+        except OSError as e:  # a full disk, most likely: sample-10BT takes ~20 GB
+            raise UserError(f"cannot write {self.out_dir / name} ({e.strerror or e}): make room or pick another "
+                            f"--out_dir, then rerun the same command to resume") from None
         self.records.append({"name": name, "split": self.plan.split(self.index), "tokens": int(self.fill),
                              "documents": int(np.count_nonzero(tokens == self.eot)),
                              "end": [self.document, self.token]})
@@ -989,42 +928,31 @@ def settings_of(config, files, inputs, val_tokens, tokenizer):
 @contextlib.contextmanager
 def locked_out_dir(out_dir):
     """Create out_dir and hold its lock (cli.DirectoryLock) while shards are written, clearing the temporary
-    files a killed run left when it starts: two runs on one directory would delete each other's. A run that
-    fails before writing anything takes the directory it created away again."""
+    files a killed run left: two runs on one directory would delete each other's. A run that leaves nothing
+    in a directory it created takes the directory away again."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file: pass a directory (it is created if missing)")
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)  # an OSError names the path (cli.path_error)
+    lock = lock_directory(out_dir, "fineweb.py")
     try:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UserError(f"--out_dir {out_dir} is a file: pass a directory (it is created if missing)")
-        created = not out_dir.exists()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = lock_directory(out_dir, "fineweb.py")
-    except OSError as e:  # ENAMETOOLONG among them
-        raise UserError(f"--out_dir {out_dir} cannot be written ({e.strerror or e}): pick a writable directory") \
-            from None
-    try:
-        remove_temporaries(out_dir, lambda name: name == MANIFEST or SHARD_NAME.fullmatch(name))  # a killed run's
+        remove_temporaries(out_dir, lambda name: name == MANIFEST or SHARD_NAME.fullmatch(name))
         yield out_dir
-    except BaseException:
-        if lock is not None:
-            lock.release()
-            lock = None
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
     finally:
         if lock is not None:
             lock.release()
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
 
 
-def read_json(path, fix):
-    """The JSON object in path; a file that cannot be read or parsed, or holds no object, is refused with fix."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested past what the parser takes
-        raise UserError(f"{path} cannot be read ({first_line(e)}): {fix}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} is damaged (not a JSON object): {fix}")
-    return value
+# the fields and types of write_manifest's records (bool is no int here: type(value) is int)
+SHARD_RECORD = {"name": str, "split": str, "tokens": int, "documents": int, "end": list}
+INPUT_RECORD = {"path": str, "size": int, "mtime_ns": int, "fingerprint": str}
+
+
+def is_record(value, fields):
+    return isinstance(value, dict) and all(type(value.get(key)) is kind for key, kind in fields.items())
 
 
 def read_manifest(out_dir):
@@ -1035,27 +963,18 @@ def read_manifest(out_dir):
         return None
     manifest = read_json(path, restart_fix(out_dir))
     manifest["tokenizer"] = manifest_tokenizer(manifest)
-    if not manifest_shape_ok(manifest):
+    shards, inputs = manifest.get("shards"), manifest.get("inputs")
+    if not (type(manifest.get("complete")) is bool and isinstance(manifest.get("source"), dict)
+            and manifest["tokenizer"] is not None
+            and isinstance(shards, list) and all(is_record(r, SHARD_RECORD) for r in shards)
+            and all(len(r["end"]) == 2 and all(type(n) is int for n in r["end"]) for r in shards)
+            and (inputs is None or isinstance(inputs, list) and all(is_record(r, INPUT_RECORD) for r in inputs))):
         raise UserError(f"{path} is damaged (not the manifest fineweb.py writes): {restart_fix(out_dir)}")
     return manifest
 
 
-def manifest_shape_ok(manifest):
-    """Whether a manifest has the fields and types that write_manifest gives it."""
-    is_count = lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    shard_ok = lambda r: (isinstance(r, dict) and isinstance(r.get("name"), str) and r.get("split") in SPLITS
-                          and is_count(r.get("tokens")) and is_count(r.get("documents"))
-                          and isinstance(r.get("end"), list) and len(r["end"]) == 2
-                          and all(is_count(n) for n in r["end"]))
-    input_ok = lambda r: (isinstance(r, dict) and isinstance(r.get("path"), str) and is_count(r.get("size"))
-                          and is_count(r.get("mtime_ns")) and isinstance(r.get("fingerprint"), str))
-    return (isinstance(manifest.get("complete"), bool)
-            and isinstance(manifest.get("shards"), list) and all(map(shard_ok, manifest["shards"]))
-            and isinstance(manifest.get("source"), dict) and isinstance(manifest.get("tokens"), dict)
-            and manifest["tokenizer"] is not None
-            and (manifest.get("max_tokens") is None or is_count(manifest["max_tokens"]))
-            and (manifest.get("inputs") is None or isinstance(manifest["inputs"], list)
-                 and all(map(input_ok, manifest["inputs"]))))
+def restart_fix(out_dir):
+    return f"pass --restart True to tokenize afresh (deletes the shards of {out_dir})"
 
 
 def check_manifest(manifest, settings, out_dir):
@@ -1076,20 +995,16 @@ def check_manifest(manifest, settings, out_dir):
                             f"pass the same flags or another --out_dir, or {restart_fix(out_dir)}")
 
 
-def restart_fix(out_dir):
-    return f"pass --restart True to tokenize afresh (deletes the shards of {out_dir})"
-
-
-INPUT_FIELDS = {"size": "size", "mtime_ns": "modification time", "fingerprint": "content"}
+INPUT_CHANGES = {"size": "size", "mtime_ns": "modification time", "fingerprint": "content"}
 
 
 def check_inputs(manifest, inputs, out_dir):
-    """Refuse a manifest whose local input files changed since (added, removed, other size,
-    modification time or content): resuming would put shards of the new text after those of the
-    old. A manifest without input records (an older fineweb.py's) cannot tell, so it is refused
-    too. Shards from the Hub have no inputs: their dataset and configuration are settings."""
+    """Refuse a manifest whose local input files changed since (added, removed, other size, modification
+    time or content): resuming would put shards of the new text after those of the old. A manifest without
+    input records (an older fineweb.py's) cannot tell, so it is refused too. Shards from the Hub have no
+    inputs: their dataset and configuration are settings."""
     before = manifest.get("inputs")
-    if not inputs or (before is None and not manifest.get("source", {}).get("data_files")):
+    if not inputs or (before is None and not manifest["source"].get("data_files")):
         return
     if before is None:
         raise UserError(f"{out_dir / MANIFEST} records no sizes or fingerprints of its input files "
@@ -1105,21 +1020,16 @@ def check_inputs(manifest, inputs, out_dir):
         raise UserError(f"--data_files: {removed[0]}, from which the shards in {out_dir} were "
                         f"made, is no longer among them: {fix}")
     for path, record in now.items():
-        was = before[path]
-        changed = [what for key, what in INPUT_FIELDS.items() if was.get(key) != record[key]]
+        changed = [what for key, what in INPUT_CHANGES.items() if before[path][key] != record[key]]
         if changed:
             raise UserError(f"--data_files: {path} changed ({' and '.join(changed)}) since the "
                             f"shards in {out_dir} were made from it: {fix}")
 
 
-SHARD_NAME = re.compile(r"[a-z0-9]+_(train|val)_[0-9]{6,}\.bin")  # ShardPlan.name's, any prefix
-
-
 def remove_our_files(out_dir, prefix):
     """--restart: delete the shards that fineweb.py wrote in out_dir (those its manifest lists, and those
-    named as this run names its shards, ShardPlan's prefix_split_NNNNNN.bin) and the manifest, and no
-    other file; the manifest last, so that a restart killed half way is refused again by check_inputs.
-    How many shards it deleted."""
+    named as this run names its shards) and the manifest, and no other file; the manifest last, so that a
+    restart killed half way is refused again by check_inputs. How many shards it deleted."""
     try:
         listed = {record["name"] for record in (read_manifest(out_dir) or {"shards": []})["shards"]}
     except UserError:  # damaged: its shards are known by this run's names alone
@@ -1157,14 +1067,8 @@ def write_manifest(out_dir, settings, records, max_tokens, complete):
 
 
 def is_up_to_date(manifest, out_dir, max_tokens):
-    return (manifest is not None and manifest["complete"] and manifest["max_tokens"] == max_tokens
+    return (manifest is not None and manifest["complete"] and manifest.get("max_tokens") == max_tokens
             and all(shard_valid(out_dir / r["name"], r["tokens"]) for r in manifest["shards"]))
-
-
-def stray_shards(out_dir, records):
-    """Shard files the trainer would read that this run did not make (an earlier run with other flags)."""
-    ours = {r["name"] for r in records}
-    return sorted(p.name for split in SPLITS for p in shard_files(out_dir, split) if p.name not in ours)
 
 
 # -----------------------------------------------------------------------------
@@ -1176,33 +1080,35 @@ def run(config):
     check_has_documents(files, builder)
     inputs = [input_record(f) for f in files] if files else None
     tokenizer = load_tokenizer(config.tokenizer)
-    limit = config.max_tokens or sys.maxsize
+    val_tokens = choose_val_tokens(config, files, builder)
+    prefix, limit = shard_prefix(config.dataset, files), config.max_tokens or sys.maxsize
     with locked_out_dir(config.out_dir) as out_dir:
         if config.restart:
-            deleted = remove_our_files(out_dir, shard_prefix(config.dataset, files))
+            deleted = remove_our_files(out_dir, prefix)
             print(f"--restart: deleted {deleted} shards and any {MANIFEST} from "
                   f"{out_dir}; should this run stop, rerun it without --restart to resume")
         manifest = read_manifest(out_dir)
-        val_tokens, chosen = choose_val_tokens(config, files, builder, manifest)
         settings = settings_of(config, files, inputs, val_tokens, tokenizer)
         check_manifest(manifest, settings, out_dir)
         if is_up_to_date(manifest, out_dir, config.max_tokens):
-            print(f"{out_dir} is complete ({len(manifest['shards'])} shards, {manifest['tokens']['total']:,} "
-                  f"tokens): nothing to do")
+            tokens = sum(r["tokens"] for r in manifest["shards"])
+            print(f"{out_dir} is complete ({len(manifest['shards'])} shards, {tokens:,} tokens): nothing to do")
             return
-        plan = ShardPlan(shard_prefix(config.dataset, files), config.shard_size, val_tokens)
+        plan = ShardPlan(prefix, config.shard_size, val_tokens)
         records = resumable_records(manifest, out_dir, plan, limit)
         skip = records[-1]["end"][0] if records else 0
         if records:
             print(f"resuming after {len(records)} shards already in {out_dir}, at document {skip:,}")
         start, tokens_before = time.perf_counter(), sum(r["tokens"] for r in records)
         batches, source, total_docs = open_documents(config, files, builder, skip)
-        if chosen:
-            print(f"val split: {val_tokens:,} tokens, {chosen} (pass --val_tokens N to choose)")
-        save = lambda recs: write_manifest(out_dir, settings, recs, config.max_tokens, complete=False)
-        writer = lambda bar: ShardWriter(out_dir, plan, tokenizer, limit, records, save, bar)
-        results = tokenized(batches, config.tokenizer, config.num_proc)
-        records, null_documents = write_shards(results, writer, skip, total_docs)
+        from tqdm import tqdm
+        with tqdm(total=total_docs, initial=skip, unit="docs", desc="documents", position=0,
+                  dynamic_ncols=True) as docs_bar, \
+                tqdm(unit="tok", unit_scale=True, position=1, leave=False, dynamic_ncols=True) as shard_bar:
+            save = lambda shards: write_manifest(out_dir, settings, shards, config.max_tokens, complete=False)
+            writer = ShardWriter(out_dir, plan, tokenizer, limit, records, save, shard_bar)
+            null_documents = write_shards(tokenized(batches, config.tokenizer, config.num_proc), writer, docs_bar)
+            records = writer.finish()
         write_manifest(out_dir, settings, records, config.max_tokens, complete=True)
         elapsed = time.perf_counter() - start
     tokens, documents = sum(r["tokens"] for r in records), sum(r["documents"] for r in records)
@@ -1212,47 +1118,42 @@ def run(config):
     if null_documents:
         print(f"warning: {null_documents:,} documents had no text (null) in column {config.text_column!r}; they "
               f"were written as empty documents", file=sys.stderr)
-    stray = stray_shards(out_dir, records)
-    if stray:
+    ours = {r["name"] for r in records}
+    stray = [p.name for split in SPLITS for p in shard_files(out_dir, split) if p.name not in ours]
+    if stray:  # an earlier run's with other flags, say, which the trainer would read with these
         print(f"warning: {out_dir} also holds {len(stray)} shard files this run did not make ({stray[0]}, ...), "
               f"which the trainer would read: delete them", file=sys.stderr)
 
 
-def write_shards(results, make_writer, skip, total_docs):
-    """Cut the tokenized batches into shards (make_writer(bar): the ShardWriter); the records of all shards, and
-    how many of the documents this run wrote had a null text."""
-    from tqdm import tqdm
-    with tqdm(total=total_docs, initial=skip, unit="docs", desc="documents", position=0, dynamic_ncols=True) as docs, \
-            tqdm(unit="tok", unit_scale=True, position=1, leave=False, dynamic_ncols=True) as shard_bar:
-        writer = make_writer(shard_bar)
-        null_documents = 0
-        with contextlib.closing(results):
-            for tokens, lengths, nulls in results:
-                first = writer.document
-                writer.add(tokens, lengths)
-                # only those written: the batch may run on past --max_tokens
-                null_documents += int(np.count_nonzero(nulls < writer.document - first))
-                docs.update(len(lengths))
-                if writer.done:
-                    break
-        return writer.finish(), null_documents
+def write_shards(results, writer, docs_bar):
+    """Hand the tokenized batches to the writer until it is done or they run out; how many of the documents
+    written had a null text (only those written: the last batch may run on past --max_tokens)."""
+    null_documents = 0
+    with contextlib.closing(results):  # closed early (done, or an error), it shuts the pool down: tokenized's finally
+        for tokens, lengths, nulls in results:
+            first = writer.document
+            writer.add(tokens, lengths)
+            null_documents += int(np.count_nonzero(nulls < writer.document - first))
+            docs_bar.update(len(lengths))
+            if writer.done:
+                break
+    return null_documents
 
 
 def main(argv=None):
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill cleans up like Ctrl-C
-    config = None
-    try:
+    def command():
         config = parse_args(argv)
         config.validate()
-        run(config)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        again = " without --restart" if config is not None and config.restart else ""
-        print(f"interrupted: no partial shard was left; rerun the same command{again} to resume",
-              file=sys.stderr)
-        sys.exit(130)
+        try:
+            run(config)
+        except KeyboardInterrupt:  # Ctrl-C, or a kill: every shard under its final name is whole
+            again = " without --restart" if config.restart else ""
+            print(f"interrupted: no partial shard was left; rerun the same command{again} to resume",
+                  file=sys.stderr)
+            raise  # run_command exits with 130
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill cleans up like Ctrl-C
+    try:
+        run_command(command)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

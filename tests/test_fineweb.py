@@ -206,18 +206,20 @@ def test_local_files_get_a_tenth_of_their_tokens_as_val_split(tmp_path):
 
 
 def test_a_rerun_keeps_the_val_split_it_chose(tmp_path):
-    """Chosen from --max_tokens 20000 at first, the split stays when a rerun goes on to all of it."""
+    """The split follows from the files alone, not --max_tokens: a rerun that goes on from a quick subset to
+    all of the files splits where the subset did, and resumes."""
     docs = shakespeare_documents()[:1000]
     write_jsonl(tmp_path / "docs.jsonl", docs)
     args = ["--data_files", "docs.jsonl", "--out_dir", "shards", "--shard_size", "2000", "--num_proc", "1"]
     first = fineweb(*args, "--max_tokens", "20000", cwd=tmp_path)
-    assert first.returncode == 0 and "val split: 2,000 tokens, a tenth of --max_tokens" in first.stdout
+    assert first.returncode == 0, first.stderr
+    val = json.loads((tmp_path / "shards" / "manifest.json").read_text())["val_tokens"]
+    assert f"val split: {val:,} tokens, a tenth of the ~" in first.stdout and 0 < val < 20000
     again = fineweb(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "val split: 2,000 tokens, as manifest.json records" in again.stdout
-    assert "resuming after 10 shards" in again.stdout
+    assert f"val split: {val:,} tokens" in again.stdout and "resuming after" in again.stdout
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["val_tokens"] == manifest["tokens"]["val"] == 2000
+    assert manifest["complete"] and manifest["val_tokens"] == manifest["tokens"]["val"] == val
     assert np.array_equal(all_tokens(tmp_path / "shards"),
                           np.concatenate([tokenize_document(d) for d in docs]))
 
@@ -621,20 +623,30 @@ def test_a_manifest_nested_past_what_json_parses_is_one_line(tmp_path, docs_run)
     copy_run(docs_run, tmp_path)
     (tmp_path / "shards" / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
     refused = one_line_error(fineweb("--data_files", "docs.jsonl", "--out_dir", "shards", *TINY, cwd=tmp_path))
-    assert "shards/manifest.json cannot be read (maximum recursion depth" in refused and "--restart True" in refused
+    assert "shards/manifest.json cannot be read (nested too deeply" in refused and "--restart True" in refused
     from conftest import train_in_process  # the trainer's main, in this process
     refused = one_line_error(train_in_process("--data", tmp_path / "shards", "--out_dir", tmp_path / "out"))
-    assert f"{tmp_path / 'shards' / 'manifest.json'} cannot be read (maximum recursion depth" in refused
+    assert f"{tmp_path / 'shards' / 'manifest.json'} cannot be read (nested too deeply" in refused
 
 
 @pytest.mark.parametrize("flag", ["--out_dir", "--tokenizer", "--data_files"])
 def test_a_path_too_long_for_the_file_system_is_one_line_naming_it(flag, tmp_path):
+    """--out_dir and --tokenizer are paths, refused by the parser as every script's are (cli.parse_path);
+    --data_files, a list of globs, matches no file."""
     long = "x" * 300  # past the 255 bytes a file name may have
     args = {"--out_dir": ["--data_files", text_file(tmp_path), "--out_dir", long],
             "--tokenizer": ["--data_files", text_file(tmp_path), "--tokenizer", long],
             "--data_files": ["--data_files", long]}[flag]
-    refused = one_line_error(fineweb(*args, "--num_proc", "1", cwd=tmp_path))
-    assert refused.startswith(f"error: {flag}") and long in refused, refused
+    result = fineweb(*args, "--num_proc", "1", cwd=tmp_path)
+    if flag == "--data_files":
+        refused = one_line_error(result)
+        assert refused.startswith(f"error: {flag}") and long in refused, refused
+    else:
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        (refused,) = result.stderr.strip().splitlines()
+        assert refused.startswith(f"fineweb.py: error: argument {flag}: xxx") and "xxx...xxx" in refused
+        assert "File name too long: pass a shorter path" in refused
+    assert not (tmp_path / "edu_fineweb10B").exists() and not list(tmp_path.rglob("*.bin"))
 
 
 # -----------------------------------------------------------------------------
