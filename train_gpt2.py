@@ -696,8 +696,7 @@ class Trainer:
         before (its record, or a best val loss at or below it) is not reported again; a new one
         given on resume is checked from there on (rundir.target_notes says which)."""
         target, p = self.config.target_val_loss, self.progress
-        reached = target_reached(p, target) or p.best_val_loss <= target
-        if not target or val_loss > target or reached:
+        if not target or val_loss > target or rundir.target_met(p, target):
             return
         p.target = {"target_val_loss": target, "val_loss": val_loss, "step": step,
                     "tokens": p.tokens, "train_seconds": round(p.train_seconds, 3)}

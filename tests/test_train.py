@@ -158,6 +158,23 @@ def test_a_run_ends_with_a_summary_of_where_everything_is(trained_run):
     assert str(out_dir / "metrics.jsonl") in summary[3] and str(out_dir / "config.json") in summary[4]
 
 
+def test_a_target_is_met_by_its_record_or_by_a_best_val_loss_at_or_below_it_in_every_report():
+    """The trainer's check, the resume's note and the summary share one rule (rundir.target_met)."""
+    from checkpoint import Progress
+    from rundir import summary, target_met, target_notes
+    record = {"target_val_loss": 9.0, "val_loss": 8.9, "step": 4, "tokens": 1024, "train_seconds": 1.0}
+    cases = [(Progress(iter_num=8, target=record), 9.0, True),
+             (Progress(iter_num=8, target=record, best_val_loss=8.9), 8.0, False),  # a record of another target
+             (Progress(iter_num=8, best_val_loss=8.0), 8.0, True),  # a target given on resume, reached before
+             (Progress(iter_num=8, best_val_loss=8.1), 8.0, False)]
+    for progress, target, met in cases:
+        assert target_met(progress, target) is met
+        config = TrainConfig(target_val_loss=target, max_iters=10)
+        assert bool(target_notes(progress, config)) is met
+        line = [row for row in summary(".", progress, None, 8, 1.0, target) if row.strip().startswith("target")]
+        assert ("not reached" not in line[0]) is met
+
+
 def test_the_samples_continue_the_sample_prompt():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
