@@ -694,9 +694,10 @@ class Trainer:
         """The first evaluation at or below --target_val_loss: its step, tokens and training seconds
         kept in the run's progress, printed and recorded in metrics.jsonl. A target the run reached
         before (its record, or a best val loss at or below it) is not reported again; a new one
-        given on resume is checked from there on (rundir.target_notes says which)."""
+        given on resume is checked from there on (rundir.target_notes says which). NaN reaches none:
+        it compares false with every number, so the test is `not val_loss <= target`."""
         target, p = self.config.target_val_loss, self.progress
-        if not target or val_loss > target or rundir.target_met(p, target):
+        if not target or not val_loss <= target or rundir.target_met(p, target):
             return
         p.target = {"target_val_loss": target, "val_loss": val_loss, "step": step,
                     "tokens": p.tokens, "train_seconds": round(p.train_seconds, 3)}

@@ -175,6 +175,22 @@ def test_a_target_is_met_by_its_record_or_by_a_best_val_loss_at_or_below_it_in_e
         assert ("not reached" not in line[0]) is met
 
 
+def test_a_val_loss_that_is_not_a_number_reaches_no_target(trained_run, tmp_path):
+    """Weights driven to NaN by a learning rate of 1e30: the run stops as diverged, and NaN, which compares false
+    with every number, is not reported as reaching --target_val_loss."""
+    out_dir, _ = trained_run
+    target = round(min(m["val_loss"] for m in read_metrics(out_dir) if "val_loss" in m) - 0.5, 2)
+    result = train_in_process("--init_from", next(out_dir.glob("iter-8-*.pt")), "--out_dir", tmp_path / "branch",
+                              "--max_iters", "10", "--eval_interval", "1", "--learning_rate", "1e30",
+                              "--min_lr", "1e29", "--target_val_loss", str(target))
+    assert result.returncode == 1 and "the weights have diverged, and are not saved" in result.stderr
+    evaluation = [m for m in read_metrics(tmp_path / "branch") if "val_loss" in m][-1]
+    assert evaluation["step"] == 9 and evaluation["val_loss"] is None  # metrics.jsonl writes NaN as null
+    assert "step 9: val loss nan" in result.stdout
+    assert "reached" not in result.stdout
+    assert not [m for m in read_metrics(tmp_path / "branch") if "target_val_loss" in m]
+
+
 def test_the_samples_continue_the_sample_prompt():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
