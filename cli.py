@@ -16,6 +16,7 @@ flag(..., path=True) is a path: its parser refuses one that the system cannot ta
 """
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import errno
@@ -45,18 +46,13 @@ class UserError(ValueError):
 
 def run_command(command):
     """Run a script's command(): a UserError ends it with its one line on stderr and its exit code, an
-    OSError on a path with path_error's line, Ctrl-C with status 130."""
+    OSError on a path with path_error's line (os_errors_as_user_errors), Ctrl-C with status 130."""
     try:
-        command()
+        with os_errors_as_user_errors():
+            command()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.code)
-    except OSError as e:
-        error = path_error(e)
-        if error is None:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.code)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -74,11 +70,31 @@ def shown_path(path, limit=160):
 def path_error(error):
     """The one line for an OSError on a path (a name longer than the file system takes, a folder that is
     a file, no permission): the path, what the system said, and the fix; None for an error that names no
-    path. Every script's main ends with it where an OSError on a path reaches it."""
+    path (os_errors_as_user_errors raises it)."""
     if not isinstance(error, OSError) or error.filename is None:
         return None
     fix = "pass a shorter path" if error.errno == errno.ENAMETOOLONG else "check the path, or pass another"
     return UserError(f"{shown_path(os.fsdecode(error.filename))}: {error.strerror or error}: {fix}")
+
+
+@contextlib.contextmanager
+def os_errors_as_user_errors():
+    """An OSError that names a file, raised inside, becomes path_error's UserError: the one line for it in
+    every script (run_command), on every rank (device.run_on_ranks) and for what rank 0 does alone
+    (Distributed.on_rank0). One that names no file goes on as it is.
+
+    Any file named, not only the paths the flags gave: every file a script opens is one its user named or
+    one inside a folder they named (--out_dir, --data, --cache_dir, the Hugging Face cache) or the repo's
+    own, so the path and the system's words are what to fix. Telling them apart here would need every
+    script's flags passed down, and would still miss paths that differ from the flag's spelling (resolved,
+    joined to a folder, a link's target)."""
+    try:
+        yield
+    except OSError as e:
+        error = path_error(e)
+        if error is None:
+            raise
+        raise error from None
 
 
 def parse_path(text):
