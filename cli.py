@@ -12,7 +12,8 @@ signal. Nobody's format and no script's logic: the scripts import these directly
 
 A script whose parser is built with config_file=True also takes --config FILE.toml, flag values in a file, and
 parses with parse_flags, which says which flags were given (in the file or on the command line). A field made with
-flag(..., path=True) is a path: its parser refuses one that the system cannot take (a name too long, a NUL byte).
+flag(..., path=True) is a path: its parser refuses one that the system cannot take (a name too long). No string
+flag takes a NUL character (parse_text), whether from the command line, a TOML file or a checkpoint.
 """
 
 import argparse
@@ -97,18 +98,26 @@ def os_errors_as_user_errors():
         raise error from None
 
 
+def parse_text(text):
+    """A string flag's value: any text but one holding a NUL character, which no path can hold (the system
+    ends a path at it) and no other flag's text needs. A command line cannot pass one, but a TOML file, a
+    checkpoint's config or a config built in code can: each is refused with this line (settings.check_types
+    asks it too)."""
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(f"{shown_path(repr(text))} holds a NUL character, which no flag "
+                                         "takes: remove it")
+    return text
+
+
 def parse_path(text):
-    """A path flag's value, checked before any work: one that no file can ever have (a name or a whole
-    path longer than the file system allows, a loop of links, a NUL byte) is refused. Any other is taken,
-    existing or not: the script says what it needs there, and path_error catches the rest."""
+    """A path flag's value, checked before any work: one that no file can ever have (a NUL character, a
+    name or a whole path longer than the file system allows, a loop of links) is refused. Any other is
+    taken, existing or not: the script says what it needs there, and path_error catches the rest."""
     try:
-        os.stat(text)
+        os.stat(parse_text(text))
     except OSError as e:
         if e.errno in (errno.ENAMETOOLONG, errno.ELOOP):
             raise argparse.ArgumentTypeError(str(path_error(e))) from None
-    except ValueError:  # a NUL byte, which no system takes in a path
-        raise argparse.ArgumentTypeError(f"{shown_path(repr(text))} holds a NUL byte: pass a path "
-                                         "without one") from None
     return text
 
 
@@ -174,8 +183,8 @@ def parse_int(text):
     return value
 
 
-PARSERS = {"bool": parse_bool, "int": parse_int, "float": parse_float, "str": str,
-           bool: parse_bool, int: parse_int, float: parse_float, str: str}
+PARSERS = {"bool": parse_bool, "int": parse_int, "float": parse_float, "str": parse_text,
+           bool: parse_bool, int: parse_int, float: parse_float, str: parse_text}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -238,7 +247,7 @@ def parse_flags(parser, argv):
 
 # what a TOML value must be for each flag type, and how to say it
 TOML_TYPES = {parse_bool: ((bool,), "true or false"), parse_int: ((int,), "an integer"),
-              parse_float: ((int, float), "a number"), str: ((str,), "a string in quotes")}
+              parse_float: ((int, float), "a number"), parse_text: ((str,), "a string in quotes")}
 
 
 def read_toml(path):
