@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from cli import UserError, current_umask, parse_nested
-from fineweb import HFTokenizer, load_tokenizer
+from fineweb import HFTokenizer, load_tokenizer, make_tokenizer
 
 # -----------------------------------------------------------------------------
 # Loading transformers' GPT-2
@@ -87,9 +87,21 @@ def from_cache_or_hub(model_class, name_or_path):
 
 
 def model_tokenizer(name_or_path):
-    """The tokenizer of a transformers model: its folder's tokenizer.json (an export writes one), else GPT-2's."""
+    """The tokenizer of a transformers model (--init_from): its folder's tokenizer.json (an export writes one),
+    else GPT-2's."""
     path = Path(name_or_path) / "tokenizer.json"
-    return load_tokenizer(str(path)) if name_or_path not in HF_GPT2_MODELS and path.is_file() else load_tokenizer()
+    if name_or_path in HF_GPT2_MODELS or not path.is_file():
+        return load_tokenizer()
+    try:
+        content = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"--init_from {name_or_path}: its tokenizer.json cannot be read ({e.strerror or e}): fix "
+                        f"its permissions") from None
+    try:
+        return make_tokenizer(path.name, content, str(path.resolve()))
+    except ValueError as e:
+        raise UserError(f"--init_from {name_or_path}: its tokenizer.json is not a tokenizers JSON file that works "
+                        f"here ({e}): pass a folder written by save_pretrained or --export_hf") from None
 
 
 def load_hf_gpt2(name_or_path, tokenizer=None):
@@ -105,6 +117,7 @@ def load_hf_gpt2(name_or_path, tokenizer=None):
                             f"save_pretrained") from None
         if model_type != "gpt2":
             raise UserError(f"{folder} holds a {model_type!r} model, not GPT-2: pass a GPT-2 folder to --init_from")
+    n_vocab = (tokenizer or model_tokenizer(name_or_path)).n_vocab  # a bad tokenizer.json before the weights load
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:
@@ -119,7 +132,7 @@ def load_hf_gpt2(name_or_path, tokenizer=None):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"could not load a transformers GPT-2 from {folder} ({reason}): pass a folder written by "
                         f"save_pretrained") from None
-    c, n_vocab = hf.config, (tokenizer or model_tokenizer(name_or_path)).n_vocab
+    c = hf.config
     supported = {  # what GPT hard-codes: the tanh GELU, a 4x MLP, LayerNorm's default eps, SDPA's 1/sqrt(hs)
         "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
         "n_inner": c.n_inner in (None, 4 * c.n_embd),

@@ -164,6 +164,24 @@ def test_bad_transformers_sources_get_one_line(tmp_path):
     assert "holds a 'llama' model, not GPT-2" in result.stderr
 
 
+def test_a_folders_tokenizer_json_that_is_none_is_one_line_naming_init_from(hf_folder, tmp_path):
+    import shutil
+    from conftest import run_main
+    folder = tmp_path / "model"
+    shutil.copytree(hf_folder, folder)
+    (folder / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    (tmp_path / "hs.jsonl").write_text('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}\n')
+    for script, args in (("train_gpt2.py", [*TINY, "--data", INPUT_TXT, "--eval_only", "True"]),
+                         ("sample.py", ["--device", "cpu", "--num_samples", "1"]),
+                         ("hellaswag.py", ["--device", "cpu", "--data", tmp_path / "hs.jsonl"])):
+        result = run_main(script, *args, "--init_from", folder)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: --init_from {folder}: its tokenizer.json is not a tokenizers JSON file "
+                               "that works here (") and line.endswith("): pass a folder written by save_pretrained "
+                                                                     "or --export_hf"), (script, line)
+
+
 @pytest.mark.parametrize("kind", ["folder", "dangling"])
 def test_an_export_to_a_link_is_refused_in_one_line(kind, trained_run, tmp_path):
     target = tmp_path / "target"
