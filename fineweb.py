@@ -317,11 +317,10 @@ def tokenize_text_file(path, tokenizer):
     return np.array(tokens, dtype=TOKEN_DTYPES[shard_version(tokenizer.n_vocab)])
 
 
-def load_token_sources(data, split, tokenizer=None):
+def load_token_sources(data, split, tokenizer):
     """[(name, tokens)] for one split: the shards of a directory, or 90/10 of a text file, which the
-    tokenizer (GPT-2's unless given) tokenizes. Shards that manifest.json says are of another tokenizer
-    are refused."""
-    path, tokenizer = Path(data), tokenizer or load_tokenizer()
+    tokenizer (the run's) tokenizes. Shards that manifest.json says are of another tokenizer are refused."""
+    path = Path(data)
     if path.is_file():
         tokens = tokenize_text_file(str(path.resolve()), tokenizer)
         n_train = int(0.9 * len(tokens))

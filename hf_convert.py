@@ -4,8 +4,9 @@ the model class. The trainer builds its GPT from them (--init_from gpt2) and exp
 (--export_hf); hellaswag.py scores transformers' models with them.
 
     model_args, state = load_gpt2_weights("gpt2")         # OpenAI's GPT-2 (or a save_pretrained folder)
-    hf = hf_model(model_args, state)                      # our weights in a GPT2LMHeadModel
-    export_hf(model_args, state, "out/hf")                # a folder that transformers loads
+    tokenizer = model_tokenizer("gpt2")                   # its tokenizer (GPT-2's; a folder's own)
+    hf = hf_model(model_args, state, tokenizer)           # our weights in a GPT2LMHeadModel
+    export_hf(model_args, state, "out/hf", tokenizer)     # a folder that transformers loads
 
 Names are the same on both sides (transformer.h.0.attn.c_attn.weight, ...); transformers keeps four of the
 matrices transposed (HF_TRANSPOSED), and its vocabulary is the tokenizer's (GPT-2's 50,257) where ours may be
@@ -104,10 +105,10 @@ def model_tokenizer(name_or_path):
                         f"here ({e}): pass a folder written by save_pretrained or --export_hf") from None
 
 
-def load_hf_gpt2(name_or_path, tokenizer=None):
+def load_hf_gpt2(name_or_path, tokenizer):
     """transformers' GPT2LMHeadModel for a hub name or a save_pretrained folder, checked to be the
-    architecture that this repo's GPT implements, with a row for every id of the tokenizer (the model's own,
-    model_tokenizer's, unless given)."""
+    architecture that this repo's GPT implements, with a row for every id of the tokenizer (the model's own:
+    model_tokenizer's)."""
     folder = Path(name_or_path)
     if name_or_path not in HF_GPT2_MODELS:
         try:
@@ -117,7 +118,6 @@ def load_hf_gpt2(name_or_path, tokenizer=None):
                             f"save_pretrained") from None
         if model_type != "gpt2":
             raise UserError(f"{folder} holds a {model_type!r} model, not GPT-2: pass a GPT-2 folder to --init_from")
-    n_vocab = (tokenizer or model_tokenizer(name_or_path)).n_vocab  # a bad tokenizer.json before the weights load
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:
@@ -132,7 +132,7 @@ def load_hf_gpt2(name_or_path, tokenizer=None):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"could not load a transformers GPT-2 from {folder} ({reason}): pass a folder written by "
                         f"save_pretrained") from None
-    c = hf.config
+    c, n_vocab = hf.config, tokenizer.n_vocab
     supported = {  # what GPT hard-codes: the tanh GELU, a 4x MLP, LayerNorm's default eps, SDPA's 1/sqrt(hs)
         "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
         "n_inner": c.n_inner in (None, 4 * c.n_embd),
@@ -163,10 +163,11 @@ def model_args_of(hf_config):
     return {ours: getattr(hf_config, theirs) for ours, theirs in HF_CONFIG_NAMES.items()}
 
 
-def load_gpt2_weights(name_or_path, tokenizer=None):
-    """(model_args, state dict in our names) of transformers' GPT-2 weights: a hub name or a folder. The
-    vocabulary stays unpadded (50,257): padded rows would take part in the softmax and change the loss."""
-    hf = load_hf_gpt2(name_or_path, tokenizer)
+def load_gpt2_weights(name_or_path):
+    """(model_args, state dict in our names) of transformers' GPT-2 weights: a hub name or a folder, checked
+    against its own tokenizer (model_tokenizer). The vocabulary stays unpadded (50,257): padded rows would take
+    part in the softmax and change the loss."""
+    hf = load_hf_gpt2(name_or_path, model_tokenizer(name_or_path))  # a bad tokenizer.json before the weights
     state = {}
     for name, value in hf.state_dict().items():
         if name.endswith((".attn.bias", ".attn.masked_bias")):
@@ -175,11 +176,9 @@ def load_gpt2_weights(name_or_path, tokenizer=None):
     return model_args_of(hf.config), state
 
 
-def hf_model(model_args, state, tokenizer=None):
+def hf_model(model_args, state, tokenizer):
     """transformers' GPT2LMHeadModel holding our weights (a state dict of our GPT), in eval mode. The padded
-    vocabulary rows are dropped, so its logits are over the tokenizer's ids alone (GPT-2's 50,257 unless
-    another tokenizer is given)."""
-    tokenizer = tokenizer or load_tokenizer()
+    vocabulary rows are dropped, so its logits are over the tokenizer's ids alone (GPT-2's 50,257)."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
@@ -273,10 +272,10 @@ def export_model(model, path, tokenizer):
     return export_hf(dataclasses.asdict(model.config), model.state_dict(), path, tokenizer)
 
 
-def export_hf(model_args, state, path, tokenizer=None):
+def export_hf(model_args, state, path, tokenizer):
     """Write our weights (model_args and a state dict) to the folder path as a transformers GPT-2
-    (config.json, model.safetensors, generation_config.json and the tokenizer, GPT-2's unless another is
-    given), which GPT2LMHeadModel and pipelines load; both the generation config (max_length) and the
+    (config.json, model.safetensors, generation_config.json and the tokenizer, save_hf_tokenizer's), which
+    GPT2LMHeadModel and pipelines load; both the generation config (max_length) and the
     tokenizer (model_max_length) carry the context length. Written to a temporary folder beside path and
     renamed into place, so path never holds a half-written export."""
     path = Path(path)
@@ -285,7 +284,6 @@ def export_hf(model_args, state, path, tokenizer=None):
                         f"names, or a new one")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"--export_hf {path} already exists: remove it or pass a new folder")
-    tokenizer = tokenizer or load_tokenizer()
     hf = hf_model(model_args, state, tokenizer)
     block_size = model_args["block_size"]
     # generation stops at the context length: the position embedding has block_size rows, and transformers'

@@ -244,11 +244,11 @@ class ShardLoader:
     global batch left waits for the next epoch. Rows (micro_step * world_size + rank) of a global
     batch are this rank's micro-batch, so the batches depend on the data, seed, mode and global
     batch shape alone, not on how ranks and micro-steps split it. n_vocab: the tokenizer's ids, which
-    every token read is checked to be among (GPT-2's unless given)."""
+    every token read is checked to be among."""
 
     def __init__(self, sources, batch_size, block_size, micro_steps, rank=0, world_size=1, seed=0,
-                 shuffle=True, n_vocab=None):
-        self.n_vocab = n_vocab or load_tokenizer().n_vocab
+                 shuffle=True, *, n_vocab):
+        self.n_vocab = n_vocab
         self.names = [name for name, _ in sources]
         self.shards = [tokens for _, tokens in sources]
         self.B, self.T, self.micro_steps = batch_size, block_size, micro_steps
@@ -480,13 +480,13 @@ class Trainer:
     """What a run carries from step to step: the model (the GPT, sharded in place under FSDP) and
     `wrapped`, what its forward passes call (compiled, under DDP); the optimizer, the GradScaler,
     the batches and the counters (progress). Its checkpoint is those parts' state_dict()s (parts()),
-    and the record of the tokenizer the model reads (GPT-2's unless given).
+    and the record of the tokenizer the model reads.
     """
 
-    def __init__(self, config, dist_info, model, log, *, loader, evaluation, checkpoint=None,
-                 tokenizer=None):
+    def __init__(self, config, dist_info, model, log, *, loader, evaluation, tokenizer,
+                 checkpoint=None):
         self.config, self.dist_info, self.log = config, dist_info, log
-        self.tokenizer = tokenizer or load_tokenizer()
+        self.tokenizer = tokenizer
         self.device = dist_info.device
         self.dtype = resolve_dtype(config.dtype, self.device, dist_info.sharded)
         device_type = self.device.split(":")[0]
@@ -841,7 +841,7 @@ def train(config, changes, dist_info, model, checkpoint, launched, tokenizer):
     sources = load_token_sources(config.data, "train", tokenizer)
     make_loader = lambda batch_size, micro_steps: ShardLoader(
         sources, batch_size, model_config.block_size, micro_steps, dist_info.rank,
-        dist_info.world_size, config.seed, config.shuffle, tokenizer.n_vocab)
+        dist_info.world_size, config.seed, config.shuffle, n_vocab=tokenizer.n_vocab)
     loader = make_loader(config.batch_size, config.gradient_accumulation_steps)
     state_bytes = training_state_bytes(model_config, config)
     if model is None:

@@ -42,7 +42,7 @@ def our_model(checkpoint):
 
 def export(checkpoint, folder):
     model = our_model(checkpoint)
-    return export_hf(dataclasses.asdict(model.config), model.state_dict(), folder)
+    return export_hf(dataclasses.asdict(model.config), model.state_dict(), folder, load_tokenizer())
 
 
 @torch.no_grad()
@@ -119,7 +119,7 @@ def test_an_architecture_transformers_cannot_hold_is_refused_naming_the_field(tr
     state["transformer.h.0.mlp.c_fc.weight"] = state["transformer.h.0.mlp.c_fc.weight"][:96]  # hidden 3C
     with pytest.raises(UserError, match="c_fc.weight is .96, 64., GPT-2's .256, 64..: only a model of GPT-2's"):
         export_hf(dataclasses.asdict(our_model(trained_run[0] / "best_val_loss.pt").config), state,
-                  tmp_path / "hf")
+                  tmp_path / "hf", load_tokenizer())
 
 
 def test_trainer_evaluates_and_fine_tunes_transformers_weights(hf_folder, tmp_path):
@@ -128,7 +128,7 @@ def test_trainer_evaluates_and_fine_tunes_transformers_weights(hf_folder, tmp_pa
     assert result.returncode == 0, result.stderr
     (record,) = read_metrics(tmp_path / "eval")
     # transformers' own loss on the same val batches (batch_size 4, eval_iters 2 from TINY)
-    sources, theirs = load_token_sources(INPUT_TXT, "val"), hf_model(hf_folder)
+    sources, theirs = load_token_sources(INPUT_TXT, "val", load_tokenizer()), hf_model(hf_folder)
     losses = []
     for source, start in val_batch_positions(sources, 4, 64, 2):
         chunk = torch.from_numpy(np.array(sources[source][1][start:start + 4 * 64 + 1], dtype=np.int64))

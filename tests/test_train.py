@@ -191,14 +191,30 @@ def test_a_val_loss_that_is_not_a_number_reaches_no_target(trained_run, tmp_path
     assert not [m for m in read_metrics(tmp_path / "branch") if "target_val_loss" in m]
 
 
+def test_the_trainers_own_code_takes_its_tokenizer_from_the_caller_never_gpt2s_by_default():
+    """A tokenizer left out along the trainer's call chain is a TypeError, not GPT-2's quietly: a run of another
+    tokenizer would read, score and export its tokens as GPT-2's."""
+    import inspect
+    import hellaswag
+    from fineweb import load_token_sources
+    from hf_convert import export_hf, hf_model, load_hf_gpt2
+    from train_gpt2 import ShardLoader, Trainer
+    required = [(ShardLoader, "n_vocab"), (Trainer, "tokenizer"), (load_token_sources, "tokenizer"),
+                (sample_text, "tokenizer"), (hellaswag.score_examples, "tokenizer"), (hellaswag.evaluate, "tokenizer"),
+                (hf_model, "tokenizer"), (export_hf, "tokenizer"), (load_hf_gpt2, "tokenizer")]
+    for function, name in required:
+        assert inspect.signature(function).parameters[name].default is inspect.Parameter.empty, function.__name__
+
+
 def test_the_samples_continue_the_sample_prompt():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
-    samples = sample_text(model, Distributed(), torch.autocast("cpu", enabled=False), 0, "ROMEO:", num_samples=3,
-                          max_new_tokens=5)
+    no_autocast, gpt2 = torch.autocast("cpu", enabled=False), load_tokenizer()
+    samples = sample_text(model, Distributed(), no_autocast, 0, "ROMEO:", num_samples=3, max_new_tokens=5,
+                          tokenizer=gpt2)
     assert len(samples) == 3 and all(text.startswith("ROMEO:") for text in samples)
-    assert sample_text(model, Distributed(), torch.autocast("cpu", enabled=False), 0, "ROMEO:", num_samples=0) == []
-    assert sample_text(model, Distributed(), torch.autocast("cpu", enabled=False), 0, "")[0].startswith("<|endoftext|>")
+    assert sample_text(model, Distributed(), no_autocast, 0, "ROMEO:", num_samples=0, tokenizer=gpt2) == []
+    assert sample_text(model, Distributed(), no_autocast, 0, "", tokenizer=gpt2)[0].startswith("<|endoftext|>")
 
 
 def test_the_trainer_prints_num_samples_from_sample_prompt(tmp_path):
@@ -588,7 +604,7 @@ def test_val_data_changed_in_place_is_refused_on_resume_as_train_data_is(kind, m
     val_data_edited(data, kind)
     fineweb.tokenize_text_file.cache_clear()  # read afresh, as a resumed run's new process does
     if "text file" in kind:  # the train split is untouched: it is the val split that is refused
-        train = [fineweb.load_token_sources(path, "train")[0][1] for path in (data, INPUT_TXT)]
+        train = [fineweb.load_token_sources(path, "train", load_tokenizer())[0][1] for path in (data, INPUT_TXT)]
         assert np.array_equal(*train)
     before = snapshot(out_dir)
     refused = train_in_process(*args, "--out_dir", out_dir, "--init_from", "resume")
