@@ -6,7 +6,7 @@ HellaSwag, zero-shot: which of four endings does the model find most likely afte
     python train_gpt2.py --eval_only True --init_from out/best_val_loss.pt  # a checkpoint of the trainer
 
 On its own it scores transformers' GPT2LMHeadModel, as build-nanogpt's does: OpenAI's weights or a folder
-(save_pretrained, or the trainer's --export_hf), with the folder's tokenizer.json (GPT-2's without one). A
+(save_pretrained, or the trainer's --export_hf), in the folder's own tokenizer (GPT-2's without one). A
 checkpoint of the trainer is scored by the trainer's own model and tokenizer, with --eval_only, which runs
 this file's evaluate. The split is downloaded
 from the HellaSwag repository into --cache_dir on first use; without a network, pass a local copy with --data.

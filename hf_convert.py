@@ -10,8 +10,8 @@ the model class. The trainer builds its GPT from them (--init_from gpt2) and exp
 
 Names are the same on both sides (transformer.h.0.attn.c_attn.weight, ...); transformers keeps four of the
 matrices transposed (HF_TRANSPOSED), and its vocabulary is the tokenizer's (GPT-2's 50,257) where ours may be
-padded. The tokenizer goes with the weights: a tiktoken one as GPT-2's vocab.json and merges.txt, a tokenizers
-JSON file as itself.
+padded. The tokenizer goes with the weights: a tiktoken one as GPT-2's vocab.json and merges.txt (and the ranks
+file itself), a tokenizers JSON file as itself; a folder's tokenizer is model_tokenizer's.
 """
 
 import contextlib
@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -87,22 +88,50 @@ def from_cache_or_hub(model_class, name_or_path):
     return model_class.from_pretrained(name_or_path)
 
 
+# the run's tiktoken ranks file, as it was, in an export (transformers reads the vocab.json and merges.txt beside it)
+RANKS_FILE = "tokenizer.tiktoken"
+
+
 def model_tokenizer(name_or_path):
-    """The tokenizer of a transformers model (--init_from): its folder's tokenizer.json (an export writes one),
-    else GPT-2's."""
-    path = Path(name_or_path) / "tokenizer.json"
-    if name_or_path in HF_GPT2_MODELS or not path.is_file():
+    """The tokenizer of a transformers model (--init_from), known as the tokenizer of its data is, by the
+    sha256 of its file: a folder's tokenizer.tiktoken (an export's ranks file), else its tokenizer.json (an
+    export's is the run's file as it was), else GPT-2's, as OpenAI's models' is. One that is GPT-2's by its
+    content (is_gpt2s) is GPT-2's, so that GPT-2's shards go with it."""
+    folder = Path(name_or_path)
+    paths = [folder / RANKS_FILE, folder / "tokenizer.json"]
+    path = next((p for p in paths if p.is_file()), None) if name_or_path not in HF_GPT2_MODELS else None
+    if path is None:
         return load_tokenizer()
     try:
         content = path.read_bytes()
     except OSError as e:
-        raise UserError(f"--init_from {name_or_path}: its tokenizer.json cannot be read ({e.strerror or e}): fix "
+        raise UserError(f"--init_from {name_or_path}: its {path.name} cannot be read ({e.strerror or e}): fix "
                         f"its permissions") from None
     try:
-        return make_tokenizer(path.name, content, str(path.resolve()))
+        tokenizer = make_tokenizer(path.name, content, str(path.resolve()))
     except ValueError as e:
-        raise UserError(f"--init_from {name_or_path}: its tokenizer.json is not a tokenizers JSON file that works "
-                        f"here ({e}): pass a folder written by save_pretrained or --export_hf") from None
+        kind = "tiktoken ranks file" if path.name == RANKS_FILE else "tokenizers JSON file"
+        raise UserError(f"--init_from {name_or_path}: its {path.name} is not a {kind} that works here ({e}): "
+                        f"pass a folder written by save_pretrained or --export_hf") from None
+    return load_tokenizer() if is_gpt2s(tokenizer) else tokenizer
+
+
+def is_gpt2s(tokenizer):
+    """Whether a tokenizer is GPT-2's: its file is gpt2.tiktoken, or a tokenizers JSON file of a byte-level
+    BPE with GPT-2's vocabulary and merges, split as GPT-2 splits text (OpenAI's tokenizer.json, say)."""
+    gpt2 = load_tokenizer()
+    if tokenizer.sha256 == gpt2.sha256:
+        return True
+    if not isinstance(tokenizer, HFTokenizer) or tokenizer.n_vocab != gpt2.n_vocab:
+        return False
+    spec = json.loads(tokenizer.content)
+    model, split = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if (model.get("type"), spec.get("normalizer"), split.get("type")) != ("BPE", None, "ByteLevel") or \
+            split.get("add_prefix_space") or not split.get("use_regex", True):
+        return False
+    vocab, merges = gpt2_vocab_and_merges(gpt2)
+    theirs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    return model.get("vocab") == vocab and theirs == merges
 
 
 def load_hf_gpt2(name_or_path, tokenizer):
@@ -215,6 +244,7 @@ def hf_model(model_args, state, tokenizer):
 # Export: a folder that transformers loads
 
 
+@lru_cache(maxsize=2)
 def gpt2_vocab_and_merges(tokenizer):
     """A tiktoken tokenizer (GPT-2's, or another ranks file split by GPT-2's pattern) in transformers' terms,
     rebuilt from its ranks (the repo vendors gpt2.tiktoken, not vocab.json and merges.txt): the vocab maps each
@@ -240,9 +270,12 @@ def gpt2_vocab_and_merges(tokenizer):
 
 
 def save_hf_tokenizer(folder, max_length, tokenizer):
-    """The tokenizer as transformers loads it: a tokenizers JSON file as itself, through transformers'
-    PreTrainedTokenizerFast; a tiktoken one as vocab.json and merges.txt (as OpenAI's GPT-2 folder has them),
-    and tokenizer.json through transformers."""
+    """The tokenizer as transformers loads it, and as the run's file it was made from, so that the folder's
+    tokenizer (model_tokenizer) is known by the run's sha256 and takes the shards made with that file: a
+    tokenizers JSON file through transformers' PreTrainedTokenizerFast, its tokenizer.json then put back as it
+    was (transformers rewrites it, adding a post-processor that adds nothing); a tiktoken one as vocab.json and
+    merges.txt (as OpenAI's GPT-2 folder has them) and tokenizer.json through transformers, and the ranks file
+    as tokenizer.tiktoken."""
     if isinstance(tokenizer, HFTokenizer):
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
@@ -250,14 +283,16 @@ def save_hf_tokenizer(folder, max_length, tokenizer):
         fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.content.decode("utf-8")),
                                        bos_token=eot, eos_token=eot, model_max_length=max_length)
         fast.save_pretrained(folder)
+        (folder / "tokenizer.json").write_bytes(tokenizer.content)
         return
     from transformers import GPT2Tokenizer
     vocab, merges = gpt2_vocab_and_merges(tokenizer)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
                                        encoding="utf-8")
-    tokenizer = GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
-    tokenizer.save_pretrained(folder)
+    GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                  model_max_length=max_length).save_pretrained(folder)
+    (folder / RANKS_FILE).write_bytes(tokenizer.content)
 
 
 def export_model(model, path, tokenizer):

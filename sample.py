@@ -18,10 +18,9 @@ import torch
 
 from cli import UserError, build_parser, flag, run_command, shown_path
 from device import check_dtype, make_autocast, resolve_device, resolve_dtype, warn_if_cpu_busy
-from fineweb import check_vocab_size, checkpoint_tokenizer
-from hf_convert import model_tokenizer
+from fineweb import check_vocab_size
 from sampling import generate_tokens
-from train_gpt2 import load_start
+from train_gpt2 import load_start, start_tokenizer
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -104,9 +103,7 @@ def sample(config, out=sys.stdout):
     dtype = resolve_dtype(config.dtype, device)
     warn_if_cpu_busy(device)
     model, checkpoint = load_start(config.init_from, ".")
-    # the run's tokenizer, which its checkpoint holds; a transformers folder's own
-    tokenizer = (checkpoint_tokenizer(checkpoint["tokenizer"], checkpoint["path"]) if checkpoint
-                 else model_tokenizer(config.init_from))
+    tokenizer = start_tokenizer(config.init_from, checkpoint)  # the run's, or a transformers folder's own
     check_vocab_size(model.config.vocab_size, config.init_from, tokenizer)  # the tokenizer's ids must index it
     model = model.to(device)
     autocast = make_autocast(device.split(":")[0], dtype)

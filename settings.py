@@ -39,7 +39,8 @@ class TrainSettings:
                                        "90/10 into train/val", path=True)
     tokenizer: str = flag("gpt2", "a new run's tokenizer: gpt2 (GPT-2's), a tiktoken ranks file or a "
                                   "tokenizers JSON file; --data's shards must be of it, --vocab_size follows "
-                                  "it; a checkpoint's run keeps its own", path=True)
+                                  "it; a model's (a checkpoint's, a transformers folder's) is its own, which "
+                                  "one given must be", path=True)
     out_dir: str = flag("./out", "where checkpoints, config.json and metrics.jsonl are written",
                         path=True)
     init_from: str = flag("scratch", "'scratch', 'resume' (the latest checkpoint in out_dir), a "

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fineweb import load_tokenizer
+from checkpoint import load_checkpoint
 from cli import UserError
 from hf_convert import export_hf
 from evaluation import val_batch_positions
@@ -93,6 +94,30 @@ def test_the_readmes_pipeline_line_generates_from_an_export_with_a_short_context
     generated = transformers.pipeline("text-generation", str(folder))("Hello,")[0]["generated_text"]
     assert generated.startswith("Hello,")
     assert json.loads((folder / "generation_config.json").read_text())["max_length"] == 32
+
+
+def test_a_folder_with_gpt2s_ranks_or_gpt2s_tokenizer_json_reads_gpt2s_tokens(trained_run, tmp_path):
+    """The export of a GPT-2 run carries the ranks file as it is; a folder of transformers' files alone (OpenAI's,
+    or a save_pretrained elsewhere) has GPT-2's tokenizer.json, known by its vocabulary and merges. Either is
+    GPT-2's: its shards go with it, and --tokenizer gpt2 is its own."""
+    from conftest import REPO
+    from fineweb import make_tokenizer
+    from hf_convert import is_gpt2s, model_tokenizer
+    folder = tmp_path / "hf"
+    export(trained_run[0] / "best_val_loss.pt", folder)
+    assert (folder / "tokenizer.tiktoken").read_bytes() == (REPO / "gpt2.tiktoken").read_bytes()
+    assert model_tokenizer(str(folder)) is load_tokenizer()
+    (folder / "tokenizer.tiktoken").unlink()
+    assert model_tokenizer(str(folder)) is load_tokenizer()
+    result = train_in_process(*TINY, "--init_from", folder, "--tokenizer", "gpt2", "--eval_only", "True",
+                              "--data", INPUT_TXT, "--out_dir", tmp_path / "eval")
+    assert result.returncode == 0, result.stderr
+    # the run's val loss, but for the padded rows of its vocabulary, which the export leaves out of the softmax
+    assert read_metrics(tmp_path / "eval")[-1]["val_loss"] == pytest.approx(
+        load_checkpoint(trained_run[0] / "best_val_loss.pt")["val_loss"], abs=1e-2)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"]["merges"][:2] = spec["model"]["merges"][1::-1]  # two merges in the other order: another BPE
+    assert not is_gpt2s(make_tokenizer("tokenizer.json", json.dumps(spec).encode()))
 
 
 def test_an_architecture_transformers_cannot_hold_is_refused_naming_the_field(trained_run, tmp_path, monkeypatch):
