@@ -41,11 +41,11 @@ def val_batch_positions(sources, batch_size, block_size, eval_iters):
 
 
 def val_tokens_per_byte(sources, positions, span, tokenizer):
-    """The val batches' targets (span tokens each) per byte of the UTF-8 text they decode to, the end-of-text
-    tokens (no text) left out: nats per token times this, over ln 2, are bits per byte."""
+    """The val batches' targets (span tokens each) per byte of the UTF-8 text they stand for, counted token
+    by token (a character that two batches share counts once, whole; end-of-text tokens count none):
+    nats per token times this, over ln 2, are bits per byte."""
     targets = [read_span(*sources[i], start + 1, span, tokenizer.n_vocab) for i, start in positions]
-    text = "".join(tokenizer.decode(t[t != tokenizer.eot].tolist()) for t in targets)
-    return sum(map(len, targets)) / max(len(text.encode("utf-8")), 1)
+    return sum(map(len, targets)) / max(sum(map(tokenizer.text_bytes, targets)), 1)
 
 
 def bits_per_byte(loss, tokens_per_byte):

@@ -125,6 +125,37 @@ def test_a_run_on_them_records_the_tokenizer_and_reports_bits_per_byte(bpe, bpe_
         assert f"val loss {m['val_loss']:.4f} | val bpb {m['val_bpb']:.4f}" in result.stdout
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_bits_per_byte_count_the_val_texts_bytes_where_a_batch_ends_inside_a_character(kind, bpe):
+    """Val batches cut the tokens anywhere, between the bytes of one character too; each token's bytes are counted,
+    so the bytes are the val text's, end-of-text tokens none (decoded batch by batch, a cut character was counted
+    as U+FFFD's 3 bytes)."""
+    from evaluation import val_batch_positions, val_tokens_per_byte
+    tokenizer = load_tokenizer() if kind == "gpt2" else load_tokenizer(str(bpe))
+    documents = ["Ærø: naïve café, 東京 😀!\n" * 20, "Über 🦜 ¡sí! Ωμέγα\n" * 20]
+    for span in (5, 7, 11):
+        tokens = [tokenizer.eot, *tokenizer.encode(documents[0]), tokenizer.eot, *tokenizer.encode(documents[1])]
+        dots = 0
+        while (len(tokens) - 1) % span:  # whole spans to the end: "." is one token (one byte) in any byte-level BPE
+            tokens, dots = tokens + tokenizer.encode("."), dots + 1
+        sources = [("val", np.array(tokens, dtype=np.uint16))]
+        positions = val_batch_positions(sources, 1, span, 10**6)
+        batches = [tokens[1 + start:1 + start + span] for _, start in positions]
+        assert sum(map(len, batches)) == len(tokens) - 1 and any("\ufffd" in tokenizer.decode(b) for b in batches)
+        text_bytes = len("".join(documents).encode("utf-8")) + dots
+        assert val_tokens_per_byte(sources, positions, span, tokenizer) == (len(tokens) - 1) / text_bytes
+
+
+def test_bits_per_byte_count_no_bytes_for_an_unknown_token(tmp_path):
+    """A word-level tokenizer's [UNK] stands for a word it does not keep: none of its bytes are known, and the five
+    of the name "[UNK]" are not the data's."""
+    words = big_vocabulary(tmp_path / "words.json", ["the", "cat", "sat"])
+    tokenizer = load_tokenizer(str(words))
+    ids = np.array(tokenizer.encode("the cat sat on the mat"))
+    assert (ids == tokenizer.backend.token_to_id("[UNK]")).sum() == 2
+    assert tokenizer.text_bytes(ids) == len("the cat sat the") and tokenizer.text_bytes([tokenizer.eot]) == 0
+
+
 def test_it_resumes_exactly(bpe, shards, bpe_run, tmp_path):
     out_dir = tmp_path / "out"
     args = [*TINY, "--data", shards, "--tokenizer", bpe, "--out_dir", out_dir, "--eval_interval", "3"]
