@@ -114,7 +114,7 @@ def measure(config):
                                           n_vocab=tokenizer.n_vocab)
         torch.manual_seed(config.seed)
         trainer = Trainer(config, dist_info, GPT(new_model_config(config)),
-                          RunLog(".", enabled=False), loader=make_loader(), evaluation=None)
+                          RunLog(".", enabled=False), loader=make_loader(), evaluation=None, tokenizer=tokenizer)
         try:
             return summarize(time_steps(config, trainer, make_loader))
         finally:

@@ -12,10 +12,12 @@ signal. Nobody's format and no script's logic: the scripts import these directly
 
 A script whose parser is built with config_file=True also takes --config FILE.toml, flag values in a file, and
 parses with parse_flags, which says which flags were given (in the file or on the command line). A field made with
-flag(..., path=True) is a path: its parser refuses one that the system cannot take (a name too long, a NUL byte).
+flag(..., path=True) is a path: its parser refuses one that the system cannot take (a name too long). No string
+flag takes a NUL character (parse_text), whether from the command line, a TOML file or a checkpoint.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import errno
@@ -45,18 +47,13 @@ class UserError(ValueError):
 
 def run_command(command):
     """Run a script's command(): a UserError ends it with its one line on stderr and its exit code, an
-    OSError on a path with path_error's line, Ctrl-C with status 130."""
+    OSError on a path with path_error's line (os_errors_as_user_errors), Ctrl-C with status 130."""
     try:
-        command()
+        with os_errors_as_user_errors():
+            command()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.code)
-    except OSError as e:
-        error = path_error(e)
-        if error is None:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.code)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -74,25 +71,53 @@ def shown_path(path, limit=160):
 def path_error(error):
     """The one line for an OSError on a path (a name longer than the file system takes, a folder that is
     a file, no permission): the path, what the system said, and the fix; None for an error that names no
-    path. Every script's main ends with it where an OSError on a path reaches it."""
+    path (os_errors_as_user_errors raises it)."""
     if not isinstance(error, OSError) or error.filename is None:
         return None
     fix = "pass a shorter path" if error.errno == errno.ENAMETOOLONG else "check the path, or pass another"
     return UserError(f"{shown_path(os.fsdecode(error.filename))}: {error.strerror or error}: {fix}")
 
 
-def parse_path(text):
-    """A path flag's value, checked before any work: one that no file can ever have (a name or a whole
-    path longer than the file system allows, a loop of links, a NUL byte) is refused. Any other is taken,
-    existing or not: the script says what it needs there, and path_error catches the rest."""
+@contextlib.contextmanager
+def os_errors_as_user_errors():
+    """An OSError that names a file, raised inside, becomes path_error's UserError: the one line for it in
+    every script (run_command), on every rank (device.run_on_ranks) and for what rank 0 does alone
+    (Distributed.on_rank0). One that names no file goes on as it is.
+
+    Any file named, not only the paths the flags gave: every file a script opens is one its user named or
+    one inside a folder they named (--out_dir, --data, --cache_dir, the Hugging Face cache) or the repo's
+    own, so the path and the system's words are what to fix. Telling them apart here would need every
+    script's flags passed down, and would still miss paths that differ from the flag's spelling (resolved,
+    joined to a folder, a link's target)."""
     try:
-        os.stat(text)
+        yield
+    except OSError as e:
+        error = path_error(e)
+        if error is None:
+            raise
+        raise error from None
+
+
+def parse_text(text):
+    """A string flag's value: any text but one holding a NUL character, which no path can hold (the system
+    ends a path at it) and no other flag's text needs. A command line cannot pass one, but a TOML file, a
+    checkpoint's config or a config built in code can: each is refused with this line (settings.check_types
+    asks it too)."""
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(f"{shown_path(repr(text))} holds a NUL character, which no flag "
+                                         "takes: remove it")
+    return text
+
+
+def parse_path(text):
+    """A path flag's value, checked before any work: one that no file can ever have (a NUL character, a
+    name or a whole path longer than the file system allows, a loop of links) is refused. Any other is
+    taken, existing or not: the script says what it needs there, and path_error catches the rest."""
+    try:
+        os.stat(parse_text(text))
     except OSError as e:
         if e.errno in (errno.ENAMETOOLONG, errno.ELOOP):
             raise argparse.ArgumentTypeError(str(path_error(e))) from None
-    except ValueError:  # a NUL byte, which no system takes in a path
-        raise argparse.ArgumentTypeError(f"{shown_path(repr(text))} holds a NUL byte: pass a path "
-                                         "without one") from None
     return text
 
 
@@ -158,8 +183,8 @@ def parse_int(text):
     return value
 
 
-PARSERS = {"bool": parse_bool, "int": parse_int, "float": parse_float, "str": str,
-           bool: parse_bool, int: parse_int, float: parse_float, str: str}
+PARSERS = {"bool": parse_bool, "int": parse_int, "float": parse_float, "str": parse_text,
+           bool: parse_bool, int: parse_int, float: parse_float, str: parse_text}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -222,7 +247,7 @@ def parse_flags(parser, argv):
 
 # what a TOML value must be for each flag type, and how to say it
 TOML_TYPES = {parse_bool: ((bool,), "true or false"), parse_int: ((int,), "an integer"),
-              parse_float: ((int, float), "a number"), str: ((str,), "a string in quotes")}
+              parse_float: ((int, float), "a number"), parse_text: ((str,), "a string in quotes")}
 
 
 def read_toml(path):

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cli import UserError, path_error
+from cli import UserError, os_errors_as_user_errors
 
 # -----------------------------------------------------------------------------
 # The device and the dtype
@@ -280,13 +280,10 @@ class Distributed:
         result, error = None, None
         if self.is_master:
             try:
-                result = action()
+                with os_errors_as_user_errors():  # on a path (the user's): its one line, on every rank
+                    result = action()
             except UserError as e:
                 error = e
-            except OSError as e:  # on a path (the user's): its one line, on every rank
-                error = path_error(e)
-                if error is None:
-                    raise
         if self.any(error is not None):
             raise error or UserError(f"rank 0 could not {what}: see its message")
         return result
@@ -327,13 +324,8 @@ def run_on_ranks(program):
         return joined[0]
 
     try:
-        try:
+        with os_errors_as_user_errors():
             program(join)
-        except OSError as e:  # on a path the user gave: cli.path_error's line, as a UserError's
-            error = path_error(e)
-            if error is None:
-                raise
-            raise error from None
     except UserError as e:
         code, message = e.code, f"error: {e}" if e.code == 1 else str(e)
         if code == 1 and joined and not joined[0].is_master:

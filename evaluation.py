@@ -16,8 +16,7 @@ import torch
 import hellaswag
 from cli import UserError
 from device import make_autocast, resolve_dtype
-from fineweb import (check_vocab_size, fingerprint, load_token_sources, load_tokenizer,
-                     read_span)
+from fineweb import check_vocab_size, fingerprint, load_token_sources, read_span
 from rundir import RunLog, claim_out_dir
 
 # -----------------------------------------------------------------------------
@@ -42,11 +41,11 @@ def val_batch_positions(sources, batch_size, block_size, eval_iters):
 
 
 def val_tokens_per_byte(sources, positions, span, tokenizer):
-    """The val batches' targets (span tokens each) per byte of the UTF-8 text they decode to, the end-of-text
-    tokens (no text) left out: nats per token times this, over ln 2, are bits per byte."""
+    """The val batches' targets (span tokens each) per byte of the UTF-8 text they stand for, counted token
+    by token (a character that two batches share counts once, whole; end-of-text tokens count none):
+    nats per token times this, over ln 2, are bits per byte."""
     targets = [read_span(*sources[i], start + 1, span, tokenizer.n_vocab) for i, start in positions]
-    text = "".join(tokenizer.decode(t[t != tokenizer.eot].tolist()) for t in targets)
-    return sum(map(len, targets)) / max(len(text.encode("utf-8")), 1)
+    return sum(map(len, targets)) / max(sum(map(tokenizer.text_bytes, targets)), 1)
 
 
 def bits_per_byte(loss, tokens_per_byte):
@@ -177,14 +176,13 @@ def describe_scores(scores, batches=None):
     return text
 
 
-def sample_text(model, dist_info, autocast, seed, prompt, num_samples=4, max_new_tokens=32,
-                tokenizer=None):
+def sample_text(model, dist_info, autocast, seed, prompt, num_samples=4, max_new_tokens=32, *,
+                tokenizer):
     """num_samples continuations of prompt, on rank 0 (on every rank under FSDP, whose forward
-    passes every rank makes: the same text); an empty prompt starts a new document. tokenizer: the
-    model's, GPT-2's unless given."""
+    passes every rank makes: the same text), in the model's tokenizer; an empty prompt starts a new
+    document."""
     if dist_info.forward_passes(int(num_samples > 0)) == 0:
         return []
-    tokenizer = tokenizer or load_tokenizer()
     ids = tokenizer.encode_prompt(prompt) or [tokenizer.eot]
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dist_info.device)
     generator = torch.Generator(device=dist_info.device).manual_seed(seed)

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -140,8 +140,9 @@ def first_line(error):
 class Tokenizer:
     """A tokenizer as the repo uses it, whichever library runs it: encode(text) -> ids, with special tokens'
     names read as text (documents, HellaSwag); encode_prompt(text) -> ids, those names read as the tokens
-    (a sample's prompt); decode(ids) -> text; eot, the end-of-text id in front of every document; n_vocab,
-    ids being 0 .. n_vocab - 1; and sha256, its identity, the hash of the file it was built from."""
+    (a sample's prompt); decode(ids) -> text; text_bytes(ids), the bytes of text ids stand for (bits per
+    byte); eot, the end-of-text id in front of every document; n_vocab, ids being 0 .. n_vocab - 1; and
+    sha256, its identity, the hash of the file it was built from."""
 
     def __init__(self, name, content, path=None):
         self.name, self.content, self.path = name, content, path
@@ -157,6 +158,12 @@ class Tokenizer:
         exports (None for GPT-2's, which the repo holds)."""
         gpt2 = self.sha256 == load_tokenizer().sha256
         return {**self.record(), "content": None if gpt2 else self.content.decode("utf-8")}
+
+    def text_bytes(self, ids):
+        """How many bytes of UTF-8 text ids (an array) stand for, token by token, so that a character whose
+        bytes two pieces of text share is counted once, whole: the sum of each token's bytes
+        (byte_lengths). Tokens that stand for no text count none: the end-of-text token."""
+        return int(self.byte_lengths[np.asarray(ids, dtype=np.int64)].sum())
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -182,6 +189,16 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids):
         return self.encoding.decode(ids)
+
+    @cached_property
+    def byte_lengths(self):
+        """Each id's bytes (the ranks' own; none for the end-of-text token, or an id a ranks file skips)."""
+        lengths = np.zeros(self.n_vocab, dtype=np.int64)
+        for i in range(self.n_vocab):
+            with contextlib.suppress(KeyError):
+                lengths[i] = len(self.encoding.decode_single_token_bytes(i))
+        lengths[self.eot] = 0
+        return lengths
 
 
 class HFTokenizer(Tokenizer):
@@ -211,6 +228,43 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids):
         return self.backend.decode(ids, skip_special_tokens=False)
+
+    def text_bytes(self, ids):
+        """Bytes of text (Tokenizer.text_bytes): a byte-level tokenizer's token by token (byte_lengths), any
+        other's (whose tokens are whole characters) as its decoded text's, but for the tokens that stand for
+        no text: special ones (end-of-text) and the unknown token, whose text the ids do not keep (its name,
+        "[UNK]" say, is no text of the data's)."""
+        if self.byte_level:
+            return super().text_bytes(ids)
+        no_text = self.no_text
+        return len(self.decode([i for i in np.asarray(ids).tolist() if i not in no_text]).encode("utf-8"))
+
+    @cached_property
+    def no_text(self):
+        """The ids that stand for no text: special tokens, and the unknown token."""
+        ids = {i for i, token in self.backend.get_added_tokens_decoder().items() if token.special}
+        unknown = getattr(self.backend.model, "unk_token", None)
+        return ids | ({self.backend.token_to_id(unknown)} - {None} if unknown else set())
+
+    @cached_property
+    def byte_level(self):
+        """Whether its tokens spell bytes (GPT-2's kind: a ByteLevel decoder), not characters."""
+        from tokenizers import decoders
+        return isinstance(self.backend.decoder, decoders.ByteLevel)
+
+    @cached_property
+    def byte_lengths(self):
+        """A byte-level tokenizer's bytes for each id: one a character of its token's name, each of which
+        spells a byte in GPT-2's byte alphabet (an added token's name is its text: its UTF-8 bytes); none for
+        the tokens that stand for no text."""
+        from tokenizers import pre_tokenizers
+        alphabet, no_text = set(pre_tokenizers.ByteLevel.alphabet()), self.no_text
+        lengths = np.zeros(self.n_vocab, dtype=np.int64)
+        for i in range(self.n_vocab):
+            token = self.backend.id_to_token(i)
+            if token is not None and i not in no_text:
+                lengths[i] = len(token) if set(token) <= alphabet else len(token.encode("utf-8"))
+        return lengths
 
 
 @lru_cache(maxsize=8)
@@ -317,11 +371,10 @@ def tokenize_text_file(path, tokenizer):
     return np.array(tokens, dtype=TOKEN_DTYPES[shard_version(tokenizer.n_vocab)])
 
 
-def load_token_sources(data, split, tokenizer=None):
+def load_token_sources(data, split, tokenizer):
     """[(name, tokens)] for one split: the shards of a directory, or 90/10 of a text file, which the
-    tokenizer (GPT-2's unless given) tokenizes. Shards that manifest.json says are of another tokenizer
-    are refused."""
-    path, tokenizer = Path(data), tokenizer or load_tokenizer()
+    tokenizer (the run's) tokenizes. Shards that manifest.json says are of another tokenizer are refused."""
+    path = Path(data)
     if path.is_file():
         tokens = tokenize_text_file(str(path.resolve()), tokenizer)
         n_train = int(0.9 * len(tokens))

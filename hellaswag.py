@@ -6,7 +6,7 @@ HellaSwag, zero-shot: which of four endings does the model find most likely afte
     python train_gpt2.py --eval_only True --init_from out/best_val_loss.pt  # a checkpoint of the trainer
 
 On its own it scores transformers' GPT2LMHeadModel, as build-nanogpt's does: OpenAI's weights or a folder
-(save_pretrained, or the trainer's --export_hf), with the folder's tokenizer.json (GPT-2's without one). A
+(save_pretrained, or the trainer's --export_hf), in the folder's own tokenizer (GPT-2's without one). A
 checkpoint of the trainer is scored by the trainer's own model and tokenizer, with --eval_only, which runs
 this file's evaluate. The split is downloaded
 from the HellaSwag repository into --cache_dir on first use; without a network, pass a local copy with --data.
@@ -46,7 +46,6 @@ import torch.nn.functional as F
 
 from cli import UserError, atomic_write, build_parser, flag, parse_nested, run_command
 from device import Distributed, check_dtype, make_autocast, resolve_device, resolve_dtype, warn_if_cpu_busy
-from fineweb import load_tokenizer
 from hf_convert import is_hf_model, load_hf_gpt2, model_tokenizer, quiet_hf_logs
 
 # -----------------------------------------------------------------------------
@@ -244,15 +243,14 @@ def token_losses(model, x, y, scored, autocast, vocab_limit, positions=None):
 
 @torch.no_grad()
 def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024, autocast=None,
-                   vocab_limit=None, progress=False, passes=0, by_position=False, tokenizer=None):
+                   vocab_limit=None, progress=False, passes=0, by_position=False, *, tokenizer):
     """(pred_sum, pred_norm) of each example, in the order given: a (len(examples), 2) long tensor.
     Examples go through the model longest first, batch_size at a time, so each batch pads little and the
     longest (the most memory) comes first. passes: call the model at least this many times, the calls past
     the examples on a batch of padding whose output is dropped (FSDP's lockstep: Distributed.forward_passes).
     by_position: the model computes logits at given positions alone (model(x, positions=...), the trainer's
     GPT): the endings are about a quarter of HellaSwag's tokens, the output layer a third of GPT-2 124M's
-    matmul FLOPs. tokenizer: the model's (GPT-2's unless given); vocab_limit: its vocabulary, unless given."""
-    tokenizer = tokenizer or load_tokenizer()
+    matmul FLOPs. tokenizer: the model's; vocab_limit: its vocabulary, unless given."""
     vocab_limit = vocab_limit or tokenizer.n_vocab
     rendered = [(tokens, mask) for tokens, mask, _ in render_examples(examples, tokenizer, block_size + 1)]
     order = sorted(range(len(rendered)), key=lambda i: -rendered[i][0].size(1))
@@ -291,7 +289,7 @@ def score_examples(model, examples, device="cpu", batch_size=16, block_size=1024
 
 
 def evaluate(model, examples, batch_size=16, block_size=1024, autocast=None, dist_info=None,
-             vocab_limit=None, progress=False, by_position=False, tokenizer=None):
+             vocab_limit=None, progress=False, by_position=False, *, tokenizer):
     """Zero-shot HellaSwag accuracy: {"acc", "acc_norm", "n", "correct", "correct_norm"}.
 
     model maps tokens (B, T) to logits (B, T, V): a callable returning them, or a (logits, loss) tuple (the
@@ -306,7 +304,7 @@ def evaluate(model, examples, batch_size=16, block_size=1024, autocast=None, dis
     share = examples[d.rank::d.world_size]
     passes = d.forward_passes(len(examples), batch_size)
     predictions = score_examples(model, share, d.device, batch_size, block_size, autocast, vocab_limit,
-                                 progress and d.is_master, passes, by_position, tokenizer)
+                                 progress and d.is_master, passes, by_position, tokenizer=tokenizer)
     labels = torch.tensor([int(example["label"]) for example in share], dtype=torch.long)
     counts = torch.stack([(predictions[:, 0] == labels).sum(), (predictions[:, 1] == labels).sum(),
                           torch.tensor(len(share))]).to(d.device)

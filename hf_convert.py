@@ -4,13 +4,14 @@ the model class. The trainer builds its GPT from them (--init_from gpt2) and exp
 (--export_hf); hellaswag.py scores transformers' models with them.
 
     model_args, state = load_gpt2_weights("gpt2")         # OpenAI's GPT-2 (or a save_pretrained folder)
-    hf = hf_model(model_args, state)                      # our weights in a GPT2LMHeadModel
-    export_hf(model_args, state, "out/hf")                # a folder that transformers loads
+    tokenizer = model_tokenizer("gpt2")                   # its tokenizer (GPT-2's; a folder's own)
+    hf = hf_model(model_args, state, tokenizer)           # our weights in a GPT2LMHeadModel
+    export_hf(model_args, state, "out/hf", tokenizer)     # a folder that transformers loads
 
 Names are the same on both sides (transformer.h.0.attn.c_attn.weight, ...); transformers keeps four of the
 matrices transposed (HF_TRANSPOSED), and its vocabulary is the tokenizer's (GPT-2's 50,257) where ours may be
-padded. The tokenizer goes with the weights: a tiktoken one as GPT-2's vocab.json and merges.txt, a tokenizers
-JSON file as itself.
+padded. The tokenizer goes with the weights: a tiktoken one as GPT-2's vocab.json and merges.txt (and the ranks
+file itself), a tokenizers JSON file as itself; a folder's tokenizer is model_tokenizer's.
 """
 
 import contextlib
@@ -19,12 +20,13 @@ import json
 import os
 import shutil
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from cli import UserError, current_umask, parse_nested
-from fineweb import HFTokenizer, load_tokenizer
+from fineweb import HFTokenizer, load_tokenizer, make_tokenizer
 
 # -----------------------------------------------------------------------------
 # Loading transformers' GPT-2
@@ -86,16 +88,56 @@ def from_cache_or_hub(model_class, name_or_path):
     return model_class.from_pretrained(name_or_path)
 
 
+# the run's tiktoken ranks file, as it was, in an export (transformers reads the vocab.json and merges.txt beside it)
+RANKS_FILE = "tokenizer.tiktoken"
+
+
 def model_tokenizer(name_or_path):
-    """The tokenizer of a transformers model: its folder's tokenizer.json (an export writes one), else GPT-2's."""
-    path = Path(name_or_path) / "tokenizer.json"
-    return load_tokenizer(str(path)) if name_or_path not in HF_GPT2_MODELS and path.is_file() else load_tokenizer()
+    """The tokenizer of a transformers model (--init_from), known as the tokenizer of its data is, by the
+    sha256 of its file: a folder's tokenizer.tiktoken (an export's ranks file), else its tokenizer.json (an
+    export's is the run's file as it was), else GPT-2's, as OpenAI's models' is. One that is GPT-2's by its
+    content (is_gpt2s) is GPT-2's, so that GPT-2's shards go with it."""
+    folder = Path(name_or_path)
+    paths = [folder / RANKS_FILE, folder / "tokenizer.json"]
+    path = next((p for p in paths if p.is_file()), None) if name_or_path not in HF_GPT2_MODELS else None
+    if path is None:
+        return load_tokenizer()
+    try:
+        content = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"--init_from {name_or_path}: its {path.name} cannot be read ({e.strerror or e}): fix "
+                        f"its permissions") from None
+    try:
+        tokenizer = make_tokenizer(path.name, content, str(path.resolve()))
+    except ValueError as e:
+        kind = "tiktoken ranks file" if path.name == RANKS_FILE else "tokenizers JSON file"
+        raise UserError(f"--init_from {name_or_path}: its {path.name} is not a {kind} that works here ({e}): "
+                        f"pass a folder written by save_pretrained or --export_hf") from None
+    return load_tokenizer() if is_gpt2s(tokenizer) else tokenizer
 
 
-def load_hf_gpt2(name_or_path, tokenizer=None):
+def is_gpt2s(tokenizer):
+    """Whether a tokenizer is GPT-2's: its file is gpt2.tiktoken, or a tokenizers JSON file of a byte-level
+    BPE with GPT-2's vocabulary and merges, split as GPT-2 splits text (OpenAI's tokenizer.json, say)."""
+    gpt2 = load_tokenizer()
+    if tokenizer.sha256 == gpt2.sha256:
+        return True
+    if not isinstance(tokenizer, HFTokenizer) or tokenizer.n_vocab != gpt2.n_vocab:
+        return False
+    spec = json.loads(tokenizer.content)
+    model, split = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if (model.get("type"), spec.get("normalizer"), split.get("type")) != ("BPE", None, "ByteLevel") or \
+            split.get("add_prefix_space") or not split.get("use_regex", True):
+        return False
+    vocab, merges = gpt2_vocab_and_merges(gpt2)
+    theirs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    return model.get("vocab") == vocab and theirs == merges
+
+
+def load_hf_gpt2(name_or_path, tokenizer):
     """transformers' GPT2LMHeadModel for a hub name or a save_pretrained folder, checked to be the
-    architecture that this repo's GPT implements, with a row for every id of the tokenizer (the model's own,
-    model_tokenizer's, unless given)."""
+    architecture that this repo's GPT implements, with a row for every id of the tokenizer (the model's own:
+    model_tokenizer's)."""
     folder = Path(name_or_path)
     if name_or_path not in HF_GPT2_MODELS:
         try:
@@ -119,7 +161,7 @@ def load_hf_gpt2(name_or_path, tokenizer=None):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"could not load a transformers GPT-2 from {folder} ({reason}): pass a folder written by "
                         f"save_pretrained") from None
-    c, n_vocab = hf.config, (tokenizer or model_tokenizer(name_or_path)).n_vocab
+    c, n_vocab = hf.config, tokenizer.n_vocab
     supported = {  # what GPT hard-codes: the tanh GELU, a 4x MLP, LayerNorm's default eps, SDPA's 1/sqrt(hs)
         "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
         "n_inner": c.n_inner in (None, 4 * c.n_embd),
@@ -150,10 +192,11 @@ def model_args_of(hf_config):
     return {ours: getattr(hf_config, theirs) for ours, theirs in HF_CONFIG_NAMES.items()}
 
 
-def load_gpt2_weights(name_or_path, tokenizer=None):
-    """(model_args, state dict in our names) of transformers' GPT-2 weights: a hub name or a folder. The
-    vocabulary stays unpadded (50,257): padded rows would take part in the softmax and change the loss."""
-    hf = load_hf_gpt2(name_or_path, tokenizer)
+def load_gpt2_weights(name_or_path):
+    """(model_args, state dict in our names) of transformers' GPT-2 weights: a hub name or a folder, checked
+    against its own tokenizer (model_tokenizer). The vocabulary stays unpadded (50,257): padded rows would take
+    part in the softmax and change the loss."""
+    hf = load_hf_gpt2(name_or_path, model_tokenizer(name_or_path))  # a bad tokenizer.json before the weights
     state = {}
     for name, value in hf.state_dict().items():
         if name.endswith((".attn.bias", ".attn.masked_bias")):
@@ -162,11 +205,9 @@ def load_gpt2_weights(name_or_path, tokenizer=None):
     return model_args_of(hf.config), state
 
 
-def hf_model(model_args, state, tokenizer=None):
+def hf_model(model_args, state, tokenizer):
     """transformers' GPT2LMHeadModel holding our weights (a state dict of our GPT), in eval mode. The padded
-    vocabulary rows are dropped, so its logits are over the tokenizer's ids alone (GPT-2's 50,257 unless
-    another tokenizer is given)."""
-    tokenizer = tokenizer or load_tokenizer()
+    vocabulary rows are dropped, so its logits are over the tokenizer's ids alone (GPT-2's 50,257)."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
@@ -203,6 +244,7 @@ def hf_model(model_args, state, tokenizer=None):
 # Export: a folder that transformers loads
 
 
+@lru_cache(maxsize=2)
 def gpt2_vocab_and_merges(tokenizer):
     """A tiktoken tokenizer (GPT-2's, or another ranks file split by GPT-2's pattern) in transformers' terms,
     rebuilt from its ranks (the repo vendors gpt2.tiktoken, not vocab.json and merges.txt): the vocab maps each
@@ -228,9 +270,12 @@ def gpt2_vocab_and_merges(tokenizer):
 
 
 def save_hf_tokenizer(folder, max_length, tokenizer):
-    """The tokenizer as transformers loads it: a tokenizers JSON file as itself, through transformers'
-    PreTrainedTokenizerFast; a tiktoken one as vocab.json and merges.txt (as OpenAI's GPT-2 folder has them),
-    and tokenizer.json through transformers."""
+    """The tokenizer as transformers loads it, and as the run's file it was made from, so that the folder's
+    tokenizer (model_tokenizer) is known by the run's sha256 and takes the shards made with that file: a
+    tokenizers JSON file through transformers' PreTrainedTokenizerFast, its tokenizer.json then put back as it
+    was (transformers rewrites it, adding a post-processor that adds nothing); a tiktoken one as vocab.json and
+    merges.txt (as OpenAI's GPT-2 folder has them) and tokenizer.json through transformers, and the ranks file
+    as tokenizer.tiktoken."""
     if isinstance(tokenizer, HFTokenizer):
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
@@ -238,14 +283,16 @@ def save_hf_tokenizer(folder, max_length, tokenizer):
         fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.content.decode("utf-8")),
                                        bos_token=eot, eos_token=eot, model_max_length=max_length)
         fast.save_pretrained(folder)
+        (folder / "tokenizer.json").write_bytes(tokenizer.content)
         return
     from transformers import GPT2Tokenizer
     vocab, merges = gpt2_vocab_and_merges(tokenizer)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
                                        encoding="utf-8")
-    tokenizer = GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
-    tokenizer.save_pretrained(folder)
+    GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                  model_max_length=max_length).save_pretrained(folder)
+    (folder / RANKS_FILE).write_bytes(tokenizer.content)
 
 
 def export_model(model, path, tokenizer):
@@ -260,10 +307,10 @@ def export_model(model, path, tokenizer):
     return export_hf(dataclasses.asdict(model.config), model.state_dict(), path, tokenizer)
 
 
-def export_hf(model_args, state, path, tokenizer=None):
+def export_hf(model_args, state, path, tokenizer):
     """Write our weights (model_args and a state dict) to the folder path as a transformers GPT-2
-    (config.json, model.safetensors, generation_config.json and the tokenizer, GPT-2's unless another is
-    given), which GPT2LMHeadModel and pipelines load; both the generation config (max_length) and the
+    (config.json, model.safetensors, generation_config.json and the tokenizer, save_hf_tokenizer's), which
+    GPT2LMHeadModel and pipelines load; both the generation config (max_length) and the
     tokenizer (model_max_length) carry the context length. Written to a temporary folder beside path and
     renamed into place, so path never holds a half-written export."""
     path = Path(path)
@@ -272,7 +319,6 @@ def export_hf(model_args, state, path, tokenizer=None):
                         f"names, or a new one")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"--export_hf {path} already exists: remove it or pass a new folder")
-    tokenizer = tokenizer or load_tokenizer()
     hf = hf_model(model_args, state, tokenizer)
     block_size = model_args["block_size"]
     # generation stops at the context length: the position embedding has block_size rows, and transformers'

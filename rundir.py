@@ -456,13 +456,19 @@ def target_reached(progress, target_val_loss):
     return record if record is not None and record["target_val_loss"] == target_val_loss else None
 
 
+def target_met(progress, target_val_loss):
+    """Whether a run (its progress) has reached target_val_loss already: its record says so, or its best val loss
+    is at or below it (a target first given on resume, reached before then). A target is reported once."""
+    return target_reached(progress, target_val_loss) is not None or progress.best_val_loss <= target_val_loss
+
+
 def target_notes(progress, config):
     """What a run resumed from a checkpoint (its progress) says of a --target_val_loss it reached before:
     it trains on past it, without --stop_at_target stopping it again (the first evaluation at or below a
     target is reported once). A target it has not reached is checked from the first evaluation on."""
     target = config.target_val_loss
     record, stops = target_reached(progress, target), " (--stop_at_target stops at that evaluation alone)"
-    if not target or (record is None and progress.best_val_loss > target):
+    if not target or not target_met(progress, target):
         return []
     reached = describe_target(record) if record else reached_before(progress.iter_num)
     return [f"note: --target_val_loss {target:g} was {reached}; this run trains on past it to --max_iters "
@@ -488,7 +494,7 @@ def summary(out_dir, progress, last_checkpoint, first_step, seconds, target_val_
     if target_val_loss:
         record = target_reached(progress, target_val_loss)
         row(f"target {target_val_loss:g}", describe_target(record) if record else
-            reached_before(first_step) if progress.best_val_loss <= target_val_loss else "not reached")
+            reached_before(first_step) if target_met(progress, target_val_loss) else "not reached")
     if last_checkpoint is not None:
         row("latest checkpoint", f"{last_checkpoint}  (to train on: --init_from resume --max_iters N)")
     row("every figure", f"{metrics}  (python plot.py {metrics})")

@@ -18,10 +18,9 @@ import torch
 
 from cli import UserError, build_parser, flag, run_command, shown_path
 from device import check_dtype, make_autocast, resolve_device, resolve_dtype, warn_if_cpu_busy
-from fineweb import check_vocab_size, checkpoint_tokenizer
-from hf_convert import model_tokenizer
+from fineweb import check_vocab_size
 from sampling import generate_tokens
-from train_gpt2 import load_start
+from train_gpt2 import load_start, start_tokenizer
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -77,24 +76,41 @@ def read_prompt(start):
 # Sampling, streamed
 
 
+def text_pieces(tokenizer, ids):
+    """The text of ids (an iterable, drawn one at a time) in pieces, each as soon as it is whole, which
+    together are tokenizer.decode of them all. Each step decodes a few tokens, not all so far: those not
+    yet written, after the ones written last (a decoder may write a token otherwise at the start of a
+    text: without its leading space, say), and the piece is what the new tokens add to those. A token can
+    end inside a character's UTF-8 bytes: then the text ends in U+FFFD and waits for the next token."""
+    ids_so_far, start, written = [], 0, 0  # ids_so_far[start:written] were written last; the rest not yet
+    for token in ids:
+        ids_so_far.append(token)
+        before, text = tokenizer.decode(ids_so_far[start:written]), tokenizer.decode(ids_so_far[start:])
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            yield text[len(before):]
+            start, written = written, len(ids_so_far)
+    rest = tokenizer.decode(ids_so_far[start:])[len(tokenizer.decode(ids_so_far[start:written])):]
+    if rest:  # an incomplete character at the very end: its replacement character, as decode gives it
+        yield rest
+
+
 def stream_sample(model, tokenizer, prompt, config, device, autocast, generator, out):
-    """Write prompt and then each sampled token's text to out as soon as it is drawn; return the new ids."""
+    """Write prompt and then the sampled tokens' text to out as soon as it is whole; return the new ids."""
     ids = tokenizer.encode_prompt(prompt) or [tokenizer.eot]  # no prompt: start a document, as in training
     out.write(prompt)
-    new_ids, shown = [], ""
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    with autocast:
+    new_ids = []
+
+    def drawn():
         for token in generate_tokens(lambda context: model(context)[0], idx, config.max_new_tokens,
                                      model.config.block_size, config.temperature, config.top_k or None,
                                      vocab_limit=tokenizer.n_vocab, generator=generator):
             new_ids.append(token.item())
-            text = tokenizer.decode(new_ids)
-            # a token can end in the middle of a character's UTF-8 bytes: they show once it is whole
-            if not text.endswith("\ufffd"):
-                out.write(text[len(shown):])
-                out.flush()
-                shown = text
-    out.write(tokenizer.decode(new_ids)[len(shown):])
+            yield new_ids[-1]
+    with autocast:
+        for piece in text_pieces(tokenizer, drawn()):
+            out.write(piece)
+            out.flush()
     return new_ids
 
 
@@ -104,9 +120,7 @@ def sample(config, out=sys.stdout):
     dtype = resolve_dtype(config.dtype, device)
     warn_if_cpu_busy(device)
     model, checkpoint = load_start(config.init_from, ".")
-    # the run's tokenizer, which its checkpoint holds; a transformers folder's own
-    tokenizer = (checkpoint_tokenizer(checkpoint["tokenizer"], checkpoint["path"]) if checkpoint
-                 else model_tokenizer(config.init_from))
+    tokenizer = start_tokenizer(config.init_from, checkpoint)  # the run's, or a transformers folder's own
     check_vocab_size(model.config.vocab_size, config.init_from, tokenizer)  # the tokenizer's ids must index it
     model = model.to(device)
     autocast = make_autocast(device.split(":")[0], dtype)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cli import INT64, UserError, build_parser, flag, parse_flags, parse_int
+from cli import INT64, UserError, build_parser, flag, parse_flags, parse_int, parse_text
 from device import available_memory, check_dtype
 
 # -----------------------------------------------------------------------------
@@ -39,7 +39,8 @@ class TrainSettings:
                                        "90/10 into train/val", path=True)
     tokenizer: str = flag("gpt2", "a new run's tokenizer: gpt2 (GPT-2's), a tiktoken ranks file or a "
                                   "tokenizers JSON file; --data's shards must be of it, --vocab_size follows "
-                                  "it; a checkpoint's run keeps its own", path=True)
+                                  "it; a model's (a checkpoint's, a transformers folder's) is its own, which "
+                                  "one given must be", path=True)
     out_dir: str = flag("./out", "where checkpoints, config.json and metrics.jsonl are written",
                         path=True)
     init_from: str = flag("scratch", "'scratch', 'resume' (the latest checkpoint in out_dir), a "
@@ -253,16 +254,11 @@ def parse_step_range(text):
     return first, end
 
 
-# the flags that name a file or folder, which an empty value would silently make the current
-# directory ('' is '.') or nothing at all
-PATH_FLAGS = ("data", "out_dir", "init_from", "hellaswag_data")
-
-
 def check_types(config):
-    """Each field of its declared type, every float finite and every string free of NUL characters
-    (which no path holds, and which a --config file can give where a command line cannot), and no
-    path flag empty: a config read from a file or a checkpoint, or built in code, is held to what
-    the command line's parser guarantees."""
+    """Each field of its declared type, every float finite, every string one that a flag takes (no
+    NUL character: cli.parse_text), and no path flag empty (flag(path=True)) unless empty is its
+    default: '' would silently be the current directory, or nothing at all. A config read from a
+    checkpoint, or built in code, is held to what the command line's parser guarantees."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         kinds = (int, float) if field.type is float else (field.type,)
@@ -272,10 +268,12 @@ def check_types(config):
             raise UserError(f"--{field.name} {value} is past the largest integer a flag takes (2**63 - 1)")
         if field.type is float and not math.isfinite(value):
             raise UserError(f"--{field.name} must be a finite number, got {value!r}")
-        if field.type is str and "\0" in value:
-            raise UserError(f"--{field.name} {value!r} holds a NUL character, which no path or "
-                            "name can: remove it")
-        if field.name in PATH_FLAGS and not value:
+        if field.type is str:
+            try:
+                parse_text(value)
+            except argparse.ArgumentTypeError as e:
+                raise UserError(f"--{field.name} {e}") from None
+        if field.metadata.get("path") and field.default and not value:
             raise UserError(f"--{field.name} is empty: give it a value ('.' for the current "
                             "directory)")
 

@@ -37,10 +37,11 @@ from device import (Prefetcher, check_model_fits, device_peak_flops,
                     float32_newton_schulz_where_bf16_is_emulated, make_autocast, place_model,
                     resolve_dtype, run_on_ranks, set_gradient_sync, wrap_model)
 from evaluation import Evaluation, bits_per_byte, evaluate_only
-from fineweb import (check_unchanged, check_vocab_size, checkpoint_tokenizer, fingerprint,
-                     load_token_sources, load_tokenizer, read_span, sampled_fingerprint)
+from fineweb import (check_unchanged, check_vocab_size, checkpoint_tokenizer, describe_tokenizer,
+                     fingerprint, load_token_sources, load_tokenizer, read_span,
+                     sampled_fingerprint)
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, choose_micro_batch
-from hf_convert import export_model, is_hf_model, load_gpt2_weights
+from hf_convert import export_model, is_hf_model, load_gpt2_weights, model_tokenizer
 from rundir import Plotter, RunLog, describe_target, pause_clock, target_notes, target_reached
 from sampling import generate_tokens
 from settings import (TrainSettings, check_architecture, parse_config, parse_duration,
@@ -244,11 +245,11 @@ class ShardLoader:
     global batch left waits for the next epoch. Rows (micro_step * world_size + rank) of a global
     batch are this rank's micro-batch, so the batches depend on the data, seed, mode and global
     batch shape alone, not on how ranks and micro-steps split it. n_vocab: the tokenizer's ids, which
-    every token read is checked to be among (GPT-2's unless given)."""
+    every token read is checked to be among."""
 
     def __init__(self, sources, batch_size, block_size, micro_steps, rank=0, world_size=1, seed=0,
-                 shuffle=True, n_vocab=None):
-        self.n_vocab = n_vocab or load_tokenizer().n_vocab
+                 shuffle=True, *, n_vocab):
+        self.n_vocab = n_vocab
         self.names = [name for name, _ in sources]
         self.shards = [tokens for _, tokens in sources]
         self.B, self.T, self.micro_steps = batch_size, block_size, micro_steps
@@ -480,13 +481,13 @@ class Trainer:
     """What a run carries from step to step: the model (the GPT, sharded in place under FSDP) and
     `wrapped`, what its forward passes call (compiled, under DDP); the optimizer, the GradScaler,
     the batches and the counters (progress). Its checkpoint is those parts' state_dict()s (parts()),
-    and the record of the tokenizer the model reads (GPT-2's unless given).
+    and the record of the tokenizer the model reads.
     """
 
-    def __init__(self, config, dist_info, model, log, *, loader, evaluation, checkpoint=None,
-                 tokenizer=None):
+    def __init__(self, config, dist_info, model, log, *, loader, evaluation, tokenizer,
+                 checkpoint=None):
         self.config, self.dist_info, self.log = config, dist_info, log
-        self.tokenizer = tokenizer or load_tokenizer()
+        self.tokenizer = tokenizer
         self.device = dist_info.device
         self.dtype = resolve_dtype(config.dtype, self.device, dist_info.sharded)
         device_type = self.device.split(":")[0]
@@ -694,10 +695,10 @@ class Trainer:
         """The first evaluation at or below --target_val_loss: its step, tokens and training seconds
         kept in the run's progress, printed and recorded in metrics.jsonl. A target the run reached
         before (its record, or a best val loss at or below it) is not reported again; a new one
-        given on resume is checked from there on (rundir.target_notes says which)."""
+        given on resume is checked from there on (rundir.target_notes says which). NaN reaches none:
+        it compares false with every number, so the test is `not val_loss <= target`."""
         target, p = self.config.target_val_loss, self.progress
-        reached = target_reached(p, target) or p.best_val_loss <= target
-        if not target or val_loss > target or reached:
+        if not target or not val_loss <= target or rundir.target_met(p, target):
             return
         p.target = {"target_val_loss": target, "val_loss": val_loss, "step": step,
                     "tokens": p.tokens, "train_seconds": round(p.train_seconds, 3)}
@@ -795,7 +796,7 @@ class Trainer:
 def load_start(init_from, out_dir):
     """(model, checkpoint) for --init_from: a checkpoint of this trainer (a path, or `resume` for
     the latest in out_dir; its weights built into a GPT, removed from the dict) or GPT-2 weights
-    (checkpoint None). sample.py loads its model here too."""
+    (checkpoint None). sample.py loads its model here too, and its tokenizer by start_tokenizer."""
     if init_from != "resume" and is_hf_model(init_from):
         return GPT.from_pretrained(init_from).eval(), None
     checkpoint = load_checkpoint(checkpoint_path(init_from, out_dir))
@@ -807,12 +808,32 @@ def load_start(init_from, out_dir):
     return model.eval(), checkpoint
 
 
-def export(config):
+def start_tokenizer(init_from, checkpoint, given=None):
+    """The tokenizer that the model of --init_from reads (checkpoint: load_start's): its checkpoint's,
+    else a transformers model's own (hf_convert.model_tokenizer); a new run's (--init_from scratch)
+    is given, GPT-2's unless given. given: the --tokenizer passed (a Tokenizer, None if none), which
+    must be the model's: a model reads the tokens it was trained on. Training, --eval_only, the
+    export and sample.py all take a model's tokenizer here."""
+    if init_from == "scratch":
+        return given or load_tokenizer()
+    if checkpoint is not None:
+        tokenizer = checkpoint_tokenizer(checkpoint["tokenizer"], checkpoint["path"])
+        whose = f"the model of {checkpoint['path']}"
+    else:
+        tokenizer = model_tokenizer(init_from)
+        whose = f"--init_from {init_from} (its folder's tokenizer file; GPT-2's where it has none)"
+    if given is not None and given.sha256 != tokenizer.sha256:
+        raise UserError(f"{whose} reads the tokens of {describe_tokenizer(tokenizer.record())}, not "
+                        f"of --tokenizer {describe_tokenizer(given.record())}: drop --tokenizer (a "
+                        "model keeps its tokenizer)")
+    return tokenizer
+
+
+def export(config, given=None):
     """--export_hf: a conversion, not a run; it reads no data and trains nothing (hf_convert). The
-    tokenizer goes with the model: its checkpoint's, or --tokenizer with GPT-2 weights."""
+    tokenizer goes with the model (start_tokenizer's; given: the --tokenizer passed, if any)."""
     model, checkpoint = load_start(config.init_from, config.out_dir)
-    tokenizer = (checkpoint_tokenizer(checkpoint["tokenizer"], checkpoint["path"]) if checkpoint
-                 else load_tokenizer(config.tokenizer))
+    tokenizer = start_tokenizer(config.init_from, checkpoint, given)
     path = export_model(model, config.export_hf, tokenizer)
     print(f"exported {checkpoint['path'] if checkpoint else config.init_from} to {path}")
 
@@ -841,7 +862,7 @@ def train(config, changes, dist_info, model, checkpoint, launched, tokenizer):
     sources = load_token_sources(config.data, "train", tokenizer)
     make_loader = lambda batch_size, micro_steps: ShardLoader(
         sources, batch_size, model_config.block_size, micro_steps, dist_info.rank,
-        dist_info.world_size, config.seed, config.shuffle, tokenizer.n_vocab)
+        dist_info.world_size, config.seed, config.shuffle, n_vocab=tokenizer.n_vocab)
     loader = make_loader(config.batch_size, config.gradient_accumulation_steps)
     state_bytes = training_state_bytes(model_config, config)
     if model is None:
@@ -925,27 +946,28 @@ def parse_args(argv=None):
 
 def start(argv):
     """The config, and what --init_from names loaded: (config, changes, model, checkpoint,
-    tokenizer). The tokenizer is --tokenizer's for a new run, its checkpoint's for a checkpoint's
-    (which a --tokenizer given must be); a new run's --vocab_size follows it unless given."""
+    tokenizer), the tokenizer start_tokenizer's; a new run's --vocab_size follows it unless given.
+    With --export_hf, which loads its model on rank 0, the tokenizer is the --tokenizer given (None
+    if none), for the export to check against the model's."""
     flags, explicit = parse_args(argv)
-    if flags.export_hf:  # the export loads its model and tokenizer on rank 0
-        return with_absolute_paths(flags), [], None, None, None
+    given = load_tokenizer(flags.tokenizer) if "tokenizer" in explicit else None
+    if flags.init_from != "resume" and is_hf_model(flags.init_from):
+        start_tokenizer(flags.init_from, None, given)  # a transformers model's: before its weights load
+    if flags.export_hf:
+        return with_absolute_paths(flags), [], None, None, given
     if flags.init_from == "scratch":
-        tokenizer = load_tokenizer(flags.tokenizer)
+        tokenizer = start_tokenizer(flags.init_from, None, given)
         if "vocab_size" not in explicit:  # padded to a multiple of 64: faster matmuls
             flags = dataclasses.replace(flags, vocab_size=-(-tokenizer.n_vocab // 64) * 64)
         return with_absolute_paths(flags), [], None, None, tokenizer
     model, checkpoint = load_start(flags.init_from, flags.out_dir)
+    tokenizer = start_tokenizer(flags.init_from, checkpoint, given)
     model_args = dataclasses.asdict(model.config)
     check_architecture(explicit, flags, model_args)
-    if checkpoint is None:  # GPT-2 weights: a new run, with the weights' architecture
-        config = with_absolute_paths(dataclasses.replace(flags, **model_args))
-        return config, [], model, None, load_tokenizer(flags.tokenizer)
+    if checkpoint is None:  # GPT-2 weights: a new run, with the weights' architecture and tokenizer
+        config = dataclasses.replace(flags, **model_args, tokenizer=tokenizer.path or tokenizer.name)
+        return with_absolute_paths(config), [], model, None, tokenizer
     config, changes = run_config(flags, explicit, checkpoint)
-    tokenizer = checkpoint_tokenizer(checkpoint["tokenizer"], checkpoint["path"])
-    if "tokenizer" in explicit and load_tokenizer(flags.tokenizer).sha256 != tokenizer.sha256:
-        raise UserError(f"the model of {checkpoint['path']} reads the tokens of {tokenizer.name}, not of "
-                        f"--tokenizer {flags.tokenizer}: drop --tokenizer (a run keeps its tokenizer)")
     # the weights' architecture, whatever the checkpoint's flags say (a field they lack, say)
     return dataclasses.replace(config, **model_args), changes, model, checkpoint, tokenizer
 
@@ -959,7 +981,7 @@ def main(argv=None):
         dist_info = join(config.device, config.ddp_timeout, config.fsdp and not config.export_hf,
                          config.backend)
         if config.export_hf:
-            dist_info.on_rank0(lambda: export(config), "export the model")
+            dist_info.on_rank0(lambda: export(config, tokenizer), "export the model")
         elif config.eval_only:  # the model placed (sharded under FSDP) as training places it
             place = lambda model, dtype: place_model(model, dist_info, dtype, config.loss_kernel)
             evaluate_only(config, dist_info, model, checkpoint, place, tokenizer)

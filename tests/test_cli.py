@@ -231,6 +231,25 @@ def test_an_os_error_on_a_path_deep_in_a_run_is_one_line(tmp_path, trained_run):
     assert line.startswith("error: ") and not (tmp_path / "branch").exists()
 
 
+def test_an_os_error_naming_a_file_is_the_same_one_line_in_a_script_on_rank_0_and_on_every_rank(tmp_path, capsys):
+    import errno
+    from cli import os_errors_as_user_errors, run_command
+    from device import Distributed, run_on_ranks
+    missing = tmp_path / "missing.txt"
+    expected = f"{missing}: No such file or directory: check the path, or pass another"
+    with pytest.raises(UserError) as error:
+        Distributed().on_rank0(lambda: missing.read_text(), "read a file")
+    assert str(error.value) == expected
+    for run in (run_command, lambda command: run_on_ranks(lambda join: command())):
+        with pytest.raises(SystemExit) as exit_info:
+            run(lambda: missing.read_text())
+        assert exit_info.value.code == 1 and capsys.readouterr().err.strip() == f"error: {expected}"
+    with pytest.raises(OSError) as unnamed:  # an error that names no file is no user's path: it goes on
+        with os_errors_as_user_errors():
+            raise OSError(errno.EIO, "input/output error")
+    assert not isinstance(unnamed.value, UserError)
+
+
 def test_an_out_dir_without_room_for_a_checkpoints_name_is_refused_before_training(tmp_path):
     """The folder can be made, but a checkpoint's name inside it would pass the system's limit on a whole path:
     refused before the first step, not at the first checkpoint."""

@@ -27,6 +27,7 @@ from train_gpt2 import GPT, GPTConfig, TrainConfig, make_optimizers
 from conftest import run_main
 
 REPO = Path(__file__).resolve().parent.parent
+GPT2 = load_tokenizer()
 ROOF_CTX = "A man is sitting on a roof."
 ROOF_ENDINGS = ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
                 "is holding a rubik's cube.", "he starts pulling up roofing."]
@@ -170,11 +171,12 @@ def test_a_model_that_knows_the_right_endings_gets_them_all(style):
     examples = answer_items()
     model = KnowsTheAnswers([enc.encode(ex["ctx"]) + enc.encode(" " + ex["endings"][ex["label"]])
                              for ex in examples], style)
-    result = evaluate(model, examples, batch_size=2, block_size=64)
+    result = evaluate(model, examples, batch_size=2, block_size=64, tokenizer=GPT2)
     assert result == {"acc": 1.0, "acc_norm": 1.0, "n": 3, "correct": 3, "correct_norm": 3}
-    unsliced = evaluate(model, examples, batch_size=2, block_size=64, vocab_limit=50304)
+    unsliced = evaluate(model, examples, batch_size=2, block_size=64, tokenizer=GPT2, vocab_limit=50304)
     assert unsliced["acc"] == 0.0 and unsliced["acc_norm"] == 1.0
-    bf16 = evaluate(model, examples, batch_size=2, block_size=64, autocast=torch.autocast("cpu", torch.bfloat16))
+    bf16 = evaluate(model, examples, batch_size=2, block_size=64, tokenizer=GPT2,
+                    autocast=torch.autocast("cpu", torch.bfloat16))
     assert bf16["acc"] == bf16["acc_norm"] == 1.0
 
 
@@ -196,13 +198,15 @@ def test_batched_unbatched_and_split_ranks_agree_with_one_example_at_a_time():
     with torch.no_grad():
         expected = reference_predictions(model, examples, block_size=64)
     for batch_size in (1, 3, 8):
-        assert score_examples(model, examples, batch_size=batch_size, block_size=64).tolist() == expected
-    whole = evaluate(model, examples, batch_size=4, block_size=64)
+        scores = score_examples(model, examples, batch_size=batch_size, block_size=64, tokenizer=GPT2)
+        assert scores.tolist() == expected
+    whole = evaluate(model, examples, batch_size=4, block_size=64, tokenizer=GPT2)
     labels = [ex["label"] for ex in examples]
     assert whole["correct"] == sum(p[0] == y for p, y in zip(expected, labels))
     assert whole["correct_norm"] == sum(p[1] == y for p, y in zip(expected, labels))
     # without a process group each rank returns its own share's counts: together they are the whole
-    shares = [evaluate(model, examples, batch_size=4, block_size=64, dist_info=Distributed(rank=r, world_size=2))
+    shares = [evaluate(model, examples, batch_size=4, block_size=64, tokenizer=GPT2,
+                       dist_info=Distributed(rank=r, world_size=2))
               for r in (0, 1)]
     assert [s["n"] for s in shares] == [4, 3]
     for key in ("n", "correct", "correct_norm"):
@@ -221,8 +225,9 @@ def test_this_repos_gpt_computes_logits_at_the_endings_alone_with_the_same_losse
     assert rows_seen == [(24, x.size(1), 50304)]
     assert torch.allclose(at_endings, everywhere, atol=1e-5) and (at_endings[scored] > 0).all()
     compiled = torch.compile(model)  # as the trainer's evaluation calls it
-    assert score_examples(compiled, examples, batch_size=4, block_size=64, by_position=True).tolist() == \
-        score_examples(model, examples, batch_size=4, block_size=64).tolist()
+    at_positions = score_examples(compiled, examples, batch_size=4, block_size=64, by_position=True, tokenizer=GPT2)
+    everywhere = score_examples(model, examples, batch_size=4, block_size=64, tokenizer=GPT2)
+    assert at_positions.tolist() == everywhere.tolist()
 
 
 DDP_SCRIPT = """
@@ -230,14 +235,16 @@ import json, os, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
 from device import Distributed
+from fineweb import load_tokenizer
 from hellaswag import evaluate, load_examples
 from train_gpt2 import GPT, GPTConfig
+GPT2 = load_tokenizer()
 dist.init_process_group("gloo")
 rank, world_size = dist.get_rank(), dist.get_world_size()
 model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=64))
 model.load_state_dict(torch.load({weights!r}))
 examples, _ = load_examples({data!r})
-result = evaluate(model, examples, batch_size=4, block_size=64,
+result = evaluate(model, examples, batch_size=4, block_size=64, tokenizer=GPT2,
                   dist_info=Distributed(rank=rank, world_size=world_size))
 with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
     json.dump(result, f)
@@ -255,7 +262,7 @@ def test_two_gloo_processes_sum_their_counts_to_the_single_process_figures(tmp_p
     result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
                         cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
-    expected = evaluate(model, examples, batch_size=4, block_size=64)
+    expected = evaluate(model, examples, batch_size=4, block_size=64, tokenizer=GPT2)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
 
@@ -278,16 +285,16 @@ def test_in_lockstep_every_rank_calls_the_model_as_often_and_scores_the_same():
     for rank in (0, 1):
         model = ShapeRecorder(tiny_gpt())
         sharded = Distributed(rank=rank, world_size=2, sharded=True)
-        results.append(evaluate(model, examples, batch_size=4, block_size=64, dist_info=sharded))
+        results.append(evaluate(model, examples, batch_size=4, block_size=64, tokenizer=GPT2, dist_info=sharded))
         calls.append(len(model.calls))
     assert calls == [2, 2]  # FSDP: each call is a collective that every rank must join
-    assert results == [evaluate(tiny_gpt(), examples, batch_size=4, block_size=64,
+    assert results == [evaluate(tiny_gpt(), examples, batch_size=4, block_size=64, tokenizer=GPT2,
                                 dist_info=Distributed(rank=rank, world_size=2)) for rank in (0, 1)]
     # this repo's GPT, scored at the endings' positions: its padding pass asks for no logits at all
     for rank in (0, 1):
         model, logit_rows = tiny_gpt(), []
         model.register_forward_hook(lambda module, args, output: logit_rows.append(output[0].size(0)))
-        assert evaluate(model, examples, batch_size=4, block_size=64, by_position=True,
+        assert evaluate(model, examples, batch_size=4, block_size=64, tokenizer=GPT2, by_position=True,
                         dist_info=Distributed(rank=rank, world_size=2, sharded=True)) == results[rank]
         assert len(logit_rows) == 2 and logit_rows[0] > 0
         assert (logit_rows[1] == 0) == (rank == 1)  # rank 1 has one batch: its second call is the padding pass
@@ -296,7 +303,7 @@ def test_in_lockstep_every_rank_calls_the_model_as_often_and_scores_the_same():
 def test_few_input_shapes_reach_the_model_and_its_mode_is_restored():
     model = ShapeRecorder(tiny_gpt()).train()
     examples = random_items(40, ctx_words=(2, 40), ending_words=(1, 15))
-    result = evaluate(model, examples, batch_size=8, block_size=64)
+    result = evaluate(model, examples, batch_size=8, block_size=64, tokenizer=GPT2)
     assert result["n"] == 40 and model.training
     shapes = {shape for shape, _ in model.calls}
     assert {rows for rows, _ in shapes} == {32} and {T for _, T in shapes} <= {32, 48, 64}
@@ -307,7 +314,7 @@ def test_examples_longer_than_the_context_window_are_cut_not_fatal():
     examples = [item(0, "word " * 300, ["short end", "another end", "more " * 80, "x"], 2),
                 item(1, "a short context", ["tail " * 100, "b", "c", "d"], 1)]
     model = ShapeRecorder(tiny_gpt())
-    result = evaluate(model, examples, batch_size=2, block_size=64)
+    result = evaluate(model, examples, batch_size=2, block_size=64, tokenizer=GPT2)
     assert result["n"] == 2
     assert all(T <= 64 for (_, T), _ in model.calls)
 
@@ -334,7 +341,7 @@ def test_malformed_lines_are_reported_with_their_line_number_and_the_rest_kept(t
     assert [p.split(": ")[0] for p in problems] == [f"{path}:{n}" for n in (2, 3, 4, 6, 8)]
     assert "not JSON" in problems[0] and "'endings'" in problems[1] and "'label' is 4" in problems[2]
     assert "list of 4 strings" in problems[3] and all(p.endswith("line skipped") for p in problems)
-    result = evaluate(tiny_gpt(), examples, batch_size=2, block_size=64)
+    result = evaluate(tiny_gpt(), examples, batch_size=2, block_size=64, tokenizer=GPT2)
     assert result["n"] == 3
     assert load_examples(str(path), limit=2)[0] == examples[:2]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fineweb import load_tokenizer
+from checkpoint import load_checkpoint
 from cli import UserError
 from hf_convert import export_hf
 from evaluation import val_batch_positions
@@ -42,7 +43,7 @@ def our_model(checkpoint):
 
 def export(checkpoint, folder):
     model = our_model(checkpoint)
-    return export_hf(dataclasses.asdict(model.config), model.state_dict(), folder)
+    return export_hf(dataclasses.asdict(model.config), model.state_dict(), folder, load_tokenizer())
 
 
 @torch.no_grad()
@@ -95,6 +96,30 @@ def test_the_readmes_pipeline_line_generates_from_an_export_with_a_short_context
     assert json.loads((folder / "generation_config.json").read_text())["max_length"] == 32
 
 
+def test_a_folder_with_gpt2s_ranks_or_gpt2s_tokenizer_json_reads_gpt2s_tokens(trained_run, tmp_path):
+    """The export of a GPT-2 run carries the ranks file as it is; a folder of transformers' files alone (OpenAI's,
+    or a save_pretrained elsewhere) has GPT-2's tokenizer.json, known by its vocabulary and merges. Either is
+    GPT-2's: its shards go with it, and --tokenizer gpt2 is its own."""
+    from conftest import REPO
+    from fineweb import make_tokenizer
+    from hf_convert import is_gpt2s, model_tokenizer
+    folder = tmp_path / "hf"
+    export(trained_run[0] / "best_val_loss.pt", folder)
+    assert (folder / "tokenizer.tiktoken").read_bytes() == (REPO / "gpt2.tiktoken").read_bytes()
+    assert model_tokenizer(str(folder)) is load_tokenizer()
+    (folder / "tokenizer.tiktoken").unlink()
+    assert model_tokenizer(str(folder)) is load_tokenizer()
+    result = train_in_process(*TINY, "--init_from", folder, "--tokenizer", "gpt2", "--eval_only", "True",
+                              "--data", INPUT_TXT, "--out_dir", tmp_path / "eval")
+    assert result.returncode == 0, result.stderr
+    # the run's val loss, but for the padded rows of its vocabulary, which the export leaves out of the softmax
+    assert read_metrics(tmp_path / "eval")[-1]["val_loss"] == pytest.approx(
+        load_checkpoint(trained_run[0] / "best_val_loss.pt")["val_loss"], abs=1e-2)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"]["merges"][:2] = spec["model"]["merges"][1::-1]  # two merges in the other order: another BPE
+    assert not is_gpt2s(make_tokenizer("tokenizer.json", json.dumps(spec).encode()))
+
+
 def test_an_architecture_transformers_cannot_hold_is_refused_naming_the_field(trained_run, tmp_path, monkeypatch):
     import train_gpt2
     from dataclasses import dataclass
@@ -119,7 +144,7 @@ def test_an_architecture_transformers_cannot_hold_is_refused_naming_the_field(tr
     state["transformer.h.0.mlp.c_fc.weight"] = state["transformer.h.0.mlp.c_fc.weight"][:96]  # hidden 3C
     with pytest.raises(UserError, match="c_fc.weight is .96, 64., GPT-2's .256, 64..: only a model of GPT-2's"):
         export_hf(dataclasses.asdict(our_model(trained_run[0] / "best_val_loss.pt").config), state,
-                  tmp_path / "hf")
+                  tmp_path / "hf", load_tokenizer())
 
 
 def test_trainer_evaluates_and_fine_tunes_transformers_weights(hf_folder, tmp_path):
@@ -128,7 +153,7 @@ def test_trainer_evaluates_and_fine_tunes_transformers_weights(hf_folder, tmp_pa
     assert result.returncode == 0, result.stderr
     (record,) = read_metrics(tmp_path / "eval")
     # transformers' own loss on the same val batches (batch_size 4, eval_iters 2 from TINY)
-    sources, theirs = load_token_sources(INPUT_TXT, "val"), hf_model(hf_folder)
+    sources, theirs = load_token_sources(INPUT_TXT, "val", load_tokenizer()), hf_model(hf_folder)
     losses = []
     for source, start in val_batch_positions(sources, 4, 64, 2):
         chunk = torch.from_numpy(np.array(sources[source][1][start:start + 4 * 64 + 1], dtype=np.int64))
@@ -162,6 +187,24 @@ def test_bad_transformers_sources_get_one_line(tmp_path):
     result = train_in_process("--init_from", tmp_path / "llama", "--export_hf", tmp_path / "out")
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "holds a 'llama' model, not GPT-2" in result.stderr
+
+
+def test_a_folders_tokenizer_json_that_is_none_is_one_line_naming_init_from(hf_folder, tmp_path):
+    import shutil
+    from conftest import run_main
+    folder = tmp_path / "model"
+    shutil.copytree(hf_folder, folder)
+    (folder / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    (tmp_path / "hs.jsonl").write_text('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}\n')
+    for script, args in (("train_gpt2.py", [*TINY, "--data", INPUT_TXT, "--eval_only", "True"]),
+                         ("sample.py", ["--device", "cpu", "--num_samples", "1"]),
+                         ("hellaswag.py", ["--device", "cpu", "--data", tmp_path / "hs.jsonl"])):
+        result = run_main(script, *args, "--init_from", folder)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: --init_from {folder}: its tokenizer.json is not a tokenizers JSON file "
+                               "that works here (") and line.endswith("): pass a folder written by save_pretrained "
+                                                                     "or --export_hf"), (script, line)
 
 
 @pytest.mark.parametrize("kind", ["folder", "dangling"])

@@ -115,7 +115,9 @@ def test_a_few_steps_on_input_txt_lower_the_loss():
     torch.manual_seed(0)
     model = GPT(tiny_config())
     optimizer = make_optimizers(model, TrainConfig(learning_rate=3e-3), "cpu")["adamw"]
-    loader = ShardLoader(load_token_sources(INPUT_TXT, "train"), batch_size=8, block_size=32, micro_steps=1)
+    gpt2 = load_tokenizer()
+    loader = ShardLoader(load_token_sources(INPUT_TXT, "train", gpt2), batch_size=8, block_size=32, micro_steps=1,
+                         n_vocab=gpt2.n_vocab)
     losses = []
     for _ in range(30):
         x, y = loader.next_batch()

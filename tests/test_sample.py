@@ -53,6 +53,44 @@ def test_samples_are_reproducible_under_a_seed_and_are_what_generate_makes(train
     assert first.stdout == expected.replace("\r\n", "\n").replace("\r", "\n")  # as text-mode pipes read it
 
 
+class CountingDecodes:
+    """A tokenizer that counts the ids each decode is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, []
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def decode(self, ids):
+        self.decoded.append(len(ids))
+        return self.tokenizer.decode(ids)
+
+
+def test_the_stream_decodes_a_few_tokens_a_step_and_writes_the_whole_text(trained_run):
+    """Each step decodes the tokens not yet written and the ones written last, never the whole sample so far (a
+    long sample's decoding was quadratic): the text is decode's of all the new tokens all the same."""
+    tokenizer, model = CountingDecodes(load_tokenizer()), load_start(str(trained_run[0] / "best_val_loss.pt"), ".")[0]
+    config, out = sample.SampleConfig(max_new_tokens=300, device="cpu"), io.StringIO()
+    new_ids = sample.stream_sample(model, tokenizer, "ROMEO:", config, "cpu", torch.autocast("cpu", enabled=False),
+                                   torch.Generator().manual_seed(0), out)
+    assert len(new_ids) == 300 and out.getvalue() == "ROMEO:" + load_tokenizer().decode(new_ids)
+    assert sum(tokenizer.decoded) < 10 * len(new_ids) and max(tokenizer.decoded) < 20
+
+
+def test_a_character_split_between_tokens_is_written_once_it_is_whole():
+    import random
+    gpt2 = load_tokenizer()
+    ids = gpt2.encode("caf\u00e9 \u6771\u4eac \U0001f600 \U0001f99c \u00a1s\u00ed!")  # some characters span tokens
+    pieces = list(sample.text_pieces(gpt2, ids))
+    assert "".join(pieces) == gpt2.decode(ids) and not any("\ufffd" in piece for piece in pieces)
+    assert len(pieces) < len(ids)  # held back while a character was incomplete
+    rng = random.Random(0)  # any ids, byte pieces that never make a character among them: decode's text all the same
+    for _ in range(50):
+        ids = [rng.randrange(gpt2.n_vocab) for _ in range(30)]
+        assert "".join(sample.text_pieces(gpt2, ids)) == gpt2.decode(ids)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--init_from", "{tmp}/missing.pt"], "checkpoint {tmp}/missing.pt not found"),
     (["--start", "FILE:{tmp}/missing.txt"], "--start FILE:{tmp}/missing.txt: cannot read"),

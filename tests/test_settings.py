@@ -78,34 +78,50 @@ def test_a_config_built_in_code_or_read_from_a_checkpoint_holds_its_integers_to_
         TrainConfig(max_iters=2**70).validate()
 
 
-@pytest.mark.parametrize("flag", ["out_dir", "data", "init_from", "hellaswag_data", "export_hf", "wandb_run_name",
-                                  "sample_prompt"])
-def test_a_nul_character_from_a_config_file_is_one_line_before_any_path_is_used(flag, tmp_path, capsys):
+NUL = "'out\\x00put' holds a NUL character, which no flag takes: remove it"  # the one line's reason, everywhere
+
+
+@pytest.mark.parametrize("flag", ["out_dir", "data", "init_from", "hellaswag_data", "export_hf", "tokenizer",
+                                  "wandb_run_name", "sample_prompt"])
+def test_a_nul_character_in_any_string_flag_is_one_line_naming_where_it_came_from(flag, tmp_path, capsys):
+    """A path or any other text, from a config file (its file and key named) or a command line given in code (an
+    operating system's argv cannot hold one): the same reason, before anything is read or written."""
     (tmp_path / "nul.toml").write_text(f'{flag} = "out\\u0000put"\n')  # TOML's escape: a real NUL in the value
     line = refused(["--config", tmp_path / "nul.toml"], capsys)
-    # a path flag's value is refused as the file gives it (naming the file and key), any other string as a flag
-    if flag in ("wandb_run_name", "sample_prompt"):
-        assert line == f"error: --{flag} 'out\\x00put' holds a NUL character, which no path or name can: remove it"
-    else:
-        assert line == (f"error: {tmp_path / 'nul.toml'}: {flag} = 'out\\x00put': 'out\\x00put' holds a NUL byte: "
-                        "pass a path without one")
+    assert line == f"error: {tmp_path / 'nul.toml'}: {flag} = 'out\\x00put': {NUL}"
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([f"--{flag}", "out\0put"])
+    assert exit_info.value.code == 2 and f"argument --{flag}: {NUL} (see --help)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [tmp_path / "nul.toml"]
-
-
-@pytest.mark.parametrize("flag", ["out_dir", "data", "init_from", "hellaswag_data"])
-def test_an_empty_path_flag_is_refused_instead_of_meaning_the_current_directory(flag, tmp_path, capsys):
-    line = refused([f"--{flag}", ""], capsys, cwd=tmp_path)
-    assert line == f"error: --{flag} is empty: give it a value ('.' for the current directory)"
-    assert list(tmp_path.iterdir()) == []  # nothing written into the current directory
 
 
 def test_a_checkpoints_config_with_a_nul_character_is_a_damaged_checkpoint(trained_run, tmp_path, capsys):
     from checkpoint import load_checkpoint, save_checkpoint
     checkpoint = load_checkpoint(next(trained_run[0].glob("iter-8-*.pt")))
-    checkpoint["config"]["data"] = "input\0.txt"
-    save_checkpoint(tmp_path / "iter-8-loss-1.0000.pt", checkpoint)
-    line = refused(["--init_from", tmp_path / "iter-8-loss-1.0000.pt", "--out_dir", tmp_path / "branch"], capsys)
-    assert "holds a malformed config (--data 'input\\x00.txt' holds a NUL character" in line
+    for flag in ("data", "sample_prompt"):
+        checkpoint["config"] = {**load_checkpoint(next(trained_run[0].glob("iter-8-*.pt")))["config"],
+                                flag: "out\0put"}
+        save_checkpoint(tmp_path / "iter-8-loss-1.0000.pt", checkpoint)
+        line = refused(["--init_from", tmp_path / "iter-8-loss-1.0000.pt", "--out_dir", tmp_path / "branch"], capsys)
+        assert f"holds a malformed config (--{flag} {NUL}): it is damaged" in line
+    assert not (tmp_path / "branch").exists()
+
+
+# the path flags (flag(path=True)) that '' would silently make the current directory or nothing at all: all but
+# those whose default is empty (--export_hf: no export)
+NOT_EMPTY = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["path"] and f.default]
+
+
+def test_the_path_flags_that_may_not_be_empty_are_the_ones_marked_as_paths_with_a_default():
+    assert NOT_EMPTY == ["data", "tokenizer", "out_dir", "init_from", "hellaswag_data"]
+    assert parse_args(["--export_hf", ""])[0].export_hf == ""
+
+
+@pytest.mark.parametrize("flag", NOT_EMPTY)
+def test_an_empty_path_flag_is_refused_instead_of_meaning_the_current_directory(flag, tmp_path, capsys):
+    line = refused([f"--{flag}", ""], capsys, cwd=tmp_path)
+    assert line == f"error: --{flag} is empty: give it a value ('.' for the current directory)"
+    assert list(tmp_path.iterdir()) == []  # nothing written into the current directory
 
 
 def refused(argv, capsys, cwd=None):

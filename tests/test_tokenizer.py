@@ -23,7 +23,8 @@ import sample
 from checkpoint import load_checkpoint
 from conftest import INPUT_TXT, REPO, TINY, eval_records, read_metrics, run_main, train_in_process, train_losses
 from fineweb import load_token_sources, load_tokenizer, open_shard, read_shard_header
-from hf_convert import save_hf_tokenizer
+from fineweb import describe_tokenizer
+from hf_convert import model_tokenizer, save_hf_tokenizer
 from sampling import generate_tokens
 from train_gpt2 import load_start
 
@@ -124,6 +125,37 @@ def test_a_run_on_them_records_the_tokenizer_and_reports_bits_per_byte(bpe, bpe_
         assert f"val loss {m['val_loss']:.4f} | val bpb {m['val_bpb']:.4f}" in result.stdout
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_bits_per_byte_count_the_val_texts_bytes_where_a_batch_ends_inside_a_character(kind, bpe):
+    """Val batches cut the tokens anywhere, between the bytes of one character too; each token's bytes are counted,
+    so the bytes are the val text's, end-of-text tokens none (decoded batch by batch, a cut character was counted
+    as U+FFFD's 3 bytes)."""
+    from evaluation import val_batch_positions, val_tokens_per_byte
+    tokenizer = load_tokenizer() if kind == "gpt2" else load_tokenizer(str(bpe))
+    documents = ["Ærø: naïve café, 東京 😀!\n" * 20, "Über 🦜 ¡sí! Ωμέγα\n" * 20]
+    for span in (5, 7, 11):
+        tokens = [tokenizer.eot, *tokenizer.encode(documents[0]), tokenizer.eot, *tokenizer.encode(documents[1])]
+        dots = 0
+        while (len(tokens) - 1) % span:  # whole spans to the end: "." is one token (one byte) in any byte-level BPE
+            tokens, dots = tokens + tokenizer.encode("."), dots + 1
+        sources = [("val", np.array(tokens, dtype=np.uint16))]
+        positions = val_batch_positions(sources, 1, span, 10**6)
+        batches = [tokens[1 + start:1 + start + span] for _, start in positions]
+        assert sum(map(len, batches)) == len(tokens) - 1 and any("\ufffd" in tokenizer.decode(b) for b in batches)
+        text_bytes = len("".join(documents).encode("utf-8")) + dots
+        assert val_tokens_per_byte(sources, positions, span, tokenizer) == (len(tokens) - 1) / text_bytes
+
+
+def test_bits_per_byte_count_no_bytes_for_an_unknown_token(tmp_path):
+    """A word-level tokenizer's [UNK] stands for a word it does not keep: none of its bytes are known, and the five
+    of the name "[UNK]" are not the data's."""
+    words = big_vocabulary(tmp_path / "words.json", ["the", "cat", "sat"])
+    tokenizer = load_tokenizer(str(words))
+    ids = np.array(tokenizer.encode("the cat sat on the mat"))
+    assert (ids == tokenizer.backend.token_to_id("[UNK]")).sum() == 2
+    assert tokenizer.text_bytes(ids) == len("the cat sat the") and tokenizer.text_bytes([tokenizer.eot]) == 0
+
+
 def test_it_resumes_exactly(bpe, shards, bpe_run, tmp_path):
     out_dir = tmp_path / "out"
     args = [*TINY, "--data", shards, "--tokenizer", bpe, "--out_dir", out_dir, "--eval_interval", "3"]
@@ -135,7 +167,9 @@ def test_it_resumes_exactly(bpe, shards, bpe_run, tmp_path):
     # a run keeps the tokenizer its model reads
     refused = train_in_process("--init_from", "resume", "--out_dir", out_dir, "--max_iters", "9",
                                "--tokenizer", "gpt2")
-    assert "reads the tokens of tokenizer.json, not of --tokenizer gpt2" in one_line_error(refused)
+    sha = hashlib.sha256(bpe.read_bytes()).hexdigest()[:12]
+    assert (f"reads the tokens of tokenizer.json (sha256 {sha}), not of --tokenizer gpt2 (sha256 "
+            f"{load_tokenizer().sha256[:12]}): drop --tokenizer") in one_line_error(refused)
 
 
 def test_eval_only_and_hellaswag_score_it_with_its_tokenizer(bpe_run, tmp_path):
@@ -168,11 +202,17 @@ def test_sample_py_samples_in_its_tokens(bpe, bpe_run):
     assert out.getvalue() == expected
 
 
-def test_the_export_carries_the_tokenizer_to_transformers_and_hellaswag_py(bpe, bpe_run, tmp_path):
-    out_dir, _ = bpe_run
-    folder = tmp_path / "hf"
-    result = train_in_process("--init_from", out_dir / "best_val_loss.pt", "--export_hf", folder)
+@pytest.fixture(scope="module")
+def bpe_export(bpe_run, tmp_path_factory):
+    """The run's best checkpoint exported to transformers."""
+    folder = tmp_path_factory.mktemp("bpe_export") / "hf"
+    result = train_in_process("--init_from", bpe_run[0] / "best_val_loss.pt", "--export_hf", folder)
     assert result.returncode == 0, result.stderr
+    return folder
+
+
+def test_the_export_carries_the_tokenizer_to_transformers_and_hellaswag_py(bpe, bpe_run, bpe_export, tmp_path):
+    out_dir, folder = bpe_run[0], bpe_export
     from transformers import AutoTokenizer, GPT2LMHeadModel
     text = DOCUMENTS[7]
     assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == load_tokenizer(str(bpe)).encode(text)
@@ -184,6 +224,52 @@ def test_the_export_carries_the_tokenizer_to_transformers_and_hellaswag_py(bpe, 
     scored = run_main("hellaswag.py", "--init_from", folder, "--data", hellaswag_file(tmp_path), "--device", "cpu")
     assert scored.returncode == 0, scored.stderr
     assert f"n {len(HELLASWAG_ITEMS)} | {folder}" in scored.stdout
+
+
+def test_the_export_is_known_by_the_runs_tokenizer_so_it_trains_scores_samples_and_exports_on_its_shards(
+        bpe, shards, bpe_run, bpe_export, tmp_path):
+    """transformers rewrites a tokenizer.json as it saves it; the export puts the run's file back, so the folder's
+    tokenizer is the run's by its sha256, and the shards made with that file go with it, --tokenizer or not."""
+    sha = hashlib.sha256(bpe.read_bytes()).hexdigest()
+    assert (bpe_export / "tokenizer.json").read_bytes() == bpe.read_bytes()
+    best = load_checkpoint(bpe_run[0] / "best_val_loss.pt")["val_loss"]
+    for given in ([], ["--tokenizer", bpe]):
+        scored = train_in_process(*TINY, "--init_from", bpe_export, "--data", shards, "--eval_only", "True",
+                                  "--out_dir", tmp_path / f"eval{len(given)}", *given)
+        assert scored.returncode == 0, scored.stderr
+        assert read_metrics(tmp_path / f"eval{len(given)}")[-1]["val_loss"] == pytest.approx(best, abs=1e-4)
+    tuned = train_in_process(*TINY, "--init_from", bpe_export, "--data", shards, "--out_dir", tmp_path / "tune",
+                             "--max_iters", "2", "--eval_interval", "2")
+    assert tuned.returncode == 0, tuned.stderr
+    assert load_checkpoint(tmp_path / "tune" / "best_val_loss.pt")["tokenizer"]["sha256"] == sha
+    config = json.loads((tmp_path / "tune" / "config.json").read_text())
+    assert config["tokenizer"] == str(bpe_export / "tokenizer.json")
+    again = train_in_process("--init_from", bpe_export, "--export_hf", tmp_path / "again")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / "tokenizer.json").read_bytes() == bpe.read_bytes()
+    out = io.StringIO()
+    sample.sample(sample.SampleConfig(init_from=str(bpe_export), start="ROMEO:", num_samples=1, max_new_tokens=8,
+                                      device="cpu", dtype="float32"), out=out)
+    assert out.getvalue().startswith("ROMEO:")
+
+
+def test_a_tokenizer_other_than_the_models_is_refused_in_one_line_before_anything_is_written(bpe, bpe_export,
+                                                                                              trained_run, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    bare = tmp_path / "gpt2"  # save_pretrained's weights without a tokenizer: GPT-2's
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(bare)
+    checkpoint, folder = trained_run[0] / "best_val_loss.pt", "(its folder's tokenizer file; GPT-2's where it has none)"
+    run = ["--data", INPUT_TXT, "--out_dir", tmp_path / "out", "--max_iters", "2", "--device", "cpu"]
+    for model, given, whose in ((bare, bpe, f"--init_from {bare} {folder}"),
+                                (bpe_export, "gpt2", f"--init_from {bpe_export} {folder}"),
+                                (checkpoint, bpe, f"the model of {checkpoint}")):
+        theirs = model_tokenizer(model).record()  # a checkpoint of GPT-2's: no folder, GPT-2's
+        reads = (f"error: {whose} reads the tokens of {describe_tokenizer(theirs)}, not of --tokenizer "
+                 f"{describe_tokenizer(load_tokenizer(str(given)).record())}: drop --tokenizer (a model keeps its "
+                 "tokenizer)")
+        for command in (run, [*run, "--eval_only", "True"], ["--export_hf", tmp_path / "hf"]):
+            assert one_line_error(train_in_process("--init_from", model, "--tokenizer", given, *command)) == reads
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
 
 
 def test_the_shards_are_refused_to_a_gpt2_checkpoint(shards, trained_run, tmp_path):

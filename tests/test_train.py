@@ -158,14 +158,63 @@ def test_a_run_ends_with_a_summary_of_where_everything_is(trained_run):
     assert str(out_dir / "metrics.jsonl") in summary[3] and str(out_dir / "config.json") in summary[4]
 
 
+def test_a_target_is_met_by_its_record_or_by_a_best_val_loss_at_or_below_it_in_every_report():
+    """The trainer's check, the resume's note and the summary share one rule (rundir.target_met)."""
+    from checkpoint import Progress
+    from rundir import summary, target_met, target_notes
+    record = {"target_val_loss": 9.0, "val_loss": 8.9, "step": 4, "tokens": 1024, "train_seconds": 1.0}
+    cases = [(Progress(iter_num=8, target=record), 9.0, True),
+             (Progress(iter_num=8, target=record, best_val_loss=8.9), 8.0, False),  # a record of another target
+             (Progress(iter_num=8, best_val_loss=8.0), 8.0, True),  # a target given on resume, reached before
+             (Progress(iter_num=8, best_val_loss=8.1), 8.0, False)]
+    for progress, target, met in cases:
+        assert target_met(progress, target) is met
+        config = TrainConfig(target_val_loss=target, max_iters=10)
+        assert bool(target_notes(progress, config)) is met
+        line = [row for row in summary(".", progress, None, 8, 1.0, target) if row.strip().startswith("target")]
+        assert ("not reached" not in line[0]) is met
+
+
+def test_a_val_loss_that_is_not_a_number_reaches_no_target(trained_run, tmp_path):
+    """Weights driven to NaN by a learning rate of 1e30: the run stops as diverged, and NaN, which compares false
+    with every number, is not reported as reaching --target_val_loss."""
+    out_dir, _ = trained_run
+    target = round(min(m["val_loss"] for m in read_metrics(out_dir) if "val_loss" in m) - 0.5, 2)
+    result = train_in_process("--init_from", next(out_dir.glob("iter-8-*.pt")), "--out_dir", tmp_path / "branch",
+                              "--max_iters", "10", "--eval_interval", "1", "--learning_rate", "1e30",
+                              "--min_lr", "1e29", "--target_val_loss", str(target))
+    assert result.returncode == 1 and "the weights have diverged, and are not saved" in result.stderr
+    evaluation = [m for m in read_metrics(tmp_path / "branch") if "val_loss" in m][-1]
+    assert evaluation["step"] == 9 and evaluation["val_loss"] is None  # metrics.jsonl writes NaN as null
+    assert "step 9: val loss nan" in result.stdout
+    assert "reached" not in result.stdout
+    assert not [m for m in read_metrics(tmp_path / "branch") if "target_val_loss" in m]
+
+
+def test_the_trainers_own_code_takes_its_tokenizer_from_the_caller_never_gpt2s_by_default():
+    """A tokenizer left out along the trainer's call chain is a TypeError, not GPT-2's quietly: a run of another
+    tokenizer would read, score and export its tokens as GPT-2's."""
+    import inspect
+    import hellaswag
+    from fineweb import load_token_sources
+    from hf_convert import export_hf, hf_model, load_hf_gpt2
+    from train_gpt2 import ShardLoader, Trainer
+    required = [(ShardLoader, "n_vocab"), (Trainer, "tokenizer"), (load_token_sources, "tokenizer"),
+                (sample_text, "tokenizer"), (hellaswag.score_examples, "tokenizer"), (hellaswag.evaluate, "tokenizer"),
+                (hf_model, "tokenizer"), (export_hf, "tokenizer"), (load_hf_gpt2, "tokenizer")]
+    for function, name in required:
+        assert inspect.signature(function).parameters[name].default is inspect.Parameter.empty, function.__name__
+
+
 def test_the_samples_continue_the_sample_prompt():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
-    samples = sample_text(model, Distributed(), torch.autocast("cpu", enabled=False), 0, "ROMEO:", num_samples=3,
-                          max_new_tokens=5)
+    no_autocast, gpt2 = torch.autocast("cpu", enabled=False), load_tokenizer()
+    samples = sample_text(model, Distributed(), no_autocast, 0, "ROMEO:", num_samples=3, max_new_tokens=5,
+                          tokenizer=gpt2)
     assert len(samples) == 3 and all(text.startswith("ROMEO:") for text in samples)
-    assert sample_text(model, Distributed(), torch.autocast("cpu", enabled=False), 0, "ROMEO:", num_samples=0) == []
-    assert sample_text(model, Distributed(), torch.autocast("cpu", enabled=False), 0, "")[0].startswith("<|endoftext|>")
+    assert sample_text(model, Distributed(), no_autocast, 0, "ROMEO:", num_samples=0, tokenizer=gpt2) == []
+    assert sample_text(model, Distributed(), no_autocast, 0, "", tokenizer=gpt2)[0].startswith("<|endoftext|>")
 
 
 def test_the_trainer_prints_num_samples_from_sample_prompt(tmp_path):
@@ -555,7 +604,7 @@ def test_val_data_changed_in_place_is_refused_on_resume_as_train_data_is(kind, m
     val_data_edited(data, kind)
     fineweb.tokenize_text_file.cache_clear()  # read afresh, as a resumed run's new process does
     if "text file" in kind:  # the train split is untouched: it is the val split that is refused
-        train = [fineweb.load_token_sources(path, "train")[0][1] for path in (data, INPUT_TXT)]
+        train = [fineweb.load_token_sources(path, "train", load_tokenizer())[0][1] for path in (data, INPUT_TXT)]
         assert np.array_equal(*train)
     before = snapshot(out_dir)
     refused = train_in_process(*args, "--out_dir", out_dir, "--init_from", "resume")
