@@ -368,7 +368,7 @@ def place_model(model, dist_info, dtype, loss_kernel=True):
     """The model on its device: whole, or under FSDP this rank's shards of it. On CUDA, float32
     matmuls run as TF32 (training and evaluation alike, so that an evaluation repeats the one logged
     in training)."""
-    model.output_loss.use_kernel = loss_kernel
+    model.lm_head.chunked_loss.use_kernel = loss_kernel
     if dist_info.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

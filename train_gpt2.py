@@ -46,19 +46,39 @@ from settings import (TrainSettings, check_architecture, parse_config, parse_dur
                       parse_step_range, resume_warnings, run_config, same_path, with_absolute_paths)
 
 # -----------------------------------------------------------------------------
-# The model: GPT-2 as in the paper and OpenAI's code
+# The model: GPT-2 as in the paper and OpenAI's code, and the speedruns' changes to it as options
+
+POSITIONS, NORMS, MLPS = ("learned", "rotary"), ("layernorm", "rmsnorm"), ("gelu", "relu2", "swiglu")
+ROLES = ("tables", "head", "matrices", "gains_and_biases")  # of the parameters, GPT.param_groups
+GPT2_SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")  # the rest are options
 
 
 @dataclass
 class GPTConfig:
     """The model's shape, named here alone: each field is also a flag of train_gpt2.py and a key of
-    a checkpoint's model_args, and a checkpoint from before a field existed loads at its default."""
+    a checkpoint's model_args, and a checkpoint from before a field existed loads at its default.
+    The defaults are GPT-2; the fields after n_embd are the speedruns' changes (BENCHMARKS.md), each
+    read by the module it concerns."""
     block_size: int = flag(1024, "context length in tokens")
     vocab_size: int = flag(50304, "vocabulary size: GPT-2's 50,257 tokens padded to a multiple "
                                   "of 64 (faster matmuls)")
     n_layer: int = flag(12, "transformer blocks")
     n_head: int = flag(12, "attention heads per block")
     n_embd: int = flag(768, "width of the residual stream")
+    positions: str = flag("learned", "'learned' (GPT-2's position table) or 'rotary' (queries and "
+                                     "keys rotated by their position, no table)")
+    norm: str = flag("layernorm", "'layernorm' (GPT-2's, with gains) or 'rmsnorm' (without gains)")
+    bias: bool = flag(True, "biases in the linear layers and LayerNorms (GPT-2's)")
+    mlp: str = flag("gelu", "the MLP: 'gelu' (GPT-2's, tanh approximation), 'relu2' (ReLU squared) "
+                            "or 'swiglu' (gated, hidden width 8/3 n_embd: the same parameters)")
+    qk_norm: bool = flag(False, "RMS-normalize each head's queries and keys before attention")
+    attn_scale: float = flag(0.0, "the attention logits' scale (0: 1/sqrt(head size), GPT-2's)")
+    tie_embeddings: bool = flag(True, "the output layer is the token embedding (GPT-2's); False: a "
+                                      "head of its own, initialized at zero")
+    logit_softcap: float = flag(0.0, "logits soft-capped to (-c, c) as c * tanh(logits / c), in "
+                                     "training as in evaluation and sampling (0: off)")
+    zero_init_projections: bool = flag(False, "initialize the blocks' output projections at zero "
+                                              "(GPT-2: normal, scaled down with depth)")
 
     def __post_init__(self):
         """A shape the model can be built in, else a one-line error."""
@@ -66,46 +86,99 @@ class GPTConfig:
             value = getattr(self, field.name)
             if field.type is int and not (type(value) is int and value >= 1):
                 raise UserError(f"--{field.name} must be a positive integer, got {value!r}")
+            if field.type is bool and type(value) is not bool:
+                raise UserError(f"--{field.name} must be True or False, got {value!r}")
+            if field.type is float and not (type(value) in (int, float) and 0 <= value < math.inf):
+                raise UserError(f"--{field.name} must be 0 or a positive number, got {value!r}")
+        for name, choices in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in choices:
+                raise UserError(f"--{name} {getattr(self, name)!r} is not one of {', '.join(choices)}")
         if self.n_embd % self.n_head != 0:
             raise UserError(f"--n_embd {self.n_embd} is not divisible by --n_head {self.n_head}: "
                             "pick sizes where n_embd = n_head * head size")
+        if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
+            raise UserError(f"--positions rotary turns pairs of channels: the head size "
+                            f"{self.n_embd // self.n_head} must be even")
+
+    def options(self):
+        """The fields past GPT-2's own shape that are off their defaults, {name: value}."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in GPT2_SHAPE and getattr(self, f.name) != f.default}
+
+
+def make_norm(config):
+    """The blocks' and the final norm: GPT-2's LayerNorm (gains, and biases with --bias), or RMSNorm
+    without gains (nothing to train)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, elementwise_affine=False)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotate(x, base=10000.0):
+    """Rotary positions (RoFormer): channels i and i + hs/2 of each (B, nh, T, hs) query or key
+    turned by the angle position * base^(-2i/hs), so that q.k depends on the distance alone."""
+    T, half = x.size(-2), x.size(-1) // 2
+    freqs = base ** (-torch.arange(half, dtype=torch.float32, device=x.device) / half)
+    angles = torch.outer(torch.arange(T, dtype=torch.float32, device=x.device), freqs)  # (T, hs/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True  # scaled at init, see GPT._init_weights
+        self.qk_norm, self.rotary = config.qk_norm, config.positions == "rotary"
+        self.scale = config.attn_scale or None  # None: SDPA's 1/sqrt(hs)
 
     def forward(self, x):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if self.rotary:
+            q, k = rotate(q), rotate(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
 
 class MLP(nn.Module):
+    """The block's feed-forward layer: GELU (GPT-2's tanh approximation) or ReLU squared over a
+    4 * n_embd hidden layer, or SwiGLU, whose gate is a third matrix (hidden 8/3 n_embd)."""
+
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.kind, C = config.mlp, config.n_embd
+        hidden = 8 * C // 3 if self.kind == "swiglu" else 4 * C
+        self.c_fc = nn.Linear(C, hidden, bias=config.bias)
+        if self.kind == "swiglu":
+            self.c_gate = nn.Linear(C, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, C, bias=config.bias)
         self.c_proj.residual_projection = True
 
     def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.silu(self.c_gate(x)) * h
+        return self.c_proj(h)
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x):
@@ -113,20 +186,43 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def softcap(logits, cap):
+    """cap * tanh(logits / cap), in float32: logits held within (-cap, cap); cap 0 leaves them."""
+    return cap * torch.tanh(logits.float() / cap) if cap else logits
+
+
+class OutputHead(nn.Linear):
+    """The one way from the last hidden state to the logits: x @ weight.T (+ a bias, if one is
+    added), soft-capped by --logit_softcap. forward gives the logits (the samples, HellaSwag, the
+    plain loss); loss the training and val loss of those same logits, chunk by chunk, never holding
+    all of them (cross_entropy_kernel.py; chunked_loss keeps its CPU buffer)."""
+
+    def __init__(self, config):
+        super().__init__(config.n_embd, config.vocab_size, bias=False)
+        self.cap = config.logit_softcap
+        self.chunked_loss = OutputLayerLoss()
+
+    def forward(self, x):
+        return softcap(super().forward(x), self.cap)
+
+    def loss(self, x, targets):
+        return self.chunked_loss(x, self.weight, targets, self.bias, self.cap)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
-        self.output_loss = OutputLayerLoss()  # the chunked training loss (and its CPU buffer)
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.positions == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        modules["ln_f"] = make_norm(config)
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = OutputHead(config)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -134,7 +230,13 @@ class GPT(nn.Module):
             std = 0.02
             if getattr(module, "residual_projection", False):
                 std *= (2 * self.config.n_layer) ** -0.5  # two residual additions per block
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+                std = 0.0 if self.config.zero_init_projections else std
+            if module is self.lm_head and not self.config.tie_embeddings:
+                std = 0.0  # an untied head starts at zero, as the speedruns' does
+            if std:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            else:
+                nn.init.zeros_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -149,8 +251,9 @@ class GPT(nn.Module):
             raise ValueError("positions gives logits without a loss: pass targets or positions")
         if T > self.config.block_size:
             raise ValueError(f"{T} tokens are longer than the block size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:  # rotary positions are attention's
+            x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
@@ -158,7 +261,7 @@ class GPT(nn.Module):
                 x = block(x)
         x = self.transformer.ln_f(x)
         if targets is not None and not return_logits:
-            return None, self.output_loss(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))
+            return None, self.lm_head.loss(x.view(B * T, -1), targets.view(-1))
         if positions is not None:
             return self.lm_head(x.view(B * T, -1)[positions]), None
         logits = self.lm_head(x)  # (B, T, vocab_size)
@@ -184,17 +287,30 @@ class GPT(nn.Module):
 
     def param_groups(self):
         """The trainable parameters by role, for the optimizer to give each role its own learning
-        rate and decay: the tables (the token embedding, which is also the output layer, and the
-        positions), the blocks' matrices, and the gains and biases (1-D)."""
-        tables = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        groups = {"tables": [], "matrices": [], "gains_and_biases": []}
-        for p in self.parameters():
-            if not p.requires_grad:
-                continue
-            role = "tables" if id(p) in tables else "matrices"
-            role = "gains_and_biases" if p.dim() < 2 else role
-            groups[role].append(p)
-        return groups
+        rate and decay; each role named by the module that owns the parameter (role_of), each
+        parameter in one role. Roles without parameters are left out."""
+        groups, seen = {role: [] for role in ROLES}, set()
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if p.requires_grad and id(p) not in seen:  # a tied weight under its first owner
+                    seen.add(id(p))
+                    groups[self.role_of(module, p)].append(p)
+        return {role: params for role, params in groups.items() if params}
+
+    def role_of(self, module, p):
+        """A parameter's role, by its owner: the embedding tables (the token embedding, also the
+        output layer when tied, and the positions), the untied output head, the matrices of the
+        blocks' linear layers, and every gain and bias (1-D)."""
+        if p.dim() < 2:
+            return "gains_and_biases"
+        if isinstance(module, nn.Embedding):
+            return "tables"
+        if module is self.lm_head:
+            return "head"
+        if isinstance(module, nn.Linear):
+            return "matrices"
+        raise ValueError(f"a {tuple(p.shape)} parameter of a {type(module).__name__} has no role: "
+                         "say which in GPT.role_of")
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None,
@@ -393,29 +509,29 @@ def fused_adamw(groups, device_type):
 
 
 def adamw_groups(groups, config, roles):
-    """AdamW's param groups for the roles given: weight decay on the 2-D ones (tables and matrices)
-    alone, every group at --learning_rate."""
-    decays = {"tables": config.weight_decay, "matrices": config.weight_decay,
-              "gains_and_biases": 0.0}
+    """AdamW's param groups for the roles given (those the model has): weight decay on the 2-D ones
+    (tables, head and matrices) alone, every group at --learning_rate."""
+    decays = {"tables": config.weight_decay, "head": config.weight_decay,
+              "matrices": config.weight_decay, "gains_and_biases": 0.0}
     return [{"params": groups[role], "weight_decay": decays[role], "base_lr": config.learning_rate}
-            for role in roles]
+            for role in roles if role in groups]
 
 
 def adamw(groups, config, device_type):
     """AdamW for every parameter."""
-    roles = ("tables", "matrices", "gains_and_biases")
-    return {"adamw": fused_adamw(adamw_groups(groups, config, roles), device_type)}
+    return {"adamw": fused_adamw(adamw_groups(groups, config, ROLES), device_type)}
 
 
 def muon(groups, config, device_type):
     """Muon (torch.optim.Muon, torch 2.9 on) for the blocks' matrices: momentum, then each update
-    orthogonalized by Newton-Schulz iterations (one buffer per matrix); AdamW for the tables, gains
-    and biases. The matrices take --weight_decay too (decoupled, as AdamW's)."""
+    orthogonalized by Newton-Schulz iterations (one buffer per matrix); AdamW for the tables, the
+    untied head, the gains and biases, as the speedruns train them. The matrices take
+    --weight_decay too (decoupled, as AdamW's)."""
     matrices = {"params": groups["matrices"], "weight_decay": config.weight_decay,
                 "base_lr": config.muon_lr}
     return {"muon": torch.optim.Muon([matrices], momentum=config.muon_momentum,
                                      adjust_lr_fn=config.muon_lr_scaling),
-            "adamw": fused_adamw(adamw_groups(groups, config, ("tables", "gains_and_biases")),
+            "adamw": fused_adamw(adamw_groups(groups, config, ("tables", "head", "gains_and_biases")),
                                  device_type)}
 
 
@@ -425,10 +541,25 @@ OPTIMIZERS = {"adamw": adamw, "muon": muon}  # --optimizer's choices
 def make_optimizers(model, config, device_type):
     """{name: torch optimizer} for --optimizer, each group's lr at its base_lr."""
     optimizers = OPTIMIZERS[config.optimizer](model.param_groups(), config, device_type)
+    check_trained_once(model, optimizers, config.optimizer)
     for optimizer in optimizers.values():
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"]
     return optimizers
+
+
+def check_trained_once(model, optimizers, name):
+    """Every trainable parameter of the model in exactly one of the optimizers' groups, else a
+    ValueError naming the first that is not (a role an optimizer function forgot, say)."""
+    counts = {}
+    for optimizer in optimizers.values():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                counts[id(p)] = counts.get(id(p), 0) + 1
+    for param_name, p in model.named_parameters():
+        if p.requires_grad and counts.get(id(p), 0) != 1:
+            raise ValueError(f"--optimizer {name} trains {param_name} {counts.get(id(p), 0)} times: "
+                             "each parameter must be in exactly one group")
 
 
 def training_state_bytes(model_config, config):

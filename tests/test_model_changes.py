@@ -48,9 +48,11 @@ class MLPOfRatio(train_gpt2.MLP):
         nn.Module.__init__(self)
         hidden = config.mlp_ratio * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, hidden)
-        self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(hidden, config.n_embd)
         self.c_proj.residual_projection = True
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
 @pytest.fixture(params=["swiglu", "mlp_ratio field"])
