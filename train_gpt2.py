@@ -270,6 +270,11 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
+    def architecture(self):
+        """What the model is called: GPT-2, or GPT and the options it has off GPT-2's."""
+        options = self.config.options()
+        return f"GPT ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "GPT-2"
+
     def num_params(self, non_embedding=True):
         """Parameters, counted once despite the tying. non_embedding: without the tables that are
         only looked up (the positions), which cost no FLOPs; the token table is also the output
@@ -945,7 +950,8 @@ def train(config, changes, dist_info, model, checkpoint, launched):
         dist_info.on_rank0(lambda: rundir.prepare_run_files(*files), "prepare --out_dir")
         first_step, started = trainer.progress.iter_num, time.perf_counter()
         for line in rundir.header(trainer.model.num_params(non_embedding=False), dist_info,
-                                  trainer.dtype, loader.tokens_per_step, first_step):
+                                  trainer.dtype, loader.tokens_per_step, first_step,
+                                  trainer.model.architecture()):
             log.print(line)
         with StopSignal(verbose=dist_info.is_master) as stop:
             try:

@@ -76,7 +76,8 @@ def test_a_changed_model_trains_resumes_exactly_evaluates_and_samples(changed_mo
     header = next(line for line in capsys.readouterr().out.splitlines() if "M parameters" in line)
     model, checkpoint = train_gpt2.load_start("resume", tmp_path / "run")
     n_params = sum(p.numel() for p in model.parameters())
-    assert f"GPT-2 {n_params / 1e6:.2f}M parameters" in header
+    name = "GPT (mlp_ratio=3)" if changed_model else "GPT-2"  # the swapped class is the researcher's to name
+    assert f"{name} {n_params / 1e6:.2f}M parameters" in header
     mlp = model.transformer.h[0].mlp
     assert isinstance(mlp, train_gpt2.MLP) and mlp.c_proj.in_features == 3 * 64  # the changed model, loaded
     if changed_model:
