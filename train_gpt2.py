@@ -40,6 +40,8 @@ from fineweb import (check_unchanged, check_vocab_size, fingerprint, load_token_
                      read_span, sampled_fingerprint)
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, choose_micro_batch
 from hf_convert import export_model, is_hf_model, load_gpt2_weights
+from optimizers import (AdafactorFlags, MuonFlags, check_optimizer, make_optimizers,
+                        optimizer_state_bytes, stepped_on_meta, unused_flag_warnings)
 from rundir import Plotter, RunLog, describe_target, pause_clock
 from sampling import generate_tokens
 from settings import (TrainSettings, check_architecture, parse_config, parse_duration,
@@ -500,93 +502,32 @@ def estimate_mfu(flops_per_token, tokens_per_sec, peak_flops):
 
 
 # -----------------------------------------------------------------------------
-# The optimizers: one function each, from the model's parameter groups to the torch optimizers that
-# train them. Each group carries its own base_lr, which the schedule scales (Trainer.train_step).
+# The optimizers (optimizers.py: OPTIMIZERS, one function each, from the model's param_groups()) and
+# the state they keep for a GPT, measured without memory
 
 
-def fused_adamw(groups, device_type):
-    """torch's AdamW, fused where this device and torch have it."""
-    try:
-        return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8,
-                                 fused=device_type in ("cuda", "cpu"))
-    except (RuntimeError, TypeError):  # this device or torch has no fused AdamW
-        return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
-
-
-def adamw_groups(groups, config, roles):
-    """AdamW's param groups for the roles given (those the model has): weight decay on the 2-D ones
-    (tables, head and matrices) alone, every group at --learning_rate."""
-    decays = {"tables": config.weight_decay, "head": config.weight_decay,
-              "matrices": config.weight_decay, "gains_and_biases": 0.0}
-    return [{"params": groups[role], "weight_decay": decays[role], "base_lr": config.learning_rate}
-            for role in roles if role in groups]
-
-
-def adamw(groups, config, device_type):
-    """AdamW for every parameter."""
-    return {"adamw": fused_adamw(adamw_groups(groups, config, ROLES), device_type)}
-
-
-def muon(groups, config, device_type):
-    """Muon (torch.optim.Muon, torch 2.9 on) for the blocks' matrices: momentum, then each update
-    orthogonalized by Newton-Schulz iterations (one buffer per matrix); AdamW for the tables, the
-    untied head, the gains and biases, as the speedruns train them. The matrices take
-    --weight_decay too (decoupled, as AdamW's)."""
-    matrices = {"params": groups["matrices"], "weight_decay": config.weight_decay,
-                "base_lr": config.muon_lr}
-    return {"muon": torch.optim.Muon([matrices], momentum=config.muon_momentum,
-                                     adjust_lr_fn=config.muon_lr_scaling),
-            "adamw": fused_adamw(adamw_groups(groups, config, ("tables", "head", "gains_and_biases")),
-                                 device_type)}
-
-
-OPTIMIZERS = {"adamw": adamw, "muon": muon}  # --optimizer's choices
-
-
-def make_optimizers(model, config, device_type):
-    """{name: torch optimizer} for --optimizer, each group's lr at its base_lr."""
-    optimizers = OPTIMIZERS[config.optimizer](model.param_groups(), config, device_type)
-    check_trained_once(model, optimizers, config.optimizer)
-    for optimizer in optimizers.values():
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"]
-    return optimizers
-
-
-def check_trained_once(model, optimizers, name):
-    """Every trainable parameter of the model in exactly one of the optimizers' groups, else a
-    ValueError naming the first that is not (a role an optimizer function forgot, say)."""
-    counts = {}
-    for optimizer in optimizers.values():
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                counts[id(p)] = counts.get(id(p), 0) + 1
-    for param_name, p in model.named_parameters():
-        if p.requires_grad and counts.get(id(p), 0) != 1:
-            raise ValueError(f"--optimizer {name} trains {param_name} {counts.get(id(p), 0)} times: "
-                             "each parameter must be in exactly one group")
+def optimizers_on_meta(model_config, config):
+    """(model, {name: optimizer}): a GPT of model_config built on the meta device and the run's
+    optimizers stepped once on it, holding the state they keep for it, of every shape and no bytes."""
+    with torch.device("meta"):
+        model = GPT(model_config)
+    return model, stepped_on_meta(model, config)
 
 
 def training_state_bytes(model_config, config):
     """The bytes a model's training state takes as this run keeps it: {"weights", "gradients",
-    "optimizer"}, measured on the model built on the meta device (no memory) after one step of the
-    run's optimizers, so that any model and optimizer is sized as it really is."""
-    with torch.device("meta"):
-        model = GPT(model_config)
-    optimizers = make_optimizers(model, config, "meta")
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    for optimizer in optimizers.values():
-        optimizer.step()
+    "optimizer"}, measured on the model built on the meta device after one step of the run's
+    optimizers, so that any model and optimizer is sized as it really is."""
+    model, optimizers = optimizers_on_meta(model_config, config)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"weights": weights, "gradients": weights,
             "optimizer": sum(optimizer_state_bytes(o) for o in optimizers.values())}
 
 
-def optimizer_state_bytes(optimizer):
-    """The bytes of the tensors an optimizer keeps (its moments, once it has stepped)."""
-    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
-               for value in state.values() if isinstance(value, torch.Tensor))
+def expected_optimizer_states(model_config, config):
+    """{name: state_dict()} of the run's optimizers after a step on a GPT of model_config (on the
+    meta device): what a checkpoint's optimizer state must hold to resume this run."""
+    return {name: o.state_dict() for name, o in optimizers_on_meta(model_config, config)[1].items()}
 
 
 # -----------------------------------------------------------------------------
@@ -634,7 +575,8 @@ class Trainer:
         """The parts of a checkpoint, each with state_dict() and load_state_dict()."""
         sharded = self.dist_info.sharded
         return {"model": FullModelState(self.model, sharded),
-                "optimizer": OptimizerStates(self.model, self.optimizers, sharded),
+                "optimizer": OptimizerStates(self.model, self.optimizers, sharded, lambda:
+                                             expected_optimizer_states(self.model.config, self.config)),
                 "scaler": self.scaler, "loader": self.batches, "rng": RNGState(),
                 "progress": self.progress, "spike_guard": self.spikes}
 
@@ -989,13 +931,13 @@ def new_model_config(config):
 
 
 @dataclass
-class TrainConfig(GPTConfig, TrainSettings):
-    """train_gpt2.py's flags: the run's settings (settings.py) and the model's shape (GPTConfig)."""
+class TrainConfig(GPTConfig, MuonFlags, AdafactorFlags, TrainSettings):
+    """train_gpt2.py's flags: the run's settings (settings.py), the optimizers' own flags
+    (optimizers.OPTIMIZER_FLAGS) and the model's shape (GPTConfig)."""
 
     def validate(self, host=True):
         super().validate(host)
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        check_optimizer(self)
 
 
 def parse_args(argv=None):
@@ -1004,18 +946,19 @@ def parse_args(argv=None):
 
 
 def start(argv):
-    """The config, and what --init_from names loaded: (config, changes, model, checkpoint)."""
+    """The config, and what --init_from names loaded: (config, changes, model, checkpoint); changes:
+    the lines a training run prints first (flags changed on resume, flags of another optimizer)."""
     flags, explicit = parse_args(argv)
-    if flags.export_hf or flags.init_from == "scratch":
-        return with_absolute_paths(flags), [], None, None
-    model, checkpoint = load_start(flags.init_from, flags.out_dir)
-    model_args = dataclasses.asdict(model.config)
-    check_architecture(explicit, flags, model_args)
-    if checkpoint is None:  # GPT-2 weights: a new run, with the weights' architecture
-        return with_absolute_paths(dataclasses.replace(flags, **model_args)), [], model, None
-    config, changes = run_config(flags, explicit, checkpoint)
-    # the weights' architecture, whatever the checkpoint's flags say (a field they lack, say)
-    return dataclasses.replace(config, **model_args), changes, model, checkpoint
+    config, changes, model, checkpoint = with_absolute_paths(flags), [], None, None
+    if not (flags.export_hf or flags.init_from == "scratch"):
+        model, checkpoint = load_start(flags.init_from, flags.out_dir)
+        model_args = dataclasses.asdict(model.config)
+        check_architecture(explicit, flags, model_args)
+        if checkpoint is not None:
+            config, changes = run_config(flags, explicit, checkpoint)
+        # the weights' architecture, whatever the flags or the checkpoint's flags say (a field they lack)
+        config = dataclasses.replace(config, **model_args)
+    return config, changes + unused_flag_warnings(config, explicit), model, checkpoint
 
 
 def main(argv=None):

@@ -311,12 +311,12 @@ def test_an_untied_head_has_a_role_of_its_own_and_every_parameter_one_role():
 
 
 def test_a_parameter_without_a_role_or_an_optimizer_that_forgets_one_is_refused(monkeypatch):
-    import train_gpt2
+    import optimizers
     model = GPT(tiny_config())
     model.transformer.h[0].extra = torch.nn.Bilinear(2, 2, 2)  # a researcher's new kind of module
     with pytest.raises(ValueError, match="a .2, 2, 2. parameter of a Bilinear has no role"):
         model.param_groups()
-    monkeypatch.setitem(train_gpt2.OPTIMIZERS, "adamw", lambda groups, config, device_type: {
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "adamw", lambda groups, config, device_type: {
         "adamw": torch.optim.AdamW(groups["matrices"] + groups["gains_and_biases"])})
     with pytest.raises(ValueError, match="trains transformer.wte.weight 0 times"):
         make_optimizers(GPT(tiny_config()), TrainConfig(), "cpu")
