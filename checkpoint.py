@@ -391,30 +391,43 @@ def check_fields(c, path):
 def build_checkpoint_model(checkpoint, model_class, config_class):
     """The model_class (train_gpt2.GPT) of a checkpoint's model_args (config_class's fields, GPTConfig's; one
     it lacks, at its default), first built on the meta device, so that weights which do not fit their
-    architecture (an n_embd of 10^9, say) are refused before any memory is taken."""
+    architecture (an n_embd of 10^9, say) are refused before any memory is taken. A checkpoint whose model
+    is not the one this code builds (a field, or a tensor's name or shape, of another version of the model)
+    is refused naming the first difference."""
     path, model_args = checkpoint["path"], checkpoint["model_args"]
     names = {field.name for field in dataclasses.fields(config_class)}
-    if not isinstance(model_args, dict) or not set(model_args) <= names:
-        unknown = sorted(set(model_args) - names) if isinstance(model_args, dict) else "not a dict"
-        raise UserError(f"checkpoint {path} has an architecture field this GPTConfig lacks "
-                        f"({unknown}): it is damaged or from another version of the model")
+    unknown = [name for name in model_args if name not in names]
+    if unknown:
+        raise other_model(checkpoint, f"its architecture has {unknown[0]}={model_args[unknown[0]]!r}, a "
+                                      "field this code's GPTConfig lacks")
     try:
         model_config = config_class(**model_args)
     except UserError as e:
-        raise UserError(f"checkpoint {path} holds a malformed architecture ({e}): it is damaged; "
-                        "use another checkpoint of the run") from None
+        raise UserError(f"checkpoint {path} holds an architecture this code's GPTConfig refuses ({e}): it is "
+                        "damaged, or of another version of the model; use another checkpoint of the run") from None
     try:
         with torch.device("meta"):
             shapes = {name: t.shape for name, t in model_class(model_config).state_dict().items()}
     except RuntimeError as e:  # past what a tensor can hold, even on the meta device
         raise damaged_weights(path, e) from None
     saved = {name: t.shape for name, t in checkpoint["model"].items()}
-    if saved != shapes:
-        wrong = sorted(name for name in set(saved) | set(shapes)
-                       if saved.get(name) != shapes.get(name))
-        raise damaged_weights(path, f"{wrong[0]} is {tuple(saved.get(wrong[0], ()))}, its "
-                                    f"architecture's {tuple(shapes.get(wrong[0], ()))}")
+    for name in [*shapes, *saved]:  # in the order this code's model holds them, then the checkpoint's others
+        if name not in saved:
+            raise other_model(checkpoint, f"it lacks {name}, which this code's GPT has")
+        if name not in shapes:
+            raise other_model(checkpoint, f"it holds {name}, which this code's GPT lacks")
+        if saved[name] != shapes[name]:
+            raise other_model(checkpoint, f"its {name} is {tuple(saved[name])}, this code's GPT's "
+                                          f"{tuple(shapes[name])}")
     return model_class(model_config)
+
+
+def other_model(checkpoint, difference):
+    """The one-line refusal of a checkpoint whose model differs from the one this code builds."""
+    commit = checkpoint.get("git_commit")
+    code = f"the code of commit {commit} (git checkout {commit})" if commit else "the code that wrote it"
+    return UserError(f"checkpoint {checkpoint['path']} is of a model other than this code's GPT ({difference}): "
+                     f"load it with {code}, or start a new run")
 
 
 def damaged_weights(path, reason):
