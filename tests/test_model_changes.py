@@ -3,6 +3,7 @@ class or a field swapped in by the test, not an edit of the repo), and each of t
 an exact resume, --eval_only, sample.py and bench.py all run the changed model, and the printed parameter
 count, FLOPs and memory sizes follow it."""
 
+import dataclasses
 import io
 import json
 import re
@@ -16,7 +17,8 @@ import bench
 import sample
 import train_gpt2
 from cli import flag
-from conftest import INPUT_TXT, TINY, read_metrics, train_losses
+from checkpoint import load_checkpoint, save_checkpoint
+from conftest import INPUT_TXT, TINY, eval_records, read_metrics, train_in_process, train_losses
 from device import device_peak_flops
 
 
@@ -160,3 +162,31 @@ def test_a_model_without_a_position_table_counts_and_trains(monkeypatch, tmp_pat
     model = NoPositions(train_gpt2.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64))
     assert model.num_params() == sum(p.numel() for p in model.parameters())
     assert re.search(rf"GPT-2 {model.num_params() / 1e6:.2f}M parameters", capsys.readouterr().out)
+
+
+def test_the_default_run_gives_the_losses_it_gave_before_the_options(tmp_path):
+    """GPT-2 at every option's default: the quick start's first steps, as the code before the options logged them
+    (one thread, float32; another CPU's kernels may round the last digits differently)."""
+    result = train_in_process("--config", "config/shakespeare_cpu.toml", "--dtype", "float32", "--max_iters", "3",
+                              "--eval_interval", "3", "--eval_iters", "2", "--log_interval", "1", "--num_samples", "0",
+                              "--out_dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "GPT-2 7.25M parameters" in result.stdout
+    assert train_losses(tmp_path) == pytest.approx({0: 10.8328857421875, 1: 10.784585952758789,
+                                                    2: 10.676543235778809}, rel=1e-6)
+    assert [m["val_loss"] for m in eval_records(tmp_path)] == pytest.approx([10.819984436035156, 10.53823184967041],
+                                                                             rel=1e-6)
+
+
+def test_a_checkpoint_from_before_the_options_resumes_exactly_as_gpt2(trained_run, tmp_path):
+    checkpoint = load_checkpoint(next(trained_run[0].glob("iter-4-*.pt")))
+    options = {f.name for f in dataclasses.fields(train_gpt2.GPTConfig)} - set(train_gpt2.GPT2_SHAPE)
+    new_fields = options | {"adafactor_lr", "adafactor_beta2_decay"}
+    for part in ("model_args", "config"):  # written before these fields existed
+        checkpoint[part] = {k: v for k, v in checkpoint[part].items() if k not in new_fields}
+    save_checkpoint(tmp_path / "iter-4-loss-9.0000.pt", checkpoint)
+    result = train_in_process("--init_from", tmp_path / "iter-4-loss-9.0000.pt", "--out_dir", tmp_path / "resumed")
+    assert result.returncode == 0, result.stderr
+    assert "GPT-2 " in result.stdout and "from step 4" in result.stdout
+    whole = train_losses(trained_run[0])
+    assert train_losses(tmp_path / "resumed") == {step: loss for step, loss in whole.items() if step >= 4}
