@@ -112,9 +112,9 @@ class AdafactorFlags:
             raise UserError(f"--optimizer adafactor needs torch 2.5 or later (torch.optim.Adafactor); "
                             f"this is torch {torch.__version__}: upgrade torch or pass --optimizer adamw")
         if config.fsdp:
-            raise UserError("--optimizer adafactor keeps a matrix's moments as its rows' and columns' "
-                            "means, which --fsdp True splits: train with DDP (--fsdp False) or "
-                            "--optimizer adamw")
+            raise UserError("--optimizer adafactor: torch's Adafactor cannot step the sharded "
+                            "matrices of --fsdp True (its in-place norms fail on them): train with DDP "
+                            "(--fsdp False) or --optimizer adamw")
         if config.adafactor_lr <= 0 or config.adafactor_beta2_decay >= 0:
             raise UserError(f"--adafactor_lr must be positive and --adafactor_beta2_decay negative, "
                             f"got {config.adafactor_lr} and {config.adafactor_beta2_decay}")

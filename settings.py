@@ -1,7 +1,8 @@
 """
 A training run's settings: TrainSettings, the fields of train_gpt2.py's flags but the model's shape
-(train_gpt2.TrainConfig adds GPTConfig's), checked once before any work, and the rules by which a
-run that starts from a checkpoint takes its own settings back.
+and the optimizers' own (train_gpt2.TrainConfig adds GPTConfig's and optimizers.py's), checked once
+before any work, and the rules by which a run that starts from a checkpoint takes its own settings
+back.
 
     config, explicit = parse_config(TrainConfig, ["--max_iters", "400"])  # explicit: the flags given
     config, changes = run_config(config, explicit, checkpoint)           # resumed: the checkpoint's

@@ -8,10 +8,11 @@ Pre-train GPT-2: the model, the sharded token loader, the cosine LR schedule, th
     python train_gpt2.py --eval_only True --init_from out/best_val_loss.pt
 
 Every flag is a field of TrainConfig (`--help` lists them). The file reads top to bottom: the
-model, the data, the schedule, the optimizers, the Trainer (its train_step is one optimizer step,
-its loop the run) and main(), which runs export (--export_hf), evaluate_only (--eval_only) or train
-on every rank. The rest, the model's placement on the ranks among it (device.py), lives in files
-named for it (docs/code.md). Importing this file only defines things:
+model (GPT-2, and the speedruns' changes as options, each off by default), the data, the schedule,
+the optimizers' state for the model, the Trainer (its train_step is one optimizer step, its loop
+the run) and main(), which runs export (--export_hf), evaluate_only (--eval_only) or train on every
+rank. The rest, the optimizers (optimizers.py) and the model's placement on the ranks (device.py)
+among it, lives in files named for it (docs/code.md). Importing this file only defines things:
 `from train_gpt2 import GPT, GPTConfig`.
 """
 
