@@ -49,6 +49,18 @@ def adamw(groups, config, device_type):
     return {"adamw": fused_adamw(adamw_groups(groups, config, roles), device_type)}
 
 
+def check_runs_here(config, name, since, under_fsdp):
+    """A torch optimizer's refusals, where the run's torch lacks it (torch.optim.{name}, from torch
+    `since` on) and under --fsdp (under_fsdp: why not)."""
+    flag_value = name.lower()
+    if not hasattr(torch.optim, name):
+        raise UserError(f"--optimizer {flag_value} needs torch {since} or later (torch.optim.{name}); "
+                        f"this is torch {torch.__version__}: upgrade torch or pass --optimizer adamw")
+    if config.fsdp:
+        raise UserError(f"--optimizer {flag_value} {under_fsdp}: train with DDP (--fsdp False) or "
+                        "--optimizer adamw")
+
+
 # -----------------------------------------------------------------------------
 # Muon, for the blocks' matrices
 
@@ -67,12 +79,8 @@ class MuonFlags:
     @staticmethod
     def check(config):
         """Where Muon cannot run, and its flags' ranges (config: the run's TrainConfig)."""
-        if not hasattr(torch.optim, "Muon"):
-            raise UserError(f"--optimizer muon needs torch 2.9 or later (torch.optim.Muon); this is "
-                            f"torch {torch.__version__}: upgrade torch or pass --optimizer adamw")
-        if config.fsdp:
-            raise UserError("--optimizer muon needs whole matrices, which --fsdp True shards over "
-                            "the processes: train with DDP (--fsdp False) or --optimizer adamw")
+        check_runs_here(config, "Muon", "2.9", "needs whole matrices, which --fsdp True shards over "
+                                               "the processes")
         if config.muon_lr <= 0 or not 0 <= config.muon_momentum < 1:
             raise UserError(f"--muon_lr must be positive and --muon_momentum from 0 to below 1, "
                             f"got {config.muon_lr} and {config.muon_momentum}")
@@ -108,13 +116,8 @@ class AdafactorFlags:
 
     @staticmethod
     def check(config):
-        if not hasattr(torch.optim, "Adafactor"):
-            raise UserError(f"--optimizer adafactor needs torch 2.5 or later (torch.optim.Adafactor); "
-                            f"this is torch {torch.__version__}: upgrade torch or pass --optimizer adamw")
-        if config.fsdp:
-            raise UserError("--optimizer adafactor: torch's Adafactor cannot step the sharded "
-                            "matrices of --fsdp True (its in-place norms fail on them): train with DDP "
-                            "(--fsdp False) or --optimizer adamw")
+        check_runs_here(config, "Adafactor", "2.5", "cannot step the sharded matrices of --fsdp True "
+                                                    "(torch's in-place norms fail on them)")
         if config.adafactor_lr <= 0 or config.adafactor_beta2_decay >= 0:
             raise UserError(f"--adafactor_lr must be positive and --adafactor_beta2_decay negative, "
                             f"got {config.adafactor_lr} and {config.adafactor_beta2_decay}")
