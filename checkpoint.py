@@ -146,13 +146,16 @@ class FullModelState:
 
 
 class OptimizerStates:
-    """The run's optimizers' states, {name: one optimizer's state}, as OPTIMIZERS names them in
-    train_gpt2.py. Loading takes from a checkpoint the optimizers' moments alone, checked against the
-    parameters; every hyper-parameter (learning rate, weight decay, betas) stays the run's config's."""
+    """The run's optimizers' states, {name: one optimizer's state}, as optimizers.OPTIMIZERS names them.
+    Loading takes from a checkpoint the optimizers' moments alone, checked against the state each
+    optimizer keeps for this model (expected: a function giving {name: its state_dict() after a step},
+    train_gpt2.expected_optimizer_states); every hyper-parameter (learning rate, weight decay, betas)
+    stays the run's config's."""
 
-    def __init__(self, model, optimizers, sharded):
+    def __init__(self, model, optimizers, sharded, expected):
         self.parts = {name: FullOptimizerState(model, optimizer, sharded)
                       for name, optimizer in optimizers.items()}
+        self.expected = expected
 
     def state_dict(self):
         return {name: part.state_dict() for name, part in self.parts.items()}
@@ -162,8 +165,9 @@ class OptimizerStates:
             raise UserError(f"the checkpoint's optimizer is {' + '.join(state)}, this run's "
                             f"{' + '.join(self.parts)}: resume with --optimizer as the run had it, or "
                             "pass --reset_optimizer True to start the optimizer's state afresh")
+        expected = self.expected()
         for name, part in self.parts.items():
-            part.load_state_dict(state[name])
+            part.load_state_dict(state[name], expected[name]["state"])
 
 
 class FullOptimizerState:
@@ -181,34 +185,47 @@ class FullOptimizerState:
         state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         return optimizer_state_by_index(state) if state else {}
 
-    def load_state_dict(self, state):
-        """The saved moments, each checked to be of its parameter's shape (a wrong one crashes the fused
-        step natively), under the param groups this run made."""
-        params = [param for group in self.optimizer.param_groups for param in group["params"]]
-        check_optimizer_state(state["state"], params)
+    def load_state_dict(self, state, expected):
+        """The saved moments, checked to be those this optimizer keeps (expected: its state after a step on
+        this model; a missing moment fails at the first step, a wrong shape crashes the fused step natively),
+        under the param groups this run made."""
+        name_of = {id(param): name for name, param in self.model.named_parameters()}
+        names = [name_of[id(param)] for group in self.optimizer.param_groups for param in group["params"]]
+        check_optimizer_state(state["state"], expected, names)
         state = {"state": state["state"], "param_groups": self.optimizer.state_dict()["param_groups"]}
         if not self.sharded:
             self.optimizer.load_state_dict(state)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        name_of = {id(param): name for name, param in self.model.named_parameters()}
-        names = [name_of[id(param)] for group in self.optimizer.param_groups for param in group["params"]]
         set_optimizer_state_dict(self.model, self.optimizer, optimizer_state_by_name(state, names),
                                  options=StateDictOptions(full_state_dict=True))
 
 
-def check_optimizer_state(state, params):
-    """Refuse (ValueError) a saved state that is not of these parameters: one entry per parameter at most,
-    each tensor a scalar (a step count) or a float tensor of its parameter's shape."""
-    for index, values in state.items():
-        if not (isinstance(index, int) and 0 <= index < len(params) and isinstance(values, dict)):
-            raise ValueError(f"state of parameter {index!r}, of {len(params)} parameters")
+def check_optimizer_state(state, expected, names):
+    """Refuse (ValueError) a saved state that is not the one this optimizer keeps for these parameters
+    (expected: its state after a step, built on the meta device): every parameter's state, each with the
+    same tensors of the same shapes (a step count and moments, say). names[i]: parameter i's name."""
+    for index in state:
+        if index not in expected:
+            raise ValueError(f"state of parameter {index!r}, of {len(names)} parameters")
+    for index, keeps in expected.items():
+        what = f"parameter {index} ({names[index]})"
+        values = state.get(index)
+        if not isinstance(values, dict) or set(values) != set(keeps):
+            holds = ("no state" if index not in state else
+                     f"state {sorted(values) if isinstance(values, dict) else type(values).__name__}")
+            raise ValueError(f"{what} has {holds} where this optimizer keeps {', '.join(sorted(keeps))}; "
+                             "--reset_optimizer True starts the optimizer afresh")
         for key, value in values.items():
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"parameter {index}'s {key} is a {type(value).__name__}, not a tensor")
-            if value.dim() > 0 and (value.shape != params[index].shape or not value.is_floating_point()):
-                raise ValueError(f"parameter {index}'s {key} is {value.dtype} {tuple(value.shape)}, the "
-                                 f"parameter {tuple(params[index].shape)}")
+            ref = keeps[key]
+            if not isinstance(ref, torch.Tensor):
+                if type(value) is not type(ref):
+                    raise ValueError(f"{what}'s {key} is a {type(value).__name__}, not a {type(ref).__name__}")
+            elif not isinstance(value, torch.Tensor):
+                raise ValueError(f"{what}'s {key} is a {type(value).__name__}, not a tensor")
+            elif value.shape != ref.shape or value.is_floating_point() != ref.is_floating_point():
+                raise ValueError(f"{what}'s {key} is {value.dtype} {tuple(value.shape)}, this optimizer's "
+                                 f"{ref.dtype} {tuple(ref.shape)}")
 
 
 def optimizer_state_by_index(state):
@@ -403,19 +420,20 @@ def check_fields(c, path):
 def build_checkpoint_model(checkpoint, model_class, config_class):
     """The model_class (train_gpt2.GPT) of a checkpoint's model_args (config_class's fields, GPTConfig's; one
     it lacks, at its default), first built on the meta device, so that weights which do not fit their
-    architecture, and weights or moments that no training writes (unsound_tensor), are refused before any
-    memory is taken."""
+    architecture (an n_embd of 10^9, say), and weights or moments that no training writes (unsound_tensor), are
+    refused before any memory is taken. A checkpoint whose model is not the one this code builds (a field, or a
+    tensor's name or shape, of another version of the model) is refused naming the first difference."""
     path, model_args = checkpoint["path"], checkpoint["model_args"]
     names = {field.name for field in dataclasses.fields(config_class)}
-    if not isinstance(model_args, dict) or not set(model_args) <= names:
-        unknown = sorted(set(model_args) - names) if isinstance(model_args, dict) else "not a dict"
-        raise UserError(f"checkpoint {path} has an architecture field this GPTConfig lacks "
-                        f"({unknown}): it is damaged or from another version of the model")
+    unknown = [name for name in model_args if name not in names]
+    if unknown:
+        raise other_model(checkpoint, f"its architecture has {unknown[0]}={model_args[unknown[0]]!r}, a "
+                                      "field this code's GPTConfig lacks")
     try:
         model_config = config_class(**model_args)
     except UserError as e:
-        raise UserError(f"checkpoint {path} holds a malformed architecture ({e}): it is damaged; "
-                        "use another checkpoint of the run") from None
+        raise UserError(f"checkpoint {path} holds an architecture this code's GPTConfig refuses ({e}): it is "
+                        "damaged, or of another version of the model; use another checkpoint of the run") from None
     try:
         with torch.device("meta"):
             meta_model = model_class(model_config)
@@ -424,11 +442,14 @@ def build_checkpoint_model(checkpoint, model_class, config_class):
     shapes = {name: t.shape for name, t in meta_model.state_dict().items()}
     parameters = [name for name, _ in meta_model.named_parameters(remove_duplicate=False)]
     saved = {name: t.shape for name, t in checkpoint["model"].items()}
-    if saved != shapes:
-        wrong = sorted(name for name in set(saved) | set(shapes)
-                       if saved.get(name) != shapes.get(name))
-        raise damaged_weights(path, f"{wrong[0]} is {tuple(saved.get(wrong[0], ()))}, its "
-                                    f"architecture's {tuple(shapes.get(wrong[0], ()))}")
+    for name in [*shapes, *saved]:  # in the order this code's model holds them, then the checkpoint's others
+        if name not in saved:
+            raise other_model(checkpoint, f"it lacks {name}, which this code's GPT has")
+        if name not in shapes:
+            raise other_model(checkpoint, f"it holds {name}, which this code's GPT lacks")
+        if saved[name] != shapes[name]:
+            raise other_model(checkpoint, f"its {name} is {tuple(saved[name])}, this code's GPT's "
+                                          f"{tuple(shapes[name])}")
     unsound = unsound_tensor(checkpoint, parameters)
     if unsound:
         raise malformed(path, unsound)
@@ -459,6 +480,14 @@ def unsound_tensor(checkpoint, parameters):
         if non_negative and bool((tensor < 0).any()):
             return f"{name} is negative"
     return None
+
+
+def other_model(checkpoint, difference):
+    """The one-line refusal of a checkpoint whose model differs from the one this code builds."""
+    commit = checkpoint.get("git_commit")
+    code = f"the code of commit {commit} (git checkout {commit})" if commit else "the code that wrote it"
+    return UserError(f"checkpoint {checkpoint['path']} is of a model other than this code's GPT ({difference}): "
+                     f"load it with {code}, or start a new run")
 
 
 def damaged_weights(path, reason):

@@ -3,10 +3,12 @@ The training loss of GPT-2's output layer: the logits and their cross-entropy, c
 gradient computed in the same pass, and the inner step of it as a Triton kernel beside its plain-torch reference.
 
     loss = output_layer_loss(x, weight, targets)        # F.cross_entropy(x @ weight.T, targets), chunked
+    loss = output_layer_loss(x, weight, targets, bias=bias, softcap=15)  # of 15 tanh((x @ weight.T + bias) / 15)
     loss_sum = cross_entropy_and_grad_(logits, targets)  # logits (N, V) become softmax - one_hot, in place
 
 The chunked loss (LinearCrossEntropy) calls cross_entropy_and_grad_ on each (chunk, vocab) slice of the
-logits. Two versions of it compute the same thing:
+logits, after the output layer's bias and soft-cap where it has them (the model's head: train_gpt2.OutputHead),
+whose gradients it applies in the same pass. Two versions of cross_entropy_and_grad_ compute the same thing:
 
 - `reference`: plain torch (log_softmax, gather, exp, scatter), for every device. On a GPU it makes about eight
   passes over the chunk: bf16 logits read for the max and again for the sum, float32 log-probabilities written
@@ -147,12 +149,13 @@ def cross_entropy_and_grad_(logits, targets, grad_scale=1.0, needs_grad=True, us
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of softmax(x @ weight.T) against targets, computed over chunks of rows so that
-    only a (chunk, vocab) slice of the logits ever exists. The gradients are computed in the same pass
+    """Mean cross-entropy of softmax(x @ weight.T + bias) against targets, computed over chunks of rows so
+    that only a (chunk, vocab) slice of the logits ever exists. The gradients are computed in the same pass
     (softmax minus one-hot is the gradient of the summed loss with respect to the logits), so the backward
     pass only scales them: the same matmuls as the plain loss, with a fraction of its memory and of its
     passes over (rows, vocab) arrays. The 1/rows of the mean is applied to the small results, never to a
-    (rows, vocab) array.
+    (rows, vocab) array. bias may be None; cap > 0 soft-caps the logits first, cap * tanh(logits / cap) in
+    float32 (capped_cross_entropy_and_grad_).
 
     With a workspace (a dict, kept by the caller between calls) the logits are written into a buffer kept
     there, and their softmax is taken a few rows at a time, in the cache, into that same buffer. That is for
@@ -163,16 +166,20 @@ class LinearCrossEntropy(torch.autograd.Function):
     logits where plain torch makes about eight."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_size, needs_grad, workspace, use_kernel):
+    def forward(ctx, x, weight, bias, targets, chunk_size, needs_grad, workspace, use_kernel, cap):
         n_rows, vocab_size = x.size(0), weight.size(0)
         # under autocast the matmuls run in the autocast dtype, as nn.Linear's would
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x_c, w_c = x.to(dtype), weight.to(dtype)
+        b_c = None if bias is None else bias.to(dtype)
         # float16 has too little range for the logit gradients (probabilities ~1/vocab): carry them scaled up
         grad_scale = 1024.0 if dtype == torch.float16 else 1.0
         grad_x = torch.empty_like(x) if needs_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if needs_grad and bias is not None else None
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        # the chunk's softmax in 8-row blocks that fit in L2 on the CPU
+        block_rows = 8 if workspace is not None else None
         for start in range(0, n_rows, chunk_size):
             end = min(start + chunk_size, n_rows)
             rows = slice(start, end)
@@ -180,47 +187,80 @@ class LinearCrossEntropy(torch.autograd.Function):
                 logits = x_c[rows] @ w_c.T  # (chunk, V)
             else:
                 logits = torch.mm(x_c[rows], w_c.T, out=reusable_buffer(workspace, (end - start, vocab_size), dtype))
-            # the chunk's loss, its logits overwritten by their gradient (in 8-row blocks that fit in L2 on the CPU)
-            loss += cross_entropy_and_grad_(logits, targets[rows], grad_scale, needs_grad, use_kernel,
-                                            block_rows=8 if workspace is not None else None)
+            if b_c is not None:
+                logits += b_c
+            # the chunk's loss, its logits overwritten by their gradient
+            if cap:
+                loss += capped_cross_entropy_and_grad_(logits, targets[rows], cap, grad_scale, needs_grad,
+                                                       use_kernel, block_rows, workspace)
+            else:
+                loss += cross_entropy_and_grad_(logits, targets[rows], grad_scale, needs_grad, use_kernel,
+                                                block_rows=block_rows)
             if needs_grad:
                 grad_x[rows] = logits @ w_c
                 if dtype == torch.float32:
                     grad_w.addmm_(logits.T, x_c[rows])
                 else:  # accumulate the chunks' bf16/fp16 products in float32
                     grad_w += (logits.T @ x_c[rows]).float()
+                if grad_b is not None:
+                    grad_b += logits.sum(0, dtype=torch.float32)
         if needs_grad:
-            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+            grad_b = grad_x.new_zeros(0) if grad_b is None else grad_b.to(bias.dtype)  # saved tensors: not None
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype), grad_b)
+            ctx.has_bias = bias is not None
             ctx.divisor = n_rows * grad_scale  # the mean's 1/rows, and the float16 scale-up undone
         return loss / n_rows
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
+        grad_x, grad_w, grad_b = ctx.saved_tensors
         scale = grad_loss / ctx.divisor
         # scaled in place: they were made for this one use, and a copy of grad_w is another (vocab, C) array
-        return grad_x.mul_(scale), grad_w.mul_(scale), None, None, None, None, None
+        grad_b = grad_b.mul_(scale) if ctx.has_bias else None
+        return grad_x.mul_(scale), grad_w.mul_(scale), grad_b, None, None, None, None, None, None
 
 
-def reusable_buffer(workspace, shape, dtype):
-    """An uninitialized CPU tensor of this shape, kept in workspace and reused while it is large enough."""
+def capped_cross_entropy_and_grad_(logits, targets, cap, grad_scale, needs_grad, use_kernel, block_rows,
+                                   workspace):
+    """cross_entropy_and_grad_ of the soft-capped logits, cap * tanh(logits / cap), taken in float32 (as
+    train_gpt2.softcap takes them), in a second (chunk, V) buffer; the logits overwritten by the gradient
+    with respect to them: the capped logits' gradient times the cap's derivative, 1 - tanh^2."""
+    shape = logits.shape
+    capped = (torch.empty(shape, dtype=torch.float32, device=logits.device) if workspace is None
+              else reusable_buffer(workspace, shape, torch.float32, name="capped"))
+    capped.copy_(logits).div_(cap).tanh_()
+    if needs_grad:  # the derivative, rounded once to the logits' dtype, where the logits were
+        torch.addcmul(capped.new_ones(()), capped, capped, value=-1.0, out=logits)
+    loss = cross_entropy_and_grad_(capped.mul_(cap), targets, grad_scale, needs_grad, use_kernel,
+                                   block_rows=block_rows)
+    if needs_grad:
+        logits.mul_(capped)
+    return loss
+
+
+def reusable_buffer(workspace, shape, dtype, name="logits"):
+    """An uninitialized CPU tensor of this shape, kept in workspace under name and reused while it is large
+    enough."""
     size = math.prod(shape)
-    buffer = workspace.get("logits")
+    buffer = workspace.get(name)
     if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
-        buffer = workspace["logits"] = torch.empty(size, dtype=dtype)
+        buffer = workspace[name] = torch.empty(size, dtype=dtype)
     return buffer[:size].view(shape)
 
 
-def linear_cross_entropy(x, weight, targets, chunk_size=4096, workspace=None, use_kernel=True):
-    """F.cross_entropy(x @ weight.T, targets) without the full logits; x (N, C), weight (V, C), targets (N,).
-    workspace: a dict to keep the logits buffer in between calls (see LinearCrossEntropy). use_kernel: the
-    Triton kernel above for each chunk's softmax where it runs (CUDA), else plain torch."""
+def linear_cross_entropy(x, weight, targets, chunk_size=4096, workspace=None, use_kernel=True, bias=None,
+                         softcap=0.0):
+    """F.cross_entropy(x @ weight.T + bias, targets) without the full logits; x (N, C), weight (V, C), targets
+    (N,), bias (V,) or None; softcap > 0: of softcap * tanh(logits / softcap). workspace: a dict to keep the
+    logits buffers in between calls (see LinearCrossEntropy). use_kernel: the Triton kernel above for each
+    chunk's softmax where it runs (CUDA), else plain torch."""
     # grad mode is off inside forward(), so it is read here: an evaluation must not pay for gradients
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return LinearCrossEntropy.apply(x, weight, targets, chunk_size, needs_grad, workspace, use_kernel)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return LinearCrossEntropy.apply(x, weight, bias, targets, chunk_size, needs_grad, workspace, use_kernel,
+                                    softcap)
 
 
-def output_layer_loss(x, weight, targets, workspace=None, use_kernel=True):
+def output_layer_loss(x, weight, targets, workspace=None, use_kernel=True, bias=None, softcap=0.0):
     """The model's training loss: linear_cross_entropy, with the kernel where it runs (CUDA with Triton) and the
     workspace on the CPU. Inside a compiled model it runs eager, the rest of the model compiled: in place into a
     kept buffer (the CPU), which a compiled graph would turn into copies, or a Triton kernel (a GPU). No device
@@ -230,7 +270,8 @@ def output_layer_loss(x, weight, targets, workspace=None, use_kernel=True):
     loss_fn = linear_cross_entropy
     if (on_cpu or use_kernel) and torch.compiler.is_compiling():
         loss_fn = torch.compiler.disable(loss_fn)  # wrapped here, not at import: that imports the compiler
-    return loss_fn(x, weight, targets, workspace=workspace if on_cpu else None, use_kernel=use_kernel)
+    return loss_fn(x, weight, targets, workspace=workspace if on_cpu else None, use_kernel=use_kernel, bias=bias,
+                   softcap=softcap)
 
 
 class OutputLayerLoss:
@@ -240,5 +281,5 @@ class OutputLayerLoss:
     def __init__(self, use_kernel=True):
         self.use_kernel, self.workspace = use_kernel, {}
 
-    def __call__(self, x, weight, targets):
-        return output_layer_loss(x, weight, targets, self.workspace, self.use_kernel)
+    def __call__(self, x, weight, targets, bias=None, softcap=0.0):
+        return output_layer_loss(x, weight, targets, self.workspace, self.use_kernel, bias, softcap)

@@ -168,40 +168,6 @@ def cpu_without_bf16_note(dtype):
             f"'avx512_bf16|amx_bf16'` shows them): {what}")
 
 
-def float32_newton_schulz_where_bf16_is_emulated():
-    """torch.optim.Muon orthogonalizes each update by Newton-Schulz iterations in bfloat16, which a CPU
-    without bfloat16 instructions emulates, slowly: there they took most of Muon's step (BENCHMARKS.md). On
-    such a CPU, and only there, they run in float32: torch's function is replaced by one that hands every
-    other call (GPUs, CPUs with the instructions) to it unchanged. A torch without it is left alone."""
-    try:
-        from torch.optim import _muon
-    except ImportError:  # before torch 2.9: no Muon
-        return
-    torch_newton_schulz = getattr(_muon, "_zeropower_via_newtonschulz", None)
-    if torch_newton_schulz is None or hasattr(torch_newton_schulz, "torch_newton_schulz"):
-        return
-
-    def newton_schulz(grad, ns_coefficients, ns_steps, eps):
-        if grad.device.type != "cpu" or cpu_has_bf16():
-            return torch_newton_schulz(grad, ns_coefficients, ns_steps, eps)
-        return newton_schulz_float32(grad, ns_coefficients, ns_steps, eps)
-    newton_schulz.torch_newton_schulz = torch_newton_schulz
-    _muon._zeropower_via_newtonschulz = newton_schulz
-
-
-def newton_schulz_float32(grad, ns_coefficients, ns_steps, eps):
-    """torch.optim.Muon's quintic Newton-Schulz iterations (torch/optim/_muon.py), in float32."""
-    a, b, c = ns_coefficients
-    x = grad.float()
-    if grad.size(0) > grad.size(1):
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # its spectral norm at most 1
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if grad.size(0) > grad.size(1) else x
-
-
 # -----------------------------------------------------------------------------
 # Memory
 
@@ -435,7 +401,7 @@ def place_model(model, dist_info, dtype, loss_kernel=True):
     """The model on its device: whole, or under FSDP this rank's shards of it. On CUDA, float32
     matmuls run as TF32 (training and evaluation alike, so that an evaluation repeats the one logged
     in training)."""
-    model.output_loss.use_kernel = loss_kernel
+    model.lm_head.chunked_loss.use_kernel = loss_kernel
     if dist_info.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -162,8 +162,8 @@ def load_hf_gpt2(name_or_path, tokenizer):
         raise UserError(f"could not load a transformers GPT-2 from {folder} ({reason}): pass a folder written by "
                         f"save_pretrained") from None
     c, n_vocab = hf.config, tokenizer.n_vocab
-    supported = {  # what GPT hard-codes: the tanh GELU, a 4x MLP, LayerNorm's default eps, SDPA's 1/sqrt(hs)
-        "activation_function": c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
+    supported = {  # what GPT can be: its MLP's activations, a 4x MLP, LayerNorm's default eps, SDPA's 1/sqrt(hs)
+        "activation_function": c.activation_function in MLP_OF_ACTIVATION,
         "n_inner": c.n_inner in (None, 4 * c.n_embd),
         "layer_norm_epsilon": c.layer_norm_epsilon == 1e-5,
         "scale_attn_weights": c.scale_attn_weights,
@@ -182,14 +182,31 @@ def load_hf_gpt2(name_or_path, tokenizer):
 
 
 # the fields of train_gpt2.GPTConfig that transformers' GPT2Config holds, and their names there; any other
-# field of GPTConfig takes its default when GPT-2 weights come in, and must be at it for an export
+# field of GPTConfig takes its default when GPT-2 weights come in, and must be at it for an export, but those
+# of HF_HOLDS
 HF_CONFIG_NAMES = {"block_size": "n_positions", "vocab_size": "vocab_size", "n_layer": "n_layer",
                    "n_head": "n_head", "n_embd": "n_embd"}
+# GPTConfig's --mlp as transformers' activation_function (the same function), and back
+HF_ACTIVATIONS = {"gelu": "gelu_new", "relu2": "relu2"}
+MLP_OF_ACTIVATION = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu2": "relu2"}
+# the options of GPTConfig past GPT-2's shape that transformers' GPT-2 holds, and which of their values: an
+# untied head (tie_word_embeddings=False), no biases (held as zero biases), any initialization, and an MLP whose
+# activation transformers has
+HF_HOLDS = {"tie_embeddings": lambda value: True, "bias": lambda value: True,
+            "zero_init_projections": lambda value: True, "mlp": lambda value: hf_activation(value) is not None}
+
+
+def hf_activation(mlp):
+    """transformers' name for the activation of GPTConfig's --mlp, if this transformers has it, else None."""
+    from transformers.activations import ACT2CLS
+    return HF_ACTIVATIONS.get(mlp) if HF_ACTIVATIONS.get(mlp) in ACT2CLS else None
 
 
 def model_args_of(hf_config):
     """The architecture (GPTConfig's fields, as a dict) of a transformers GPT2Config."""
-    return {ours: getattr(hf_config, theirs) for ours, theirs in HF_CONFIG_NAMES.items()}
+    return {**{ours: getattr(hf_config, theirs) for ours, theirs in HF_CONFIG_NAMES.items()},
+            "mlp": MLP_OF_ACTIVATION[hf_config.activation_function],
+            "tie_embeddings": bool(hf_config.tie_word_embeddings)}
 
 
 def load_gpt2_weights(name_or_path):
@@ -206,21 +223,28 @@ def load_gpt2_weights(name_or_path):
 
 
 def hf_model(model_args, state, tokenizer):
-    """transformers' GPT2LMHeadModel holding our weights (a state dict of our GPT), in eval mode. The padded
-    vocabulary rows are dropped, so its logits are over the tokenizer's ids alone (GPT-2's 50,257)."""
+    """transformers' GPT2LMHeadModel holding our weights (a state dict of our GPT), in eval mode: GPT-2's
+    shape, with the head tied or not and the MLP's activation as model_args say; a model without biases
+    gets zero biases. The padded vocabulary rows are dropped, so its logits are over the tokenizer's ids
+    alone (GPT-2's 50,257)."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         raise UserError("a model in transformers' format needs transformers: pip install transformers") from None
     a = model_args
     hf_config = GPT2Config(vocab_size=tokenizer.n_vocab, n_positions=a["block_size"], n_embd=a["n_embd"],
-                           n_layer=a["n_layer"], n_head=a["n_head"], activation_function="gelu_new",
-                           tie_word_embeddings=True, bos_token_id=tokenizer.eot, eos_token_id=tokenizer.eot,
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # this repo trains without dropout
+                           n_layer=a["n_layer"], n_head=a["n_head"],
+                           activation_function=hf_activation(a.get("mlp", "gelu")) or "gelu_new",
+                           tie_word_embeddings=a.get("tie_embeddings", True), bos_token_id=tokenizer.eot,
+                           eos_token_id=tokenizer.eot, resid_pdrop=0.0, embd_pdrop=0.0,
+                           attn_pdrop=0.0)  # this repo trains without dropout
     with quiet_hf_logs():
         hf = GPT2LMHeadModel(hf_config)
     hf_state = hf.state_dict()  # shares storage with hf's parameters: copying into it loads them
     expected = {name for name in hf_state if not name.endswith((".attn.bias", ".attn.masked_bias"))}
+    if not a.get("bias", True):  # transformers' GPT-2 has biases: zeros add nothing
+        state = {**{name: torch.zeros_like(hf_state[name]) for name in expected if name.endswith(".bias")},
+                 **state}
     if set(state) != expected:
         different = sorted(set(state) ^ expected)[:3]
         raise UserError(f"transformers' GPT-2 cannot hold these weights ({', '.join(different)} missing or "
@@ -296,15 +320,34 @@ def save_hf_tokenizer(folder, max_length, tokenizer):
 
 
 def export_model(model, path, tokenizer):
-    """export_hf of a model of this repo (a GPT) and its tokenizer: only GPT-2's own shape goes into
-    transformers' GPT2LMHeadModel, so a field of its config past it (one set off its default) is refused."""
+    """export_hf of a model of this repo (a GPT) and its tokenizer: only what transformers' GPT2LMHeadModel
+    holds goes out, GPT-2's shape and the options of HF_HOLDS; a field of its config at any other value is
+    refused, naming it. The exported model's logits are checked against the model's before anything is
+    written."""
     for field in dataclasses.fields(model.config):
         value = getattr(model.config, field.name)
-        if field.name not in HF_CONFIG_NAMES and value != field.default:
-            raise UserError(f"--export_hf: transformers' GPT-2 has no {field.name} (this model's "
-                            f"is {value!r}, GPT-2's {field.default!r}): "
-                            "only a model of GPT-2's architecture can be exported")
-    return export_hf(dataclasses.asdict(model.config), model.state_dict(), path, tokenizer)
+        holds = field.name in HF_CONFIG_NAMES or value == field.default
+        if not (holds or field.name in HF_HOLDS and HF_HOLDS[field.name](value)):
+            raise UserError(f"--export_hf: transformers' GPT-2 has no {field.name} {value!r} (GPT-2's is "
+                            f"{field.default!r}): only GPT-2's architecture can be exported, with an untied "
+                            f"head, no biases or an MLP of {' or '.join(HF_ACTIVATIONS)} if it has them")
+    model_args, state = dataclasses.asdict(model.config), model.state_dict()
+    check_same_logits(model, hf_model(model_args, state, tokenizer), tokenizer.n_vocab)
+    return export_hf(model_args, state, path, tokenizer)
+
+
+@torch.no_grad()
+def check_same_logits(model, hf, n_vocab):
+    """Refuse an export whose transformers model would give other logits than ours (over the n_vocab ids of
+    the tokenizer), on a row of tokens."""
+    idx = torch.arange(min(model.config.block_size, 16)).view(1, -1) * 997 % n_vocab
+    device = next(model.parameters()).device
+    ours = model.eval()(idx.to(device))[0][..., :n_vocab].float().cpu()
+    theirs = hf(idx).logits.float()
+    difference = (ours - theirs).abs().max().item()
+    if not difference <= 1e-3 * max(1.0, ours.abs().max().item()):
+        raise UserError(f"--export_hf: transformers' GPT-2 gives logits {difference:.3g} away from this model's: "
+                        "its architecture is not one transformers holds; nothing was exported")
 
 
 def export_hf(model_args, state, path, tokenizer):

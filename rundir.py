@@ -430,14 +430,14 @@ def write_pending_best(out_dir, best_step, log):
         log.print(f"wrote {out_dir / BEST_CHECKPOINT}, the copy of {source} that could not be written before")
 
 
-def header(n_params, dist_info, dtype, tokens_per_step, first_step):
+def header(n_params, dist_info, dtype, tokens_per_step, first_step, model="GPT-2"):
     """The lines a run starts with: a warning where the CPU is busy, a note where it has no bfloat16
-    instructions, then what trains where."""
+    instructions, then what trains where (model: what the architecture is called)."""
     where, lines = dist_info.device, []
     if where == "cpu":
         where += f" ({torch.get_num_threads()} threads)"
         lines += filter(None, [busy_cpu_warning(), cpu_without_bf16_note(dtype)])
-    lines.append(f"GPT-2 {n_params / 1e6:.2f}M parameters | {dist_info.world_size} process(es) on "
+    lines.append(f"{model} {n_params / 1e6:.2f}M parameters | {dist_info.world_size} process(es) on "
                  f"{where} | {dtype} | {tokens_per_step:,} tokens/step | torch {torch.__version__} | "
                  f"commit {git_commit()} | from step {first_step}")
     return lines

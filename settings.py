@@ -1,7 +1,8 @@
 """
 A training run's settings: TrainSettings, the fields of train_gpt2.py's flags but the model's shape
-(train_gpt2.TrainConfig adds GPTConfig's), checked once before any work, and the rules by which a
-run that starts from a checkpoint takes its own settings back.
+and the optimizers' own (train_gpt2.TrainConfig adds GPTConfig's and optimizers.py's), checked once
+before any work, and the rules by which a run that starts from a checkpoint takes its own settings
+back.
 
     config, explicit = parse_config(TrainConfig, ["--max_iters", "400"])  # explicit: the flags given
     config, changes = run_config(config, explicit, checkpoint)           # resumed: the checkpoint's
@@ -17,7 +18,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from cli import INT64, UserError, build_parser, flag, parse_flags, parse_int, parse_text
 from device import available_memory, check_dtype
@@ -64,14 +64,9 @@ class TrainSettings:
     gradient_accumulation_steps: int = flag(5, "micro-steps per optimizer step, per process")
     # optimizer and schedule
     optimizer: str = flag("adamw", "'adamw': AdamW for every parameter; 'muon': Muon for the blocks' "
-                                   "matrices and AdamW for the rest (torch 2.9 or later)")
-    muon_lr: float = flag(0.02, "--optimizer muon: the matrices' peak learning rate, scaled by the "
-                                "schedule as --learning_rate is")
-    muon_momentum: float = flag(0.95, "--optimizer muon: the matrices' momentum (Nesterov)")
-    muon_lr_scaling: str = flag("original", "--optimizer muon: how each matrix's rate follows its shape: "
-                                            "'original' (x sqrt(max(1, rows/cols))) or "
-                                            "'match_rms_adamw' (x 0.2 sqrt(max(rows, cols)): an update "
-                                            "of AdamW's size, so rates near AdamW's)")
+                                   "matrices and AdamW for the rest (torch 2.9 or later); "
+                                   "'adafactor': torch's Adafactor for every parameter (torch 2.5 "
+                                   "or later); each one's own flags are in optimizers.py")
     reset_optimizer: bool = flag(False, "resuming: start the optimizer's state afresh instead of "
                                         "restoring it (to change --optimizer)")
     learning_rate: float = flag(6e-4, "peak learning rate, reached at the end of warmup")
@@ -167,7 +162,6 @@ class TrainSettings:
                             f"{self.warmup_iters}: the decay must end after the warmup")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise UserError("--weight_decay and --grad_clip must be 0 or more")
-        check_muon(self)
         if self.target_val_loss < 0 or (self.stop_at_target and not self.target_val_loss):
             raise UserError("--target_val_loss must be 0 (none) or more, and --stop_at_target True "
                             "needs one")
@@ -200,24 +194,6 @@ class TrainSettings:
                             f"got {self.spike_guard} and {self.spike_window}")
         parse_duration(self.max_time)
         parse_step_range(self.profile_steps)
-
-
-def check_muon(config):
-    """--optimizer muon's own flags, and where it cannot run."""
-    if config.optimizer != "muon":
-        return
-    if not hasattr(torch.optim, "Muon"):
-        raise UserError(f"--optimizer muon needs torch 2.9 or later (torch.optim.Muon); this is torch "
-                        f"{torch.__version__}: upgrade torch or pass --optimizer adamw")
-    if config.fsdp:
-        raise UserError("--optimizer muon needs whole matrices, which --fsdp True shards over the "
-                        "processes: train with DDP (--fsdp False) or --optimizer adamw")
-    if config.muon_lr <= 0 or not 0 <= config.muon_momentum < 1:
-        raise UserError(f"--muon_lr must be positive and --muon_momentum from 0 to below 1, got "
-                        f"{config.muon_lr} and {config.muon_momentum}")
-    if config.muon_lr_scaling not in ("original", "match_rms_adamw"):
-        raise UserError(f"--muon_lr_scaling {config.muon_lr_scaling!r} is not one of original, "
-                        "match_rms_adamw")
 
 
 def parse_duration(text):

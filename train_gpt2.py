@@ -8,10 +8,11 @@ Pre-train GPT-2: the model, the sharded token loader, the cosine LR schedule, th
     python train_gpt2.py --eval_only True --init_from out/best_val_loss.pt
 
 Every flag is a field of TrainConfig (`--help` lists them). The file reads top to bottom: the
-model, the data, the schedule, the optimizers, the Trainer (its train_step is one optimizer step,
-its loop the run) and main(), which runs export (--export_hf), evaluate_only (--eval_only) or train
-on every rank. The rest, the model's placement on the ranks among it (device.py), lives in files
-named for it (docs/code.md). Importing this file only defines things:
+model (GPT-2, and the speedruns' changes as options, each off by default), the data, the schedule,
+the optimizers' state for the model, the Trainer (its train_step is one optimizer step, its loop
+the run) and main(), which runs export (--export_hf), evaluate_only (--eval_only) or train on every
+rank. The rest, the optimizers (optimizers.py) and the model's placement on the ranks (device.py)
+among it, lives in files named for it (docs/code.md). Importing this file only defines things:
 `from train_gpt2 import GPT, GPTConfig`.
 """
 
@@ -34,7 +35,7 @@ from checkpoint import (FullModelState, OptimizerStates, Progress, RNGState, Run
 from cli import StopSignal, UserError, flag
 from cross_entropy_kernel import OutputLayerLoss
 from device import (Prefetcher, check_model_fits, device_peak_flops,
-                    float32_newton_schulz_where_bf16_is_emulated, make_autocast, place_model,
+                    make_autocast, place_model,
                     resolve_dtype, run_on_ranks, set_gradient_sync, wrap_model)
 from evaluation import Evaluation, bits_per_byte, evaluate_only
 from fineweb import (check_unchanged, check_vocab_size, checkpoint_tokenizer, describe_tokenizer,
@@ -42,13 +43,19 @@ from fineweb import (check_unchanged, check_vocab_size, checkpoint_tokenizer, de
                      sampled_fingerprint)
 from guards import RESUMABLE_EXIT, SpikeGuard, StepProfiler, TimeBudget, choose_micro_batch
 from hf_convert import export_model, is_hf_model, load_gpt2_weights, model_tokenizer
+from optimizers import (AdafactorFlags, MuonFlags, check_optimizer, make_optimizers,
+                        optimizer_state_bytes, stepped_on_meta, unused_flag_warnings)
 from rundir import Plotter, RunLog, describe_target, pause_clock, target_notes, target_reached
 from sampling import generate_tokens
 from settings import (TrainSettings, check_architecture, parse_config, parse_duration,
                       parse_step_range, resume_warnings, run_config, same_path, with_absolute_paths)
 
 # -----------------------------------------------------------------------------
-# The model: GPT-2 as in the paper and OpenAI's code
+# The model: GPT-2 as in the paper and OpenAI's code, and the speedruns' changes to it as options
+
+POSITIONS, NORMS, MLPS = ("learned", "rotary"), ("layernorm", "rmsnorm"), ("gelu", "relu2", "swiglu")
+ROLES = ("tables", "head", "matrices", "gains_and_biases")  # of the parameters, GPT.param_groups
+GPT2_SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")  # the rest are options
 
 
 # The most each dimension of GPTConfig may be, checked before anything is built. Even on the meta
@@ -63,13 +70,29 @@ MAX_DIMENSION = 2**24
 @dataclass
 class GPTConfig:
     """The model's shape, named here alone: each field is also a flag of train_gpt2.py and a key of
-    a checkpoint's model_args, and a checkpoint from before a field existed loads at its default."""
+    a checkpoint's model_args, and a checkpoint from before a field existed loads at its default.
+    The defaults are GPT-2; the fields after n_embd are the speedruns' changes (BENCHMARKS.md), each
+    read by the module it concerns."""
     block_size: int = flag(1024, "context length in tokens")
     vocab_size: int = flag(50304, "vocabulary size: unless given, the tokenizer's padded to a "
                                   "multiple of 64 (faster matmuls): GPT-2's 50,257 to 50,304")
     n_layer: int = flag(12, "transformer blocks")
     n_head: int = flag(12, "attention heads per block")
     n_embd: int = flag(768, "width of the residual stream")
+    positions: str = flag("learned", "'learned' (GPT-2's position table) or 'rotary' (queries and "
+                                     "keys rotated by their position, no table)")
+    norm: str = flag("layernorm", "'layernorm' (GPT-2's, with gains) or 'rmsnorm' (without gains)")
+    bias: bool = flag(True, "biases in the linear layers and LayerNorms (GPT-2's)")
+    mlp: str = flag("gelu", "the MLP: 'gelu' (GPT-2's, tanh approximation), 'relu2' (ReLU squared) "
+                            "or 'swiglu' (gated, hidden width 8/3 n_embd: the same parameters)")
+    qk_norm: bool = flag(False, "RMS-normalize each head's queries and keys before attention")
+    attn_scale: float = flag(0.0, "the attention logits' scale (0: 1/sqrt(head size), GPT-2's)")
+    tie_embeddings: bool = flag(True, "the output layer is the token embedding (GPT-2's); False: a "
+                                      "head of its own, initialized at zero")
+    logit_softcap: float = flag(0.0, "logits soft-capped to (-c, c) as c * tanh(logits / c), in "
+                                     "training as in evaluation and sampling (0: off)")
+    zero_init_projections: bool = flag(False, "initialize the blocks' output projections at zero "
+                                              "(GPT-2: normal, scaled down with depth)")
 
     def __post_init__(self):
         """A shape the model can be built in, else a one-line error: every dimension sized before
@@ -82,46 +105,99 @@ class GPTConfig:
             if field.type is int and value > most:
                 raise UserError(f"--{field.name} {value:,} is more than {most:,}, the most this "
                                 "model is built with: pass a smaller one")
+            if field.type is bool and type(value) is not bool:
+                raise UserError(f"--{field.name} must be True or False, got {value!r}")
+            if field.type is float and not (type(value) in (int, float) and 0 <= value < math.inf):
+                raise UserError(f"--{field.name} must be 0 or a positive number, got {value!r}")
+        for name, choices in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in choices:
+                raise UserError(f"--{name} {getattr(self, name)!r} is not one of {', '.join(choices)}")
         if self.n_embd % self.n_head != 0:
             raise UserError(f"--n_embd {self.n_embd} is not divisible by --n_head {self.n_head}: "
                             "pick sizes where n_embd = n_head * head size")
+        if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
+            raise UserError(f"--positions rotary turns pairs of channels: the head size "
+                            f"{self.n_embd // self.n_head} must be even")
+
+    def options(self):
+        """The fields past GPT-2's own shape that are off their defaults, {name: value}."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in GPT2_SHAPE and getattr(self, f.name) != f.default}
+
+
+def make_norm(config):
+    """The blocks' and the final norm: GPT-2's LayerNorm (gains, and biases with --bias), or RMSNorm
+    without gains (nothing to train)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, elementwise_affine=False)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotate(x, base=10000.0):
+    """Rotary positions (RoFormer): channels i and i + hs/2 of each (B, nh, T, hs) query or key
+    turned by the angle position * base^(-2i/hs), so that q.k depends on the distance alone."""
+    T, half = x.size(-2), x.size(-1) // 2
+    freqs = base ** (-torch.arange(half, dtype=torch.float32, device=x.device) / half)
+    angles = torch.outer(torch.arange(T, dtype=torch.float32, device=x.device), freqs)  # (T, hs/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True  # scaled at init, see GPT._init_weights
+        self.qk_norm, self.rotary = config.qk_norm, config.positions == "rotary"
+        self.scale = config.attn_scale or None  # None: SDPA's 1/sqrt(hs)
 
     def forward(self, x):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if self.rotary:
+            q, k = rotate(q), rotate(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
 
 class MLP(nn.Module):
+    """The block's feed-forward layer: GELU (GPT-2's tanh approximation) or ReLU squared over a
+    4 * n_embd hidden layer, or SwiGLU, whose gate is a third matrix (hidden 8/3 n_embd)."""
+
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.kind, C = config.mlp, config.n_embd
+        hidden = 8 * C // 3 if self.kind == "swiglu" else 4 * C
+        self.c_fc = nn.Linear(C, hidden, bias=config.bias)
+        if self.kind == "swiglu":
+            self.c_gate = nn.Linear(C, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, C, bias=config.bias)
         self.c_proj.residual_projection = True
 
     def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.silu(self.c_gate(x)) * h
+        return self.c_proj(h)
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x):
@@ -129,20 +205,43 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def softcap(logits, cap):
+    """cap * tanh(logits / cap), in float32: logits held within (-cap, cap); cap 0 leaves them."""
+    return cap * torch.tanh(logits.float() / cap) if cap else logits
+
+
+class OutputHead(nn.Linear):
+    """The one way from the last hidden state to the logits: x @ weight.T (+ a bias, if one is
+    added), soft-capped by --logit_softcap. forward gives the logits (the samples, HellaSwag, the
+    plain loss); loss the training and val loss of those same logits, chunk by chunk, never holding
+    all of them (cross_entropy_kernel.py; chunked_loss keeps its CPU buffer)."""
+
+    def __init__(self, config):
+        super().__init__(config.n_embd, config.vocab_size, bias=False)
+        self.cap = config.logit_softcap
+        self.chunked_loss = OutputLayerLoss()
+
+    def forward(self, x):
+        return softcap(super().forward(x), self.cap)
+
+    def loss(self, x, targets):
+        return self.chunked_loss(x, self.weight, targets, self.bias, self.cap)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
-        self.output_loss = OutputLayerLoss()  # the chunked training loss (and its CPU buffer)
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.positions == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        modules["ln_f"] = make_norm(config)
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = OutputHead(config)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -150,7 +249,13 @@ class GPT(nn.Module):
             std = 0.02
             if getattr(module, "residual_projection", False):
                 std *= (2 * self.config.n_layer) ** -0.5  # two residual additions per block
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+                std = 0.0 if self.config.zero_init_projections else std
+            if module is self.lm_head and not self.config.tie_embeddings:
+                std = 0.0  # an untied head starts at zero, as the speedruns' does
+            if std:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            else:
+                nn.init.zeros_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -165,8 +270,9 @@ class GPT(nn.Module):
             raise ValueError("positions gives logits without a loss: pass targets or positions")
         if T > self.config.block_size:
             raise ValueError(f"{T} tokens are longer than the block size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:  # rotary positions are attention's
+            x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
@@ -174,7 +280,7 @@ class GPT(nn.Module):
                 x = block(x)
         x = self.transformer.ln_f(x)
         if targets is not None and not return_logits:
-            return None, self.output_loss(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))
+            return None, self.lm_head.loss(x.view(B * T, -1), targets.view(-1))
         if positions is not None:
             return self.lm_head(x.view(B * T, -1)[positions]), None
         logits = self.lm_head(x)  # (B, T, vocab_size)
@@ -182,6 +288,11 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
+
+    def architecture(self):
+        """What the model is called: GPT-2, or GPT and the options it has off GPT-2's."""
+        options = self.config.options()
+        return f"GPT ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "GPT-2"
 
     def num_params(self, non_embedding=True):
         """Parameters, counted once despite the tying. non_embedding: without the tables that are
@@ -200,17 +311,30 @@ class GPT(nn.Module):
 
     def param_groups(self):
         """The trainable parameters by role, for the optimizer to give each role its own learning
-        rate and decay: the tables (the token embedding, which is also the output layer, and the
-        positions), the blocks' matrices, and the gains and biases (1-D)."""
-        tables = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        groups = {"tables": [], "matrices": [], "gains_and_biases": []}
-        for p in self.parameters():
-            if not p.requires_grad:
-                continue
-            role = "tables" if id(p) in tables else "matrices"
-            role = "gains_and_biases" if p.dim() < 2 else role
-            groups[role].append(p)
-        return groups
+        rate and decay; each role named by the module that owns the parameter (role_of), each
+        parameter in one role. Roles without parameters are left out."""
+        groups, seen = {role: [] for role in ROLES}, set()
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if p.requires_grad and id(p) not in seen:  # a tied weight under its first owner
+                    seen.add(id(p))
+                    groups[self.role_of(module, p)].append(p)
+        return {role: params for role, params in groups.items() if params}
+
+    def role_of(self, module, p):
+        """A parameter's role, by its owner: the embedding tables (the token embedding, also the
+        output layer when tied, and the positions), the untied output head, the matrices of the
+        blocks' linear layers, and every gain and bias (1-D)."""
+        if p.dim() < 2:
+            return "gains_and_biases"
+        if isinstance(module, nn.Embedding):
+            return "tables"
+        if module is self.lm_head:
+            return "head"
+        if isinstance(module, nn.Linear):
+            return "matrices"
+        raise ValueError(f"a {tuple(p.shape)} parameter of a {type(module).__name__} has no role: "
+                         "say which in GPT.role_of")
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None,
@@ -398,79 +522,32 @@ def estimate_mfu(flops_per_token, tokens_per_sec, peak_flops):
 
 
 # -----------------------------------------------------------------------------
-# The optimizers: one function each, from the model's parameter groups to the torch optimizers that
-# train them. Each group carries its own base_lr, which the schedule scales (Trainer.train_step).
+# The optimizers (optimizers.py: OPTIMIZERS, one function each, from the model's param_groups()) and
+# the state they keep for a GPT, measured without memory
 
 
-def fused_adamw(groups, device_type):
-    """torch's AdamW, fused where this device and torch have it."""
-    try:
-        return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8,
-                                 fused=device_type in ("cuda", "cpu"))
-    except (RuntimeError, TypeError):  # this device or torch has no fused AdamW
-        return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
-
-
-def adamw_groups(groups, config, roles):
-    """AdamW's param groups for the roles given: weight decay on the 2-D ones (tables and matrices)
-    alone, every group at --learning_rate."""
-    decays = {"tables": config.weight_decay, "matrices": config.weight_decay,
-              "gains_and_biases": 0.0}
-    return [{"params": groups[role], "weight_decay": decays[role], "base_lr": config.learning_rate}
-            for role in roles]
-
-
-def adamw(groups, config, device_type):
-    """AdamW for every parameter."""
-    roles = ("tables", "matrices", "gains_and_biases")
-    return {"adamw": fused_adamw(adamw_groups(groups, config, roles), device_type)}
-
-
-def muon(groups, config, device_type):
-    """Muon (torch.optim.Muon, torch 2.9 on) for the blocks' matrices: momentum, then each update
-    orthogonalized by Newton-Schulz iterations (one buffer per matrix); AdamW for the tables, gains
-    and biases. The matrices take --weight_decay too (decoupled, as AdamW's)."""
-    matrices = {"params": groups["matrices"], "weight_decay": config.weight_decay,
-                "base_lr": config.muon_lr}
-    float32_newton_schulz_where_bf16_is_emulated()
-    return {"muon": torch.optim.Muon([matrices], momentum=config.muon_momentum,
-                                     adjust_lr_fn=config.muon_lr_scaling),
-            "adamw": fused_adamw(adamw_groups(groups, config, ("tables", "gains_and_biases")),
-                                 device_type)}
-
-
-OPTIMIZERS = {"adamw": adamw, "muon": muon}  # --optimizer's choices
-
-
-def make_optimizers(model, config, device_type):
-    """{name: torch optimizer} for --optimizer, each group's lr at its base_lr."""
-    optimizers = OPTIMIZERS[config.optimizer](model.param_groups(), config, device_type)
-    for optimizer in optimizers.values():
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"]
-    return optimizers
+def optimizers_on_meta(model_config, config):
+    """(model, {name: optimizer}): a GPT of model_config built on the meta device and the run's
+    optimizers stepped once on it, holding the state they keep for it, of every shape and no bytes."""
+    with torch.device("meta"):
+        model = GPT(model_config)
+    return model, stepped_on_meta(model, config)
 
 
 def training_state_bytes(model_config, config):
     """The bytes a model's training state takes as this run keeps it: {"weights", "gradients",
-    "optimizer"}, measured on the model built on the meta device (no memory) after one step of the
-    run's optimizers, so that any model and optimizer is sized as it really is."""
-    with torch.device("meta"):
-        model = GPT(model_config)
-    optimizers = make_optimizers(model, config, "meta")
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    for optimizer in optimizers.values():
-        optimizer.step()
+    "optimizer"}, measured on the model built on the meta device after one step of the run's
+    optimizers, so that any model and optimizer is sized as it really is."""
+    model, optimizers = optimizers_on_meta(model_config, config)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"weights": weights, "gradients": weights,
             "optimizer": sum(optimizer_state_bytes(o) for o in optimizers.values())}
 
 
-def optimizer_state_bytes(optimizer):
-    """The bytes of the tensors an optimizer keeps (its moments, once it has stepped)."""
-    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
-               for value in state.values() if isinstance(value, torch.Tensor))
+def expected_optimizer_states(model_config, config):
+    """{name: state_dict()} of the run's optimizers after a step on a GPT of model_config (on the
+    meta device): what a checkpoint's optimizer state must hold to resume this run."""
+    return {name: o.state_dict() for name, o in optimizers_on_meta(model_config, config)[1].items()}
 
 
 # -----------------------------------------------------------------------------
@@ -524,7 +601,8 @@ class Trainer:
         """The parts of a checkpoint, each with state_dict() and load_state_dict()."""
         sharded = self.dist_info.sharded
         return {"model": FullModelState(self.model, sharded),
-                "optimizer": OptimizerStates(self.model, self.optimizers, sharded),
+                "optimizer": OptimizerStates(self.model, self.optimizers, sharded, lambda:
+                                             expected_optimizer_states(self.model.config, self.config)),
                 "scaler": self.scaler, "loader": self.batches, "rng": RNGState(),
                 "progress": self.progress, "spike_guard": self.spikes, "val_data": self.evaluation}
 
@@ -891,7 +969,8 @@ def train(config, changes, dist_info, model, checkpoint, launched, tokenizer):
         dist_info.on_rank0(lambda: rundir.prepare_run_files(*files), "prepare --out_dir")
         first_step, started = trainer.progress.iter_num, time.perf_counter()
         for line in rundir.header(trainer.model.num_params(non_embedding=False), dist_info,
-                                  trainer.dtype, loader.tokens_per_step, first_step):
+                                  trainer.dtype, loader.tokens_per_step, first_step,
+                                  trainer.model.architecture()):
             log.print(line)
         with StopSignal(verbose=dist_info.is_master) as stop:
             try:
@@ -930,13 +1009,13 @@ def new_model_config(config):
 
 
 @dataclass
-class TrainConfig(GPTConfig, TrainSettings):
-    """train_gpt2.py's flags: the run's settings (settings.py) and the model's shape (GPTConfig)."""
+class TrainConfig(GPTConfig, MuonFlags, AdafactorFlags, TrainSettings):
+    """train_gpt2.py's flags: the run's settings (settings.py), the optimizers' own flags
+    (optimizers.OPTIMIZER_FLAGS) and the model's shape (GPTConfig)."""
 
     def validate(self, host=True):
         super().validate(host)
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        check_optimizer(self)
 
 
 def parse_args(argv=None):
@@ -946,9 +1025,10 @@ def parse_args(argv=None):
 
 def start(argv):
     """The config, and what --init_from names loaded: (config, changes, model, checkpoint,
-    tokenizer), the tokenizer start_tokenizer's; a new run's --vocab_size follows it unless given.
-    With --export_hf, which loads its model on rank 0, the tokenizer is the --tokenizer given (None
-    if none), for the export to check against the model's."""
+    tokenizer); changes: the lines a training run prints first (flags changed on resume, flags of
+    another optimizer); the tokenizer start_tokenizer's, a new run's --vocab_size following it
+    unless given. With --export_hf, which loads its model on rank 0, the tokenizer is the
+    --tokenizer given (None if none), for the export to check against the model's."""
     flags, explicit = parse_args(argv)
     given = load_tokenizer(flags.tokenizer) if "tokenizer" in explicit else None
     if flags.init_from != "resume" and is_hf_model(flags.init_from):
@@ -959,17 +1039,20 @@ def start(argv):
         tokenizer = start_tokenizer(flags.init_from, None, given)
         if "vocab_size" not in explicit:  # padded to a multiple of 64: faster matmuls
             flags = dataclasses.replace(flags, vocab_size=-(-tokenizer.n_vocab // 64) * 64)
-        return with_absolute_paths(flags), [], None, None, tokenizer
+        config = with_absolute_paths(flags)
+        return config, unused_flag_warnings(config, explicit), None, None, tokenizer
     model, checkpoint = load_start(flags.init_from, flags.out_dir)
     tokenizer = start_tokenizer(flags.init_from, checkpoint, given)
     model_args = dataclasses.asdict(model.config)
     check_architecture(explicit, flags, model_args)
     if checkpoint is None:  # GPT-2 weights: a new run, with the weights' architecture and tokenizer
-        config = dataclasses.replace(flags, **model_args, tokenizer=tokenizer.path or tokenizer.name)
-        return with_absolute_paths(config), [], model, None, tokenizer
-    config, changes = run_config(flags, explicit, checkpoint)
-    # the weights' architecture, whatever the checkpoint's flags say (a field they lack, say)
-    return dataclasses.replace(config, **model_args), changes, model, checkpoint, tokenizer
+        flags = dataclasses.replace(flags, tokenizer=tokenizer.path or tokenizer.name)
+        config, changes = with_absolute_paths(flags), []
+    else:
+        config, changes = run_config(flags, explicit, checkpoint)
+    # the weights' architecture, whatever the flags or the checkpoint's flags say (a field they lack)
+    config = dataclasses.replace(config, **model_args)
+    return config, changes + unused_flag_warnings(config, explicit), model, checkpoint, tokenizer
 
 
 def main(argv=None):

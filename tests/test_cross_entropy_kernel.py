@@ -86,6 +86,15 @@ expected.backward()
 assert len(calls) == 4, calls  # four chunks of 10 rows or fewer, each through the kernel
 assert torch.allclose(loss, expected, rtol=1e-5), (loss, expected)
 assert torch.allclose(x.grad, x2.grad, atol=1e-6) and torch.allclose(weight.grad, weight2.grad, atol=1e-6)
+# a head with a bias and a soft-cap: the kernel takes the capped logits, the cap's gradient applied after it
+bias = torch.randn(300, generator=generator, requires_grad=True)
+inputs = (x, weight, bias)
+loss = linear_cross_entropy(x, weight, targets, chunk_size=10, bias=bias, softcap=5.0)
+expected = F.cross_entropy(5.0 * torch.tanh((x @ weight.T + bias) / 5.0), targets)
+assert len(calls) == 8, calls
+assert torch.allclose(loss, expected, rtol=1e-5), (loss, expected)
+for grad, expected_grad in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(expected, inputs)):
+    assert torch.allclose(grad, expected_grad, atol=1e-6)
 print("ok")
 """
     assert run_interpreted(script).strip() == "ok"
@@ -121,7 +130,7 @@ def test_model_loss_and_gradients_same_with_and_without_kernel_on_gpu(monkeypatc
     idx, targets = (torch.randint(0, 50257, (4, 128), device="cuda") for _ in range(2))
     results = []
     for loss_kernel in (False, True):
-        model.output_loss.use_kernel = loss_kernel
+        model.lm_head.chunked_loss.use_kernel = loss_kernel
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", torch.bfloat16):
             _, loss = model(idx, targets, return_logits=False)
@@ -132,3 +141,30 @@ def test_model_loss_and_gradients_same_with_and_without_kernel_on_gpu(monkeypatc
     assert abs(loss_a - loss_b) < 1e-3
     for a, b in zip(grads_a, grads_b):
         assert ((a - b).norm() / a.norm().clamp(min=1e-12)) < 2e-2
+
+
+@pytest.mark.parametrize("workspace", [None, {}], ids=["fresh buffers", "workspace"])
+def test_chunked_loss_of_a_soft_capped_head_with_a_bias_matches_the_plain_loss(workspace):
+    from cross_entropy_kernel import linear_cross_entropy
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(100, 8, generator=generator, requires_grad=True)
+    bias = torch.randn(100, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 100, (50,), generator=generator)
+    for cap in (0.0, 3.0):
+        logits = F.linear(x, weight, bias)
+        expected = F.cross_entropy(3.0 * torch.tanh(logits / 3.0) if cap else logits, targets)
+        loss = linear_cross_entropy(x, weight, targets, 13, workspace=workspace, bias=bias, softcap=cap)
+        torch.testing.assert_close(loss, expected)
+        for grad, expected_grad in zip(torch.autograd.grad(loss, (x, weight, bias)),
+                                       torch.autograd.grad(expected, (x, weight, bias))):
+            torch.testing.assert_close(grad, expected_grad)
+    with torch.autocast("cpu", torch.bfloat16):  # the cap in float32, over the bfloat16 logits
+        eager = linear_cross_entropy(x, weight, targets, 13, workspace=workspace, bias=bias, softcap=3.0)
+        compiled = torch.compile(linear_cross_entropy)(x, weight, targets, 13, bias=bias, softcap=3.0)
+        plain = F.cross_entropy(3.0 * torch.tanh(F.linear(x, weight, bias).float() / 3.0), targets)
+    torch.testing.assert_close(eager, plain, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(compiled, plain, rtol=1e-2, atol=1e-2)
+    for grad, plain_grad in zip(torch.autograd.grad(eager, (x, weight, bias)),
+                                torch.autograd.grad(plain, (x, weight, bias))):
+        torch.testing.assert_close(grad, plain_grad, rtol=3e-2, atol=3e-3)

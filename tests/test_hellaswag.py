@@ -409,7 +409,8 @@ def write_checkpoint(path, model):
     """A checkpoint of the trainer's format holding model's weights, its other parts fresh."""
     loader = SimpleNamespace(state_dict=lambda: {"epoch": 0, "shard": 0, "position": 0, "seed": 0, "shuffle": True,
                                                  "shards": [["data.bin", 1000]], "fingerprints": None})
-    parts = {"model": model, "optimizer": OptimizerStates(model, make_optimizers(model, TrainConfig(), "cpu"), False),
+    parts = {"model": model, "optimizer": OptimizerStates(model, make_optimizers(model, TrainConfig(), "cpu"), False,
+                                              expected=None),  # what a resume checks the state against
              "scaler": torch.amp.GradScaler("cpu", enabled=False), "loader": loader, "rng": RNGState(),
              "progress": Progress()}
     save_checkpoint(path, make_checkpoint(parts, model_args=dict(block_size=64, vocab_size=50304, n_layer=2,

@@ -137,7 +137,7 @@ def test_an_architecture_transformers_cannot_hold_is_refused_naming_the_field(tr
     torch.save(checkpoint, tmp_path / "wide.pt")
     monkeypatch.setattr(train_gpt2, "GPTConfig", WithMLPWidth)
     monkeypatch.setattr(train_gpt2, "TrainConfig", TrainConfigWithMLPWidth)
-    with pytest.raises(UserError, match="transformers' GPT-2 has no mlp_width .this model's is 3, GPT-2's 4."):
+    with pytest.raises(UserError, match="transformers' GPT-2 has no mlp_width 3 .GPT-2's is 4.: only GPT-2's"):
         train_gpt2.export(train_gpt2.parse_args(["--init_from", str(tmp_path / "wide.pt"),
                                                   "--export_hf", str(tmp_path / "hf")])[0])
     state = our_model(trained_run[0] / "best_val_loss.pt").state_dict()
@@ -226,3 +226,53 @@ def test_an_export_that_does_not_fit_the_disk_is_one_line_and_leaves_nothing(tra
     assert str(error.value).startswith(f"--export_hf {disk / 'hf'} could not be written (")
     assert "No space left on device" in str(error.value) and "\n" not in str(error.value)
     assert list(disk.iterdir()) == []
+
+
+EXPORTABLE = {"untied": dict(tie_embeddings=False), "no biases": dict(bias=False), "relu2": dict(mlp="relu2"),
+              "zero-initialized projections": dict(zero_init_projections=True)}
+NOT_EXPORTABLE = {"rotary": (dict(positions="rotary"), "positions 'rotary'"),
+                  "rmsnorm": (dict(norm="rmsnorm"), "norm 'rmsnorm'"), "swiglu": (dict(mlp="swiglu"), "mlp 'swiglu'"),
+                  "qk_norm": (dict(qk_norm=True), "qk_norm True"), "attn_scale": (dict(attn_scale=0.2), "attn_scale 0.2"),
+                  "softcap": (dict(logit_softcap=15.0), "logit_softcap 15.0")}
+
+
+def model_of(**options):
+    from train_gpt2 import GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=N_VOCAB, n_layer=2, n_head=2, n_embd=64, **options))
+    with torch.no_grad():  # a trained model's weights: zero-initialized ones no longer zero
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+@pytest.mark.parametrize("option", EXPORTABLE)
+def test_an_option_transformers_holds_exports_with_the_same_logits_and_comes_back(option, tmp_path):
+    from hf_convert import export_model
+    model = model_of(**EXPORTABLE[option])
+    folder = export_model(model, tmp_path / "hf", load_tokenizer())
+    config = json.loads((folder / "config.json").read_text())
+    assert config["tie_word_embeddings"] == (option != "untied")
+    assert config["activation_function"] == ("relu2" if option == "relu2" else "gelu_new")
+    assert_same_logits(model, hf_model(folder), 32)
+    back = GPT.from_pretrained(str(folder)).eval()  # --init_from the export: the same model
+    assert back.config.tie_embeddings == model.config.tie_embeddings and back.config.mlp == model.config.mlp
+    assert_same_logits(back, hf_model(folder), 32)
+
+
+@pytest.mark.parametrize("option", NOT_EXPORTABLE)
+def test_an_option_transformers_cannot_hold_is_refused_naming_it(option, tmp_path):
+    from hf_convert import export_model
+    options, named = NOT_EXPORTABLE[option]
+    with pytest.raises(UserError, match=f"transformers' GPT-2 has no {named} "):
+        export_model(model_of(**options), tmp_path / "hf", load_tokenizer())
+    assert not (tmp_path / "hf").exists()
+
+
+def test_an_export_whose_logits_would_differ_is_refused(tmp_path, monkeypatch):
+    import hf_convert
+    from hf_convert import export_model
+    monkeypatch.setitem(hf_convert.HF_ACTIVATIONS, "relu2", "relu")  # a wrong translation of an option
+    with pytest.raises(UserError, match="transformers' GPT-2 gives logits .* away from this model's"):
+        export_model(model_of(mlp="relu2"), tmp_path / "hf", load_tokenizer())
+    assert not (tmp_path / "hf").exists()

@@ -245,12 +245,80 @@ def test_compiled_model_on_the_cpu_runs_its_loss_eagerly_in_the_workspace_and_ma
     results = []
     for step_model in (model, torch.compile(model)):
         model.zero_grad()
-        model.output_loss.workspace.clear()
+        model.lm_head.chunked_loss.workspace.clear()
         _, loss = step_model(idx, targets, return_logits=False)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-        assert model.output_loss.workspace["logits"].shape == (2 * 16 * 50304,)
+        assert model.lm_head.chunked_loss.workspace["logits"].shape == (2 * 16 * 50304,)
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
     torch.testing.assert_close(compiled_loss, eager_loss)
     for eager, compiled in zip(eager_grads, compiled_grads):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+# each of the speedruns' options, as its flags set it
+OPTIONS = {"rotary": dict(positions="rotary"), "rmsnorm": dict(norm="rmsnorm"), "no biases": dict(bias=False),
+           "relu2": dict(mlp="relu2"), "swiglu": dict(mlp="swiglu"), "qk_norm": dict(qk_norm=True, attn_scale=0.3),
+           "untied": dict(tie_embeddings=False), "softcap": dict(logit_softcap=2.0),
+           "zero-initialized projections": dict(zero_init_projections=True)}
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_each_option_trains_the_loss_of_the_logits_it_gives(option):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**OPTIONS[option]))
+    with torch.no_grad():  # an untied head and zeroed projections start at zero: give them something to pass on
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05) if p.dim() == 2 else None
+    idx, targets = torch.randint(0, 50257, (2, 2, 16))
+    logits, _ = model(idx)
+    expected = torch.nn.functional.cross_entropy(logits.float().view(-1, 50304), targets.view(-1))
+    _, chunked = model(idx, targets, return_logits=False)
+    assert_same_loss_and_gradients(chunked, expected, list(model.parameters()))
+    assert model.num_params(non_embedding=False) == sum(p.numel() for p in model.parameters())
+
+
+def test_each_option_is_where_its_module_reads_it():
+    model = GPT(tiny_config(positions="rotary", norm="rmsnorm", bias=False, mlp="swiglu", tie_embeddings=False))
+    block = model.transformer.h[0]
+    assert "wpe" not in model.transformer and isinstance(block.ln_1, torch.nn.RMSNorm)
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+    assert block.mlp.c_gate.weight.shape == block.mlp.c_fc.weight.shape == (8 * 64 // 3, 64)
+    assert model.lm_head.weight is not model.transformer.wte.weight and model.lm_head.weight.abs().max() == 0
+    zeroed = GPT(tiny_config(zero_init_projections=True)).transformer.h[1]
+    assert zeroed.attn.c_proj.weight.abs().max() == zeroed.mlp.c_proj.weight.abs().max() == 0
+    assert zeroed.attn.c_attn.weight.std() > 0.01
+
+
+def test_the_softcap_holds_the_logits_and_changes_the_training_loss():
+    torch.manual_seed(0)
+    plain, capped = GPT(tiny_config()), GPT(tiny_config(logit_softcap=2.0))
+    with torch.no_grad():
+        plain.lm_head.weight.mul_(10)  # logits of several units, which the cap bends
+    capped.load_state_dict(plain.state_dict())
+    idx, targets = torch.randint(0, 50257, (2, 2, 16))
+    assert plain(idx)[0].abs().max() > 4 and capped(idx)[0].abs().max() <= 2
+    assert capped(idx, targets, return_logits=False)[1] != plain(idx, targets, return_logits=False)[1]
+    x = capped.transformer.ln_f(torch.randn(3, 64))
+    torch.testing.assert_close(capped.lm_head(x), 2.0 * torch.tanh(plain.lm_head(x) / 2.0))
+
+
+def test_an_untied_head_has_a_role_of_its_own_and_every_parameter_one_role():
+    model = GPT(tiny_config(tie_embeddings=False, norm="rmsnorm", bias=False))
+    groups = model.param_groups()
+    assert groups["head"] == [model.lm_head.weight] and "gains_and_biases" not in groups
+    assert groups["tables"] == [model.transformer.wte.weight, model.transformer.wpe.weight]
+    ids = [id(p) for params in groups.values() for p in params]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+
+
+def test_a_parameter_without_a_role_or_an_optimizer_that_forgets_one_is_refused(monkeypatch):
+    import optimizers
+    model = GPT(tiny_config())
+    model.transformer.h[0].extra = torch.nn.Bilinear(2, 2, 2)  # a researcher's new kind of module
+    with pytest.raises(ValueError, match="a .2, 2, 2. parameter of a Bilinear has no role"):
+        model.param_groups()
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "adamw", lambda groups, config, device_type: {
+        "adamw": torch.optim.AdamW(groups["matrices"] + groups["gains_and_biases"])})
+    with pytest.raises(ValueError, match="trains transformer.wte.weight 0 times"):
+        make_optimizers(GPT(tiny_config()), TrainConfig(), "cpu")

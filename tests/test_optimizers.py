@@ -1,6 +1,9 @@
-"""train_gpt2.py's optimizers: which parameters each one trains, each group's own learning rate under the
-schedule, Muon wherever AdamW runs (accumulation and DDP alike, exact resume, compiled, the spike guard's
-roll-back, the refusals), and the report of the first evaluation at or below --target_val_loss."""
+"""optimizers.py's optimizers as the trainer runs them: which parameters each one trains (an untied head is
+AdamW's under Muon), each group's own learning rate under the schedule, Muon wherever AdamW runs (accumulation
+and DDP alike, exact resume, compiled, the spike guard's roll-back, the refusals), Adafactor as a second
+optimizer whose state has other shapes (trained, resumed exactly, sized), a resume checked against the state
+the optimizer keeps, the flags of another optimizer said, and the report of the first evaluation at or below
+--target_val_loss."""
 
 import shutil
 
@@ -8,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt2
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 from conftest import (INPUT_TXT, SPIKE_GUARD, TINY, read_metrics, run_torchrun, run_train, spiky_data,
                       train_in_process, train_losses)
 from train_gpt2 import GPT, GPTConfig, TrainConfig, make_optimizers, set_learning_rates, training_state_bytes
@@ -37,16 +40,16 @@ def test_muon_trains_the_blocks_matrices_and_adamw_everything_else():
 def test_muons_newton_schulz_runs_in_float32_only_where_the_cpu_emulates_bfloat16(monkeypatch):
     """torch.optim.Muon's iterations are bfloat16, which a CPU without the instructions emulates, slowly: on
     such a CPU they run in float32; on any other device or CPU, torch's own."""
-    import device
+    import optimizers
     from torch.optim import _muon
     monkeypatch.setattr(_muon, "_zeropower_via_newtonschulz", _muon._zeropower_via_newtonschulz)  # put back after
     make_optimizers(GPT(TINY_MODEL), TrainConfig(optimizer="muon"), "cpu")  # puts the float32 path in
     newton_schulz = _muon._zeropower_via_newtonschulz
     torch_newton_schulz = newton_schulz.torch_newton_schulz
     grad, args = torch.randn(192, 64, generator=torch.Generator().manual_seed(0)), ((3.4445, -4.7750, 2.0315), 5, 1e-7)
-    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(optimizers, "cpu_has_bf16", lambda: True)
     assert torch.equal(newton_schulz(grad, *args), torch_newton_schulz(grad, *args))  # torch's, bit for bit
-    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(optimizers, "cpu_has_bf16", lambda: False)
     assert newton_schulz(torch.empty(8, 4, device="meta"), *args).dtype == torch.bfloat16  # not a CPU: torch's
     update, in_bfloat16 = newton_schulz(grad, *args), torch_newton_schulz(grad, *args).float()
     a, b, c = args[0]
@@ -56,6 +59,33 @@ def test_muons_newton_schulz_runs_in_float32_only_where_the_cpu_emulates_bfloat1
         reference = a * reference + (b * gram + c * gram @ gram) @ reference
     error = lambda x: ((x - reference.T).norm() / reference.norm()).item()
     assert update.dtype == torch.float32 and error(update) < 1e-5 < error(in_bfloat16) < 0.05
+
+
+def test_a_muon_step_on_a_cpu_without_bfloat16_goes_through_the_float32_iterations(monkeypatch):
+    import optimizers
+    from torch.optim import _muon
+    monkeypatch.setattr(_muon, "_zeropower_via_newtonschulz", _muon._zeropower_via_newtonschulz)  # put back after
+    monkeypatch.setattr(optimizers, "cpu_has_bf16", lambda: False)
+    shapes = []
+    float32_iterations = optimizers.newton_schulz_float32
+    monkeypatch.setattr(optimizers, "newton_schulz_float32",
+                        lambda grad, *args: shapes.append(tuple(grad.shape)) or float32_iterations(grad, *args))
+    model = GPT(TINY_MODEL)
+    muon = make_optimizers(model, TrainConfig(optimizer="muon"), "cpu")["muon"]
+    x = torch.randint(0, TINY_MODEL.vocab_size, (2, 16))
+    model(x, x)[1].backward()
+    muon.step()
+    assert shapes == [tuple(p.shape) for p in muon.param_groups[0]["params"]]
+
+
+def test_an_untied_head_is_trained_by_adamw_under_muon_and_muon_gets_the_blocks_matrices_alone():
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64, tie_embeddings=False))
+    optimizers = make_optimizers(model, TrainConfig(optimizer="muon"), "cpu")
+    muon, adamw = names(model, optimizers["muon"]), names(model, optimizers["adamw"])
+    assert "lm_head.weight" in adamw and "lm_head.weight" not in muon
+    assert muon == [n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
+    head_group = next(g for g in optimizers["adamw"].param_groups if g["params"][0] is model.lm_head.weight)
+    assert len(head_group["params"]) == 1 and head_group["base_lr"] == 6e-4
 
 
 def test_the_schedule_scales_each_groups_own_rate():
@@ -83,10 +113,19 @@ def test_muon_keeps_one_buffer_per_matrix_and_adamw_two():
     assert muon["optimizer"] == 4 * n_matrices + 8 * (n_params - n_matrices) + 4 * (n_tensors - len(matrices))
 
 
+def test_adafactor_is_sized_though_it_reads_values_as_it_steps():
+    state = training_state_bytes(TINY_MODEL, TrainConfig(optimizer="adafactor"))
+    model = GPT(TINY_MODEL)
+    params = list(model.parameters())
+    # a matrix keeps its rows' and columns' means, a vector one value per entry, each a step count
+    expected = sum(4 * (sum(p.shape) if p.dim() == 2 else p.numel()) + 4 for p in params)
+    assert state["optimizer"] == expected and state["weights"] == 4 * sum(p.numel() for p in params)
+
+
 MUON = ["--optimizer", "muon", "--muon_lr", "0.02"]
 
 
-def test_muon_resumes_exactly_and_lowers_the_loss_as_adamw_does(tmp_path):
+def test_muon_resumes_exactly_and_lowers_the_loss_as_adamw_does_and_a_lost_buffer_is_refused(tmp_path, capsys):
     run = lambda *args: train_gpt2.main([*TINY, *MUON, "--data", str(INPUT_TXT), "--num_samples", "0",
                                          "--eval_interval", "3", *map(str, args)])
     run("--out_dir", tmp_path / "whole", "--max_iters", "6")
@@ -97,6 +136,33 @@ def test_muon_resumes_exactly_and_lowers_the_loss_as_adamw_does(tmp_path):
     whole, resumed = train_losses(tmp_path / "whole"), train_losses(tmp_path / "resumed")
     assert resumed == {step: loss for step, loss in whole.items() if step >= 3}
     assert whole[5] < whole[0]
+    del checkpoint["optimizer"]["muon"]["state"][1]["momentum_buffer"]  # a Muon buffer lost
+    save_checkpoint(tmp_path / "lost.pt", checkpoint)
+    with pytest.raises(SystemExit):
+        run("--init_from", tmp_path / "lost.pt", "--out_dir", tmp_path / "refused", "--max_iters", "6")
+    assert "parameter 1 (transformer.h.0.attn.c_proj.weight) has state [] where this optimizer keeps " \
+           "momentum_buffer" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+def test_adafactor_trains_and_resumes_exactly(tmp_path):
+    run = lambda *args: train_gpt2.main([*TINY, "--optimizer", "adafactor", "--data", str(INPUT_TXT),
+                                         "--eval_interval", "3", *map(str, args)])
+    run("--out_dir", tmp_path / "whole", "--max_iters", "6")
+    checkpoint = load_checkpoint(next((tmp_path / "whole").glob("iter-3-*.pt")))
+    state = checkpoint["optimizer"]["adafactor"]["state"]
+    assert state[2]["row_var"].shape == (192, 1) and state[2]["col_var"].shape == (1, 64)  # c_attn's
+    run("--init_from", checkpoint["path"], "--out_dir", tmp_path / "resumed", "--max_iters", "6")
+    whole, resumed = train_losses(tmp_path / "whole"), train_losses(tmp_path / "resumed")
+    assert resumed == {step: loss for step, loss in whole.items() if step >= 3}
+    assert whole[5] < whole[0]
+
+
+def test_a_flag_of_another_optimizer_is_said_in_one_line(tmp_path, capsys):
+    train_gpt2.main([*TINY, "--data", str(INPUT_TXT), "--out_dir", str(tmp_path), "--max_iters", "1",
+                     "--eval_interval", "1", "--muon_lr", "0.05", "--adafactor_lr", "0.1"])
+    out = capsys.readouterr().out
+    assert "warning: --muon_lr is a flag of --optimizer muon, not of this run's --optimizer adamw: it has " \
+           "no effect" in out and "warning: --adafactor_lr is a flag of --optimizer adafactor" in out
 
 
 def test_muon_trains_compiled_and_through_the_spike_guards_roll_back(tmp_path):
@@ -126,19 +192,24 @@ def test_two_torchrun_processes_with_muon_match_one_process_with_twice_the_accum
     assert list(two.values()) == pytest.approx(list(one.values()), rel=1e-5)
 
 
-@pytest.mark.parametrize("case", ["fsdp", "old torch", "the other optimizer", "a bad scaling rule"])
-def test_muon_is_refused_in_one_line_where_it_cannot_run(case, trained_run, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("case", ["fsdp", "old torch", "the other optimizer", "a bad scaling rule",
+                                  "adafactor under fsdp", "adafactor on old torch"])
+def test_muon_and_adafactor_are_refused_in_one_line_where_they_cannot_run(case, trained_run, tmp_path, monkeypatch, capsys):
     args = {"fsdp": [*MUON, "--fsdp", "True"], "old torch": MUON,
             "the other optimizer": [*MUON, "--init_from", next(trained_run[0].glob("iter-8-*.pt")),
                                     "--max_iters", "9"],
-            "a bad scaling rule": [*MUON, "--muon_lr_scaling", "rms"]}[case]
+            "a bad scaling rule": [*MUON, "--muon_lr_scaling", "rms"],
+            "adafactor under fsdp": ["--optimizer", "adafactor", "--fsdp", "True"],
+            "adafactor on old torch": ["--optimizer", "adafactor"]}[case]
     message = {"fsdp": "--optimizer muon needs whole matrices, which --fsdp True shards",
                "old torch": "--optimizer muon needs torch 2.9 or later (torch.optim.Muon); this is torch",
                "the other optimizer": "the checkpoint's optimizer is adamw, this run's muon + adamw: resume with "
                                       "--optimizer as the run had it, or pass --reset_optimizer True",
-               "a bad scaling rule": "--muon_lr_scaling 'rms' is not one of original, match_rms_adamw"}[case]
-    if case == "old torch":
-        monkeypatch.delattr(torch.optim, "Muon")
+               "a bad scaling rule": "--muon_lr_scaling 'rms' is not one of original, match_rms_adamw",
+               "adafactor under fsdp": "--optimizer adafactor cannot step the sharded matrices of --fsdp True",
+               "adafactor on old torch": "--optimizer adafactor needs torch 2.5 or later"}[case]
+    if case.endswith("old torch"):
+        monkeypatch.delattr(torch.optim, "Adafactor" if "adafactor" in case else "Muon")
     with pytest.raises(SystemExit) as exit_info:
         train_gpt2.main([*TINY, "--data", str(INPUT_TXT), "--out_dir", str(tmp_path / "out"), *map(str, args)])
     assert exit_info.value.code == 1

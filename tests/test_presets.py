@@ -1,6 +1,7 @@
 """The presets in config/ (--config FILE.toml): each is a valid run, says what its comment says, and the CPU one
 trains; a file's flags count as given, the command line overrides them, and a bad file gets one line."""
 
+import dataclasses
 import json
 
 import pytest
@@ -28,9 +29,10 @@ def preset(name, *argv):
 
 def test_the_presets_are_the_ones_the_docs_list():
     listed = (REPO / "docs" / "training.md").read_text()
-    assert [p.name for p in PRESETS] == ["gpt2_124m.toml", "gpt2_124m_8gpu.toml", "gpt2_124m_muon.toml",
-                                         "gpt2_1558m.toml", "gpt2_350m.toml", "gpt2_774m.toml",
-                                         "shakespeare_cpu.toml", "shakespeare_cpu_muon.toml"]
+    assert [p.name for p in PRESETS] == ["gpt2_124m.toml", "gpt2_124m_8gpu.toml", "gpt2_124m_modern.toml",
+                                         "gpt2_124m_muon.toml", "gpt2_1558m.toml", "gpt2_350m.toml",
+                                         "gpt2_774m.toml", "shakespeare_cpu.toml", "shakespeare_cpu_modern.toml",
+                                         "shakespeare_cpu_muon.toml"]
     assert all(f"`{p.name}`" in listed for p in PRESETS)
 
 
@@ -51,6 +53,16 @@ def test_the_muon_presets_are_their_adamw_twins_with_the_optimizer_changed(name)
     adamw, muon = preset(f"{name}.toml")[0], preset(f"{name}_muon.toml")[0]
     changed = {k for k, v in vars(muon).items() if getattr(adamw, k) != v}
     assert changed <= {"optimizer", "muon_lr", "out_dir"} and muon.optimizer == "muon"
+
+
+@pytest.mark.parametrize("name", ["shakespeare_cpu", "gpt2_124m"])
+def test_the_modern_presets_are_their_muon_twins_with_model_options(name):
+    from train_gpt2 import GPT2_SHAPE, GPTConfig
+    muon, modern = preset(f"{name}_muon.toml")[0], preset(f"{name}_modern.toml")[0]
+    options = {f.name for f in dataclasses.fields(GPTConfig)} - set(GPT2_SHAPE)
+    changed = {k for k, v in vars(modern).items() if getattr(muon, k) != v}
+    assert changed - options <= {"out_dir", "muon_lr", "learning_rate", "min_lr"} and changed & options
+    assert modern.optimizer == "muon" and modern.min_lr == pytest.approx(modern.learning_rate / 10)
 
 
 def test_the_gpt2_124m_preset_is_the_defaults_at_batch_16_by_2():
