@@ -99,7 +99,8 @@ def test_checkpoint_holds_everything_a_restart_needs(trained_run):
     out_dir, _ = trained_run
     checkpoint = load_checkpoint(next(out_dir.glob("iter-8-*.pt")))
     assert checkpoint["progress"]["iter_num"] == 8
-    assert checkpoint["model_args"] == {"block_size": 32, "vocab_size": 50304, "n_layer": 2, "n_head": 2, "n_embd": 64}
+    shape = dict(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=64)
+    assert checkpoint["model_args"] == dataclasses.asdict(GPTConfig(**shape))  # GPT-2's options: every field
     assert checkpoint["optimizer"]["adamw"]["state"]  # AdamW's moments, under its name
     assert checkpoint["scaler"] == {}  # float32 needs no GradScaler; its (empty) state is kept all the same
     assert set(checkpoint["loader"]) >= {"epoch", "shard", "position", "seed", "shuffle"}
