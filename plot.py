@@ -14,8 +14,8 @@ labeled with the run's folder. A damaged line of a metrics.jsonl (cut short, not
 is skipped with one warning for the file; a run with no loss to draw is refused.
 
 OpenAI's GPT-2 124M is drawn for comparison: its HellaSwag acc_norm in the HellaSwag panel, its val loss on
-FineWeb-Edu only where a run trained on FineWeb (elsewhere the losses are of other text and do not compare). A run
-is on FineWeb when the `data` in its config.json (beside its metrics.jsonl) is a directory whose name contains
+FineWeb-Edu only where a run trained on FineWeb with GPT-2's tokenizer (elsewhere the losses are of other text, or
+per other tokens, and do not compare; val bits per byte do). A run is on FineWeb when the `data` in its config.json (beside its metrics.jsonl) is a directory whose name contains
 "fineweb" (the trainer's default, edu_fineweb10B) or whose manifest.json, written by fineweb.py, names a FineWeb
 dataset. A relative `data` is read from the current directory, as the trainer read it.
 
@@ -144,15 +144,16 @@ def read_json(path):
 
 
 def run_data(metrics_path):
-    """The --data of the run whose metrics.jsonl this is, from the config.json beside it; None if
-    unknown: no config.json, or a damaged one, which gets a warning."""
+    """The --data of the run whose metrics.jsonl this is, from the config.json beside it, where the run's
+    tokens are GPT-2's; None if not (a --tokenizer of its own: its losses are per other tokens) or unknown:
+    no config.json, or a damaged one, which gets a warning."""
     path = Path(metrics_path).parent / "config.json"
     try:
         config = read_json(path)
         if config is None:  # a run from before the trainer wrote it
             return None
         if isinstance(config, dict) and isinstance(config.get("data"), str):
-            return config["data"]
+            return config["data"] if config.get("tokenizer", "gpt2") == "gpt2" else None
         damage = "has no data string" if isinstance(config, dict) else "is not a JSON object"
     except ValueError as e:
         damage = str(e)

@@ -20,9 +20,9 @@ def png_size(path):
     return struct.unpack(">II", head[16:24])
 
 
-def write_metrics(folder, hellaswag=False, tokens_per_step=256, data=None):
+def write_metrics(folder, hellaswag=False, tokens_per_step=256, data=None, tokenizer="gpt2"):
     """A run's metrics.jsonl as the trainer writes it, with a half-written last line, and its config.json's
-    --data when given."""
+    --data and --tokenizer when data is given."""
     folder.mkdir(parents=True)
     lines = [{"step": s, "train_loss": 10 - s / 10, "tokens": (s + 1) * tokens_per_step} for s in range(20)]
     scores = lambda s: {"hellaswag_acc_norm": 0.25 + s / 1000} if hellaswag else {}
@@ -30,7 +30,7 @@ def write_metrics(folder, hellaswag=False, tokens_per_step=256, data=None):
     lines += [{"step": 20, "val_loss": 8.0, "eval_only": True}]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines) + '{"step": 2')
     if data is not None:
-        (folder / "config.json").write_text(json.dumps({"data": str(data), "n_layer": 2}))
+        (folder / "config.json").write_text(json.dumps({"data": str(data), "tokenizer": tokenizer, "n_layer": 2}))
     return folder / "metrics.jsonl"
 
 
@@ -78,9 +78,10 @@ def test_gpt2s_val_loss_is_drawn_only_beside_runs_on_fineweb(tmp_path):
     runs = {"shakespeare": write_metrics(tmp_path / "shakespeare", data=INPUT_TXT),
             "no config": write_metrics(tmp_path / "no-config"),
             "named": write_metrics(tmp_path / "named", data="edu_fineweb10B"),
-            "manifest": write_metrics(tmp_path / "manifest", data=shards)}
+            "manifest": write_metrics(tmp_path / "manifest", data=shards),
+            "own tokenizer": write_metrics(tmp_path / "bpe", data="edu_fineweb10B", tokenizer="/data/bpe.json")}
     drawn = lambda *names: GPT2_LINE in legend(plot.figure([runs[n] for n in names]).axes[0])
-    assert not drawn("shakespeare") and not drawn("no config")
+    assert not drawn("shakespeare") and not drawn("no config") and not drawn("own tokenizer")
     assert drawn("named") and drawn("manifest") and drawn("shakespeare", "named")
 
 
