@@ -36,12 +36,12 @@ import torch
 import torch.distributed as dist
 
 import fineweb
-from cli import UserError, atomic_write, build_parser, flag, run_command
+from cli import UserError, atomic_write, build_parser, flag, parse_flags, run_command
 from cross_entropy_kernel import kernel_runs_on
 from device import Distributed, device_peak_flops, resolve_device, setup_distributed, warn_if_cpu_busy
 from rundir import RunLog
-from train_gpt2 import (GPT, ShardLoader, TrainConfig, Trainer, estimate_mfu, new_model_config,
-                        set_learning_rates)
+from train_gpt2 import (GPT, ShardLoader, TrainConfig, Trainer, estimate_mfu, follow_tokenizer,
+                        new_model_config, set_learning_rates)
 
 # -----------------------------------------------------------------------------
 # Configuration: the trainer's flags choose the model and batch, plus a few of the benchmark's own
@@ -61,8 +61,10 @@ class BenchConfig(TrainConfig):
 
 
 def parse_args(argv=None):
+    """(the flags as a BenchConfig, the names of those given)."""
     parser = build_parser(BenchConfig, __doc__.strip().splitlines()[0])
-    return BenchConfig(**vars(parser.parse_args(argv)))
+    args, given = parse_flags(parser, sys.argv[1:] if argv is None else argv)
+    return BenchConfig(**vars(args)), given
 
 
 # -----------------------------------------------------------------------------
@@ -239,10 +241,10 @@ def table(results):
 
 
 def main(argv=None):
-    run_command(lambda: run(parse_args(argv)))
+    run_command(lambda: run(*parse_args(argv)))
 
 
-def run(config):
+def run(config, given):
     config.validate()
     if config.variant not in ("fast", "naive"):
         raise UserError(f"--variant {config.variant!r} is not one of fast, naive")
@@ -259,6 +261,10 @@ def run(config):
               f"{config.steps} passes)")
         print(json.dumps(result))
         return
+    # the model a new run of the trainer builds: --vocab_size follows --tokenizer unless given
+    tokenizer = fineweb.load_tokenizer(config.tokenizer)
+    config = follow_tokenizer(config, given, tokenizer)
+    fineweb.check_vocab_size(config.vocab_size, "the model", tokenizer)
     if config.compare:
         results = compare(config)
     else:

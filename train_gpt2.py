@@ -1004,6 +1004,14 @@ def new_model_config(config):
                         for field in dataclasses.fields(GPTConfig)})
 
 
+def follow_tokenizer(flags, explicit, tokenizer):
+    """A new model's flags with --vocab_size the tokenizer's ids padded to a multiple of 64 (faster
+    matmuls), unless given (explicit: the names of the flags given)."""
+    if "vocab_size" in explicit:
+        return flags
+    return dataclasses.replace(flags, vocab_size=-(-tokenizer.n_vocab // 64) * 64)
+
+
 # -----------------------------------------------------------------------------
 # Entry point
 
@@ -1037,9 +1045,7 @@ def start(argv):
         return with_absolute_paths(flags), [], None, None, given
     if flags.init_from == "scratch":
         tokenizer = start_tokenizer(flags.init_from, None, given)
-        if "vocab_size" not in explicit:  # padded to a multiple of 64: faster matmuls
-            flags = dataclasses.replace(flags, vocab_size=-(-tokenizer.n_vocab // 64) * 64)
-        config = with_absolute_paths(flags)
+        config = with_absolute_paths(follow_tokenizer(flags, explicit, tokenizer))
         return config, unused_flag_warnings(config, explicit), None, None, tokenizer
     model, checkpoint = load_start(flags.init_from, flags.out_dir)
     tokenizer = start_tokenizer(flags.init_from, checkpoint, given)

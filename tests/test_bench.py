@@ -71,3 +71,26 @@ def test_a_json_out_that_cannot_be_written_is_one_line_before_anything_is_timed(
     assert result.returncode == 1 and result.stdout == ""  # refused before the benchmark ran
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {message.format(tmp=tmp_path)}")
+
+
+def test_the_model_follows_the_tokenizer_as_a_new_run_of_the_trainers_does(tmp_path):
+    """--vocab_size follows --tokenizer unless given: a 100-word vocabulary makes the model of --vocab_size 128,
+    where it timed a 50,304-row model (and crashed on a tokenizer past 50,304 ids); one given too small is refused
+    in one line."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from conftest import INPUT_TXT
+    words = sorted(set(INPUT_TXT.read_text(encoding="utf-8").split()))[:98]
+    tokenizer = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, **{w: 2 + i for i, w in enumerate(words)}},
+                                           unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(tmp_path / "words.json"))
+    reports = []
+    for given in ([], ["--vocab_size", "128"]):
+        result = run_main("bench.py", *TINY_BENCH, "--tokenizer", tmp_path / "words.json", "--mlp", "relu2", *given)
+        assert result.returncode == 0, result.stderr
+        reports.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    followed, given = reports
+    assert followed["config"]["vocab_size"] == 128
+    assert followed["results"][0]["losses"] == given["results"][0]["losses"]
+    small = run_main("bench.py", *TINY_BENCH, "--tokenizer", tmp_path / "words.json", "--vocab_size", "64")
+    assert small.returncode == 1 and small.stderr.startswith("error: the model has vocab_size=64, fewer than the 100 ")
